@@ -1,0 +1,124 @@
+"""The shell around an unchanged transformers base model.
+
+Steps: point the config at our attention -> build the base model with parameters on
+the meta device (buffers real, so RoPE tables come out right) -> load checkpoint
+tensors into it -> probe one token to learn each attention layer's KV shape.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+
+from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
+from pagedformers.attention.kv_cache import LayerKVSpec
+from pagedformers.config import EngineConfig
+
+# Checkpoint entries that are derived at init, never loaded.
+_IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
+
+
+class TransformersBase(nn.Module):
+    """Owns `self.model`, the HF base model (`AutoModel`), run on a flat token batch."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.hf_config = config.hf_config
+        self.hf_config._attn_implementation = ATTN_IMPLEMENTATION
+        self.text_config.use_cache = False
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModel.from_config(
+                self.hf_config, dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+            )
+        self.model.eval()
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.hf_config.get_text_config()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] (the whole step as one row) -> hidden states [T, hidden]."""
+        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, return_dict=True)
+        return out.last_hidden_state[0]
+
+    def meta_causal_lm(self) -> nn.Module:
+        """The checkpoint's own model class, on meta: it names the weights as the checkpoint does."""
+        with init_empty_weights(include_buffers=True):
+            return AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.config.trust_remote_code)
+
+    # -- weights ------------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
+        """Load checkpoint tensors; `name_map` renames checkpoint prefixes to ours (first match wins)."""
+        targets = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers())
+        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        loaded, unexpected = set(), []
+        for ckpt_name, tensor in weights:
+            name = _rename(ckpt_name, name_map, targets)
+            if name in targets:
+                self._set_tensor(name, tensor, targets[name])
+                loaded.add(name)
+            elif not ckpt_name.endswith(_IGNORED_CHECKPOINT_SUFFIXES) and not any(p.search(ckpt_name) for p in ignored):
+                unexpected.append(ckpt_name)
+        self.tie_weights()
+        missing = sorted(n for n, p in self.named_parameters() if p.is_meta)
+        if unexpected or missing:
+            raise ValueError(
+                f"Checkpoint does not match {type(self.model).__name__}: "
+                f"missing weights {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+                f"unexpected weights {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+        self.to(self.config.device)
+
+    def tie_weights(self) -> None:
+        """Subclasses with an LM head tie it to the input embeddings here."""
+
+    def _set_tensor(self, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
+        if tensor.shape != current.shape:
+            raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        dtype = self.config.torch_dtype if tensor.is_floating_point() and current.is_floating_point() else current.dtype
+        value = tensor.to(device=self.config.device, dtype=dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+
+    # -- KV shapes ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def probe_kv_specs(self) -> dict[int, LayerKVSpec]:
+        """Run one token through the model and record every attention layer's K/V shape.
+
+        Raises ValueError when no layer called our attention function (the model computes
+        attention by hand instead of through `ALL_ATTENTION_FUNCTIONS`).
+        """
+        device = self.config.device
+        ids = torch.zeros(2, dtype=torch.long, device=device)
+        positions = torch.arange(2, device=device)
+        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_slots=None, decode_seq_lens=None,
+                                 prefills=[PrefillSpan(0, 2, 0, None)])
+        ctx = ForwardContext(metadata=meta, kv_caches=None)
+        with forward_context(ctx):
+            self(ids, positions)
+        if not ctx.kv_specs:
+            raise ValueError(
+                f"{type(self.model).__name__} never called the attention function registered for "
+                f"config._attn_implementation: its attention must go through transformers' "
+                "ALL_ATTENTION_FUNCTIONS (rule 2 of 'transformers as a backend')."
+            )
+        return dict(sorted(ctx.kv_specs.items()))
+
+
+def _rename(name: str, name_map: dict[str, str], targets: dict[str, torch.Tensor]) -> str:
+    for src, dst in name_map.items():
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name if name in targets else f"model.{name}"  # checkpoints saved from the base model

@@ -1,0 +1,69 @@
+"""Which implementation runs a model: a native override or the transformers shell."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers import AutoModel
+
+from pagedformers.config import EngineConfig
+from pagedformers.logger import init_logger
+from pagedformers.native_overrides import NATIVE_MODELS
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = init_logger(__name__)
+
+
+def base_model_class(config: EngineConfig) -> type:
+    """The class `AutoModel.from_config` would build for this config (remote code included)."""
+    hf_config = config.hf_config
+    auto_map = getattr(hf_config, "auto_map", None) or {}
+    if config.trust_remote_code and "AutoModel" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModel"], config.model_path)
+    if auto_map and "AutoModel" not in auto_map and type(hf_config) not in AutoModel._model_mapping:
+        raise ValueError(
+            f"The model at {config.model_path!r} is remote code without an `AutoModel` entry in its config's "
+            f"auto_map (it has {sorted(auto_map)}). The transformers shell builds the base model with AutoModel: "
+            "add `\"AutoModel\": \"modeling_x.XModel\"` to auto_map."
+        )
+    try:
+        return AutoModel._model_mapping[type(hf_config)]
+    except KeyError:
+        raise ValueError(
+            f"transformers has no base model (AutoModel) for config type {type(hf_config).__name__} "
+            f"(model_type={getattr(hf_config, 'model_type', None)!r}); it cannot be served."
+        ) from None
+
+
+def check_backend_compatible(model_cls: type) -> None:
+    if not getattr(model_cls, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{model_cls.__name__} does not set `_supports_attention_backend = True` (rule 3 of "
+            "'transformers as a backend'), so the transformers shell cannot run it. If its attention goes "
+            "through ALL_ATTENTION_FUNCTIONS and passes **kwargs down to it, add the flag to its PreTrainedModel."
+        )
+
+
+def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
+    architectures = getattr(config.hf_config, "architectures", None) or []
+    native = next((NATIVE_MODELS[a] for a in architectures if a in NATIVE_MODELS), None)
+    is_remote = bool(getattr(config.hf_config, "auto_map", None)) and config.trust_remote_code
+    if config.model_impl == "native" or (config.model_impl == "auto" and native and not is_remote):
+        if native is None:
+            raise ValueError(
+                f"model_impl='native' was asked for, but no native implementation is registered for "
+                f"{architectures or 'this config'} (native: {sorted(NATIVE_MODELS) or 'none yet'}). "
+                "Use model_impl='auto' or 'transformers' to run it through the transformers shell."
+            )
+        logger.info("Using the native implementation %s for %s.", native.__name__, architectures)
+        return native
+    from pagedformers.adapter.causal import TransformersForCausalLM
+
+    check_backend_compatible(base_model_class(config))
+    reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
+    logger.info("Using TransformersForCausalLM for %s (%s).", architectures, reason)
+    return TransformersForCausalLM

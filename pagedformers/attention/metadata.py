@@ -1,0 +1,66 @@
+"""Per-step attention metadata, built once by the model runner and read by every layer.
+
+The flat token batch holds the single-token queries ("decodes") first, then one
+span per multi-token query ("prefills", chunked or not). Masks are built lazily
+and cached per (window, causal) so that every layer of a step shares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSpan:
+    q_start: int  # rows of this sequence's new tokens in the flat batch
+    q_end: int
+    num_cached: int  # tokens of this sequence already in the KV cache before this step
+    kv_slots: torch.Tensor | None  # [num_cached + q_len] cache slots of its context; None if num_cached == 0
+
+    @property
+    def q_len(self) -> int:
+        return self.q_end - self.q_start
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decodes: int  # the first num_decodes rows are single-token queries
+    decode_slots: torch.Tensor | None  # [B_d, L] cache slots of each decode's context, padded
+    decode_seq_lens: torch.Tensor | None  # [B_d] context length of each decode, the new token included
+    prefills: list[PrefillSpan]
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[B_d, 1, 1, L] bool: key j is visible to the decode query of its row."""
+        key = ("decode", window)
+        if key not in self._masks:
+            seq_lens = self.decode_seq_lens[:, None]
+            k_pos = torch.arange(self.decode_slots.shape[1], device=seq_lens.device)[None, :]
+            visible = k_pos < seq_lens
+            if window is not None:
+                visible &= k_pos > seq_lens - 1 - window
+            self._masks[key] = visible[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, window: int | None, causal: bool) -> torch.Tensor | None:
+        """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal is exact."""
+        span = self.prefills[index]
+        if not causal or (span.num_cached == 0 and window is None):
+            return None
+        key = ("prefill", index, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(span.num_cached, span.num_cached + span.q_len, device=device)[:, None]
+            k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
+            visible = k_pos <= q_pos
+            if window is not None:
+                visible &= k_pos > q_pos - window
+            self._masks[key] = visible[None, None]
+        return self._masks[key]

@@ -1,0 +1,139 @@
+"""EngineConfig: every knob of an engine in one typed, frozen place.
+
+Built once at the entry point (`LLM(**kwargs)` or the CLI). `"auto"` values are
+resolved in `__post_init__`, which also reads the model's Hugging Face config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from transformers import PretrainedConfig
+
+ModelImpl = Literal["auto", "transformers", "native"]
+MODEL_IMPLS = ("auto", "transformers", "native")
+DEVICES = ("auto", "cpu", "cuda")
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+# Attributes that different model families use for their context length.
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None
+    model_impl: ModelImpl = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    gguf_file: str | None = None
+    download_dir: str | None = None
+    dtype: str | torch.dtype = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None
+    enforce_eager: bool = True
+
+    # Resolved in __post_init__.
+    model_path: str = field(init=False)
+    hf_config: PretrainedConfig = field(init=False, repr=False)
+    torch_dtype: torch.dtype = field(init=False)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(f"Unknown engine argument(s) {unknown}. Valid arguments: {', '.join(valid)}")
+        return cls(**kwargs)
+
+    def __post_init__(self) -> None:
+        from pagedformers.loading.source import load_hf_config, resolve_model_source
+
+        self._check_choices()
+        source = resolve_model_source(self.model, self.revision, self.gguf_file, self.download_dir)
+        self._set("model_path", source.path)
+        self._set("gguf_file", source.gguf_file)
+        self._set("device", _resolve_device(self.device))
+        hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
+        self._set("hf_config", hf_config)
+        self._set("torch_dtype", _resolve_dtype(self.dtype, hf_config, self.device))
+        self._set("max_model_len", _resolve_max_model_len(self.max_model_len, hf_config))
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer or self.model_path
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.hf_config.get_text_config()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _check_choices(self) -> None:
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl={self.model_impl!r} is not one of {MODEL_IMPLS}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device={self.device!r} is not one of {DEVICES}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {['auto', *_DTYPES]}")
+        return _DTYPES[dtype]
+    config_dtype = getattr(hf_config.get_text_config(), "dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype, None)
+    if config_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.float32
+    if config_dtype == torch.float16 and device == "cpu":
+        return torch.bfloat16  # CPUs have bf16 kernels (AVX-512/AMX) but slow fp16 ones.
+    return config_dtype
+
+
+def _resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:
+    text_config = hf_config.get_text_config()
+    limits = [getattr(text_config, key) for key in _MAX_LEN_KEYS if isinstance(getattr(text_config, key, None), int)]
+    derived = min(limits) if limits else None
+    if requested is None:
+        return derived or _DEFAULT_MAX_MODEL_LEN
+    if derived is not None and requested > derived:
+        raise ValueError(
+            f"max_model_len={requested} is larger than the model's context length {derived} "
+            f"(from its config). Pass max_model_len <= {derived}."
+        )
+    return requested

@@ -1,0 +1,127 @@
+"""Block tables, reference counts and the prefix cache over a fixed pool of KV blocks.
+
+Prefix caching: a full block is identified by the hash of its tokens chained with the
+hash of the block before it, so equal hashes mean equal prefixes. Freed blocks keep
+their hash and stay findable until the pool hands them out again (least recently freed
+first), so a later request with the same prefix reuses them without recompute.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pagedformers.engine.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # prompt tokens found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached_blocks: dict[int, int] = {}  # block hash -> block id
+        self.block_tables: dict[str, list[int]] = {}
+        self.req_block_hashes: dict[str, list[int]] = {}  # hashes of a request's cached full blocks
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Share of blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - len(self.free_blocks) / self.num_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup_prefix(self, req: Request) -> list[int]:
+        """Cached blocks holding the longest prefix of req's tokens; at least one token is left to compute."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return []
+        hits: list[int] = []
+        parent = None
+        for i in range((req.num_tokens - 1) // self.block_size):
+            parent = self._hash_block(req, i, parent)
+            block = self.cached_blocks.get(parent)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queries += req.num_tokens
+        self.stats.hits += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
+        """Make room for num_new_tokens after req's computed (and `cached`) tokens; False if the pool is short."""
+        table = self.block_tables.setdefault(req.request_id, [])
+        num_tokens = req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        num_needed = self.num_blocks_for(num_tokens) - len(table) - len(cached)
+        num_reclaimed = sum(1 for b in cached if self.ref_counts[b] == 0)
+        if num_needed > len(self.free_blocks) - num_reclaimed:
+            return False
+        for block in cached:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+        if cached:
+            self.req_block_hashes[req.request_id] = [self.block_hash[b] for b in cached]
+        table.extend(cached)
+        for _ in range(max(num_needed, 0)):
+            table.append(self._pop_free_block())
+        return True
+
+    def free(self, req: Request) -> None:
+        # Tail blocks first: they are the least likely to be shared, so they are reused first.
+        for block in reversed(self.block_tables.pop(req.request_id, [])):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        self.req_block_hashes.pop(req.request_id, None)
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the hashes of req's blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.req_block_hashes.setdefault(req.request_id, [])
+        table = self.block_tables[req.request_id]
+        for i in range(len(hashes), req.num_computed_tokens // self.block_size):
+            h = self._hash_block(req, i, hashes[-1] if hashes else None)
+            hashes.append(h)
+            block = table[i]
+            if self.block_hash[block] is None and h not in self.cached_blocks:
+                self.block_hash[block] = h
+                self.cached_blocks[h] = block
+
+    def reset_prefix_cache(self) -> None:
+        for h, block in list(self.cached_blocks.items()):
+            if self.ref_counts[block] == 0:
+                self.block_hash[block] = None
+                del self.cached_blocks[h]
+
+    def _hash_block(self, req: Request, index: int, parent: int | None) -> int:
+        start = index * self.block_size
+        return hash((parent, tuple(req.all_token_ids[start:start + self.block_size])))
+
+    def _pop_free_block(self) -> int:
+        block, _ = self.free_blocks.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict it from the prefix cache
+            if self.cached_blocks.get(h) == block:
+                del self.cached_blocks[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block

@@ -1,0 +1,192 @@
+"""LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import traceback
+
+from pagedformers.config import EngineConfig
+from pagedformers.engine.detokenizer import Detokenizer
+from pagedformers.engine.executor import Executor, InProcessExecutor
+from pagedformers.engine.kv_cache_manager import KVCacheManager
+from pagedformers.engine.model_runner import ModelRunnerOutput
+from pagedformers.engine.request import Request
+from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
+from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
+from pagedformers.logger import init_logger
+from pagedformers.outputs import CompletionOutput, RequestOutput
+from pagedformers.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+@dataclasses.dataclass
+class _Parent:
+    """A user request: n sampled sequences of one prompt."""
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
+        self.eos_token_ids = eos_token_ids(config, self.tokenizer)
+        self.executor = executor or InProcessExecutor(config)
+        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.parents: dict[str, _Parent] = {}
+        self._arrivals = itertools.count()
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, name: str = "The prompt") -> None:
+        """Raise ValueError if the request can never run; called before any model work."""
+        n, limit = len(prompt_token_ids), self.config.max_model_len
+        if n == 0:
+            raise ValueError(f"{name} is empty: it needs at least one token")
+        if n >= limit:
+            raise ValueError(f"{name} has {n} tokens, which leaves no room to generate within max_model_len={limit}")
+        vocab = self.config.text_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        worst_case = min(n + (params.max_tokens or limit), limit)
+        blocks = self.kv_manager.num_blocks_for(worst_case)
+        if blocks > self.kv_manager.num_blocks:
+            raise ValueError(
+                f"{name} can never fit the KV cache: {worst_case} tokens (prompt + max_tokens) need {blocks} blocks "
+                f"of {self.config.block_size} tokens, the cache has {self.kv_manager.num_blocks}. Lower max_tokens "
+                "or give the cache more memory (kv_cache_memory_bytes)."
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use")
+        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        max_tokens = min(params.max_tokens or self.config.max_model_len,
+                         self.config.max_model_len - len(prompt_token_ids))
+        children = []
+        for i in range(params.n):
+            child_params = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            child = Request(f"{request_id}#{i}", prompt_token_ids, child_params, max_tokens, next(self._arrivals))
+            children.append(child)
+            self.scheduler.add(child)
+        self.parents[request_id] = _Parent(request_id, prompt, children)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self.parents.pop(request_id, None)
+        for child in parent.children if parent else []:
+            if not child.is_finished:
+                child.finish("abort")
+                self.scheduler.finish(child)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- stepping -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; return the outputs of every request that advanced (finished ones dropped)."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        scheduled = list(out.scheduled)  # _execute drops the requests that fail
+        result = self._execute(out)
+        self.scheduler.update_after_step(out)
+        touched: dict[str, None] = {}
+        for s in scheduled:
+            req = s.request
+            try:
+                self._process(req, result)
+            except Exception as e:  # one request's bad output must not take the batch down
+                self._fail(req, e)
+            touched[req.request_id.rsplit("#", 1)[0]] = None
+        return [self._output(pid, pop=True) for pid in touched if pid in self.parents]
+
+    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        try:
+            return self.executor.execute(out)
+        except Exception as batch_error:
+            if len(out.scheduled) == 1:
+                self._fail(out.scheduled[0].request, batch_error)
+                out.scheduled.clear()
+                return ModelRunnerOutput()
+            logger.warning("A batched step failed (%s); retrying its %d requests one by one.", batch_error,
+                           len(out.scheduled))
+        result = ModelRunnerOutput()
+        for s in list(out.scheduled):
+            try:
+                one = self.executor.execute(SchedulerOutput([s]))
+                result.sampled.update(one.sampled)
+                result.prompt_logprobs.update(one.prompt_logprobs)
+            except Exception as e:
+                self._fail(s.request, e)
+                out.scheduled.remove(s)
+        return result
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        logger.error("Request %s failed: %s\n%s", req.request_id, error, traceback.format_exc())
+        req.error = f"{type(error).__name__}: {error}"
+        req.finish("error")
+        self.scheduler.finish(req)
+
+    def _process(self, req: Request, result: ModelRunnerOutput) -> None:
+        if req.is_finished:
+            return
+        if req.prompt_logprobs is not None and req.request_id in result.prompt_logprobs:
+            req.prompt_logprobs.extend(self._with_text(e) for e in result.prompt_logprobs[req.request_id])
+        if req.request_id not in result.sampled:
+            return  # a prefill chunk that does not reach the end of the prompt
+        token, logprob = result.sampled[req.request_id]
+        req.all_token_ids.append(token)
+        if logprob is not None:
+            req.cumulative_logprob += logprob[0]
+            req.logprobs.append(self._with_text(logprob[1]))
+        self._check_stop(req, token)
+        if req.is_finished:
+            self.scheduler.finish(req)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        past_min = req.num_output_tokens >= p.min_tokens
+        if past_min and not p.ignore_eos and token in p.eos_token_ids:
+            req.finish("stop")
+        elif past_min and token in p.stop_token_ids:
+            req.finish("stop", token)
+        if p.stop:
+            stop = self.detokenizer.update(req)
+            if stop is not None:
+                req.finish("stop", stop)
+        if not req.is_finished and req.num_output_tokens >= req.max_tokens:
+            req.finish("length")
+
+    def _with_text(self, entries: dict) -> dict:
+        for token_id, lp in entries.items():
+            lp.decoded_token = self.detokenizer.token_text(token_id)
+        return entries
+
+    # -- outputs ------------------------------------------------------------------------------------
+
+    def _output(self, parent_id: str, pop: bool) -> RequestOutput:
+        parent = self.parents[parent_id]
+        finished = all(c.is_finished for c in parent.children)
+        if finished and pop:
+            del self.parents[parent_id]
+        first = parent.children[0]
+        outputs = [
+            CompletionOutput(
+                index=i, text=c.text if c.params.stop else self.detokenizer.decode(c),
+                token_ids=c.output_token_ids, cumulative_logprob=c.cumulative_logprob, logprobs=c.logprobs,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            )
+            for i, c in enumerate(parent.children)
+        ]
+        errors = [c.error for c in parent.children if c.error]
+        return RequestOutput(parent_id, parent.prompt, first.prompt_token_ids, outputs, finished,
+                             prompt_logprobs=first.prompt_logprobs, error=errors[0] if errors else None)

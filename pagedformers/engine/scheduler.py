@@ -1,0 +1,114 @@
+"""Continuous batching under a token budget.
+
+Each step: running requests first (decodes and unfinished prefill chunks, in arrival
+order), then waiting requests while the budget, `max_num_seqs` and the block pool
+allow. A request that cannot get a block preempts the newest running request, which
+frees its blocks and is recomputed later (its tokens so far become its prompt).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedformers.engine.kv_cache_manager import KVCacheManager
+from pagedformers.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+    block_table: list[int]  # the request's KV blocks, in order
+
+    @property
+    def will_sample(self) -> bool:
+        """The chunk reaches the end of the request's tokens, so the step yields its next token."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    return budget
+            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_tables[req.request_id]))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.lookup_prefix(req)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_tables[req.request_id]))
+            budget -= num_new
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed counts and register newly full blocks with the prefix cache."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request)
+
+    def finish(self, req: Request) -> None:
+        """Drop a finished (or aborted) request and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)

@@ -1,0 +1,63 @@
+"""Stream checkpoint tensors: safetensors (sharded or not), PyTorch .bin, or GGUF (dequantized)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+WeightStream = Iterator[tuple[str, torch.Tensor]]
+
+
+def list_weight_files(path: str) -> tuple[str, list[str]]:
+    """('safetensors' | 'bin', files); safetensors is preferred when both are present."""
+    for kind, index_name, pattern in (
+        ("safetensors", "model.safetensors.index.json", "*.safetensors"),
+        ("bin", "pytorch_model.bin.index.json", "*.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return kind, [os.path.join(path, shard) for shard in shards]
+        files = sorted(f for f in glob.glob(os.path.join(path, pattern)) if not f.endswith("training_args.bin"))
+        if files:
+            return kind, files
+    raise ValueError(f"No weights found in {path!r}: expected *.safetensors, *.bin or a .gguf file")
+
+
+def iterate_weights(path: str, gguf_file: str | None, meta_causal_lm: nn.Module | None,
+                    use_tqdm: bool = True) -> WeightStream:
+    """Yield (checkpoint name, tensor) pairs, one shard at a time, with a progress bar."""
+    if gguf_file is not None:
+        yield from _iterate_gguf(os.path.join(path, gguf_file), meta_causal_lm)
+        return
+    kind, files = list_weight_files(path)
+    for file in tqdm(files, desc=f"Loading {kind} shards", disable=not use_tqdm or len(files) < 2):
+        yield from (_iterate_safetensors(file) if kind == "safetensors" else _iterate_bin(file))
+
+
+def _iterate_safetensors(file: str) -> WeightStream:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _iterate_bin(file: str) -> WeightStream:
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    yield from state.items()
+
+
+def _iterate_gguf(file: str, meta_causal_lm: nn.Module | None) -> WeightStream:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # The HF model (on meta) tells transformers how GGUF tensor names map to HF names.
+    parsed = load_gguf_checkpoint(file, return_tensors=True, model_to_load=meta_causal_lm)
+    yield from parsed["tensors"].items()

@@ -1,0 +1,54 @@
+"""Tiny random-weight models and a real tokenizer, written to disk the way the Hub ships them."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, my name is Ada and I like paged attention.",
+    "Continuous batching keeps every core busy while requests come and go.",
+    "A paged KV cache stores keys and values in fixed-size blocks.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20.",
+] * 20
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+# Small, but not so small that greedy decoding is a coin flip between near-equal logits.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+
+
+@functools.lru_cache(maxsize=None)
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random-weight *ForCausalLM of `model_type`, saved with the tokenizer under `path`."""
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(model_type, **{**TINY, "vocab_size": len(tokenizer), "bos_token_id": 1,
+                                                 "eos_token_id": 2, "pad_token_id": 3, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
