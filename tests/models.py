@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+
 from pathlib import Path
 
 import torch
@@ -52,3 +53,59 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **over
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_tiny.TinyCustomConfig",
+    "AutoModel": "modeling_tiny.TinyCustomModel",
+    "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM",
+}
+
+
+def save_remote_code_model(path: Path, seed: int = 0, auto_map: dict | None = None,
+                           modeling_source: str | None = None) -> Path:
+    """The remote-code fixture model: its .py files, config.json with auto_map, random weights."""
+    import importlib.util
+    import json
+    import shutil
+    import sys
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REMOTE_CODE_DIR / "configuration_tiny.py", path)
+    (path / "modeling_tiny.py").write_text(modeling_source or (REMOTE_CODE_DIR / "modeling_tiny.py").read_text())
+    # Import the files as a package once, just to build and save the weights.
+    pkg = f"_tiny_remote_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(pkg, path / "__init__.py", submodule_search_locations=[str(path)])
+    (path / "__init__.py").write_text("")
+    sys.modules[pkg] = importlib.util.module_from_spec(spec)
+    config_mod = importlib.import_module(f"{pkg}.configuration_tiny")
+    modeling_mod = importlib.import_module(f"{pkg}.modeling_tiny")
+    (path / "__init__.py").unlink()
+    tokenizer = build_tokenizer()
+    config = config_mod.TinyCustomConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                         initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = modeling_mod.TinyCustomForCausalLM(config)
+    model.save_pretrained(path)
+    config_json = json.loads((path / "config.json").read_text())
+    config_json["auto_map"] = auto_map or REMOTE_AUTO_MAP
+    config_json["architectures"] = ["TinyCustomForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config_json, indent=2))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, trust_remote_code: bool = False,
+              dtype: torch.dtype = torch.float32, **load_kwargs) -> list[list[int]]:
+    """Reference: HF generate, one prompt at a time (no padding effects), EOS ignored."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 **load_kwargs)
+    model.generation_config.eos_token_id = None  # like ignore_eos (min_new_tokens would mask EOS instead)
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=0)
+        outs.append(y[0, len(ids):].tolist())
+    return outs

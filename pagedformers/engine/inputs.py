@@ -28,7 +28,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: s
     order = decodes + prefills
     token_ids, positions, row_starts = [], [], []
     for s in order:
-        start = s.request.num_computed_tokens
+        start = s.start
         row_starts.append(len(token_ids))
         token_ids.extend(s.request.all_token_ids[start:start + s.num_new_tokens])
         positions.extend(range(start, start + s.num_new_tokens))
@@ -37,8 +37,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: s
                               for s, r in zip(order, row_starts)])
     decode_slots, decode_seq_lens = _decode_context(decodes, block_size)
     spans = [
-        PrefillSpan(r, r + s.num_new_tokens, s.request.num_computed_tokens,
-                    _context_slots(s, block_size) if s.request.num_computed_tokens else None)
+        PrefillSpan(r, r + s.num_new_tokens, s.start, _context_slots(s, block_size) if s.start else None)
         for s, r in zip(prefills, row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
@@ -60,19 +59,23 @@ def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> 
 
 def _context_slots(s: ScheduledRequest, block_size: int) -> torch.Tensor:
     """Slots of every token of the request's context, cached prefix and new chunk alike."""
-    end = s.request.num_computed_tokens + s.num_new_tokens
+    end = s.start + s.num_new_tokens
     return _slots(s.block_table, torch.arange(end), block_size)
 
 
 def _decode_context(decodes: list[ScheduledRequest], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B_d, L] slots of each decode's context (padded with block 0, masked out) and [B_d] lengths."""
+    """[B_d, L] slots of each decode's context and [B_d] lengths.
+
+    NOTE: padding repeats the sequence's first slot, so no never-written slot is ever read
+    (the cache is allocated uninitialised; a masked NaN would still poison the output)."""
     if not decodes:
         return torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    seq_lens = torch.tensor([s.request.num_computed_tokens + 1 for s in decodes])
+    seq_lens = torch.tensor([s.start + 1 for s in decodes])
     num_blocks = -(-int(seq_lens.max()) // block_size)
     tables = torch.zeros(len(decodes), num_blocks, dtype=torch.long)
     for i, s in enumerate(decodes):
         n = -(-int(seq_lens[i]) // block_size)
         tables[i, :n] = torch.tensor(s.block_table[:n])
     slots = tables[:, :, None] * block_size + torch.arange(block_size)  # [B_d, blocks, block_size]
-    return slots.view(len(decodes), -1)[:, : int(seq_lens.max())], seq_lens
+    slots = slots.view(len(decodes), -1)[:, : int(seq_lens.max())]
+    return torch.where(torch.arange(slots.shape[1]) < seq_lens[:, None], slots, slots[:, :1]), seq_lens

@@ -61,9 +61,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += req.num_tokens
-        self.stats.hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count an admitted request's lookup (not every retry of a request that had to wait)."""
+        if self.enable_prefix_caching:
+            self.stats.queries += num_tokens
+            self.stats.hits += num_hit_tokens
 
     def allocate(self, req: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
         """Make room for num_new_tokens after req's computed (and `cached`) tokens; False if the pool is short."""

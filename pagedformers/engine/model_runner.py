@@ -78,7 +78,7 @@ class ModelRunner:
         for i, s in enumerate(step.order):
             req: Request = s.request
             k = req.params.prompt_logprobs
-            start = req.num_computed_tokens
+            start = s.start
             end = min(start + s.num_new_tokens, req.num_prompt_tokens - 1)  # predicts tokens start+1 .. end
             if k is None or end <= start:
                 continue

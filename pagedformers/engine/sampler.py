@@ -33,13 +33,13 @@ class Sampler:
         logits = logits.clone()
         _mask_eos_before_min_tokens(logits, reqs)
         _apply_penalties(logits, reqs)
-        token_ids = self._pick(logits, reqs)
+        token_ids = self._pick(logits, reqs).tolist()
         logprobs = [
             logprob_entries(raw_logprobs[i], token_ids[i], r.params.logprobs) if r.params.logprobs is not None
             else None
             for i, r in enumerate(reqs)
         ]
-        return SamplerOutput(token_ids.tolist(), logprobs)
+        return SamplerOutput(token_ids, logprobs)
 
     def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         token_ids = logits.argmax(dim=-1)

@@ -18,13 +18,10 @@ from pagedformers.engine.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # tokens to compute this step, starting at request.num_computed_tokens
+    start: int  # the request's num_computed_tokens when scheduled: this chunk's first position
+    num_new_tokens: int
     block_table: list[int]  # the request's KV blocks, in order
-
-    @property
-    def will_sample(self) -> bool:
-        """The chunk reaches the end of the request's tokens, so the step yields its next token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    will_sample: bool  # the chunk reaches the end of the request's tokens: the step yields its next token
 
 
 @dataclass
@@ -70,7 +67,7 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is req:
                     return budget
-            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_tables[req.request_id]))
+            out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
             i += 1
         return budget
@@ -84,12 +81,18 @@ class Scheduler:
             if not self.kv.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()
+            self.kv.record_lookup(req.num_tokens, num_cached)
             req.num_computed_tokens = num_cached
             req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_tables[req.request_id]))
+            out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(req, start, num_new, self.kv.block_tables[req.request_id],
+                                start + num_new == req.num_tokens)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)

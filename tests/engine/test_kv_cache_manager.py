@@ -1,0 +1,65 @@
+from pagedformers.engine.kv_cache_manager import KVCacheManager
+from pagedformers.engine.request import Request
+from pagedformers.sampling_params import SamplingParams
+
+
+def _req(rid: str, tokens: list[int], **params) -> Request:
+    return Request(rid, tokens, SamplingParams(**params), max_tokens=16, arrival=0)
+
+
+def test_allocate_and_free_block_ids():
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    a = _req("a", list(range(6)))
+    assert kv.allocate(a, 6)
+    assert kv.block_tables["a"] == [0, 1]
+    a.num_computed_tokens = 6
+    assert kv.allocate(a, 2)  # positions 6, 7 fit in block 1
+    assert kv.block_tables["a"] == [0, 1]
+    a.num_computed_tokens = 8
+    assert kv.allocate(a, 1)
+    assert kv.block_tables["a"] == [0, 1, 2]
+    b = _req("b", list(range(8)))
+    assert not kv.allocate(b, 8)  # one block left, two needed
+    kv.free(a)
+    assert kv.num_free_blocks == 4
+    assert kv.allocate(b, 8)
+    assert kv.block_tables["b"] == [3, 2]  # least recently freed first: a's tail went back first
+
+
+def test_prefix_hits_reuse_blocks_and_keep_one_token_to_compute():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = _req("a", list(range(10)))
+    assert kv.lookup_prefix(a) == []
+    assert kv.allocate(a, 10)
+    a.num_computed_tokens = 10
+    kv.cache_full_blocks(a)  # blocks 0, 1 are full
+    b = _req("b", list(range(8)) + [99, 98])
+    hits = kv.lookup_prefix(b)
+    assert hits == kv.block_tables["a"][:2]
+    assert kv.allocate(b, 2, hits)
+    assert kv.block_tables["b"][:2] == hits and kv.ref_counts[hits[0]] == 2
+    # An exact repeat of a block-aligned prompt still leaves its last token to compute.
+    c = _req("c", list(range(8)))
+    assert len(kv.lookup_prefix(c)) == 1
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    kv = KVCacheManager(num_blocks=3, block_size=2, enable_prefix_caching=True)
+    a = _req("a", [1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_full_blocks(a)
+    kv.free(a)
+    assert len(kv.lookup_prefix(_req("a2", [1, 2, 3, 4, 5]))) == 2
+    big = _req("big", [7] * 6)  # takes every block: the cached ones are evicted
+    assert kv.allocate(big, 6)
+    assert kv.lookup_prefix(_req("a3", [1, 2, 3, 4, 5])) == []
+
+
+def test_prompt_logprobs_requests_skip_the_prefix_cache():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = _req("a", [1, 2, 3])
+    kv.allocate(a, 3)
+    a.num_computed_tokens = 3
+    kv.cache_full_blocks(a)
+    assert kv.lookup_prefix(_req("b", [1, 2, 3], prompt_logprobs=1)) == []

