@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from models import save_tiny_model  # noqa: E402
+from pagedformers.tools.tiny_models import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import hf_greedy
+from pagedformers.tools.tiny_models import hf_greedy
 from pagedformers import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))

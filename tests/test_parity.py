@@ -2,7 +2,8 @@
 
 import pytest
 
-from models import build_tokenizer, hf_greedy, save_remote_code_model, save_tiny_model
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy, save_tiny_model
+from remote_models import save_remote_code_model
 from pagedformers import LLM, SamplingParams
 
 PROMPTS = [

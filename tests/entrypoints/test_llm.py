@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models import build_tokenizer, hf_greedy
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
 from pagedformers import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
