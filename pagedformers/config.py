@@ -51,6 +51,7 @@ class EngineConfig:
 
     # Resolved in __post_init__.
     model_path: str = field(init=False)
+    tokenizer_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False)
 
@@ -63,21 +64,19 @@ class EngineConfig:
         return cls(**kwargs)
 
     def __post_init__(self) -> None:
-        from pagedformers.loading.source import load_hf_config, resolve_model_source
+        from pagedformers.loading.source import load_hf_config, resolve_model_source, resolve_tokenizer_source
 
         self._check_choices()
         source = resolve_model_source(self.model, self.revision, self.gguf_file, self.download_dir)
         self._set("model_path", source.path)
         self._set("gguf_file", source.gguf_file)
+        self._set("tokenizer_path", source.path if self.tokenizer is None else
+                  resolve_tokenizer_source(self.tokenizer, self.tokenizer_revision, self.download_dir))
         self._set("device", _resolve_device(self.device))
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         self._set("hf_config", hf_config)
         self._set("torch_dtype", _resolve_dtype(self.dtype, hf_config, self.device))
         self._set("max_model_len", _resolve_max_model_len(self.max_model_len, hf_config))
-
-    @property
-    def tokenizer_source(self) -> str:
-        return self.tokenizer or self.model_path
 
     @property
     def text_config(self) -> PretrainedConfig:

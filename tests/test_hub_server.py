@@ -40,10 +40,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-try:  # `python -m pytest` puts the repo root on sys.path ...
-    from tests.hub_server import HubServer
-except ImportError:  # ... plain `pytest` (rootdir-less tests/ folder) puts tests/ there instead.
-    from hub_server import HubServer
+from hub_clients import point_hf_client, point_modelscope_client, set_hf_offline
+from hub_server import HubServer
 
 REPO = "acme/tiny-llm"
 V1 = {"config.json": b'{"version": 1}', "model.safetensors": b"weights-v1", "tokenizer/vocab.txt": b"a\nb\n"}
@@ -51,21 +49,10 @@ V2 = {"config.json": b'{"version": 2}', "model.safetensors": b"weights-v2-longer
 
 
 def _use_hf_hub(monkeypatch: pytest.MonkeyPatch, url: str, tmp_path: pathlib.Path) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # No ambient credentials: env tokens, OIDC, or a token file from `hf auth login`.
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
+    point_hf_client(monkeypatch, url, tmp_path)
 
 
-def _set_hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+_set_hf_offline = set_hf_offline
 
 
 def _read_tree(root: str | pathlib.Path) -> dict[str, bytes]:
@@ -224,16 +211,7 @@ def test_range_requests_for_resumed_downloads(hub: Hub) -> None:
 # --------------------------------------------------------------------------- ModelScope
 @pytest.fixture
 def modelscope_env(hub: Hub, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Hub:
-    import modelscope_hub.config
-
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", hub.server.url)
-    monkeypatch.delenv("MODELSCOPE_DOMAIN", raising=False)
-    monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
-    # The client writes a session id under MODELSCOPE_HOME/credentials: keep it out of ~.
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms-home"))
-    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-default-cache"))
-    # Env vars are only read when this lazily-built singleton is created: rebuild it per test.
-    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+    point_modelscope_client(monkeypatch, hub.server.url, tmp_path)
     return hub
 
 

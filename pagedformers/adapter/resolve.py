@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoModel
 
+from pagedformers.adapter.compat import is_backend_compatible
 from pagedformers.config import EngineConfig
 from pagedformers.logger import init_logger
 from pagedformers.native_overrides import NATIVE_MODELS
@@ -39,15 +40,6 @@ def base_model_class(config: EngineConfig) -> type:
         ) from None
 
 
-def check_backend_compatible(model_cls: type) -> None:
-    if not getattr(model_cls, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{model_cls.__name__} does not set `_supports_attention_backend = True` (rule 3 of "
-            "'transformers as a backend'), so the transformers shell cannot run it. If its attention goes "
-            "through ALL_ATTENTION_FUNCTIONS and passes **kwargs down to it, add the flag to its PreTrainedModel."
-        )
-
-
 def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
     architectures = getattr(config.hf_config, "architectures", None) or []
     native = next((NATIVE_MODELS[a] for a in architectures if a in NATIVE_MODELS), None)
@@ -63,7 +55,10 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
         return native
     from pagedformers.adapter.causal import TransformersForCausalLM
 
-    check_backend_compatible(base_model_class(config))
+    report = is_backend_compatible(base_model_class(config), config.hf_config, config.trust_remote_code)
+    report.raise_if_broken()
+    for warning in report.warnings:
+        logger.warning("%s: %s", report.model_name, warning)
     reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
     name = architectures or config.hf_config.model_type
     logger.info("Using TransformersForCausalLM for %s (%s).", name, reason)

@@ -23,7 +23,13 @@ class ForwardContext:
     # layer_idx -> (k_cache, v_cache); None for a probe run, which fills kv_specs instead.
     kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
     kv_specs: dict[int, LayerKVSpec] = field(default_factory=dict)
+    causal_layers: dict[int, bool] = field(default_factory=dict)  # probe: layer_idx -> module.is_causal
+    kwargs_seen: set[int] = field(default_factory=set)  # probe: layers that received PROBE_KWARG
 
+
+# Passed to the base model in a probe run; it reaches our attention function only if every
+# layer passes **kwargs down (rule 1 of transformers' "as a backend" contract).
+PROBE_KWARG = "pagedformers_probe"
 
 _current: ContextVar[ForwardContext | None] = ContextVar("pagedformers_forward_context", default=None)
 

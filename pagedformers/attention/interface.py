@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from pagedformers.attention.context import get_forward_context
+from pagedformers.attention.context import PROBE_KWARG, get_forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, write_kv
 from pagedformers.attention.torch_backend import paged_attention
 
@@ -37,6 +37,9 @@ def paged_attention_forward(
     causal = getattr(module, "is_causal", True)
     if ctx.kv_caches is None:  # probe run: learn this layer's KV shape, attend within the step
         ctx.kv_specs[layer_idx] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
+        ctx.causal_layers[layer_idx] = bool(causal)
+        if kwargs.get(PROBE_KWARG):
+            ctx.kwargs_seen.add(layer_idx)
         k_cache, v_cache = k[None], v[None]
     else:
         k_cache, v_cache = ctx.kv_caches[layer_idx]

@@ -36,6 +36,15 @@ def resolve_model_source(
     return ModelSource(download_model(model, revision, download_dir, gguf_file), gguf_file)
 
 
+def resolve_tokenizer_source(tokenizer: str, revision: str | None, download_dir: str | None) -> str:
+    """A separate `tokenizer=`: a local directory, or a hub repo id (only tokenizer files are fetched)."""
+    if os.path.isdir(tokenizer):
+        return os.path.abspath(tokenizer)
+    from pagedformers.loading.hub import download_model
+
+    return download_model(tokenizer, revision, download_dir, None, weights=False)
+
+
 def load_hf_config(
     source: ModelSource,
     trust_remote_code: bool,

@@ -8,12 +8,10 @@ from pagedformers.config import EngineConfig
 
 
 def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
-    own_source = config.tokenizer is None
     return AutoTokenizer.from_pretrained(
-        config.tokenizer_source,
+        config.tokenizer_path,
         trust_remote_code=config.trust_remote_code,
-        revision=config.tokenizer_revision if not own_source else None,
-        gguf_file=config.gguf_file if own_source else None,
+        gguf_file=config.gguf_file if config.tokenizer is None else None,
     )
 
 
