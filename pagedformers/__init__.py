@@ -1,10 +1,14 @@
 """pagedformers: serve any transformers model with a paged KV cache and continuous batching."""
 
-from pagedformers.config import EngineConfig
+from pagedformers.config import EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
-from pagedformers.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedformers.outputs import (ClassificationRequestOutput, CompletionOutput, EmbeddingRequestOutput, Logprob,
+                                  PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineConfig",
+           "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput", "SamplingParams",
+           "ScoringRequestOutput", "__version__"]

@@ -16,6 +16,10 @@ from transformers import PretrainedConfig
 ModelImpl = Literal["auto", "transformers", "native"]
 MODEL_IMPLS = ("auto", "transformers", "native")
 DEVICES = ("auto", "cpu", "cuda")
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify", "reward")
+POOLING_TYPES = ("CLS", "MEAN", "LAST", "ALL", "STEP")
+_GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -25,6 +29,26 @@ _DTYPES = {
 # Attributes that different model families use for their context length.
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
 _DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns hidden states into one output; None: the model's default."""
+    pooling_type: str | None = None  # CLS, MEAN, LAST, ALL or STEP
+    normalize: bool | None = None
+    activation: bool | None = None
+    dimensions: int | None = None
+    step_tag_id: int | None = None  # STEP: pool the tokens equal to this id
+    returned_token_ids: list[int] | None = None  # STEP: keep these label columns
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None and self.pooling_type.upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type={self.pooling_type!r} is not one of {POOLING_TYPES}")
+
+    def merged(self, defaults: dict[str, Any]) -> "PoolerConfig":
+        """Fill the fields left None from defaults (e.g. Sentence-Transformers metadata)."""
+        values = {k: v if v is not None else defaults.get(k) for k, v in dataclasses.asdict(self).items()}
+        return PoolerConfig(**values)
 
 
 @dataclass(frozen=True)
@@ -48,12 +72,16 @@ class EngineConfig:
     device: str = "auto"
     hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None
     enforce_eager: bool = True
+    runner: str = "auto"  # "generate" | "pooling"; auto: from the architecture
+    convert: str = "auto"  # run a causal LM as a pooling model: "embed", "classify" or "reward"
+    pooler_config: PoolerConfig | dict[str, Any] | None = None
 
     # Resolved in __post_init__.
     model_path: str = field(init=False)
     tokenizer_path: str = field(init=False)
     hf_config: PretrainedConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False)
+    pooling_head: str | None = field(init=False, default=None)  # "embed", "classify", "token_classify"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -76,7 +104,33 @@ class EngineConfig:
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         self._set("hf_config", hf_config)
         self._set("torch_dtype", _resolve_dtype(self.dtype, hf_config, self.device))
+        self._resolve_pooling()
         self._set("max_model_len", _resolve_max_model_len(self.max_model_len, hf_config))
+
+    def _resolve_pooling(self) -> None:
+        from pagedformers.loading.sentence_transformers import read_sentence_transformers_config
+
+        arch = (getattr(self.hf_config, "architectures", None) or [""])[0]
+        converting = self.convert not in ("auto", "none")
+        runner = self.runner
+        if runner == "auto":
+            runner = "pooling" if converting or (arch and not arch.endswith(_GENERATE_SUFFIXES)) else "generate"
+        self._set("runner", runner)
+        if runner != "pooling":
+            return
+        if arch.endswith("ForTokenClassification"):
+            head = "token_classify"
+        elif arch.endswith("ForSequenceClassification") or self.convert in ("classify", "reward"):
+            head = "classify"
+        else:
+            head = "embed"
+        self._set("pooling_head", head)
+        st = read_sentence_transformers_config(self.model_path)
+        user = self.pooler_config if isinstance(self.pooler_config, PoolerConfig) else \
+            PoolerConfig(**(self.pooler_config or {}))
+        self._set("pooler_config", user.merged(st))
+        if self.max_model_len is None and "max_seq_length" in st:
+            self._set("max_model_len", st["max_seq_length"])
 
     @property
     def text_config(self) -> PretrainedConfig:
@@ -88,6 +142,10 @@ class EngineConfig:
     def _check_choices(self) -> None:
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl={self.model_impl!r} is not one of {MODEL_IMPLS}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner={self.runner!r} is not one of {RUNNERS}")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"convert={self.convert!r} is not one of {CONVERTS}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -54,12 +54,17 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
         logger.info("Using the native implementation %s for %s.", native.__name__, architectures)
         return native
     from pagedformers.adapter.causal import TransformersForCausalLM
+    from pagedformers.adapter.pooling import TransformersForPooling
 
     report = is_backend_compatible(base_model_class(config), config.hf_config, config.trust_remote_code)
     report.raise_if_broken()
     for warning in report.warnings:
         logger.warning("%s: %s", report.model_name, warning)
+    if report.is_encoder_only and config.runner == "generate":
+        raise ValueError(f"{report.model_name} is an encoder-only model (bidirectional attention): it cannot "
+                         "generate text. Use runner='pooling' (embed / classify / score).")
+    shell = TransformersForPooling if config.runner == "pooling" else TransformersForCausalLM
     reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
     name = architectures or config.hf_config.model_type
-    logger.info("Using TransformersForCausalLM for %s (%s).", name, reason)
-    return TransformersForCausalLM
+    logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
+    return shell

@@ -50,17 +50,21 @@ class AttentionMetadata:
         return self._masks[key]
 
     def prefill_mask(self, index: int, window: int | None, causal: bool) -> torch.Tensor | None:
-        """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal is exact."""
+        """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal (or no mask) is exact.
+
+        A window w keeps keys less than w positions away: behind only for causal layers,
+        on both sides for bidirectional ones (ModernBERT's local attention)."""
         span = self.prefills[index]
-        if not causal or (span.num_cached == 0 and window is None):
+        if window is None and (not causal or span.num_cached == 0):
             return None
-        key = ("prefill", index, window)
+        key = ("prefill", index, window, causal)
         if key not in self._masks:
             device = self.slot_mapping.device
             q_pos = torch.arange(span.num_cached, span.num_cached + span.q_len, device=device)[:, None]
             k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
-            visible = k_pos <= q_pos
+            distance = q_pos - k_pos
+            visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
             if window is not None:
-                visible &= k_pos > q_pos - window
+                visible &= distance.abs() < window
             self._masks[key] = visible[None, None]
         return self._masks[key]

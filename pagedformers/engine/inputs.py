@@ -17,14 +17,17 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
     row_starts: list[int]  # first row of each request in `order`
+    token_type_ids: torch.Tensor | None = None  # [T], only when a request carries segment ids (pairs)
 
     def last_row(self, i: int) -> int:
         return self.row_starts[i] + self.order[i].num_new_tokens - 1
 
 
 def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: str) -> StepInputs:
-    decodes = [s for s in scheduled if s.num_new_tokens == 1]
-    prefills = [s for s in scheduled if s.num_new_tokens > 1]
+    # A decode is one new token after a cached context; a 1-token prompt is a prefill of its own
+    # (it must not read the cache: encoders never write it).
+    decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
+    prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
     order = decodes + prefills
     token_ids, positions, row_starts = [], [], []
     for s in order:
@@ -49,7 +52,17 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: s
                   for p in spans],
     )
     return StepInputs(order, torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                      row_starts)
+                      row_starts, _token_type_ids(order, device))
+
+
+def _token_type_ids(order: list[ScheduledRequest], device: str) -> torch.Tensor | None:
+    if all(s.request.token_type_ids is None for s in order):
+        return None
+    ids = []
+    for s in order:
+        types = s.request.token_type_ids or [0] * s.request.num_tokens
+        ids.extend(types[s.start:s.start + s.num_new_tokens])
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:

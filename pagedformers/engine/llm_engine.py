@@ -15,7 +15,8 @@ from pagedformers.engine.request import Request
 from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
 from pagedformers.logger import init_logger
-from pagedformers.outputs import CompletionOutput, RequestOutput
+from pagedformers.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -43,17 +44,29 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, name: str = "The prompt") -> None:
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
+                         name: str = "The prompt") -> None:
         """Raise ValueError if the request can never run; called before any model work."""
         n, limit = len(prompt_token_ids), self.config.max_model_len
+        pooling = isinstance(params, PoolingParams)
+        if pooling != (self.config.runner == "pooling"):
+            raise ValueError(
+                "This model runs with runner='pooling': use embed / classify / score / encode, not generate."
+                if not pooling else
+                "This model runs with runner='generate': pooling needs runner='pooling' (or convert='embed').")
         if n == 0:
             raise ValueError(f"{name} is empty: it needs at least one token")
-        if n >= limit:
+        if pooling and n > limit:
+            raise ValueError(f"{name} has {n} tokens, longer than max_model_len={limit} "
+                             "(set PoolingParams.truncate_prompt_tokens to keep only the last ones)")
+        if not pooling and n >= limit:
             raise ValueError(f"{name} has {n} tokens, which leaves no room to generate within max_model_len={limit}")
         vocab = self.config.text_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if pooling:
+            return
         worst_case = min(n + (params.max_tokens or limit), limit)
         blocks = self.kv_manager.num_blocks_for(worst_case)
         if blocks > self.kv_manager.num_blocks:
@@ -78,6 +91,19 @@ class LLMEngine:
             children.append(child)
             self.scheduler.add(child)
         self.parents[request_id] = _Parent(request_id, prompt, children)
+
+    def add_pooling_request(self, request_id: str, prompt_token_ids: list[int], params: PoolingParams,
+                            token_type_ids: list[int] | None = None) -> None:
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use")
+        if params.truncate_prompt_tokens is not None:
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
+            token_type_ids = token_type_ids[-params.truncate_prompt_tokens:] if token_type_ids else None
+        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
+        req = Request(f"{request_id}#0", prompt_token_ids, SamplingParams(max_tokens=1), 1, next(self._arrivals),
+                      pooling_params=params, token_type_ids=token_type_ids)
+        self.scheduler.add(req)
+        self.parents[request_id] = _Parent(request_id, None, [req])
 
     def abort_request(self, request_id: str) -> None:
         parent = self.parents.pop(request_id, None)
@@ -125,6 +151,7 @@ class LLMEngine:
                 one = self.executor.execute(SchedulerOutput([s]))
                 result.sampled.update(one.sampled)
                 result.prompt_logprobs.update(one.prompt_logprobs)
+                result.pooled.update(one.pooled)
             except Exception as e:
                 self._fail(s.request, e)
                 out.scheduled.remove(s)
@@ -138,6 +165,11 @@ class LLMEngine:
 
     def _process(self, req: Request, result: ModelRunnerOutput) -> None:
         if req.is_finished:
+            return
+        if req.request_id in result.pooled:
+            req.pooled = result.pooled[req.request_id]
+            req.finish("stop")
+            self.scheduler.finish(req)
             return
         if req.prompt_logprobs is not None and req.request_id in result.prompt_logprobs:
             req.prompt_logprobs.extend(self._with_text(e) for e in result.prompt_logprobs[req.request_id])
@@ -173,12 +205,15 @@ class LLMEngine:
 
     # -- outputs ------------------------------------------------------------------------------------
 
-    def _output(self, parent_id: str, pop: bool) -> RequestOutput:
+    def _output(self, parent_id: str, pop: bool) -> RequestOutput | PoolingRequestOutput:
         parent = self.parents[parent_id]
         finished = all(c.is_finished for c in parent.children)
         if finished and pop:
             del self.parents[parent_id]
         first = parent.children[0]
+        if first.pooling_params is not None:
+            return PoolingRequestOutput(parent_id, PoolingOutput(first.pooled), first.prompt_token_ids, finished,
+                                        error=first.error)
         outputs = [
             CompletionOutput(
                 index=i, text=c.text if c.params.stop else self.detokenizer.decode(c),

@@ -27,6 +27,7 @@ _GiB = 1 << 30
 class ModelRunnerOutput:
     sampled: dict[str, tuple[int, tuple[float, dict[int, Logprob]] | None]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -48,8 +49,11 @@ class ModelRunner:
         cfg = self.config
         bytes_per_block = cfg.block_size * sum(s.bytes_per_token(cfg.torch_dtype) for s in self.kv_specs.values())
         budget = cfg.kv_cache_memory_bytes or _default_kv_bytes(cfg.device)
-        # No use holding more than every sequence at full length could fill.
+        # No use holding more than every sequence at full length could fill; pooling keeps
+        # nothing between steps, so one step's tokens are enough.
         most_useful = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size) + 1
+        if cfg.runner == "pooling":
+            most_useful = -(-max(cfg.max_num_batched_tokens, cfg.max_model_len) // cfg.block_size) + cfg.max_num_seqs
         num_blocks = min(budget // bytes_per_block, most_useful)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_bytes={budget} cannot hold one KV block of {bytes_per_block} bytes")
@@ -60,11 +64,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         step = prepare_inputs(out.scheduled, self.config.block_size, self.config.device)
+        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
         with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-            hidden = self.model(step.input_ids, step.positions)
+            hidden = self.model(step.input_ids, step.positions, **extra)
         result = ModelRunnerOutput()
+        self._pool(step, hidden, result)
         self._prompt_logprobs(step, hidden, result)
-        rows = [i for i, s in enumerate(step.order) if s.will_sample]
+        rows = [i for i, s in enumerate(step.order) if s.will_sample and s.request.pooling_params is None]
         if rows:
             logits = self.model.compute_logits(hidden[[step.last_row(i) for i in rows]])
             reqs = [step.order[i].request for i in rows]
@@ -72,6 +78,13 @@ class ModelRunner:
             for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[r.request_id] = (token, lp)
         return result
+
+    def _pool(self, step: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
+        for i, s in enumerate(step.order):
+            req = s.request
+            if req.pooling_params is not None:
+                rows = hidden[step.row_starts[i]:step.row_starts[i] + s.num_new_tokens]
+                result.pooled[req.request_id] = self.model.pool(rows, req.all_token_ids, req.pooling_params).cpu()
 
     def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
         """Logprobs of each prompt token given the ones before it, for requests that asked."""

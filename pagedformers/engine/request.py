@@ -7,6 +7,7 @@ import enum
 import torch
 
 from pagedformers.outputs import Logprob
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 
@@ -21,7 +22,8 @@ class Request:
     K/V sit in the cache; after preemption num_computed_tokens drops to 0 and they are recomputed."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, arrival: int) -> None:
+                 max_tokens: int, arrival: int, pooling_params: PoolingParams | None = None,
+                 token_type_ids: list[int] | None = None) -> None:
         self.request_id = request_id
         self.params = params
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -41,6 +43,10 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None
+        # Pooling requests run their whole prompt in one step and end with `pooled` set.
+        self.pooling_params = pooling_params
+        self.token_type_ids = token_type_ids
+        self.pooled: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -75,9 +75,14 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self.kv.lookup_prefix(req)
-            num_cached = len(cached) * self.kv.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
+            if req.pooling_params is not None:  # whole prompts only (bidirectional encoders need them)
+                if req.num_tokens > budget and out.scheduled:
+                    break
+                cached, num_cached, num_new = [], 0, req.num_tokens
+            else:
+                cached = self.kv.lookup_prefix(req)
+                num_cached = len(cached) * self.kv.block_size
+                num_new = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from functools import partial
 from typing import Any, Callable, Sequence, TypeVar, Union
+
+import torch
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -11,7 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.llm_engine import LLMEngine
-from pagedformers.outputs import RequestOutput
+from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                  EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
+                                  ScoringRequestOutput)
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 R = TypeVar("R")
@@ -46,11 +53,13 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        params = _per_prompt(sampling_params, len(prompts))
+        params = _per_prompt(sampling_params, len(prompts), SamplingParams)
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
         for i, (ids, _) in enumerate(encoded):  # every request is checked before any model work
             self.llm_engine.validate_request(ids, params[i], f"Prompt {i}")
-        return self._run(encoded, params, use_tqdm)
+        engine = self.llm_engine
+        return self._run([partial(engine.add_request, prompt_token_ids=ids, params=p, prompt=text)
+                          for (ids, text), p in zip(encoded, params)], use_tqdm)
 
     def chat(
         self,
@@ -81,13 +90,101 @@ class LLM:
         raise TypeError(f"Prompt {index} must be a str or a dict with 'prompt_token_ids' or 'prompt', "
                         f"got {type(prompt).__name__}")
 
-    def _run(self, encoded: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    # -- pooling --------------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """Run a pooling task over prompts; `pooling_task` defaults to the model's first one."""
+        supported = self.supported_tasks
+        task = pooling_task or supported[0]
+        if task not in supported:
+            raise ValueError(f"This model does not support the pooling task {task!r}; it supports {list(supported)}")
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = [dataclasses.replace(p, task=task)
+                  for p in _per_prompt(pooling_params, len(prompts), PoolingParams)]
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        types = [p.get("token_type_ids") if isinstance(p, dict) else None for p in prompts]
+        for i, ((ids, _), p) in enumerate(zip(encoded, params)):
+            kept = ids[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else ids
+            self.llm_engine.validate_request(kept, p, f"Prompt {i}")
         engine = self.llm_engine
-        ids = [str(next(self._ids)) for _ in encoded]
-        for request_id, (token_ids, text), p in zip(ids, encoded, params):
-            engine.add_request(request_id, token_ids, p, prompt=text)
-        done: dict[str, RequestOutput] = {}
+        return self._run([partial(engine.add_pooling_request, prompt_token_ids=ids, params=p, token_type_ids=t)
+                          for (ids, _), p, t in zip(encoded, params, types)], use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        outs = self.encode(prompts, pooling_params, use_tqdm, pooling_task="embed")
+        return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.outputs.data.tolist()), o.prompt_token_ids)
+                for o in outs]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        outs = self.encode(prompts, pooling_params, use_tqdm, pooling_task="classify")
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.data.tolist()),
+                                            o.prompt_token_ids) for o in outs]
+
+    def reward(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Per-token scores of a reward model."""
+        return self.encode(prompts, pooling_params, use_tqdm, pooling_task="reward")
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str], use_tqdm: bool = True,
+              pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+        """Relevance of each data_2 to data_1 (one to many, or pairwise): a cross-encoder scores each
+        pair; an embedding model gives the cosine similarity of the two embeddings."""
+        firsts = [data_1] if isinstance(data_1, str) else list(data_1)
+        seconds = [data_2] if isinstance(data_2, str) else list(data_2)
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds):
+            raise ValueError(f"score() pairs data_1 and data_2 one to one: got {len(firsts)} and {len(seconds)}")
+        if "score" in self.supported_tasks:
+            return self._cross_encode(firsts, seconds, pooling_params or PoolingParams(), use_tqdm)
+        if "embed" not in self.supported_tasks:
+            raise ValueError(f"This model cannot score: it supports {list(self.supported_tasks)}")
+        params = dataclasses.replace(pooling_params or PoolingParams(), normalize=True)
+        embeds = self.encode(firsts + seconds, params, use_tqdm, pooling_task="embed")
+        a, b = embeds[:len(firsts)], embeds[len(firsts):]
+        return [ScoringRequestOutput(x.request_id, ScoringOutput(float(torch.dot(x.outputs.data, y.outputs.data))),
+                                     x.prompt_token_ids + y.prompt_token_ids) for x, y in zip(a, b)]
+
+    def _cross_encode(self, firsts: list[str], seconds: list[str], params: PoolingParams,
+                      use_tqdm: bool) -> list[ScoringRequestOutput]:
+        tokenizer = self.get_tokenizer()
+        prompts = []
+        for first, second in zip(firsts, seconds):
+            enc = tokenizer(first, second)
+            prompt = {"prompt_token_ids": enc["input_ids"]}
+            if "token_type_ids" in enc:
+                prompt["token_type_ids"] = enc["token_type_ids"]
+            prompts.append(prompt)
+        outs = self.encode(prompts, params, use_tqdm, pooling_task="score")
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data.reshape(-1)[-1])),
+                                     o.prompt_token_ids) for o in outs]
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        from pagedformers.adapter.pooling import HEAD_TASKS
+
+        if self.config.runner != "pooling":
+            return ("generate",)
+        return HEAD_TASKS[self.config.pooling_head]
+
+    def _run(self, adders: list[Callable[..., None]], use_tqdm: bool) -> list[Any]:
+        """Add every request (each adder takes its request_id), then step the engine until all finish."""
+        engine = self.llm_engine
+        ids = [str(next(self._ids)) for _ in adders]
+        for request_id, add in zip(ids, adders):
+            add(request_id=request_id)
+        done: dict[str, Any] = {}
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
             try:
                 while len(done) < len(ids):
@@ -102,12 +199,12 @@ class LLM:
         return [done[i] for i in ids]
 
 
-def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+def _per_prompt(params: Any, n: int, kind: type) -> list:
     if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
+        return [kind()] * n
+    if isinstance(params, kind):
         return [params] * n
     params = list(params)
     if len(params) != n:
-        raise ValueError(f"Got {len(params)} SamplingParams for {n} prompts: pass one, or one per prompt")
+        raise ValueError(f"Got {len(params)} {kind.__name__} for {n} prompts: pass one, or one per prompt")
     return params
