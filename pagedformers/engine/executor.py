@@ -1,28 +1,35 @@
-"""Executors run model steps on one or more workers; the engine sees only this interface."""
+"""Executors run step plans on one or more workers; the engine sees only this interface."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Any, Callable, TypeVar
 
+import torch
 from torch import nn
 
 from pagedformers.config import EngineConfig
-from pagedformers.engine.model_runner import ModelRunner, ModelRunnerOutput
-from pagedformers.engine.scheduler import SchedulerOutput
+from pagedformers.engine.inputs import StepPlan
+from pagedformers.engine.worker import Worker, WorkerOutput
+from pagedformers.pooling_params import PoolingParams
 
 R = TypeVar("R")
 
 
 class Executor(ABC):
     num_blocks: int
+    driver_worker: Worker  # the worker in this process: rank 0
 
     @abstractmethod
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute(self, plan: StepPlan) -> WorkerOutput:
+        """Run the plan on every worker; the driver gets the final hidden states and logits."""
 
     @abstractmethod
     def apply_model(self, fn: Callable[[nn.Module], R]) -> list[R]:
         """Run fn on the model of every worker; one result per worker."""
+
+    def pool(self, hidden: torch.Tensor, token_ids: list[int], params: PoolingParams) -> torch.Tensor:
+        return self.driver_worker.model.pool(hidden, token_ids, params)
 
     def shutdown(self) -> None:
         """Release workers (nothing to do in-process)."""
@@ -30,11 +37,12 @@ class Executor(ABC):
 
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(config)
-        self.num_blocks = self.runner.num_blocks
+        self.driver_worker = Worker(config)
+        self.driver_worker.allocate_kv_cache(self.driver_worker.num_blocks)
+        self.num_blocks = self.driver_worker.num_blocks
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(out)
+    def execute(self, plan: StepPlan) -> WorkerOutput:
+        return self.driver_worker.execute(plan)
 
     def apply_model(self, fn: Callable[[nn.Module], Any]) -> list[Any]:
-        return [fn(self.runner.model)]
+        return [fn(self.driver_worker.model)]

@@ -1,4 +1,8 @@
-"""Flatten one scheduled step into device tensors: the token stream and its attention metadata."""
+"""A step as workers see it: a picklable plan, flattened into device tensors + attention metadata.
+
+The driver turns the scheduler's output into a `StepPlan` (no Request objects, so it
+can be broadcast to other ranks); every worker builds the same tensors from it.
+"""
 
 from __future__ import annotations
 
@@ -11,57 +15,79 @@ from pagedformers.engine.scheduler import ScheduledRequest
 
 
 @dataclass
+class Chunk:
+    """The new tokens of one request this step."""
+    start: int  # position of token_ids[0]: the tokens before it are in the KV cache
+    token_ids: list[int]
+    block_table: list[int]
+    token_type_ids: list[int] | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        # One new token after a cached context. A 1-token prompt is a prefill of its own
+        # (it must not read the cache: encoders never write it).
+        return len(self.token_ids) == 1 and self.start > 0
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk]  # decodes first; rows of the flat batch follow this order
+    logit_rows: list[int]  # rows whose logits the driver needs (sampling, prompt logprobs)
+
+
+@dataclass
 class StepInputs:
-    order: list[ScheduledRequest]  # decodes first, then prefill chunks; rows follow this order
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
-    row_starts: list[int]  # first row of each request in `order`
     token_type_ids: torch.Tensor | None = None  # [T], only when a request carries segment ids (pairs)
 
-    def last_row(self, i: int) -> int:
-        return self.row_starts[i] + self.order[i].num_new_tokens - 1
+
+def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+    """Decodes first (the attention backend batches them), then prefill chunks."""
+    is_decode = [s.num_new_tokens == 1 and s.start > 0 for s in scheduled]
+    return [s for s, d in zip(scheduled, is_decode) if d] + [s for s, d in zip(scheduled, is_decode) if not d]
 
 
-def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: str) -> StepInputs:
-    # A decode is one new token after a cached context; a 1-token prompt is a prefill of its own
-    # (it must not read the cache: encoders never write it).
-    decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
-    prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
-    order = decodes + prefills
+def make_chunk(s: ScheduledRequest) -> Chunk:
+    end = s.start + s.num_new_tokens
+    types = s.request.token_type_ids
+    return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
+                 types[s.start:end] if types is not None else None)
+
+
+def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInputs:
     token_ids, positions, row_starts = [], [], []
-    for s in order:
-        start = s.start
+    for c in chunks:
         row_starts.append(len(token_ids))
-        token_ids.extend(s.request.all_token_ids[start:start + s.num_new_tokens])
-        positions.extend(range(start, start + s.num_new_tokens))
+        token_ids.extend(c.token_ids)
+        positions.extend(range(c.start, c.start + len(c.token_ids)))
     positions_t = torch.tensor(positions, dtype=torch.long)
-    slot_mapping = torch.cat([_slots(s.block_table, positions_t[r:r + s.num_new_tokens], block_size)
-                              for s, r in zip(order, row_starts)])
+    slot_mapping = torch.cat([_slots(c.block_table, positions_t[r:r + len(c.token_ids)], block_size)
+                              for c, r in zip(chunks, row_starts)])
+    decodes = [c for c in chunks if c.is_decode]
     decode_slots, decode_seq_lens = _decode_context(decodes, block_size)
     spans = [
-        PrefillSpan(r, r + s.num_new_tokens, s.start, _context_slots(s, block_size) if s.start else None)
-        for s, r in zip(prefills, row_starts[len(decodes):])
+        PrefillSpan(r, r + len(c.token_ids), c.start,
+                    _slots(c.block_table, torch.arange(c.start + len(c.token_ids)), block_size).to(device)
+                    if c.start else None)
+        for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         num_decodes=len(decodes),
         decode_slots=decode_slots.to(device) if decodes else None,
         decode_seq_lens=decode_seq_lens.to(device) if decodes else None,
-        prefills=[PrefillSpan(p.q_start, p.q_end, p.num_cached, None if p.kv_slots is None else p.kv_slots.to(device))
-                  for p in spans],
+        prefills=spans,
     )
-    return StepInputs(order, torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                      row_starts, _token_type_ids(order, device))
+    return StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
+                      _token_type_ids(chunks, device))
 
 
-def _token_type_ids(order: list[ScheduledRequest], device: str) -> torch.Tensor | None:
-    if all(s.request.token_type_ids is None for s in order):
+def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
+    if all(c.token_type_ids is None for c in chunks):
         return None
-    ids = []
-    for s in order:
-        types = s.request.token_type_ids or [0] * s.request.num_tokens
-        ids.extend(types[s.start:s.start + s.num_new_tokens])
+    ids = [t for c in chunks for t in (c.token_type_ids or [0] * len(c.token_ids))]
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -70,25 +96,19 @@ def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> 
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def _context_slots(s: ScheduledRequest, block_size: int) -> torch.Tensor:
-    """Slots of every token of the request's context, cached prefix and new chunk alike."""
-    end = s.start + s.num_new_tokens
-    return _slots(s.block_table, torch.arange(end), block_size)
-
-
-def _decode_context(decodes: list[ScheduledRequest], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B_d, L] slots of each decode's context and [B_d] lengths.
 
     NOTE: padding repeats the sequence's first slot, so no never-written slot is ever read
     (the cache is allocated uninitialised; a masked NaN would still poison the output)."""
     if not decodes:
         return torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    seq_lens = torch.tensor([s.start + 1 for s in decodes])
+    seq_lens = torch.tensor([c.start + 1 for c in decodes])
     num_blocks = -(-int(seq_lens.max()) // block_size)
     tables = torch.zeros(len(decodes), num_blocks, dtype=torch.long)
-    for i, s in enumerate(decodes):
+    for i, c in enumerate(decodes):
         n = -(-int(seq_lens[i]) // block_size)
-        tables[i, :n] = torch.tensor(s.block_table[:n])
+        tables[i, :n] = torch.tensor(c.block_table[:n])
     slots = tables[:, :, None] * block_size + torch.arange(block_size)  # [B_d, blocks, block_size]
     slots = slots.view(len(decodes), -1)[:, : int(seq_lens.max())]
     return torch.where(torch.arange(slots.shape[1]) < seq_lens[:, None], slots, slots[:, :1]), seq_lens

@@ -10,7 +10,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.detokenizer import Detokenizer
 from pagedformers.engine.executor import Executor, InProcessExecutor
 from pagedformers.engine.kv_cache_manager import KVCacheManager
-from pagedformers.engine.model_runner import ModelRunnerOutput
+from pagedformers.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedformers.engine.request import Request
 from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
@@ -36,6 +36,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.executor = executor or InProcessExecutor(config)
+        self.runner = ModelRunner(config, self.executor)
         self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -137,7 +138,7 @@ class LLMEngine:
 
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         try:
-            return self.executor.execute(out)
+            return self.runner.execute(out)
         except Exception as batch_error:
             if len(out.scheduled) == 1:
                 self._fail(out.scheduled[0].request, batch_error)
@@ -148,7 +149,7 @@ class LLMEngine:
         result = ModelRunnerOutput()
         for s in list(out.scheduled):
             try:
-                one = self.executor.execute(SchedulerOutput([s]))
+                one = self.runner.execute(SchedulerOutput([s]))
                 result.sampled.update(one.sampled)
                 result.prompt_logprobs.update(one.prompt_logprobs)
                 result.pooled.update(one.pooled)

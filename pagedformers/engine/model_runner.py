@@ -1,26 +1,20 @@
-"""Runs one scheduled step: build inputs, run the model in a forward context, sample."""
+"""The driver's side of a step: plan it for the workers, then sample, pool and take prompt logprobs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from pagedformers.adapter.resolve import resolve_model_cls
-from pagedformers.attention import ForwardContext, forward_context
-from pagedformers.attention.kv_cache import allocate_kv_caches
 from pagedformers.config import EngineConfig
-from pagedformers.engine.inputs import StepInputs, prepare_inputs
-from pagedformers.engine.request import Request
+from pagedformers.engine.inputs import StepPlan, make_chunk, order_for_step
 from pagedformers.engine.sampler import Sampler, logprob_entries
-from pagedformers.engine.scheduler import SchedulerOutput
-from pagedformers.loading.weights import iterate_weights
-from pagedformers.logger import init_logger
+from pagedformers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedformers.outputs import Logprob
 
-logger = init_logger(__name__)
-
-_GiB = 1 << 30
+if TYPE_CHECKING:
+    from pagedformers.engine.executor import Executor
 
 
 @dataclass
@@ -30,83 +24,70 @@ class ModelRunnerOutput:
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class _Rows:
+    """Where each request's needs sit in the plan's logit rows."""
+    sample: dict[int, int] = field(default_factory=dict)  # order index -> logit row
+    prompt: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # order index -> (first, count, start)
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor) -> None:
         self.config = config
-        torch.manual_seed(config.seed)
-        model_cls = resolve_model_cls(config)
-        self.model = model_cls(config)
-        meta_lm = self.model.meta_causal_lm()
-        weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
-        self.model.load_weights(weights, self.model.checkpoint_name_map(meta_lm))
-        self.kv_specs = self.model.probe_kv_specs()
-        self.num_blocks = self._num_kv_blocks()
-        self.kv_caches = allocate_kv_caches(self.kv_specs, self.num_blocks, config.block_size, config.torch_dtype,
-                                            config.device)
+        self.executor = executor
         self.sampler = Sampler(config.seed)
 
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        bytes_per_block = cfg.block_size * sum(s.bytes_per_token(cfg.torch_dtype) for s in self.kv_specs.values())
-        budget = cfg.kv_cache_memory_bytes or _default_kv_bytes(cfg.device)
-        # No use holding more than every sequence at full length could fill; pooling keeps
-        # nothing between steps, so one step's tokens are enough.
-        most_useful = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size) + 1
-        if cfg.runner == "pooling":
-            most_useful = -(-max(cfg.max_num_batched_tokens, cfg.max_model_len) // cfg.block_size) + cfg.max_num_seqs
-        num_blocks = min(budget // bytes_per_block, most_useful)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory_bytes={budget} cannot hold one KV block of {bytes_per_block} bytes")
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, cfg.block_size,
-                    num_blocks * bytes_per_block / _GiB)
-        return int(num_blocks)
-
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        step = prepare_inputs(out.scheduled, self.config.block_size, self.config.device)
-        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
-        with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-            hidden = self.model(step.input_ids, step.positions, **extra)
+        order = order_for_step(out.scheduled)
+        row_starts = _row_starts(order)
+        logit_rows, rows = _logit_rows(order, row_starts)
+        wout = self.executor.execute(StepPlan([make_chunk(s) for s in order], logit_rows))
         result = ModelRunnerOutput()
-        self._pool(step, hidden, result)
-        self._prompt_logprobs(step, hidden, result)
-        rows = [i for i, s in enumerate(step.order) if s.will_sample and s.request.pooling_params is None]
-        if rows:
-            logits = self.model.compute_logits(hidden[[step.last_row(i) for i in rows]])
-            reqs = [step.order[i].request for i in rows]
-            sampled = self.sampler(logits, reqs)
+        for i, s in enumerate(order):
+            if s.request.pooling_params is not None:
+                hidden = wout.hidden[row_starts[i]:row_starts[i] + s.num_new_tokens]
+                result.pooled[s.request.request_id] = self.executor.pool(hidden, s.request.all_token_ids,
+                                                                         s.request.pooling_params).cpu()
+        for i, (first, count, start) in rows.prompt.items():
+            self._prompt_logprobs(order[i], wout.logits[first:first + count], start, result)
+        if rows.sample:
+            reqs = [order[i].request for i in rows.sample]
+            sampled = self.sampler(wout.logits[list(rows.sample.values())], reqs)
             for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[r.request_id] = (token, lp)
         return result
 
-    def _pool(self, step: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
-        for i, s in enumerate(step.order):
-            req = s.request
-            if req.pooling_params is not None:
-                rows = hidden[step.row_starts[i]:step.row_starts[i] + s.num_new_tokens]
-                result.pooled[req.request_id] = self.model.pool(rows, req.all_token_ids, req.pooling_params).cpu()
-
-    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput) -> None:
-        """Logprobs of each prompt token given the ones before it, for requests that asked."""
-        for i, s in enumerate(step.order):
-            req: Request = s.request
-            k = req.params.prompt_logprobs
-            start = s.start
-            end = min(start + s.num_new_tokens, req.num_prompt_tokens - 1)  # predicts tokens start+1 .. end
-            if k is None or end <= start:
-                continue
-            rows = slice(step.row_starts[i], step.row_starts[i] + end - start)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-            targets = torch.tensor(req.all_token_ids[start + 1:end + 1])
-            result.prompt_logprobs[req.request_id] = [
-                logprob_entries(row, int(t), k)[1] for row, t in zip(logprobs, targets)
-            ]
+    def _prompt_logprobs(self, s: ScheduledRequest, logits: torch.Tensor, start: int,
+                         result: ModelRunnerOutput) -> None:
+        """Logprobs of each prompt token given the ones before it."""
+        req = s.request
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = req.all_token_ids[start + 1:start + 1 + logits.shape[0]]
+        result.prompt_logprobs[req.request_id] = [
+            logprob_entries(row, t, req.params.prompt_logprobs)[1] for row, t in zip(logprobs, targets)
+        ]
 
 
-def _default_kv_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.8)
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    return min(int(available * 0.3), 4 * _GiB)
+def _row_starts(order: list[ScheduledRequest]) -> list[int]:
+    starts, total = [], 0
+    for s in order:
+        starts.append(total)
+        total += s.num_new_tokens
+    return starts
+
+
+def _logit_rows(order: list[ScheduledRequest], row_starts: list[int]) -> tuple[list[int], _Rows]:
+    logit_rows, rows = [], _Rows()
+    for i, s in enumerate(order):
+        req = s.request
+        if req.pooling_params is not None:
+            continue
+        # Prompt logprobs: rows start .. end-1 predict prompt tokens start+1 .. end.
+        end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+        if req.params.prompt_logprobs is not None and end > s.start:
+            rows.prompt[i] = (len(logit_rows), end - s.start, s.start)
+            logit_rows.extend(range(row_starts[i], row_starts[i] + end - s.start))
+        if s.will_sample:
+            rows.sample[i] = len(logit_rows)
+            logit_rows.append(row_starts[i] + s.num_new_tokens - 1)
+    return logit_rows, rows

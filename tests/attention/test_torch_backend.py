@@ -5,10 +5,7 @@ import torch
 
 from pagedformers.attention.kv_cache import write_kv
 from pagedformers.attention.torch_backend import paged_attention
-from pagedformers.engine.inputs import prepare_inputs
-from pagedformers.engine.request import Request
-from pagedformers.engine.scheduler import ScheduledRequest
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.engine.inputs import Chunk, prepare_inputs
 
 H, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 
@@ -35,26 +32,25 @@ def _reference(q, k, v, start, scale, window, softcap, sinks):
 def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     torch.manual_seed(0)
     # (context length, tokens already cached): decodes, a fresh prefill, a chunk after a cached prefix.
-    seqs = [(9, 8), (3, 2), (17, 16), (7, 0), (13, 6)]
+    seqs = [(7, 0), (9, 8), (13, 6), (3, 2), (17, 16)]
     k_cache = torch.randn(NUM_BLOCKS, BS, H_KV, D)  # garbage where nothing was written
     v_cache = torch.randn(NUM_BLOCKS, BS, H_KV, D)
     blocks = torch.randperm(NUM_BLOCKS).tolist()
-    scheduled, keys, values, queries = [], [], [], []
-    for i, (length, cached) in enumerate(seqs):
+    chunks, keys, values, queries = [], [], [], []
+    for length, cached in seqs:
         table = [blocks.pop() for _ in range(-(-length // BS))]
-        req = Request(str(i), list(range(length)), SamplingParams(), max_tokens=1, arrival=i)
-        s = ScheduledRequest(req, cached, length - cached, table, True)
         k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
         if cached:  # what earlier steps wrote
-            slots = prepare_inputs([ScheduledRequest(req, 0, cached, table, False)], BS, "cpu").metadata.slot_mapping
+            slots = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata.slot_mapping
             write_kv(k_cache, v_cache, k[:cached], v[:cached], slots)
-        scheduled.append(s)
+        chunks.append(Chunk(cached, [0] * (length - cached), table))
         keys.append(k)
         values.append(v)
         queries.append(torch.randn(length - cached, H, D))
-    step = prepare_inputs(scheduled, BS, "cpu")
-    by_row = {s.request.request_id: i for i, s in enumerate(scheduled)}
-    order = [by_row[s.request.request_id] for s in step.order]
+    order = [i for i, c in enumerate(chunks) if c.is_decode] + [i for i, c in enumerate(chunks) if not c.is_decode]
+    assert order != list(range(len(seqs)))  # the batch really gets reordered: decodes first
+    step = prepare_inputs([chunks[i] for i in order], BS, "cpu")
+    row_starts = [sum(len(chunks[j].token_ids) for j in order[:n]) for n in range(len(order))]
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([keys[i][seqs[i][1]:] for i in order])
     v_new = torch.cat([values[i][seqs[i][1]:] for i in order])
@@ -62,7 +58,7 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     sinks = torch.randn(H) if with_sinks else None
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, step.metadata, 0.3, window=window, softcap=softcap,
                           sinks=sinks)
-    for row_start, i in zip(step.row_starts, order):
+    for row_start, i in zip(row_starts, order):
         n = seqs[i][0] - seqs[i][1]
         expected = _reference(queries[i], keys[i], values[i], seqs[i][1], 0.3, window, softcap, sinks)
         torch.testing.assert_close(out[row_start:row_start + n], expected, atol=1e-5, rtol=1e-5)
@@ -70,8 +66,7 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
 
 def test_bidirectional_for_encoders():
     torch.manual_seed(0)
-    req = Request("e", list(range(6)), SamplingParams(), max_tokens=1, arrival=0)
-    step = prepare_inputs([ScheduledRequest(req, 0, 6, [0, 1], True)], BS, "cpu")
+    step = prepare_inputs([Chunk(0, list(range(6)), [0, 1])], BS, "cpu")
     q, k, v = torch.randn(6, H, D), torch.randn(6, H_KV, D), torch.randn(6, H_KV, D)
     cache = torch.zeros(2, BS, H_KV, D)
     out = paged_attention(q, k, v, cache, cache, step.metadata, 0.5, causal=False)
