@@ -1,0 +1,195 @@
+"""AsyncLLM: one LLMEngine stepped by one background thread, streaming outputs to asyncio callers.
+
+The engine is not thread-safe, so it has exactly one owner: the engine thread. Callers on
+the event loop never touch it; they queue commands (add, abort) and the thread applies
+them between steps. Every request that arrives while a step runs joins the next one,
+which is what batches concurrent clients together. Outputs go back to each request's
+asyncio.Queue through `loop.call_soon_threadsafe`, one call per step and event loop.
+With nothing to do, the thread sleeps on a Condition until a command arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import AsyncIterator, Callable
+
+from pagedformers.engine.llm_engine import LLMEngine
+from pagedformers.entrypoints.metrics import EngineMetrics, RequestStats
+from pagedformers.logger import init_logger
+from pagedformers.outputs import RequestOutput
+from pagedformers.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request: a step failed, or the engine is shut down."""
+
+
+_Item = RequestOutput | BaseException
+
+
+@dataclass
+class _Stream:
+    """Where one request's outputs go: a queue owned by the caller's event loop."""
+    loop: asyncio.AbstractEventLoop
+    stats: RequestStats
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics or EngineMetrics()
+        self._cond = threading.Condition()
+        self._commands: list[Callable[[], None]] = []  # guarded by _cond
+        self._stopped = False  # guarded by _cond
+        self._streams: dict[str, _Stream] = {}  # NOTE: touched only on the engine thread
+        self._thread = threading.Thread(target=self._run, name="pagedformers-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                         name: str = "The prompt") -> None:
+        """Raise ValueError if the request can never run.
+
+        NOTE: called on the caller's thread: LLMEngine.validate_request reads only the config
+        and the size of the block pool, both fixed when the engine is built.
+        """
+        self.engine.validate_request(prompt_token_ids, params, name)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its RequestOutputs as the engine produces them (cumulative,
+        the last one `finished`). Closing or cancelling the iterator early aborts the request.
+
+        Raises:
+            ValueError: the request can never run (checked before it is queued).
+            EngineError: the request failed in the engine, or the engine was shut down.
+        """
+        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
+        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(prompt_token_ids)))
+        self._submit(partial(self._add, request_id, list(prompt_token_ids), params, prompt, stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine thread has already dropped the request
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the caller went away (cancelled, closed, client disconnected)
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request and free its KV blocks (on the engine thread, before its next step)."""
+        try:
+            self._submit(partial(self._abort, request_id))
+        except EngineError:
+            pass  # shut down: every request is gone already
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread; requests still in flight fail with EngineError."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        with self._cond:
+            if self._stopped:
+                raise EngineError("The engine is shut down")
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        stopped = False
+        while not stopped:
+            with self._cond:
+                while not (self._commands or self._stopped or self.engine.has_unfinished_requests()):
+                    self._cond.wait()
+                stopped = self._stopped
+                commands, self._commands = self._commands, []
+            for command in commands:  # on shutdown too: an add must reach _fail_all, or its caller waits forever
+                try:
+                    command()
+                except Exception:  # a bug; the thread must survive it or every later request hangs
+                    logger.exception("Engine command %s failed", command)
+            if not stopped and self.engine.has_unfinished_requests():
+                self._step()
+            self.metrics.on_engine_state(self.engine)
+        self._fail_all("The engine was shut down")
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
+             stream: _Stream) -> None:
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+        except Exception as e:  # e.g. a request id already in use: this request fails alone
+            self._deliver([(stream, e)])
+            return
+        self._streams[request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.metrics.on_finished("abort")
+        self.engine.abort_request(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a bug in the engine: fail what is in flight, keep serving
+            logger.exception("Engine step failed; failing the %d requests in flight", len(self._streams))
+            self._fail_all(f"Engine step failed: {type(e).__name__}: {e}")
+            return
+        now = time.monotonic()
+        deliveries: list[tuple[_Stream, _Item]] = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self.metrics.on_output(stream.stats, out, now)
+            if out.finished:
+                del self._streams[out.request_id]
+            deliveries.append((stream, out))
+        self._deliver(deliveries)
+
+    def _fail_all(self, message: str) -> None:
+        streams, self._streams = self._streams, {}
+        for request_id in streams:
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("Could not abort request %s", request_id)
+            self.metrics.on_finished("error")
+        self._deliver([(stream, EngineError(message)) for stream in streams.values()])
+
+    def _deliver(self, deliveries: list[tuple[_Stream, _Item]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = defaultdict(list)
+        for stream, item in deliveries:
+            by_loop[stream.loop].append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for stream, item in items:
+                    if isinstance(item, RequestOutput) and not item.finished:
+                        self._abort(item.request_id)
+
+
+def _put_all(items: list[tuple[_Stream, _Item]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)

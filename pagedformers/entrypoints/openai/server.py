@@ -1,0 +1,226 @@
+"""The OpenAI-compatible HTTP server: `build_app` wires the routes, `run_server` serves them with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import secrets
+from typing import Any, Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedformers import __version__
+from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
+from pagedformers.entrypoints.openai.errors import OpenAIError, error_json
+from pagedformers.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    RerankRequest,
+    ScoreRequest,
+)
+from pagedformers.entrypoints.openai.serving import ServingContext
+from pagedformers.entrypoints.openai.serving_chat import create_chat_completion
+from pagedformers.entrypoints.openai.serving_completion import create_completion
+from pagedformers.logger import init_logger
+
+logger = init_logger(__name__)
+
+_NO_POOLING = "pooling models are not supported yet"
+
+
+def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
+              chat_template: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
+
+    Args:
+        api_key: when set, every /v1/* request needs `Authorization: Bearer <api_key>`.
+        chat_template: Jinja template used instead of the tokenizer's (the text, not a path).
+    """
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    if not names:
+        raise ValueError("served_model_name needs at least one name")
+    config = engine.engine.config
+    ctx = ServingContext(engine, copy.deepcopy(engine.engine.tokenizer), names, chat_template, config.max_model_len)
+    app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return error_json("The engine thread has stopped", 503)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=n, root=config.model, max_model_len=config.max_model_len) for n in names])
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, create_completion(ctx, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, create_chat_completion(ctx, request))
+
+    _add_pooling_routes(app, ctx)
+    return app
+
+
+def _add_pooling_routes(app: FastAPI, ctx: ServingContext) -> None:
+    # Registered now so that clients get a clear answer; a pooling runner only has to fill them in.
+    @app.post("/v1/embeddings")
+    async def embeddings(request: EmbeddingRequest) -> Response:
+        ctx.check_model(request.model)
+        raise OpenAIError(f"This model does not support embeddings: {_NO_POOLING}", 400, "model")
+
+    async def score(request: ScoreRequest) -> Response:
+        ctx.check_model(request.model)
+        raise OpenAIError(f"This model does not support scoring: {_NO_POOLING}", 400, "model")
+
+    async def rerank(request: RerankRequest) -> Response:
+        ctx.check_model(request.model)
+        raise OpenAIError(f"This model does not support reranking (scoring): {_NO_POOLING}", 400, "model")
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, rerank, methods=["POST"])
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return JSONResponse(e.to_response().model_dump(), status_code=e.status)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError) -> JSONResponse:
+        return error_json(str(e), 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
+        # OpenAI answers 400 where FastAPI would say 422.
+        return error_json(_describe_validation_error(e.errors()), 400, _first_param(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_json(str(e.detail), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("Unhandled error in a request")
+        return error_json(f"Internal server error: {type(e).__name__}: {e}", 500)
+
+
+def _describe_validation_error(errors: list[dict[str, Any]]) -> str:
+    if any(err.get("type") == "json_invalid" for err in errors):
+        detail = next(err for err in errors if err.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return f"The request body is not valid JSON: {detail}".rstrip(": ")
+    parts = [f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}" for err in errors]
+    return "Invalid request: " + "; ".join(parts)
+
+
+def _first_param(errors: list[dict[str, Any]]) -> str | None:
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ())[1:]]
+        if loc:
+            return loc[0]
+    return None
+
+
+async def _unless_disconnected(raw: Request, handler: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (and so aborting its requests) if the client hangs up first.
+
+    Streaming handlers return at once; Starlette then watches the stream itself.
+    """
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        try:
+            return task.result()
+        except (OpenAIError, EngineError, StarletteHTTPException):
+            raise
+        except Exception as e:  # a bug: answer a clean 500 here, where the connection is still ours
+            logger.exception("Unhandled error in a request")
+            raise OpenAIError(f"Internal server error: {type(e).__name__}: {e}", 500) from e
+    task.cancel()
+    return Response(status_code=499)  # nobody is left to read it
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ApiKeyMiddleware:
+    """401 for /v1/* requests without `Authorization: Bearer <key>`; /health and /metrics stay open.
+
+    Plain ASGI (not BaseHTTPMiddleware), so streamed responses and disconnects pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = error_json("Invalid or missing API key: send `Authorization: Bearer <key>`", 401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's path or the template itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # a mistyped path would otherwise become a template that prints the path
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template (no '{{' in it)")
+    return value
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Build the engine from the parsed `pagedformers serve` flags and serve until interrupted."""
+    import prometheus_client
+    import uvicorn
+
+    from pagedformers.config import EngineConfig
+    from pagedformers.engine.llm_engine import LLMEngine
+    from pagedformers.entrypoints.engine_args import engine_kwargs
+
+    prometheus_client.disable_created_metrics()  # process-wide: this process is the server
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    engine = AsyncLLM(LLMEngine(config))
+    names = args.served_model_name or [args.model]
+    app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template))
+    logger.info("Serving %s as %s on http://%s:%d/v1", config.model, ", ".join(names), args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    finally:
+        engine.shutdown()
+

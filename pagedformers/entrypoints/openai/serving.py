@@ -1,0 +1,175 @@
+"""What completions and chat completions share: the served model, sampling params, prompt checks,
+stream deltas, logprobs and usage."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator, TypeVar
+
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
+
+from pagedformers.entrypoints.async_engine import AsyncLLM
+from pagedformers.entrypoints.openai.errors import OpenAIError
+from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from pagedformers.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedformers.sampling_params import SamplingParams
+
+T = TypeVar("T")
+DONE = "data: [DONE]\n\n"
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncLLM
+    tokenizer: PreTrainedTokenizerBase  # the event loop's own copy: HF fast tokenizers are not thread-safe
+    served_model_names: list[str]
+    chat_template: str | None
+    max_model_len: int
+
+    def check_model(self, name: str | None) -> str:
+        """The model name to answer with; 404 (as vLLM) for a model this server does not serve."""
+        if name is None:
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise OpenAIError(f"The model `{name}` does not exist. This server serves: "
+                              f"{', '.join(self.served_model_names)}.", 404, "model")
+        return name
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams, name: str) -> None:
+        """400 for a request that can never run: all checks happen before anything is queued."""
+        num_prompt, max_tokens, limit = len(prompt_token_ids), params.max_tokens, self.max_model_len
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or of max_tokens.", 400, "max_tokens")
+        try:
+            self.engine.validate_request(prompt_token_ids, params, name)
+        except ValueError as e:
+            raise OpenAIError.from_value_error(e) from None
+
+
+def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def value(v: T | None, default: T) -> T:
+        return default if v is None else v
+
+    try:
+        return SamplingParams(
+            n=request.n, temperature=value(request.temperature, 1.0), top_p=value(request.top_p, 1.0),
+            top_k=value(request.top_k, 0), min_p=value(request.min_p, 0.0), seed=request.seed,
+            max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop,
+            stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+            include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
+            presence_penalty=value(request.presence_penalty, 0.0),
+            frequency_penalty=value(request.frequency_penalty, 0.0),
+            repetition_penalty=value(request.repetition_penalty, 1.0),
+            skip_special_tokens=request.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise OpenAIError.from_value_error(e) from None
+
+
+class ChoiceStream:
+    """What one choice has sent so far, so that each stream chunk carries only new text and tokens.
+
+    Text is held back while it ends in U+FFFD (a character whose bytes are not all out yet) and,
+    with stop strings, by the length of the longest one minus one, because the engine cuts a
+    stop string out once it completes. The chunks then add up to the non-streamed text.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.sent_text = ""
+        self.num_sent_tokens = 0
+        self.text_offset = 0
+        self.is_done = False
+
+    def next_text(self, out: CompletionOutput) -> str:
+        text = out.text
+        if out.finish_reason is None:
+            text = text[:len(text) - self.holdback]
+            if text.endswith("\ufffd"):
+                return ""
+        delta = text[len(self.sent_text):]
+        self.sent_text += delta
+        return delta
+
+    def next_tokens(self, out: CompletionOutput) -> tuple[int, int]:
+        start, self.num_sent_tokens = self.num_sent_tokens, len(out.token_ids)
+        return start, self.num_sent_tokens
+
+
+def check_output(out: RequestOutput) -> None:
+    if out.error:
+        raise OpenAIError(f"The request failed in the engine: {out.error}", 500)
+
+
+def usage(prompt_lens: list[int], finals: dict[int, RequestOutput]) -> UsageInfo:
+    num_prompt = sum(prompt_lens)
+    num_completion = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
+    return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                     total_tokens=num_prompt + num_completion)
+
+
+def sampled_logprobs(out: CompletionOutput, start: int, end: int) -> list[tuple[int, dict[int, Logprob]]]:
+    """(token id, its logprob entries) for out's tokens [start, end).
+
+    NOTE: the engine keeps appending to `out.logprobs` while we read it; slicing by token count
+    (a snapshot taken with the output) reads only finished entries.
+    """
+    entries = out.logprobs or []
+    return list(zip(out.token_ids[start:end], entries[start:end]))
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+def token_text(entry: Logprob, token_id: int) -> str:
+    return entry.decoded_token if entry.decoded_token is not None else f"<token {token_id}>"
+
+
+def sse(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+def sse_error(error: OpenAIError) -> str:
+    return f"data: {error.to_response().model_dump_json()}\n\n"
+
+
+async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several iterators as they come, each with its iterator's index. Closing this
+    iterator cancels the others, which aborts their requests."""
+    if len(iterators) == 1:
+        async with aclosing(iterators[0]) as iterator:
+            async for item in iterator:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
+
+    async def drain(i: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async for item in iterator:
+                queue.put_nowait((i, item))
+            queue.put_nowait((i, None))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        num_done = 0
+        while num_done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                num_done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()

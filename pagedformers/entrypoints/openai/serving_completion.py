@@ -1,0 +1,136 @@
+"""POST /v1/completions: one or several prompts (text or token ids), n choices each, streamed or not."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pagedformers.entrypoints.async_engine import EngineError
+from pagedformers.entrypoints.openai.errors import OpenAIError
+from pagedformers.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+)
+from pagedformers.entrypoints.openai.serving import (
+    DONE,
+    ChoiceStream,
+    ServingContext,
+    check_output,
+    clamp,
+    merge,
+    sampled_logprobs,
+    sse,
+    sse_error,
+    to_sampling_params,
+    token_text,
+    usage,
+)
+from pagedformers.outputs import CompletionOutput, RequestOutput
+from pagedformers.sampling_params import SamplingParams
+
+Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
+
+
+async def create_completion(ctx: ServingContext, request: CompletionRequest) -> JSONResponse | StreamingResponse:
+    model = ctx.check_model(request.model)
+    if request.echo:
+        raise OpenAIError("echo is not supported yet", 400, "echo")
+    params = to_sampling_params(request, request.max_tokens, request.logprobs)
+    prompts = _prompts(ctx, request.prompt)
+    for i, (_, token_ids) in enumerate(prompts):
+        ctx.check_prompt(token_ids, params, f"Prompt {i}" if len(prompts) > 1 else "The prompt")
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    generators = [ctx.engine.generate(ids, params, f"{request_id}-{i}", text) for i, (text, ids) in enumerate(prompts)]
+    prompt_lens = [len(ids) for _, ids in prompts]
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        stream = _stream(request_id, model, params, merge(generators), prompt_lens, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    finals: dict[int, RequestOutput] = {}
+    async with aclosing(merge(generators)) as outputs:  # an error closes (aborts) the other prompts at once
+        async for i, out in outputs:
+            check_output(out)
+            finals[i] = out
+    choices = [
+        _choice(i * params.n + o.index, o.text, o, 0, len(o.token_ids), 0, params)
+        for i in sorted(finals) for o in finals[i].outputs
+    ]
+    response = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(prompt_lens, finals))
+    return JSONResponse(response.model_dump())
+
+
+def _prompts(ctx: ServingContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [(prompt, ctx.tokenizer.encode(prompt))]
+    if not prompt:
+        raise OpenAIError("prompt is empty: pass a string, a list of strings or token ids", 400, "prompt")
+    if isinstance(prompt[0], int):
+        return [(None, list(prompt))]
+    return [(p, ctx.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+
+async def _stream(request_id: str, model: str, params: SamplingParams,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]], prompt_lens: list[int],
+                  include_usage: bool) -> AsyncIterator[str]:
+    choices: dict[tuple[int, int], ChoiceStream] = {}
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async with aclosing(outputs):
+            async for i, out in outputs:
+                check_output(out)
+                finals[i] = out
+                for o in out.outputs:
+                    choice = choices.setdefault((i, o.index), ChoiceStream(params))
+                    chunk = _chunk(i * params.n + o.index, o, choice, params)
+                    if chunk is not None:
+                        yield sse(CompletionStreamResponse(id=request_id, model=model, choices=[chunk]))
+        if include_usage:
+            yield sse(CompletionStreamResponse(id=request_id, model=model, choices=[],
+                                               usage=usage(prompt_lens, finals)))
+    except OpenAIError as e:
+        yield sse_error(e)
+    except EngineError as e:
+        yield sse_error(OpenAIError(str(e), 500))
+    yield DONE
+
+
+def _chunk(index: int, out: CompletionOutput, choice: ChoiceStream,
+           params: SamplingParams) -> CompletionResponseChoice | None:
+    if choice.is_done:
+        return None  # a sibling choice is still running; this one has said all it had
+    text = choice.next_text(out)
+    start, end = choice.next_tokens(out)
+    choice.is_done = out.finish_reason is not None
+    if not text and not choice.is_done and (params.logprobs is None or start == end):
+        return None
+    result = _choice(index, text, out, start, end, choice.text_offset, params)
+    if result.logprobs is not None:
+        choice.text_offset += sum(len(t) for t in result.logprobs.tokens)
+    if not choice.is_done:
+        result.finish_reason = result.stop_reason = None
+    return result
+
+
+def _choice(index: int, text: str, out: CompletionOutput, start: int, end: int, text_offset: int,
+            params: SamplingParams) -> CompletionResponseChoice:
+    logprobs = _logprobs(out, start, end, text_offset) if params.logprobs is not None else None
+    return CompletionResponseChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason,
+                                    stop_reason=out.stop_reason)
+
+
+def _logprobs(out: CompletionOutput, start: int, end: int, text_offset: int) -> CompletionLogProbs:
+    result = CompletionLogProbs()
+    for token_id, entries in sampled_logprobs(out, start, end):
+        token = token_text(entries[token_id], token_id)
+        result.tokens.append(token)
+        result.token_logprobs.append(clamp(entries[token_id].logprob))
+        result.top_logprobs.append({token_text(lp, t): clamp(lp.logprob) for t, lp in entries.items()})
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+    return result
