@@ -75,6 +75,10 @@ class EngineConfig:
     runner: str = "auto"  # "generate" | "pooling"; auto: from the architecture
     convert: str = "auto"  # run a causal LM as a pooling model: "embed", "classify" or "reward"
     pooler_config: PoolerConfig | dict[str, Any] | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_timeout_s: float = 60.0  # a collective waiting longer than this means a worker is gone
 
     # Resolved in __post_init__.
     model_path: str = field(init=False)
@@ -132,6 +136,12 @@ class EngineConfig:
         if self.max_model_len is None and "max_seq_length" in st:
             self._set("max_model_len", st["max_seq_length"])
 
+    def init_kwargs(self) -> dict[str, Any]:
+        """Arguments that rebuild this config in another process (which reads the model itself)."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        kwargs["model"] = self.model_path
+        return kwargs
+
     @property
     def text_config(self) -> PretrainedConfig:
         return self.hf_config.get_text_config()
@@ -148,7 +158,8 @@ class EngineConfig:
             raise ValueError(f"convert={self.convert!r} is not one of {CONVERTS}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
+                     "pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec
 from pagedformers.config import EngineConfig
+from pagedformers.loading.weights import materialize
 
 # Checkpoint entries that are derived at init, never loaded.
 _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
@@ -32,11 +33,18 @@ class TransformersBase(nn.Module):
         self.hf_config = config.hf_config
         self.hf_config._attn_implementation = ATTN_IMPLEMENTATION
         self.text_config.use_cache = False
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModel.from_config(
-                self.hf_config, dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
-            )
+        self.model = self.create_model()
         self.model.eval()
+        # Set by the pipeline plan: checkpoint prefixes this rank does not hold (other stages),
+        # and the hidden states a later stage receives for its first layer.
+        self.skipped_prefixes: tuple[str, ...] = ()
+        self.pp_stage_input: torch.Tensor | None = None
+
+    def create_model(self) -> nn.Module:
+        """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""
+        with init_empty_weights(include_buffers=False):
+            return AutoModel.from_config(self.hf_config, dtype=self.config.torch_dtype,
+                                         trust_remote_code=self.config.trust_remote_code)
 
     @property
     def text_config(self) -> PretrainedConfig:
@@ -61,6 +69,8 @@ class TransformersBase(nn.Module):
         loaded, unexpected = set(), []
         for ckpt_name, tensor in weights:
             name = _rename(ckpt_name, name_map, targets)
+            if name.startswith(self.skipped_prefixes) and self.skipped_prefixes:
+                continue
             if name in targets:
                 self._set_tensor(name, tensor, targets[name])
                 loaded.add(name)
@@ -80,6 +90,8 @@ class TransformersBase(nn.Module):
         """Subclasses with an LM head tie it to the input embeddings here."""
 
     def _set_tensor(self, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
+        loader = getattr(current, "shard_loader", None)  # tensor-parallel shards read only their slice
+        tensor = loader(tensor) if loader is not None else materialize(tensor)
         if tensor.shape != current.shape:
             raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
         module_name, _, attr = name.rpartition(".")

@@ -1,22 +1,32 @@
-"""TransformersForCausalLM: the shell plus an LM head."""
+"""TransformersForCausalLM: the shell plus the checkpoint's own LM head.
+
+The HF *ForCausalLM is built once on meta and taken apart: its base model becomes the trunk
+(`self.model`) and the child holding its output embeddings becomes `self.lm_head` (a plain
+linear for most families, an MLP head for BERT-style decoders). What its forward does to the
+logits after the head (Cohere's and Granite's scaling, Gemma's final soft-capping) is redone in
+`compute_logits`. Its other children (e.g. multi-token-prediction modules) are not run, and
+their checkpoint entries are skipped.
+"""
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from pagedformers.adapter.base import TransformersBase
+from pagedformers.adapter.conversion import convert_checkpoint
+from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
 
 
 class TransformersForCausalLM(TransformersBase):
     def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
+        super().__init__(config)  # calls create_model, which sets the head
         text_config = self.text_config
-        hidden_size = self.model.get_input_embeddings().embedding_dim
-        with init_empty_weights(include_buffers=False):
-            self.lm_head = nn.Linear(hidden_size, text_config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(self.hf_config, "tie_word_embeddings", False)
                                         or getattr(text_config, "tie_word_embeddings", False))
         # Head-side logit transforms of some families (Cohere, Granite, Gemma 2/3).
@@ -24,9 +34,47 @@ class TransformersForCausalLM(TransformersBase):
         self.logits_scaling = float(getattr(text_config, "logits_scaling", None) or 1.0)
         self.final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
 
+    def create_model(self) -> nn.Module:
+        lm = self.meta_causal_lm()
+        base_name, head_name, unused = _split_causal_lm(lm)
+        self.lm_head = getattr(lm, head_name)
+        # Plain attributes, not submodules: names as the checkpoint has them -> ours.
+        self.__dict__["_name_map"] = {f"{head_name}.": "lm_head.", f"{base_name}.": "model."}
+        self.__dict__["_unused_prefixes"] = tuple(f"{name}." for name in unused)
+        tied = getattr(lm, "all_tied_weights_keys", None) or {}
+        self.__dict__["_tied"] = {self._ours(t): self._ours(s) for t, s in tied.items()}
+        base = getattr(lm, base_name)
+        take_over_query_temperature(base)
+        return base
+
+    def meta_causal_lm(self) -> nn.Module:
+        """The checkpoint's own *ForCausalLM, on meta (built once; its trunk and head are ours)."""
+        if "_meta_lm" not in self.__dict__:
+            with init_empty_weights(include_buffers=False):
+                self.__dict__["_meta_lm"] = AutoModelForCausalLM.from_config(
+                    self.hf_config, dtype=self.config.torch_dtype, trust_remote_code=self.config.trust_remote_code)
+        return self.__dict__["_meta_lm"]
+
+    def checkpoint_name_map(self, meta_causal_lm: nn.Module) -> dict[str, str]:
+        """Checkpoint prefixes (as the HF *ForCausalLM names them) -> ours (`model.`, `lm_head.`)."""
+        return dict(self._name_map)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
+        converted = convert_checkpoint(weights, self.meta_causal_lm())
+        super().load_weights(((n, t) for n, t in converted if not n.startswith(self._unused_prefixes)), name_map)
+
     def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.get_input_embeddings().weight
+        """Tie as the HF model does (`_tied_weights_keys`), towards whichever side the checkpoint held."""
+        if not self.tie_word_embeddings:
+            return
+        for target, source in self._tied.items():
+            t, s = self._find(target), self._find(source)
+            if t is None or s is None:  # e.g. a pipeline stage without the head or without the embedding
+                continue
+            if t[2].is_meta and not s[2].is_meta:
+                t[0]._parameters[t[1]] = s[2]
+            elif s[2].is_meta and not t[2].is_meta:
+                s[0]._parameters[s[1]] = t[2]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, hidden] -> float32 logits [N, vocab]."""
@@ -39,8 +87,35 @@ class TransformersForCausalLM(TransformersBase):
             logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         return logits
 
-    def checkpoint_name_map(self, meta_causal_lm: nn.Module) -> dict[str, str]:
-        """Checkpoint prefixes (as the HF *ForCausalLM names them) -> ours (`model.`, `lm_head.`)."""
-        head = meta_causal_lm.get_output_embeddings()
-        head_name = next(name for name, module in meta_causal_lm.named_modules() if module is head)
-        return {f"{head_name}.": "lm_head.", f"{meta_causal_lm.base_model_prefix}.": "model."}
+    def _ours(self, hf_name: str) -> str:
+        return next((dst + hf_name[len(src):] for src, dst in self._name_map.items() if hf_name.startswith(src)),
+                    hf_name)
+
+    def _find(self, name: str) -> tuple[nn.Module, str, nn.Parameter] | None:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            return None
+        param = module._parameters.get(attr)
+        return None if param is None else (module, attr, param)
+
+
+def _split_causal_lm(lm: nn.Module) -> tuple[str, str, list[str]]:
+    """(base model child, head child, other children) of a *ForCausalLM."""
+    children = dict(lm.named_children())
+    base = getattr(lm, "base_model", lm)
+    if base is lm and hasattr(lm, "get_input_embeddings"):  # base_model_prefix names no child (Llama 4 text)
+        embedding = lm.get_input_embeddings()
+        base = next((c for c in children.values() if any(m is embedding for m in c.modules())), lm)
+    base_name = next((name for name, child in children.items() if child is base), None)
+    out = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    head_name = next((name for name, child in children.items()
+                      if child is not base and out is not None and any(m is out for m in child.modules())), None)
+    if base_name is None or head_name is None:
+        raise ValueError(
+            f"{type(lm).__name__} does not split into a base model and an LM head (children: {sorted(children)}; "
+            f"base_model_prefix={getattr(lm, 'base_model_prefix', None)!r}): the transformers shell needs "
+            "`base_model_prefix` to name its base model and `get_output_embeddings()` to return its head."
+        )
+    return base_name, head_name, [n for n in children if n not in (base_name, head_name)]

@@ -6,6 +6,11 @@
 
 Rules 1 and 2 are checked by a dry run of the base model on the meta device: no weights,
 no memory, just shapes, with our attention function recording which layers called it.
+
+Beyond the rules, every decoder layer must be softmax attention over its past tokens: the paged
+KV cache holds keys and values, not the state of Mamba/SSM, recurrent, convolutional or
+linear-attention layers, nor the key caches of sparse-attention indexers. Hybrids are refused
+from their config, before the dry run (which often cannot even run their kernels on meta).
 """
 
 from __future__ import annotations
@@ -26,42 +31,53 @@ RULE_FLAG = "rule 3 (set `_supports_attention_backend = True` on the base model)
 
 DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 
+# Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
+ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
+_LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
+
 
 @dataclass
 class CompatReport:
     model_name: str
     broken: list[str] = field(default_factory=list)  # one sentence per broken rule, naming it
+    unsupported: list[str] = field(default_factory=list)  # what the shell cannot run, whatever the code does
     warnings: list[str] = field(default_factory=list)  # rules broken in ways our runtime tolerates
     is_encoder_only: bool = False
     dry_run_error: str | None = None  # the dry run could not finish: rules 1-2 are checked later
 
     def raise_if_broken(self) -> None:
-        if self.broken:
-            rules = "\n".join(f"  - {b}" for b in self.broken)
-            raise ValueError(f"{self.model_name} is not compatible with the transformers shell:\n{rules}\n"
-                             f"See {DOCS} for how to write a compatible model.")
+        if self.broken or self.unsupported:
+            reasons = "\n".join(f"  - {b}" for b in self.unsupported + self.broken)
+            advice = f"See {DOCS} for how to write a compatible model." if self.broken else \
+                "Such a model needs a native implementation (model_impl='native')."
+            raise ValueError(f"{self.model_name} is not compatible with the transformers shell:\n{reasons}\n{advice}")
 
 
 def is_backend_compatible(model_cls: type, hf_config: PretrainedConfig, trust_remote_code: bool) -> CompatReport:
     report = CompatReport(model_cls.__name__)
     if not getattr(model_cls, "_supports_attention_backend", False):
         report.broken.append(f"{RULE_FLAG}: {model_cls.__name__} does not set it.")
+    report.unsupported.extend(non_attention_layers(hf_config))
+    if report.unsupported:
+        return report
     try:
         ctx = _meta_dry_run(hf_config, trust_remote_code)
     except Exception as e:  # data-dependent code cannot run on meta; the real probe checks again
         report.dry_run_error = f"{type(e).__name__}: {e}"
         return report
     expected = _num_attention_layers(hf_config)
-    called = set(ctx.kv_specs)
-    if not called:
+    calls = set(ctx.kv_specs)
+    layers = {ctx.layer_ids.get(c, c) for c in calls}  # a module may attend more than once per pass
+    if not calls:
         report.broken.append(f"{RULE_INTERFACE}: no layer called the registered attention function; "
                              "the model computes attention by hand.")
-    elif expected is not None and len(called) < expected:
-        missing = sorted(set(range(expected)) - called)
+    elif expected is not None and len(calls) < expected:
+        missing = sorted(set(range(expected)) - layers)
         report.broken.append(f"{RULE_INTERFACE}: layers {missing} compute attention by hand.")
-    if called and ctx.kwargs_seen != called:
+    if calls and ctx.kwargs_seen != calls:
         # Our metadata travels in a context variable, not in kwargs, so this costs nothing here.
-        report.warnings.append(f"{RULE_KWARGS}: layers {sorted(called - ctx.kwargs_seen)} drop **kwargs on the "
+        dropping = sorted({ctx.layer_ids.get(c, c) for c in calls - ctx.kwargs_seen})
+        report.warnings.append(f"{RULE_KWARGS}: layers {dropping} drop **kwargs on the "
                                "way to attention. pagedformers still runs it; other runtimes may not.")
     report.is_encoder_only = bool(ctx.causal_layers) and not any(ctx.causal_layers.values())
     return report
@@ -83,9 +99,30 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
     return ctx
 
 
+def non_attention_layers(hf_config: PretrainedConfig) -> list[str]:
+    """One sentence per kind of decoder layer that is not softmax attention (from `layer_types` & co.)."""
+    text_config = hf_config.get_text_config()
+    for key in _LAYER_KIND_KEYS:
+        kinds = getattr(text_config, key, None)
+        if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
+            continue
+        others: dict[str, list[int]] = {}
+        for i, kind in enumerate(kinds):
+            if kind not in ATTENTION_LAYER_TYPES:
+                others.setdefault(kind, []).append(i)
+        return [f"layers {_spans(idx)} are {kind!r} layers ({key}), not softmax attention: the paged KV cache "
+                "holds only attention keys and values, so state-space, recurrent, convolutional, linear- and "
+                "sparse-indexed-attention layers cannot run in the transformers shell" for kind, idx in others.items()]
+    return []
+
+
+def _spans(indices: list[int]) -> str:
+    return str(indices) if len(indices) <= 8 else f"[{indices[0]}, {indices[1]}, ..., {indices[-1]}] ({len(indices)})"
+
+
 def _num_attention_layers(hf_config: PretrainedConfig) -> int | None:
     text_config = hf_config.get_text_config()
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
-        return sum(1 for t in layer_types if "attention" in t)
+        return sum(1 for t in layer_types if t in ATTENTION_LAYER_TYPES)
     return getattr(text_config, "num_hidden_layers", None)

@@ -19,12 +19,25 @@ from pagedformers.attention.metadata import AttentionMetadata
 
 @dataclass
 class ForwardContext:
+    """Caches and probe results are keyed by attention call: the n-th call of a forward pass is layer n.
+
+    NOTE: not by `module.layer_idx`: a module may run several times per pass (HRM's recurrent
+    cycles), each time with its own K/V, and some attention modules have no layer_idx at all.
+    """
+
     metadata: AttentionMetadata
-    # layer_idx -> (k_cache, v_cache); None for a probe run, which fills kv_specs instead.
+    # call index -> (k_cache, v_cache); None for a probe run, which fills kv_specs instead.
     kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
     kv_specs: dict[int, LayerKVSpec] = field(default_factory=dict)
-    causal_layers: dict[int, bool] = field(default_factory=dict)  # probe: layer_idx -> module.is_causal
-    kwargs_seen: set[int] = field(default_factory=set)  # probe: layers that received PROBE_KWARG
+    causal_layers: dict[int, bool] = field(default_factory=dict)  # probe: call index -> module.is_causal
+    kwargs_seen: set[int] = field(default_factory=set)  # probe: calls that received PROBE_KWARG
+    layer_ids: dict[int, int | None] = field(default_factory=dict)  # probe: call index -> module.layer_idx
+    num_calls: int = 0
+    positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
+
+    def next_call(self) -> int:
+        self.num_calls += 1
+        return self.num_calls - 1
 
 
 # Passed to the base model in a probe run; it reaches our attention function only if every

@@ -16,6 +16,7 @@ from pagedformers.attention.kv_cache import LayerKVSpec, write_kv
 from pagedformers.attention.torch_backend import paged_attention
 
 ATTN_IMPLEMENTATION = "pagedformers"
+QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 
 
 def paged_attention_forward(
@@ -32,23 +33,67 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
-    layer_idx = module.layer_idx
+    layer = ctx.next_call()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     causal = getattr(module, "is_causal", True)
     if ctx.kv_caches is None:  # probe run: learn this layer's KV shape, attend within the step
-        ctx.kv_specs[layer_idx] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
-        ctx.causal_layers[layer_idx] = bool(causal)
+        ctx.kv_specs[layer] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
+        ctx.causal_layers[layer] = bool(causal)
+        ctx.layer_ids[layer] = getattr(module, "layer_idx", None)
         if kwargs.get(PROBE_KWARG):
-            ctx.kwargs_seen.add(layer_idx)
+            ctx.kwargs_seen.add(layer)
         k_cache, v_cache = k[None], v[None]
     else:
-        k_cache, v_cache = ctx.kv_caches[layer_idx]
+        k_cache, v_cache = ctx.kv_caches[layer]
         if causal:  # encoder-only models attend within the step and keep nothing
             write_kv(k_cache, v_cache, k, v, ctx.metadata.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if QUERY_TEMPERATURE in module.__dict__:
+        q = _apply_query_temperature(q, module.__dict__[QUERY_TEMPERATURE], ctx.positions)
     out = paged_attention(q, k, v, k_cache, v_cache, ctx.metadata, scale, causal=causal,
-                          window=sliding_window or None, softcap=softcap or None, sinks=s_aux)
+                          window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
+                          chunk=_attention_chunk(module))
     return out[None], None  # [1, T, H, Dv], like sdpa_attention_forward
+
+
+def _attention_chunk(module: nn.Module) -> int | None:
+    """Chunked-attention layers (Llama 4) pass no kwarg: transformers builds their mask from the config."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if not layer_types or layer_idx is None or layer_types[layer_idx] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
+def take_over_query_temperature(model: nn.Module) -> None:
+    """Llama 4's NoPE layers scale their queries by log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1,
+    with positions counted from transformers' own cache, which the shell does not pass: the layer would
+    see the flat batch's row numbers. Switch that off in the module and apply it here, from real positions."""
+    taken = False
+    for module in model.modules():
+        if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
+            module.attn_temperature_tuning = False
+            module.__dict__[QUERY_TEMPERATURE] = (float(module.floor_scale), float(module.attn_scale))
+            taken = True
+    if taken:
+        model.register_forward_pre_hook(_record_positions, with_kwargs=True)
+
+
+def _record_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The trunk is called with position_ids [1, T]: keep them in the forward context for the layers."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        get_forward_context().positions = position_ids[0]
+
+
+def _apply_query_temperature(q: torch.Tensor, temperature: tuple[float, float],
+                             positions: torch.Tensor | None) -> torch.Tensor:
+    if positions is None:
+        raise RuntimeError("this model's attention depends on token positions: call it with position_ids")
+    floor_scale, attn_scale = temperature
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (q * scales[:, None, None]).to(q.dtype)  # q: [T, H, D]
 
 
 def register() -> None:

@@ -37,27 +37,33 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.slot_mapping.shape[0]
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B_d, 1, 1, L] bool: key j is visible to the decode query of its row."""
-        key = ("decode", window)
+    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """[B_d, 1, 1, L] bool: key j is visible to the decode query of its row.
+
+        A window w keeps the last w positions, the query's own included (transformers'
+        sliding_window_overlay); a chunk c keeps the query's own block of c positions (Llama 4)."""
+        key = ("decode", window, chunk)
         if key not in self._masks:
             seq_lens = self.decode_seq_lens[:, None]
             k_pos = torch.arange(self.decode_slots.shape[1], device=seq_lens.device)[None, :]
             visible = k_pos < seq_lens
             if window is not None:
                 visible &= k_pos > seq_lens - 1 - window
+            if chunk is not None:
+                visible &= k_pos // chunk == (seq_lens - 1) // chunk
             self._masks[key] = visible[:, None, None, :]
         return self._masks[key]
 
-    def prefill_mask(self, index: int, window: int | None, causal: bool) -> torch.Tensor | None:
+    def prefill_mask(self, index: int, window: int | None, causal: bool,
+                     chunk: int | None = None) -> torch.Tensor | None:
         """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal (or no mask) is exact.
 
         A window w keeps keys less than w positions away: behind only for causal layers,
         on both sides for bidirectional ones (ModernBERT's local attention)."""
         span = self.prefills[index]
-        if window is None and (not causal or span.num_cached == 0):
+        if window is None and chunk is None and (not causal or span.num_cached == 0):
             return None
-        key = ("prefill", index, window, causal)
+        key = ("prefill", index, window, causal, chunk)
         if key not in self._masks:
             device = self.slot_mapping.device
             q_pos = torch.arange(span.num_cached, span.num_cached + span.q_len, device=device)[:, None]
@@ -66,5 +72,7 @@ class AttentionMetadata:
             visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
             if window is not None:
                 visible &= distance.abs() < window
+            if chunk is not None:
+                visible &= k_pos // chunk == q_pos // chunk
             self._masks[key] = visible[None, None]
         return self._masks[key]

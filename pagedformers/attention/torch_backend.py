@@ -27,6 +27,7 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,  # [H] per-head sink logits
+    chunk: int | None = None,  # chunked attention (Llama 4): keys in the query's own chunk only
 ) -> torch.Tensor:  # [T, H, Dv]
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
@@ -34,7 +35,7 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         k, v = k_flat[meta.decode_slots], v_flat[meta.decode_slots]  # [B_d, L, H_kv, D]
-        out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_mask(window), scale, softcap, sinks)
+        out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_mask(window, chunk), scale, softcap, sinks)
     for i, span in enumerate(meta.prefills):
         s, e = span.q_start, span.q_end
         q = query[s:e].transpose(0, 1)[None]  # [1, H, n, D]
@@ -43,7 +44,7 @@ def paged_attention(
         else:
             k, v = k_flat[span.kv_slots], v_flat[span.kv_slots]
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H_kv, kv_len, D]
-        mask = meta.prefill_mask(i, window, causal)
+        mask = meta.prefill_mask(i, window, causal, chunk)
         out[s:e] = attend(q, k, v, mask, scale, causal and mask is None, softcap, sinks)[0].transpose(0, 1)
     return out
 

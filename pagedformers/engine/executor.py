@@ -35,6 +35,18 @@ class Executor(ABC):
         """Release workers (nothing to do in-process)."""
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker process is gone or a collective failed: the engine cannot continue."""
+
+
+def create_executor(config: EngineConfig) -> Executor:
+    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+        return InProcessExecutor(config)
+    from pagedformers.engine.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(config)
+
+
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.driver_worker = Worker(config)

@@ -8,7 +8,7 @@ import traceback
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.detokenizer import Detokenizer
-from pagedformers.engine.executor import Executor, InProcessExecutor
+from pagedformers.engine.executor import Executor, WorkerDiedError, create_executor
 from pagedformers.engine.kv_cache_manager import KVCacheManager
 from pagedformers.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedformers.engine.request import Request
@@ -35,7 +35,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
-        self.executor = executor or InProcessExecutor(config)
+        self.executor = executor or create_executor(config)
         self.runner = ModelRunner(config, self.executor)
         self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -139,6 +139,8 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         try:
             return self.runner.execute(out)
+        except WorkerDiedError:
+            raise  # not a request's fault: nothing to isolate
         except Exception as batch_error:
             if len(out.scheduled) == 1:
                 self._fail(out.scheduled[0].request, batch_error)
@@ -153,6 +155,8 @@ class LLMEngine:
                 result.sampled.update(one.sampled)
                 result.prompt_logprobs.update(one.prompt_logprobs)
                 result.pooled.update(one.pooled)
+            except WorkerDiedError:
+                raise
             except Exception as e:
                 self._fail(s.request, e)
                 out.scheduled.remove(s)
@@ -218,7 +222,8 @@ class LLMEngine:
         outputs = [
             CompletionOutput(
                 index=i, text=c.text if c.params.stop else self.detokenizer.decode(c),
-                token_ids=c.output_token_ids, cumulative_logprob=c.cumulative_logprob, logprobs=c.logprobs,
+                token_ids=c.output_token_ids, cumulative_logprob=c.cumulative_logprob,
+                logprobs=list(c.logprobs) if c.logprobs is not None else None,  # a snapshot: later steps append
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             )
             for i, c in enumerate(parent.children)

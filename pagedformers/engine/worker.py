@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pagedformers.adapter.resolve import resolve_model_cls
@@ -14,6 +15,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan, prepare_inputs
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
+from pagedformers.parallel_plans import SINGLE, ParallelState, apply_parallel_plans
 
 logger = init_logger(__name__)
 
@@ -26,9 +28,10 @@ class WorkerOutput:
     logits: torch.Tensor | None  # [len(plan.logit_rows), vocab] float32
 
 
-def build_model(config: EngineConfig) -> nn.Module:
-    """Resolve the implementation, build it on meta, load its weights."""
+def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Module:
+    """Resolve the implementation, build it on meta, split it for this rank, load its weights."""
     model = resolve_model_cls(config)(config)
+    apply_parallel_plans(model, state)
     meta_lm = model.meta_causal_lm()
     weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
     model.load_weights(weights, model.checkpoint_name_map(meta_lm))
@@ -36,10 +39,11 @@ def build_model(config: EngineConfig) -> nn.Module:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, state: ParallelState = SINGLE) -> None:
         self.config = config
+        self.state = state
         torch.manual_seed(config.seed)
-        self.model = build_model(config)
+        self.model = build_model(config, state)
         self.kv_specs = self.model.probe_kv_specs()
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
 
@@ -51,12 +55,38 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> WorkerOutput:
+        """Run this rank's part of the step. With pipeline stages, hidden states go stage to stage and
+        the last stage's logits come back to rank 0 (the driver), which returns them."""
         step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
         extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
-        with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-            hidden = self.model(step.input_ids, step.positions, **extra)
-        logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows else None
+        if not self.state.is_first_stage:
+            self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.text_config.hidden_size),
+                                                   self.config.torch_dtype, self.state.prev_rank)
+        try:
+            with forward_context(ForwardContext(step.metadata, self.kv_caches)):
+                hidden = self.model(step.input_ids, step.positions, **extra)
+        finally:
+            self.model.pp_stage_input = None
+        if not self.state.is_last_stage:
+            dist.send(hidden.float().contiguous(), self.state.next_rank)  # float32 on the wire: gloo-safe
+            hidden = None
+        logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows and hidden is not None else None
+        if self.state.pp_size > 1 and plan.logit_rows:
+            logits = self._logits_to_driver(logits, len(plan.logit_rows))
         return WorkerOutput(hidden, logits)
+
+    def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
+        last_stage_head = (self.state.pp_size - 1) * self.state.tp_size
+        if self.state.rank == last_stage_head:
+            dist.send(logits.contiguous(), 0)
+        elif self.state.rank == 0:
+            return self._recv((num_rows, self.config.text_config.vocab_size), torch.float32, last_stage_head)
+        return logits
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=torch.float32, device=self.config.device)
+        dist.recv(buffer, src)
+        return buffer.to(dtype)
 
 
 def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec]) -> int:

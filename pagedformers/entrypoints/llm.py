@@ -39,6 +39,10 @@ class LLM:
         self.llm_engine = LLMEngine(self.config)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor / pipeline parallel); the LLM is unusable afterwards."""
+        self.llm_engine.executor.shutdown()
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.llm_engine.tokenizer
 

@@ -42,12 +42,32 @@ def iterate_weights(path: str, gguf_file: str | None, meta_causal_lm: nn.Module 
         yield from (_iterate_safetensors(file) if kind == "safetensors" else _iterate_bin(file))
 
 
+class LazyTensor:
+    """A safetensors entry not read yet: a tensor-parallel shard reads only its slice (`narrow`)."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._handle, self._name = handle, name
+        self.shape = tuple(handle.get_slice(name).get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._handle.get_slice(self._name)[tuple(index)]
+
+    def read(self) -> torch.Tensor:
+        return self._handle.get_tensor(self._name)
+
+
+def materialize(tensor: "torch.Tensor | LazyTensor") -> torch.Tensor:
+    return tensor.read() if isinstance(tensor, LazyTensor) else tensor
+
+
 def _iterate_safetensors(file: str) -> WeightStream:
     from safetensors import safe_open
 
     with safe_open(file, framework="pt") as f:
         for name in f.keys():
-            yield name, f.get_tensor(name)
+            yield name, LazyTensor(f, name)
 
 
 def _iterate_bin(file: str) -> WeightStream:

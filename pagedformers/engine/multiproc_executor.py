@@ -1,0 +1,142 @@
+"""Tensor x pipeline parallel execution over torch.distributed (gloo on CPU, NCCL on CUDA).
+
+The driver process is rank 0; ranks 1.. are spawned (not forked: torch has started
+threads by then). Each step, rank 0 broadcasts the step plan; every rank runs its part;
+the logits come back to rank 0. Collectives carry a timeout, and the driver checks its
+workers are alive before each step, so a dead worker surfaces as WorkerDiedError, not a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import cloudpickle
+import torch.distributed as dist
+from torch import nn
+
+from pagedformers.config import EngineConfig
+from pagedformers.engine.executor import Executor, WorkerDiedError
+from pagedformers.engine.inputs import StepPlan
+from pagedformers.engine.worker import Worker, WorkerOutput
+from pagedformers.logger import init_logger
+from pagedformers.parallel_plans import check_parallel_config, create_parallel_state
+
+logger = init_logger(__name__)
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.world_size = config.tensor_parallel_size * config.pipeline_parallel_size
+        check_parallel_config(config.text_config, config.tensor_parallel_size, config.pipeline_parallel_size,
+                              config.runner)
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        # Workers rebuild the config from its arguments: remote-code config classes do not unpickle
+        # in a fresh process, and hf_overrides may be a lambda (hence cloudpickle).
+        blob = cloudpickle.dumps(config.init_kwargs())
+        self.procs = [ctx.Process(target=_worker_main, args=(blob, rank, self.world_size, init_method),
+                                  name=f"pagedformers-rank{rank}", daemon=True)
+                      for rank in range(1, self.world_size)]
+        for p in self.procs:
+            p.start()
+        try:
+            self.driver_worker = _init_rank(config, 0, self.world_size, init_method)
+        except Exception:
+            self.shutdown(graceful=False)
+            raise
+        self.num_blocks = self.driver_worker.num_blocks
+
+    def execute(self, plan: StepPlan) -> WorkerOutput:
+        def run() -> WorkerOutput:
+            self._broadcast(("execute", plan))
+            return self.driver_worker.execute(plan)
+        return self._collective(run)
+
+    def apply_model(self, fn: Callable[[nn.Module], Any]) -> list[Any]:
+        def run() -> list[Any]:
+            self._broadcast(("apply", cloudpickle.dumps(fn)))
+            results = [None] * self.world_size
+            dist.gather_object(fn(self.driver_worker.model), results, dst=0)
+            return results
+        return self._collective(run)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        if dist.is_initialized():
+            try:
+                if graceful and all(p.is_alive() for p in self.procs):
+                    self._broadcast(("shutdown", None))
+            except RuntimeError:
+                pass  # a worker is already gone: the kill below cleans up
+            finally:
+                dist.destroy_process_group()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+    def _broadcast(self, message: tuple[str, Any]) -> None:
+        dist.broadcast_object_list([message], src=0)
+
+    def _collective(self, fn: Callable[[], Any]) -> Any:
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead:
+            raise WorkerDiedError(f"Worker {dead[0].name} exited (code {dead[0].exitcode}); the engine must be "
+                                  "restarted.")
+        try:
+            return fn()
+        except RuntimeError as e:  # gloo: peer closed the connection, or the collective timed out
+            raise WorkerDiedError(f"A collective with the workers failed ({e}); a worker died or hung.") from e
+
+
+def _init_rank(config: EngineConfig, rank: int, world_size: int, init_method: str) -> Worker:
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=config.distributed_timeout_s))
+    state = create_parallel_state(config.tensor_parallel_size, config.pipeline_parallel_size)
+    worker = Worker(config, state)
+    num_blocks = _min_over_ranks(worker.num_blocks)  # every rank's block tables index the same blocks
+    worker.allocate_kv_cache(num_blocks)
+    return worker
+
+
+def _min_over_ranks(value: int) -> int:
+    import torch
+
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: str) -> None:
+    try:
+        config = EngineConfig.from_kwargs(**cloudpickle.loads(config_blob))
+        worker = _init_rank(config, rank, world_size, init_method)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0)
+            kind, payload = message[0]
+            if kind == "shutdown":
+                break
+            if kind == "execute":
+                worker.execute(payload)
+            elif kind == "apply":
+                dist.gather_object(cloudpickle.loads(payload)(worker.model), None, dst=0)
+    except Exception:
+        traceback.print_exc()
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
