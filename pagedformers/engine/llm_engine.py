@@ -13,6 +13,7 @@ from pagedformers.engine.kv_cache_manager import KVCacheManager
 from pagedformers.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedformers.engine.request import Request
 from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
+from pagedformers.engine.validation import check_request
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
 from pagedformers.logger import init_logger
 from pagedformers.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -48,34 +49,7 @@ class LLMEngine:
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                          name: str = "The prompt") -> None:
         """Raise ValueError if the request can never run; called before any model work."""
-        n, limit = len(prompt_token_ids), self.config.max_model_len
-        pooling = isinstance(params, PoolingParams)
-        if pooling != (self.config.runner == "pooling"):
-            raise ValueError(
-                "This model runs with runner='pooling': use embed / classify / score / encode, not generate."
-                if not pooling else
-                "This model runs with runner='generate': pooling needs runner='pooling' (or convert='embed').")
-        if n == 0:
-            raise ValueError(f"{name} is empty: it needs at least one token")
-        if pooling and n > limit:
-            raise ValueError(f"{name} has {n} tokens, longer than max_model_len={limit} "
-                             "(set PoolingParams.truncate_prompt_tokens to keep only the last ones)")
-        if not pooling and n >= limit:
-            raise ValueError(f"{name} has {n} tokens, which leaves no room to generate within max_model_len={limit}")
-        vocab = self.config.text_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        if pooling:
-            return
-        worst_case = min(n + (params.max_tokens or limit), limit)
-        blocks = self.kv_manager.num_blocks_for(worst_case)
-        if blocks > self.kv_manager.num_blocks:
-            raise ValueError(
-                f"{name} can never fit the KV cache: {worst_case} tokens (prompt + max_tokens) need {blocks} blocks "
-                f"of {self.config.block_size} tokens, the cache has {self.kv_manager.num_blocks}. Lower max_tokens "
-                "or give the cache more memory (kv_cache_memory_bytes)."
-            )
+        check_request(self.config, self.kv_manager.num_blocks, prompt_token_ids, params, name)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:

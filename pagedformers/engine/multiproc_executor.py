@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import cloudpickle
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -36,6 +37,8 @@ class MultiprocExecutor(Executor):
         self.world_size = config.tensor_parallel_size * config.pipeline_parallel_size
         check_parallel_config(config.text_config, config.tensor_parallel_size, config.pipeline_parallel_size,
                               config.runner)
+        # Ranks share the machine's cores (the driver, rank 0, included).
+        torch.set_num_threads(_threads_per_rank(self.world_size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         # Workers rebuild the config from its arguments: remote-code config classes do not unpickle
@@ -107,14 +110,13 @@ def _init_rank(config: EngineConfig, rank: int, world_size: int, init_method: st
 
 
 def _min_over_ranks(value: int) -> int:
-    import torch
-
     t = torch.tensor([value])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
 
 
 def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: str) -> None:
+    torch.set_num_threads(_threads_per_rank(world_size))
     try:
         config = EngineConfig.from_kwargs(**cloudpickle.loads(config_blob))
         worker = _init_rank(config, rank, world_size, init_method)
@@ -134,6 +136,10 @@ def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: st
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _threads_per_rank(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 def _free_port() -> int:

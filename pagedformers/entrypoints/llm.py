@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from functools import partial
 from typing import Any, Callable, Sequence, TypeVar, Union
 
 import torch
@@ -15,6 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.llm_engine import LLMEngine
+from pagedformers.engine.validation import check_request
+from pagedformers.entrypoints.data_parallel import DataParallelReplicas
+from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
                                   ScoringRequestOutput)
@@ -36,19 +38,35 @@ class LLM:
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **kwargs)
-        self.llm_engine = LLMEngine(self.config)
         self._ids = itertools.count()
+        self._replicas: DataParallelReplicas | None = None
+        if self.config.data_parallel_size > 1:
+            self._replicas = DataParallelReplicas(self.config.init_kwargs(), self.config.data_parallel_size)
+            self._tokenizer = load_tokenizer(self.config)
+            self.llm_engine = None
+        else:
+            self.llm_engine = LLMEngine(self.config)
+            self._tokenizer = self.llm_engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stop worker processes (tensor / pipeline parallel); the LLM is unusable afterwards."""
-        self.llm_engine.executor.shutdown()
+        """Stop worker and replica processes; the LLM is unusable afterwards."""
+        if self._replicas is not None:
+            self._replicas.shutdown()
+        else:
+            self.llm_engine.executor.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.llm_engine.tokenizer
+        return self._tokenizer
 
     def apply_model(self, func: Callable[[nn.Module], R]) -> list[R]:
-        """Run func on the model of every worker and return the results, one per worker."""
+        """Run func on the model of every worker (of every replica) and return the results, one per worker."""
+        if self._replicas is not None:
+            return self._replicas.apply_model(func)
         return self.llm_engine.executor.apply_model(func)
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, name: str) -> None:
+        num_blocks = self._replicas.num_blocks if self._replicas else self.llm_engine.kv_manager.num_blocks
+        check_request(self.config, num_blocks, prompt_token_ids, params, name)
 
     def generate(
         self,
@@ -60,10 +78,8 @@ class LLM:
         params = _per_prompt(sampling_params, len(prompts), SamplingParams)
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
         for i, (ids, _) in enumerate(encoded):  # every request is checked before any model work
-            self.llm_engine.validate_request(ids, params[i], f"Prompt {i}")
-        engine = self.llm_engine
-        return self._run([partial(engine.add_request, prompt_token_ids=ids, params=p, prompt=text)
-                          for (ids, text), p in zip(encoded, params)], use_tqdm)
+            self._validate(ids, params[i], f"Prompt {i}")
+        return self._run([("generate", ids, p, text) for (ids, text), p in zip(encoded, params)], use_tqdm)
 
     def chat(
         self,
@@ -115,10 +131,8 @@ class LLM:
         types = [p.get("token_type_ids") if isinstance(p, dict) else None for p in prompts]
         for i, ((ids, _), p) in enumerate(zip(encoded, params)):
             kept = ids[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else ids
-            self.llm_engine.validate_request(kept, p, f"Prompt {i}")
-        engine = self.llm_engine
-        return self._run([partial(engine.add_pooling_request, prompt_token_ids=ids, params=p, token_type_ids=t)
-                          for (ids, _), p, t in zip(encoded, params, types)], use_tqdm)
+            self._validate(kept, p, f"Prompt {i}")
+        return self._run([("pool", ids, p, t) for (ids, _), p, t in zip(encoded, params, types)], use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -182,12 +196,23 @@ class LLM:
             return ("generate",)
         return HEAD_TASKS[self.config.pooling_head]
 
-    def _run(self, adders: list[Callable[..., None]], use_tqdm: bool) -> list[Any]:
-        """Add every request (each adder takes its request_id), then step the engine until all finish."""
+    def _run(self, items: list[tuple], use_tqdm: bool) -> list[Any]:
+        """Add every request, then step the engine until all finish (or hand them to the replicas).
+
+        An item is ("generate", token_ids, SamplingParams, prompt text) or
+        ("pool", token_ids, PoolingParams, token_type_ids)."""
+        if self._replicas is not None:
+            outs = self._replicas.run(items)
+            for out in outs:  # each replica numbers its own requests
+                out.request_id = str(next(self._ids))
+            return outs
         engine = self.llm_engine
-        ids = [str(next(self._ids)) for _ in adders]
-        for request_id, add in zip(ids, adders):
-            add(request_id=request_id)
+        ids = [str(next(self._ids)) for _ in items]
+        for request_id, (kind, token_ids, params, extra) in zip(ids, items):
+            if kind == "generate":
+                engine.add_request(request_id, token_ids, params, prompt=extra)
+            else:
+                engine.add_pooling_request(request_id, token_ids, params, token_type_ids=extra)
         done: dict[str, Any] = {}
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
             try:

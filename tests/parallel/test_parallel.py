@@ -75,3 +75,18 @@ def test_a_dead_worker_makes_generate_raise_in_bounded_time(models):
         assert time.monotonic() - start < 30
     finally:
         llm.shutdown()
+
+
+def test_data_parallel_replicas_split_the_work_and_agree(models):
+    prompts = PROMPTS * 3
+    expected, _ = _run(models["llama"])
+    llm = LLM(model=str(models["llama"]), data_parallel_size=2, **KW)
+    try:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in expected] * 3
+        assert len({o.request_id for o in outs}) == len(prompts)
+        assert len(llm.apply_model(lambda m: type(m).__name__)) == 2  # one model per replica
+        with pytest.raises(ValueError, match="Prompt 1 is empty"):
+            llm.generate([PROMPTS[0], {"prompt_token_ids": []}], GREEDY)
+    finally:
+        llm.shutdown()
