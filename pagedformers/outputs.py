@@ -31,6 +31,18 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """time.monotonic() stamps of a request's life in the engine."""
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -39,6 +51,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     error: str | None = field(default=None, repr=False)  # set when the request failed inside the engine
+    metrics: RequestMetrics | None = field(default=None, repr=False)
 
 
 @dataclass

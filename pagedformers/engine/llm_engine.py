@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 import traceback
 
 from pagedformers.config import EngineConfig
@@ -16,7 +17,8 @@ from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.engine.validation import check_request
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
 from pagedformers.logger import init_logger
-from pagedformers.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagedformers.outputs import (CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics,
+                                  RequestOutput)
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
@@ -156,6 +158,8 @@ class LLMEngine:
             return  # a prefill chunk that does not reach the end of the prompt
         token, logprob = result.sampled[req.request_id]
         req.all_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         if logprob is not None:
             req.cumulative_logprob += logprob[0]
             req.logprobs.append(self._with_text(logprob[1]))
@@ -203,5 +207,9 @@ class LLMEngine:
             for i, c in enumerate(parent.children)
         ]
         errors = [c.error for c in parent.children if c.error]
+        metrics = RequestMetrics(first.arrival_time, min((c.first_token_time for c in parent.children
+                                                          if c.first_token_time is not None), default=None),
+                                 max(c.finished_time for c in parent.children) if finished else None)
         return RequestOutput(parent_id, parent.prompt, first.prompt_token_ids, outputs, finished,
-                             prompt_logprobs=first.prompt_logprobs, error=errors[0] if errors else None)
+                             prompt_logprobs=first.prompt_logprobs, error=errors[0] if errors else None,
+                             metrics=metrics)

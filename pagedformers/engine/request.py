@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 import torch
 
@@ -30,6 +31,9 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)
         self.max_tokens = max_tokens  # max_tokens capped so that prompt + output <= max_model_len
         self.arrival = arrival
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.status = RequestStatus.WAITING
@@ -70,6 +74,7 @@ class Request:
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED
+        self.finished_time = time.monotonic()
         self.finish_reason = reason
         self.stop_reason = stop_reason
 

@@ -1,0 +1,85 @@
+"""Batch-1 decode step time against the memory-bandwidth floor (every weight read once per step),
+and against HF generate on the same model in the same run.
+
+    python benchmarks/latency.py                     # ~125M Llama, bf16
+    python benchmarks/latency.py --hidden 1024 --layers 12 --heads 16 --kv-heads 4 --intermediate 2816
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.tools.tiny_models import save_tiny_model
+from throughput import memory_bandwidth
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64)
+    return p.parse_args()
+
+
+def ours_step_ms(path: Path, args: argparse.Namespace, prompt: list[int]) -> float:
+    llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
+              kv_cache_memory_bytes=1 << 28)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
+    return (time.perf_counter() - start - prefill) / args.steps * 1e3
+
+
+def hf_step_ms(path: Path, args: argparse.Namespace, prompt: list[int]) -> float:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=args.steps + 1, do_sample=False, pad_token_id=0)
+    return (time.perf_counter() - start - prefill) / args.steps * 1e3
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        save_tiny_model(path, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
+                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                        intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
+                        initializer_range=0.02, dtype=args.dtype)
+        num_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+        prompt = [(13 * i) % (args.vocab - 4) + 4 for i in range(args.prompt_len)]
+        ours, hf = ours_step_ms(path, args, prompt), hf_step_ms(path, args, prompt)
+    weight_bytes = num_params * getattr(torch, args.dtype).itemsize
+    floor = weight_bytes / memory_bandwidth() * 1e3
+    print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
+    print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights)")
+    print(f"pagedformers    {ours:.1f} ms/step = {ours / floor:.2f}x the floor")
+    print(f"HF generate     {hf:.1f} ms/step = {hf / floor:.2f}x the floor; ours is {hf / ours:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
