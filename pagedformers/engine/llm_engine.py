@@ -35,6 +35,9 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        if config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 is served by LLM(...), which runs one engine per replica; "
+                             "a single LLMEngine (and so the server) runs one replica.")
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
