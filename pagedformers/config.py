@@ -120,7 +120,7 @@ class EngineConfig:
         converting = self.convert not in ("auto", "none")
         runner = self.runner
         if runner == "auto":
-            runner = "pooling" if converting or (arch and not arch.endswith(_GENERATE_SUFFIXES)) else "generate"
+            runner = "pooling" if converting or (arch and not _is_generative(arch)) else "generate"
         self._set("runner", runner)
         if runner != "pooling":
             return
@@ -168,6 +168,12 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+
+
+def _is_generative(architecture: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture.endswith(_GENERATE_SUFFIXES) or architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _resolve_device(device: str) -> str:
