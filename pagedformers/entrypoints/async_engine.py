@@ -1,4 +1,5 @@
-"""AsyncLLM: one LLMEngine stepped by one background thread, streaming outputs to asyncio callers.
+"""AsyncLLM: one LLMEngine stepped by one background thread, streaming outputs to asyncio callers
+(`generate` yields a request's outputs as they grow; `encode`, for pooling models, returns its one result).
 
 The engine is not thread-safe, so it has exactly one owner: the engine thread. Callers on
 the event loop never touch it; they queue commands (add, abort) and the thread applies
@@ -21,7 +22,9 @@ from typing import AsyncIterator, Callable
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.metrics import EngineMetrics, RequestStats
 from pagedformers.logger import init_logger
-from pagedformers.outputs import RequestOutput
+from pagedformers.entrypoints.pooling_utils import supported_tasks
+from pagedformers.outputs import PoolingRequestOutput, RequestOutput
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -32,7 +35,7 @@ class EngineError(RuntimeError):
     """The engine could not serve a request: a step failed, or the engine is shut down."""
 
 
-_Item = RequestOutput | BaseException
+_Item = RequestOutput | PoolingRequestOutput | BaseException
 
 
 @dataclass
@@ -58,7 +61,11 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive()
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams,
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return supported_tasks(self.engine.config)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
                          name: str = "The prompt") -> None:
         """Raise ValueError if the request can never run.
 
@@ -78,7 +85,8 @@ class AsyncLLM:
         """
         self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
         stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(prompt_token_ids)))
-        self._submit(partial(self._add, request_id, list(prompt_token_ids), params, prompt, stream))
+        add = partial(self.engine.add_request, request_id, list(prompt_token_ids), params, prompt=prompt)
+        self._submit(partial(self._add, request_id, add, stream))
         finished = False
         try:
             while not finished:
@@ -91,6 +99,36 @@ class AsyncLLM:
         finally:
             if not finished:  # the caller went away (cancelled, closed, client disconnected)
                 self.abort(request_id)
+
+    async def encode(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str,
+                     token_type_ids: list[int] | None = None) -> PoolingRequestOutput:
+        """Queue a pooling request and return its output (with `error` set if it failed in a step).
+        Cancelling the call aborts the request.
+
+        Raises:
+            ValueError: the request can never run (checked before it is queued).
+            EngineError: the engine was shut down, or a step failed.
+        """
+        if params.task is not None and params.task not in self.supported_tasks:
+            raise ValueError(f"This model does not support the pooling task {params.task!r}; "
+                             f"it supports {list(self.supported_tasks)}")
+        k = params.truncate_prompt_tokens
+        kept = prompt_token_ids[-k:] if k else prompt_token_ids  # what the engine will run
+        self.validate_request(kept, params, f"Request {request_id!r}")
+        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(kept)))
+        add = partial(self.engine.add_pooling_request, request_id, list(prompt_token_ids), params,
+                      list(token_type_ids) if token_type_ids is not None else None)
+        self._submit(partial(self._add, request_id, add, stream))
+        item: _Item | None = None
+        try:
+            while item is None or not item.finished:  # NOTE: a prompt pooled over several steps reports each
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item  # the engine thread has already dropped the request
+        except asyncio.CancelledError:  # the caller went away before the engine answered
+            self.abort(request_id)
+            raise
+        return item
 
     def abort(self, request_id: str) -> None:
         """Abort a request and free its KV blocks (on the engine thread, before its next step)."""
@@ -134,10 +172,9 @@ class AsyncLLM:
             self.metrics.on_engine_state(self.engine)
         self._fail_all("The engine was shut down")
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
-             stream: _Stream) -> None:
+    def _add(self, request_id: str, add: Callable[[], None], stream: _Stream) -> None:
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+            add()
         except Exception as e:  # e.g. a request id already in use: this request fails alone
             self._deliver([(stream, e)])
             return

@@ -16,6 +16,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.engine.validation import check_request
 from pagedformers.entrypoints.data_parallel import DataParallelReplicas
+from pagedformers.entrypoints.pooling_utils import cross_encoder_inputs, cross_encoder_score, pair_up, supported_tasks
 from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
@@ -158,12 +159,7 @@ class LLM:
               pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
         """Relevance of each data_2 to data_1 (one to many, or pairwise): a cross-encoder scores each
         pair; an embedding model gives the cosine similarity of the two embeddings."""
-        firsts = [data_1] if isinstance(data_1, str) else list(data_1)
-        seconds = [data_2] if isinstance(data_2, str) else list(data_2)
-        if len(firsts) == 1:
-            firsts = firsts * len(seconds)
-        if len(firsts) != len(seconds):
-            raise ValueError(f"score() pairs data_1 and data_2 one to one: got {len(firsts)} and {len(seconds)}")
+        firsts, seconds = pair_up(data_1, data_2)
         if "score" in self.supported_tasks:
             return self._cross_encode(firsts, seconds, pooling_params or PoolingParams(), use_tqdm)
         if "embed" not in self.supported_tasks:
@@ -176,25 +172,15 @@ class LLM:
 
     def _cross_encode(self, firsts: list[str], seconds: list[str], params: PoolingParams,
                       use_tqdm: bool) -> list[ScoringRequestOutput]:
-        tokenizer = self.get_tokenizer()
-        prompts = []
-        for first, second in zip(firsts, seconds):
-            enc = tokenizer(first, second)
-            prompt = {"prompt_token_ids": enc["input_ids"]}
-            if "token_type_ids" in enc:
-                prompt["token_type_ids"] = enc["token_type_ids"]
-            prompts.append(prompt)
+        inputs = [cross_encoder_inputs(self.get_tokenizer(), a, b) for a, b in zip(firsts, seconds)]
+        prompts = [{"prompt_token_ids": ids, "token_type_ids": types} for ids, types in inputs]
         outs = self.encode(prompts, params, use_tqdm, pooling_task="score")
-        return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data.reshape(-1)[-1])),
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(cross_encoder_score(o.outputs.data)),
                                      o.prompt_token_ids) for o in outs]
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        from pagedformers.adapter.pooling import HEAD_TASKS
-
-        if self.config.runner != "pooling":
-            return ("generate",)
-        return HEAD_TASKS[self.config.pooling_head]
+        return supported_tasks(self.config)
 
     def _run(self, items: list[tuple], use_tqdm: bool) -> list[Any]:
         """Add every request, then step the engine until all finish (or hand them to the replicas).

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pagedformers.outputs import RequestOutput
+from pagedformers.outputs import PoolingRequestOutput, RequestOutput
 
 if TYPE_CHECKING:
     from pagedformers.engine.llm_engine import LLMEngine
@@ -41,8 +41,8 @@ class EngineMetrics:
                                      "Most sequences running in one step since the server started.", registry=r)
         self.kv_cache_usage = Gauge("pagedformers:kv_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1).",
                                     registry=r)
-        self.prompt_tokens = Counter("pagedformers:prompt_tokens", "Prompt tokens of requests that produced a token.",
-                                     registry=r)
+        self.prompt_tokens = Counter("pagedformers:prompt_tokens",
+                                     "Prompt tokens of requests that produced a token or were pooled.", registry=r)
         self.generation_tokens = Counter("pagedformers:generation_tokens", "Generated tokens.", registry=r)
         self.request_success = Counter("pagedformers:request_success", "Finished requests, by finish reason.",
                                        ["finished_reason"], registry=r)
@@ -81,7 +81,10 @@ class EngineMetrics:
         self._add_delta(self.prefix_cache_queries, "queries", stats.queries)
         self._add_delta(self.prefix_cache_hits, "hits", stats.hits)
 
-    def on_output(self, stats: RequestStats, out: RequestOutput, now: float) -> None:
+    def on_output(self, stats: RequestStats, out: RequestOutput | PoolingRequestOutput, now: float) -> None:
+        if isinstance(out, PoolingRequestOutput):
+            self._on_pooled(out, now - stats.arrival)
+            return
         num_generated = sum(len(o.token_ids) for o in out.outputs)
         num_new = num_generated - stats.num_generated
         if num_new > 0:
@@ -96,6 +99,14 @@ class EngineMetrics:
             reason = "error" if out.error else (out.outputs[0].finish_reason or "stop")
             self.on_finished(reason)
             self.e2e_request_latency.observe(now - stats.arrival)
+
+    def _on_pooled(self, out: PoolingRequestOutput, latency: float) -> None:
+        if not out.finished:
+            return
+        if out.error is None:
+            self.prompt_tokens.inc(len(out.prompt_token_ids))  # after truncate_prompt_tokens: what ran
+        self.on_finished("error" if out.error else "stop")
+        self.e2e_request_latency.observe(latency)
 
     def on_finished(self, reason: str) -> None:
         self.request_success.labels(finished_reason=reason).inc()

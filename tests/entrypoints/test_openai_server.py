@@ -1,16 +1,12 @@
 """The OpenAI-compatible server on a tiny random Llama, driven by the official `openai` client."""
 
 import asyncio
-import contextlib
 import re
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.config import EngineConfig
@@ -18,30 +14,12 @@ from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
 from pagedformers.entrypoints.openai.server import build_app
 
+from openai_server_utils import assert_openai_error, metric, running_server, wait_until_idle
+
 MODEL = "tiny"
 ENGINE_KWARGS = dict(dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=256)
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 HELLO = "Hello, my name is"
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """uvicorn on 127.0.0.1 in a background thread; the socket is bound first, so no port race."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +38,6 @@ def server(engine):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-
-
-def metric(server: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{server}/metrics").text
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_until_idle(server: str, engine: AsyncLLM) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        gauges = [metric(server, f"pagedformers:{g}") for g in
-                  ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")]
-        if gauges == [0.0, 0.0, 0.0] and not engine.engine.has_unfinished_requests():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the engine still holds requests or blocks: {gauges}")
 
 
 def test_models_health_and_version(server, client):
@@ -178,35 +139,26 @@ def test_64_concurrent_streaming_clients_each_get_their_own_answer(server, clien
     assert metric(server, "pagedformers:generation_tokens_total") - generated_before == 64 * 12
 
 
-def _assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, engine):
     post = lambda path, **kw: httpx.post(f"{server}/v1/{path}", **kw)  # noqa: E731
     ok = {"model": MODEL, "prompt": HELLO, "max_tokens": 2}
     malformed = post("completions", content=b'{"model": "tiny", "prompt": ',
                      headers={"Content-Type": "application/json"})
-    assert "not valid JSON" in _assert_openai_error(malformed, 400)["message"]
-    assert _assert_openai_error(post("completions", json={**ok, "model": "nope"}), 404, "model")["type"] == \
+    assert "not valid JSON" in assert_openai_error(malformed, 400)["message"]
+    assert assert_openai_error(post("completions", json={**ok, "model": "nope"}), 404, "model")["type"] == \
         "NotFoundError"
-    too_long = _assert_openai_error(post("completions", json={**ok, "max_tokens": 1000}), 400, "max_tokens")
+    too_long = assert_openai_error(post("completions", json={**ok, "max_tokens": 1000}), 400, "max_tokens")
     assert "maximum context length is 256" in too_long["message"]
-    _assert_openai_error(post("completions", json={**ok, "temperature": -1}), 400, "temperature")
-    _assert_openai_error(post("completions", json={**ok, "n": "many"}), 400, "n")
-    _assert_openai_error(post("completions", json={**ok, "prompt": [5] * 300}), 400)
-    _assert_openai_error(post("completions", json={**ok, "prompt": [10 ** 6]}), 400)
-    _assert_openai_error(post("completions", json={**ok, "prompt": []}), 400, "prompt")
-    _assert_openai_error(post("completions", json={"model": MODEL}), 400, "prompt")
+    assert_openai_error(post("completions", json={**ok, "temperature": -1}), 400, "temperature")
+    assert_openai_error(post("completions", json={**ok, "n": "many"}), 400, "n")
+    assert_openai_error(post("completions", json={**ok, "prompt": [5] * 300}), 400)
+    assert_openai_error(post("completions", json={**ok, "prompt": [10 ** 6]}), 400)
+    assert_openai_error(post("completions", json={**ok, "prompt": []}), 400, "prompt")
+    assert_openai_error(post("completions", json={"model": MODEL}), 400, "prompt")
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
-    _assert_openai_error(post("chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
-    _assert_openai_error(post("chat/completions", json={**chat, "top_p": 0}), 400, "top_p")
-    _assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
+    assert_openai_error(post("chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
+    assert_openai_error(post("chat/completions", json={**chat, "top_p": 0}), 400, "top_p")
+    assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=chat["messages"])
     with pytest.raises(openai.BadRequestError, match="temperature"):
@@ -280,16 +232,17 @@ def test_engine_thread_sleeps_when_idle(server, engine, monkeypatch):
     assert len(calls) <= 1  # a spinning thread would have asked thousands of times
 
 
-def test_pooling_endpoints_say_they_are_not_supported(server, client):
+def test_pooling_endpoints_name_the_tasks_a_generation_model_serves(server, client):
     for path, body in [("/v1/embeddings", {"model": MODEL, "input": "hi"}),
                        ("/v1/score", {"model": MODEL, "text_1": "a", "text_2": "b"}),
                        ("/score", {"model": MODEL, "text_1": "a", "text_2": "b"}),
                        ("/rerank", {"model": MODEL, "query": "a", "documents": ["b"]}),
                        ("/v1/rerank", {"model": MODEL, "query": "a", "documents": ["b"]})]:
-        error = _assert_openai_error(httpx.post(f"{server}{path}", json=body), 400)
-        assert "pooling models are not supported yet" in error["message"], path
+        error = assert_openai_error(httpx.post(f"{server}{path}", json=body), 400, "model")
+        assert "it supports the tasks ['generate']" in error["message"], path
     with pytest.raises(openai.BadRequestError, match="does not support embeddings"):
         client.embeddings.create(model=MODEL, input="hi")
+    assert client.completions.create(model=MODEL, prompt=HELLO, max_tokens=2, **GREEDY).usage.completion_tokens == 2
 
 
 @pytest.fixture
@@ -328,7 +281,7 @@ def test_api_key_guards_v1_but_not_health_or_metrics(engine):
     with running_server(build_app(engine, MODEL, api_key="sekret")) as url:
         for key in ("wrong", None):
             headers = {"Authorization": f"Bearer {key}"} if key else {}
-            _assert_openai_error(httpx.get(f"{url}/v1/models", headers=headers), 401)
+            assert_openai_error(httpx.get(f"{url}/v1/models", headers=headers), 401)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)

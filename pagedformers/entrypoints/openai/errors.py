@@ -12,7 +12,7 @@ _TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
     500: "InternalServerError", 503: "ServiceUnavailableError",
 }
-_SAMPLING_PARAM = re.compile(r"SamplingParams\.(\w+)=")
+_PARAM = re.compile(r"(?:Sampling|Pooling)Params\.(\w+)=")
 
 
 class OpenAIError(Exception):
@@ -24,8 +24,8 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_value_error(cls, error: ValueError) -> "OpenAIError":
-        """A ValueError from SamplingParams or validate_request: the user's mistake, so a 400."""
-        match = _SAMPLING_PARAM.search(str(error))
+        """A ValueError from SamplingParams, PoolingParams or validate_request: the user's mistake, so a 400."""
+        match = _PARAM.search(str(error))
         return cls(str(error), 400, match.group(1) if match else None)
 
     def to_response(self) -> ErrorResponse:

@@ -30,11 +30,11 @@ from pagedformers.entrypoints.openai.protocol import (
 from pagedformers.entrypoints.openai.serving import ServingContext
 from pagedformers.entrypoints.openai.serving_chat import create_chat_completion
 from pagedformers.entrypoints.openai.serving_completion import create_completion
+from pagedformers.entrypoints.openai.serving_embedding import create_embedding
+from pagedformers.entrypoints.openai.serving_score import create_rerank, create_score
 from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
-
-_NO_POOLING = "pooling models are not supported yet"
 
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
@@ -86,19 +86,16 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
 
 
 def _add_pooling_routes(app: FastAPI, ctx: ServingContext) -> None:
-    # Registered now so that clients get a clear answer; a pooling runner only has to fill them in.
+    # Registered for every model, so that a generation model answers with the tasks it does serve.
     @app.post("/v1/embeddings")
-    async def embeddings(request: EmbeddingRequest) -> Response:
-        ctx.check_model(request.model)
-        raise OpenAIError(f"This model does not support embeddings: {_NO_POOLING}", 400, "model")
+    async def embeddings(request: EmbeddingRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, create_embedding(ctx, request))
 
-    async def score(request: ScoreRequest) -> Response:
-        ctx.check_model(request.model)
-        raise OpenAIError(f"This model does not support scoring: {_NO_POOLING}", 400, "model")
+    async def score(request: ScoreRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, create_score(ctx, request))
 
-    async def rerank(request: RerankRequest) -> Response:
-        ctx.check_model(request.model)
-        raise OpenAIError(f"This model does not support reranking (scoring): {_NO_POOLING}", 400, "model")
+    async def rerank(request: RerankRequest, raw: Request) -> Response:
+        return await _unless_disconnected(raw, create_rerank(ctx, request))
 
     for path in ("/score", "/v1/score"):
         app.add_api_route(path, score, methods=["POST"])

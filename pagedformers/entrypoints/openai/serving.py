@@ -1,5 +1,5 @@
-"""What completions and chat completions share: the served model, sampling params, prompt checks,
-stream deltas, logprobs and usage."""
+"""What the endpoints share: the served model and its tasks, sampling params, prompt checks, stream
+deltas, logprobs, usage, and pooling many prompts at once."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from transformers import PreTrainedTokenizerBase
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.errors import OpenAIError
 from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
-from pagedformers.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedformers.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
+from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+_ENDPOINTS = {"generate": ("/v1/completions", "/v1/chat/completions"),
+              "embed": ("/v1/embeddings", "/score", "/rerank"), "score": ("/score", "/rerank")}
 
 
 @dataclass
@@ -38,6 +41,30 @@ class ServingContext:
             raise OpenAIError(f"The model `{name}` does not exist. This server serves: "
                               f"{', '.join(self.served_model_names)}.", 404, "model")
         return name
+
+    def check_task(self, model: str, tasks: tuple[str, ...], what: str) -> None:
+        """400 (as vLLM) when the model serves none of `tasks`, naming the tasks and endpoints it does serve."""
+        supported = self.engine.supported_tasks
+        if set(tasks) & set(supported):
+            return
+        endpoints = list(dict.fromkeys(e for t in supported for e in _ENDPOINTS.get(t, ())))
+        hint = f"Use {', '.join(endpoints)}." if endpoints else "This server has no endpoint for those yet."
+        raise OpenAIError(f"The model `{model}` does not support {what}: it supports the tasks {list(supported)}. "
+                          f"{hint}", 400, "model")
+
+    def check_pooling_prompt(self, prompt_token_ids: list[int], params: PoolingParams, name: str,
+                             param: str) -> None:
+        """400 for an input that can never be pooled, before anything is queued."""
+        k = params.truncate_prompt_tokens
+        kept = prompt_token_ids[-k:] if k else prompt_token_ids
+        if len(kept) > self.max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(kept)} tokens in {name}. Please reduce the length of the input.", 400, param)
+        try:
+            self.engine.validate_request(kept, params, name)
+        except ValueError as e:
+            raise OpenAIError(str(e), 400, param) from None
 
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams, name: str) -> None:
         """400 for a request that can never run: all checks happen before anything is queued."""
@@ -103,9 +130,31 @@ class ChoiceStream:
         return start, self.num_sent_tokens
 
 
-def check_output(out: RequestOutput) -> None:
+def check_output(out: RequestOutput | PoolingRequestOutput) -> None:
     if out.error:
         raise OpenAIError(f"The request failed in the engine: {out.error}", 500)
+
+
+async def encode_all(ctx: ServingContext, prompts: list[list[int]], params: PoolingParams, request_id: str,
+                     token_type_ids: list[list[int] | None] | None = None) -> list[PoolingRequestOutput]:
+    """Pool each prompt as its own request, all queued at once so the engine batches them. One failing,
+    or the caller going away, aborts the others."""
+    types = token_type_ids or [None] * len(prompts)
+    tasks = [asyncio.ensure_future(ctx.engine.encode(ids, params, f"{request_id}-{i}", t))
+             for i, (ids, t) in enumerate(zip(prompts, types))]
+    try:
+        outputs = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for those done
+    for out in outputs:
+        check_output(out)
+    return outputs
+
+
+def pooling_usage(outputs: list[PoolingRequestOutput]) -> UsageInfo:
+    num_prompt = sum(len(out.prompt_token_ids) for out in outputs)
+    return UsageInfo(prompt_tokens=num_prompt, total_tokens=num_prompt)
 
 
 def usage(prompt_lens: list[int], finals: dict[int, RequestOutput]) -> UsageInfo:

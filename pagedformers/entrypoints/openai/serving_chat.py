@@ -43,6 +43,7 @@ from pagedformers.sampling_params import SamplingParams
 async def create_chat_completion(ctx: ServingContext,
                                  request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
     model = ctx.check_model(request.model)
+    ctx.check_task(model, ("generate",), "chat completions")
     if request.top_logprobs and not request.logprobs:
         raise OpenAIError("top_logprobs needs logprobs=true", 400, "top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None

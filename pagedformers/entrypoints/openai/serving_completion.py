@@ -39,6 +39,7 @@ Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 
 async def create_completion(ctx: ServingContext, request: CompletionRequest) -> JSONResponse | StreamingResponse:
     model = ctx.check_model(request.model)
+    ctx.check_task(model, ("generate",), "completions")
     if request.echo:
         raise OpenAIError("echo is not supported yet", 400, "echo")
     params = to_sampling_params(request, request.max_tokens, request.logprobs)
