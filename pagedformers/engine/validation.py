@@ -29,6 +29,7 @@ def check_request(config: EngineConfig, num_blocks: int, prompt_token_ids: list[
     if bad:
         raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
     if pooling:
+        _check_pooling(config, params, name)
         return
     worst_case = min(n + (params.max_tokens or limit), limit)
     blocks = -(-worst_case // config.block_size)
@@ -38,3 +39,15 @@ def check_request(config: EngineConfig, num_blocks: int, prompt_token_ids: list[
             f"of {config.block_size} tokens, the cache has {num_blocks}. Lower max_tokens "
             "or give the cache more memory (kv_cache_memory_bytes)."
         )
+
+
+def _check_pooling(config: EngineConfig, params: PoolingParams, name: str) -> None:
+    from pagedformers.adapter.pooling import HEAD_TASKS
+
+    tasks = HEAD_TASKS[config.pooling_head]
+    if params.task is not None and params.task not in tasks:
+        raise ValueError(f"{name}: this model does not support the pooling task {params.task!r}; it supports "
+                         f"{list(tasks)}")
+    hidden = config.text_config.hidden_size
+    if params.dimensions is not None and config.pooling_head == "embed" and params.dimensions > hidden:
+        raise ValueError(f"{name}: PoolingParams.dimensions={params.dimensions} exceeds the embedding size {hidden}")

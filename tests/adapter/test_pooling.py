@@ -142,3 +142,11 @@ def test_pooling_errors_and_truncation(tmp_path):
     assert cut.outputs.embedding == same.outputs.embedding
     with pytest.raises(ValueError, match="PoolingParams.dimensions"):
         PoolingParams(dimensions=0)
+
+
+def test_pooling_params_checked_against_the_model(tmp_path):
+    llm = LLM(model=str(_save_encoder(tmp_path / "bert", "bert")), dtype="float32")
+    with pytest.raises(ValueError, match="dimensions=100 exceeds the embedding size 64"):
+        llm.embed(["hello"], PoolingParams(dimensions=100))
+    with pytest.raises(ValueError, match="does not support the pooling task 'classify'"):
+        llm.llm_engine.add_pooling_request("x", [5, 6], PoolingParams(task="classify"))
