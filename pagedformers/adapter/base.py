@@ -115,7 +115,7 @@ class TransformersBase(nn.Module):
         device = self.config.device
         ids = torch.zeros(2, dtype=torch.long, device=device)
         positions = torch.arange(2, device=device)
-        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_slots=None, decode_seq_lens=None,
+        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,
                                  prefills=[PrefillSpan(0, 2, 0, None)])
         ctx = ForwardContext(metadata=meta, kv_caches=None)
         with forward_context(ctx):

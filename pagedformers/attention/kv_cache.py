@@ -20,11 +20,12 @@ class LayerKVSpec:
 def allocate_kv_caches(
     specs: dict[int, LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    # Uninitialised (untouched pages cost nothing): attention only ever reads written slots.
+    # Zeros: decodes read whole blocks, so the unwritten tail of a block is read (and masked);
+    # it must be finite, since a masked NaN still poisons the probabilities @ V product.
     return {
         layer: (
-            torch.empty(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
-            torch.empty(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
+            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
+            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
         )
         for layer, s in specs.items()
     }

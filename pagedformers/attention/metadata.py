@@ -28,10 +28,12 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decodes: int  # the first num_decodes rows are single-token queries
-    decode_slots: torch.Tensor | None  # [B_d, L] cache slots of each decode's context, padded
+    decode_block_tables: torch.Tensor | None  # [B_d, num_blocks] each decode's KV blocks, padded
     decode_seq_lens: torch.Tensor | None  # [B_d] context length of each decode, the new token included
     prefills: list[PrefillSpan]
     _masks: dict = field(default_factory=dict, repr=False)
+
+    decode_context_len: int = 0  # L: padded context length of the decodes (num_blocks * block_size)
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +47,7 @@ class AttentionMetadata:
         key = ("decode", window, chunk)
         if key not in self._masks:
             seq_lens = self.decode_seq_lens[:, None]
-            k_pos = torch.arange(self.decode_slots.shape[1], device=seq_lens.device)[None, :]
+            k_pos = torch.arange(self.decode_context_len, device=seq_lens.device)[None, :]
             visible = k_pos < seq_lens
             if window is not None:
                 visible &= k_pos > seq_lens - 1 - window

@@ -34,7 +34,9 @@ def paged_attention(
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
     nd = meta.num_decodes
     if nd:
-        k, v = k_flat[meta.decode_slots], v_flat[meta.decode_slots]  # [B_d, L, H_kv, D]
+        blocks = meta.decode_block_tables.view(-1)  # whole blocks: one contiguous copy each
+        k = k_cache.index_select(0, blocks).view(nd, meta.decode_context_len, *k_cache.shape[2:])  # [B_d, L, H_kv, D]
+        v = v_cache.index_select(0, blocks).view(nd, meta.decode_context_len, *v_cache.shape[2:])
         out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_mask(window, chunk), scale, softcap, sinks)
     for i, span in enumerate(meta.prefills):
         s, e = span.q_start, span.q_end

@@ -66,7 +66,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInp
     slot_mapping = torch.cat([_slots(c.block_table, positions_t[r:r + len(c.token_ids)], block_size)
                               for c, r in zip(chunks, row_starts)])
     decodes = [c for c in chunks if c.is_decode]
-    decode_slots, decode_seq_lens = _decode_context(decodes, block_size)
+    decode_tables, decode_seq_lens = _decode_context(decodes, block_size)
     spans = [
         PrefillSpan(r, r + len(c.token_ids), c.start,
                     _slots(c.block_table, torch.arange(c.start + len(c.token_ids)), block_size).to(device)
@@ -76,9 +76,10 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInp
     meta = AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         num_decodes=len(decodes),
-        decode_slots=decode_slots.to(device) if decodes else None,
+        decode_block_tables=decode_tables.to(device) if decodes else None,
         decode_seq_lens=decode_seq_lens.to(device) if decodes else None,
         prefills=spans,
+        decode_context_len=decode_tables.shape[1] * block_size,
     )
     return StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
                       _token_type_ids(chunks, device))
@@ -97,18 +98,14 @@ def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> 
 
 
 def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B_d, L] slots of each decode's context and [B_d] lengths.
-
-    NOTE: padding repeats the sequence's first slot, so no never-written slot is ever read
-    (the cache is allocated uninitialised; a masked NaN would still poison the output)."""
+    """[B_d, num_blocks] block tables of the decodes' contexts (padded with each one's first
+    block; the mask hides the padding) and [B_d] context lengths."""
     if not decodes:
         return torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    seq_lens = torch.tensor([c.start + 1 for c in decodes])
-    num_blocks = -(-int(seq_lens.max()) // block_size)
-    tables = torch.zeros(len(decodes), num_blocks, dtype=torch.long)
-    for i, c in enumerate(decodes):
-        n = -(-int(seq_lens[i]) // block_size)
-        tables[i, :n] = torch.tensor(c.block_table[:n])
-    slots = tables[:, :, None] * block_size + torch.arange(block_size)  # [B_d, blocks, block_size]
-    slots = slots.view(len(decodes), -1)[:, : int(seq_lens.max())]
-    return torch.where(torch.arange(slots.shape[1]) < seq_lens[:, None], slots, slots[:, :1]), seq_lens
+    seq_lens = [c.start + 1 for c in decodes]
+    num_blocks = -(-max(seq_lens) // block_size)
+    rows = []
+    for c, n in zip(decodes, seq_lens):
+        used = c.block_table[: -(-n // block_size)]
+        rows.append(used + [used[0]] * (num_blocks - len(used)))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(seq_lens)
