@@ -1,11 +1,10 @@
 """TransformersForCausalLM: the shell plus the checkpoint's own LM head.
 
 The HF *ForCausalLM is built once on meta and taken apart: its base model becomes the trunk
-(`self.model`) and the child holding its output embeddings becomes `self.lm_head` (a plain
-linear for most families, an MLP head for BERT-style decoders). What its forward does to the
-logits after the head (Cohere's and Granite's scaling, Gemma's final soft-capping) is redone in
-`compute_logits`. Its other children (e.g. multi-token-prediction modules) are not run, and
-their checkpoint entries are skipped.
+(`self.model`) and its other children, applied in order, the head (`self.lm_head`): a plain
+linear for most families, an MLP then a linear for BERT-style decoders (ELECTRA's
+`generator_predictions` then `generator_lm_head`). What its forward does to the logits after the
+head (Cohere's and Granite's scaling, Gemma's final soft-capping) is redone in `compute_logits`.
 """
 
 from __future__ import annotations
@@ -36,11 +35,13 @@ class TransformersForCausalLM(TransformersBase):
 
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()
-        base_name, head_name, unused = _split_causal_lm(lm)
-        self.lm_head = getattr(lm, head_name)
+        base_name, head_names = _split_causal_lm(lm)
+        # One child stays itself (a Linear, which the parallel plans can split); several run in order.
+        self.lm_head = getattr(lm, head_names[0]) if len(head_names) == 1 else \
+            nn.Sequential(*(getattr(lm, name) for name in head_names))
+        ours = ["lm_head."] if len(head_names) == 1 else [f"lm_head.{i}." for i in range(len(head_names))]
         # Plain attributes, not submodules: names as the checkpoint has them -> ours.
-        self.__dict__["_name_map"] = {f"{head_name}.": "lm_head.", f"{base_name}.": "model."}
-        self.__dict__["_unused_prefixes"] = tuple(f"{name}." for name in unused)
+        self.__dict__["_name_map"] = {f"{base_name}.": "model.", **{f"{n}.": o for n, o in zip(head_names, ours)}}
         tied = getattr(lm, "all_tied_weights_keys", None) or {}
         self.__dict__["_tied"] = {self._ours(t): self._ours(s) for t, s in tied.items()}
         base = getattr(lm, base_name)
@@ -60,8 +61,7 @@ class TransformersForCausalLM(TransformersBase):
         return dict(self._name_map)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
-        converted = convert_checkpoint(weights, self.meta_causal_lm())
-        super().load_weights(((n, t) for n, t in converted if not n.startswith(self._unused_prefixes)), name_map)
+        super().load_weights(convert_checkpoint(weights, self.meta_causal_lm()), name_map)
 
     def tie_weights(self) -> None:
         """Tie as the HF model does (`_tied_weights_keys`), towards whichever side the checkpoint held."""
@@ -101,8 +101,8 @@ class TransformersForCausalLM(TransformersBase):
         return None if param is None else (module, attr, param)
 
 
-def _split_causal_lm(lm: nn.Module) -> tuple[str, str, list[str]]:
-    """(base model child, head child, other children) of a *ForCausalLM."""
+def _split_causal_lm(lm: nn.Module) -> tuple[str, list[str]]:
+    """(base model child, head children in order) of a *ForCausalLM."""
     children = dict(lm.named_children())
     base = getattr(lm, "base_model", lm)
     if base is lm and hasattr(lm, "get_input_embeddings"):  # base_model_prefix names no child (Llama 4 text)
@@ -110,12 +110,12 @@ def _split_causal_lm(lm: nn.Module) -> tuple[str, str, list[str]]:
         base = next((c for c in children.values() if any(m is embedding for m in c.modules())), lm)
     base_name = next((name for name, child in children.items() if child is base), None)
     out = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    head_name = next((name for name, child in children.items()
-                      if child is not base and out is not None and any(m is out for m in child.modules())), None)
-    if base_name is None or head_name is None:
+    head_names = [name for name, child in children.items() if child is not base]
+    has_output = out is not None and any(m is out for name in head_names for m in children[name].modules())
+    if base_name is None or not has_output:
         raise ValueError(
             f"{type(lm).__name__} does not split into a base model and an LM head (children: {sorted(children)}; "
             f"base_model_prefix={getattr(lm, 'base_model_prefix', None)!r}): the transformers shell needs "
             "`base_model_prefix` to name its base model and `get_output_embeddings()` to return its head."
         )
-    return base_name, head_name, [n for n in children if n not in (base_name, head_name)]
+    return base_name, head_names

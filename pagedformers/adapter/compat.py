@@ -74,6 +74,12 @@ def is_backend_compatible(model_cls: type, hf_config: PretrainedConfig, trust_re
     elif expected is not None and len(calls) < expected:
         missing = sorted(set(range(expected)) - layers)
         report.broken.append(f"{RULE_INTERFACE}: layers {missing} compute attention by hand.")
+    if ctx.masked_calls:
+        masked = sorted({ctx.layer_ids.get(c, c) for c in ctx.masked_calls})
+        report.unsupported.append(
+            f"layers {_spans(masked)} pass an attention_mask of their own to the attention function (a learned "
+            "bias or a sparse pattern): paged attention builds its causal, window and chunk masks from the step's "
+            "metadata and cannot apply a dense mask computed over the model's own cache")
     if calls and ctx.kwargs_seen != calls:
         # Our metadata travels in a context variable, not in kwargs, so this costs nothing here.
         dropping = sorted({ctx.layer_ids.get(c, c) for c in calls - ctx.kwargs_seen})
@@ -90,7 +96,7 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
         model = AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
     meta = torch.device("meta")
     positions = torch.arange(2, device=meta)
-    metadata = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_slots=None, decode_seq_lens=None,
+    metadata = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,
                                  prefills=[PrefillSpan(0, 2, 0, None)])
     ctx = ForwardContext(metadata=metadata, kv_caches=None)
     with forward_context(ctx), torch.inference_mode():

@@ -32,6 +32,7 @@ class ForwardContext:
     causal_layers: dict[int, bool] = field(default_factory=dict)  # probe: call index -> module.is_causal
     kwargs_seen: set[int] = field(default_factory=set)  # probe: calls that received PROBE_KWARG
     layer_ids: dict[int, int | None] = field(default_factory=dict)  # probe: call index -> module.layer_idx
+    masked_calls: set[int] = field(default_factory=set)  # probe: calls given an attention_mask of the model's own
     num_calls: int = 0
     positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
 

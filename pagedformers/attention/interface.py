@@ -2,7 +2,8 @@
 
 Registered with `transformers.AttentionInterface`. It is deliberately absent from the
 mask interface, so transformers builds no dense mask and passes `attention_mask=None`:
-causality and sliding windows come from our metadata.
+causality, sliding windows and chunks come from our metadata. A model that builds a mask of
+its own (a learned bias, a sparse pattern) is refused by the compatibility check.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def paged_attention_forward(
         ctx.kv_specs[layer] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
         ctx.causal_layers[layer] = bool(causal)
         ctx.layer_ids[layer] = getattr(module, "layer_idx", None)
+        if attention_mask is not None:  # transformers builds none for us: the model made its own
+            ctx.masked_calls.add(layer)
         if kwargs.get(PROBE_KWARG):
             ctx.kwargs_seen.add(layer)
         k_cache, v_cache = k[None], v[None]
