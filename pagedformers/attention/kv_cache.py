@@ -20,12 +20,13 @@ class LayerKVSpec:
 def allocate_kv_caches(
     specs: dict[int, LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    # Zeros: decodes read whole blocks, so the unwritten tail of a block is read (and masked);
-    # it must be finite, since a masked NaN still poisons the probabilities @ V product.
+    # Uninitialised, so start-up does not pay for touching gigabytes: each block is zeroed on its
+    # first use (zero_blocks). Decodes read whole blocks, the unwritten tail included (masked), and
+    # it must be finite: a masked NaN still poisons the probabilities @ V product.
     return {
         layer: (
-            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
-            torch.zeros(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
+            torch.empty(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device),
+            torch.empty(num_blocks, block_size, s.num_kv_heads, s.v_head_dim, dtype=dtype, device=device),
         )
         for layer, s in specs.items()
     }
@@ -36,3 +37,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, va
     """key/value: [T, H_kv, D]; slot_mapping: [T] flat slot = block_id * block_size + offset."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def zero_blocks(kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]], blocks: list[int]) -> None:
+    index = torch.tensor(blocks, dtype=torch.long, device=next(iter(kv_caches.values()))[0].device)
+    for k_cache, v_cache in kv_caches.values():
+        k_cache.index_fill_(0, index, 0)
+        v_cache.index_fill_(0, index, 0)

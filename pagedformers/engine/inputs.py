@@ -6,7 +6,7 @@ can be broadcast to other ranks); every worker builds the same tensors from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class Chunk:
 class StepPlan:
     chunks: list[Chunk]  # decodes first; rows of the flat batch follow this order
     logit_rows: list[int]  # rows whose logits the driver needs (sampling, prompt logprobs)
+    fresh_blocks: list[int] = field(default_factory=list)  # blocks used for the first time: zero them
 
 
 @dataclass

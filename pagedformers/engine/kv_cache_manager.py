@@ -36,6 +36,10 @@ class KVCacheManager:
         self.block_tables: dict[str, list[int]] = {}
         self.req_block_hashes: dict[str, list[int]] = {}  # hashes of a request's cached full blocks
         self.stats = PrefixCacheStats()
+        # Blocks handed out for the first time since the last step: workers zero them before use
+        # (the cache is allocated uninitialised, and attention reads whole blocks).
+        self.never_used = [True] * num_blocks
+        self.fresh_blocks: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -120,8 +124,15 @@ class KVCacheManager:
         start = index * self.block_size
         return hash((parent, tuple(req.all_token_ids[start:start + self.block_size])))
 
+    def take_fresh_blocks(self) -> list[int]:
+        fresh, self.fresh_blocks = self.fresh_blocks, []
+        return fresh
+
     def _pop_free_block(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)
+        if self.never_used[block]:
+            self.never_used[block] = False
+            self.fresh_blocks.append(block)
         h = self.block_hash[block]
         if h is not None:  # evict it from the prefix cache
             if self.cached_blocks.get(h) == block:

@@ -41,7 +41,7 @@ class ModelRunner:
         order = order_for_step(out.scheduled)
         row_starts = _row_starts(order)
         logit_rows, rows = _logit_rows(order, row_starts)
-        wout = self.executor.execute(StepPlan([make_chunk(s) for s in order], logit_rows))
+        wout = self.executor.execute(StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks))
         result = ModelRunnerOutput()
         for i, s in enumerate(order):
             if s.request.pooling_params is not None:

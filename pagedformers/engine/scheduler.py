@@ -28,6 +28,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    fresh_blocks: list[int] = field(default_factory=list)  # first use: to be zeroed before the step
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +56,7 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        out.fresh_blocks = self.kv.take_fresh_blocks()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

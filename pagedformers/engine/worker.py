@@ -10,7 +10,7 @@ from torch import nn
 
 from pagedformers.adapter.resolve import resolve_model_cls
 from pagedformers.attention import ForwardContext, forward_context
-from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches
+from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan, prepare_inputs
 from pagedformers.loading.weights import iterate_weights
@@ -57,6 +57,8 @@ class Worker:
     def execute(self, plan: StepPlan) -> WorkerOutput:
         """Run this rank's part of the step. With pipeline stages, hidden states go stage to stage and
         the last stage's logits come back to rank 0 (the driver), which returns them."""
+        if plan.fresh_blocks:
+            zero_blocks(self.kv_caches, plan.fresh_blocks)
         step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
         extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
         if not self.state.is_first_stage:

@@ -63,3 +63,13 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache():
     a.num_computed_tokens = 3
     kv.cache_full_blocks(a)
     assert kv.lookup_prefix(_req("b", [1, 2, 3], prompt_logprobs=1)) == []
+
+
+def test_blocks_are_reported_fresh_once():
+    kv = KVCacheManager(num_blocks=3, block_size=2, enable_prefix_caching=False)
+    a = _req("a", [1, 2, 3])
+    kv.allocate(a, 3)
+    assert kv.take_fresh_blocks() == [0, 1] and kv.take_fresh_blocks() == []
+    kv.free(a)
+    kv.allocate(_req("b", [1, 2, 3, 4, 5]), 5)
+    assert kv.take_fresh_blocks() == [2]  # 0 and 1 hold finite old values already

@@ -180,3 +180,13 @@ def test_configuration_errors(tiny_llama, tmp_path):
         LLM(model=tiny_llama, max_model_len=4096)
     with pytest.raises(ValueError, match="dtype="):
         LLM(model=tiny_llama, dtype="float64x")
+
+
+def test_uninitialised_kv_memory_never_leaks_into_outputs(tiny_llama):
+    llm = LLM(model=tiny_llama, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    for k_cache, v_cache in llm.llm_engine.executor.driver_worker.kv_caches.values():
+        k_cache.fill_(float("nan"))  # what torch.empty may hand out
+        v_cache.fill_(float("nan"))
+    prompts = _random_prompts(6, seed=5)
+    expected = hf_greedy(tiny_llama, [p["prompt_token_ids"] for p in prompts], 12)
+    assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
