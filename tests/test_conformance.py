@@ -1,0 +1,85 @@
+"""The conformance sweep on a representative subset: greedy tokens and logprobs equal HF's (float32).
+
+The full sweep (every family, one subprocess each) is `python -m pagedformers.tools.conformance`;
+its table is docs/conformance.md.
+"""
+
+import pytest
+
+from pagedformers import LLM
+from pagedformers.adapter.compat import non_attention_layers
+from pagedformers.tools.conformance import render_markdown, sweep
+from pagedformers.tools.family_check import TOLERANCE, FamilyResult, enumerate_families, run_family, save_tiny_family
+from pagedformers.tools.tiny_configs import tiny_config
+
+# family: the feature it stands for
+REPRESENTATIVE = {
+    "llama": "the reference decoder",
+    "qwen2": "QKV bias",
+    "qwen3": "QK norms",
+    "mistral": "sliding window on every layer",
+    "gemma2": "attention soft-capping, final-logit soft-capping, alternating sliding/full layers",
+    "gemma3_text": "5 sliding : 1 full layers, QK norms, scaled embeddings",
+    "phi3": "fused QKV and gate-up projections",
+    "gpt_neox": "partial rotary, parallel residual",
+    "olmo2": "post-norms, QK norms",
+    "qwen3_moe": "MoE experts saved per expert, stacked on load (weight conversion)",
+    "deepseek_v3": "MLA (K head dim 24, V head dim 16), grouped MoE routing, dense first layer",
+    "gpt_oss": "attention sinks, sliding/full layers, MoE",
+    "llama4_text": "chunked attention, NoPE layers with query temperature",
+    "cohere": "logit_scale in the head",
+    "granite": "logits_scaling and residual/embedding multipliers",
+}
+
+
+@pytest.mark.parametrize("family", sorted(REPRESENTATIVE))
+def test_greedy_parity_with_transformers(family, tmp_path):
+    result = run_family(family, tmp_path)
+    assert result.status == "pass", f"{family} ({REPRESENTATIVE[family]}): {result.reason}"
+    assert result.max_logprob_diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("family, kind", [("granitemoehybrid", "linear_attention"), ("lfm2_moe", "conv")])
+def test_hybrids_are_refused_at_load(family, kind, tmp_path):
+    path = save_tiny_family(family, tmp_path / family)
+    with pytest.raises(ValueError, match=rf"not compatible with the transformers shell:\n  - layers \[.*\] are "
+                                         rf"'{kind}' layers \(layer_types\), not softmax attention"):
+        LLM(model=path, model_impl="transformers", dtype="float32")
+
+
+def test_attention_layer_types_are_accepted():
+    for family in ("gemma3_text", "llama4_text", "gpt_oss"):
+        assert non_attention_layers(tiny_config(family, 300)) == [], family
+
+
+def test_tiny_configs_keep_distinctive_features():
+    gemma3 = tiny_config("gemma3_text", 300)
+    assert gemma3.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert gemma3.sliding_window == 8 and gemma3.vocab_size == 300
+    ds = tiny_config("deepseek_v3", 300)
+    assert (ds.first_k_dense_replace, ds.n_routed_experts, ds.num_experts_per_tok) == (1, 4, 2)
+    assert (ds.kv_lora_rank, ds.qk_nope_head_dim + ds.qk_rope_head_dim, ds.v_head_dim) == (32, 24, 16)
+    assert tiny_config("gemma2", 300).attn_logit_softcapping == 50.0
+
+
+def test_enumeration_covers_the_decoder_families():
+    families = enumerate_families()
+    assert {"llama", "gemma2", "deepseek_v3", "gpt_oss"} <= set(families)
+    assert families["llama"] == "LlamaForCausalLM"
+    assert "bamba" not in families  # its base model does not support attention backends
+
+
+def test_a_failing_family_does_not_stop_the_sweep():
+    results = sweep(["llama"], timeout_s=0.5)  # far too short: the worker is killed
+    assert [(r.family, r.status) for r in results] == [("llama", "fail")]
+    assert "timed out" in results[0].reason
+
+
+def test_report_counts_and_reasons():
+    results = [FamilyResult("a", "AForCausalLM", "pass", 1e-6), FamilyResult("b", "B", "fail", None, "x | y"),
+               FamilyResult("c", "C", "unsupported", None, "hybrid"),
+               FamilyResult("d", "D", "unsupported", None, "multimodal model (vision_config): ...")]
+    text = render_markdown(results)
+    assert "**1 pass, 1 fail, 2 unsupported, of 4 families** (25% pass). Unsupported: 1 multimodal" in text
+    assert "Of the 3 text-decoder families, 1 pass (33%)" in text
+    assert "| b | B | fail |  | x \\| y |" in text
