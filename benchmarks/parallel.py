@@ -15,18 +15,12 @@ import time
 from pathlib import Path
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.tools.tiny_models import save_tiny_model
+from common import add_model_args, save_llama
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_args(p, hidden=512, layers=8, heads=8, intermediate=1408, dtype="float32")
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -58,10 +52,7 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
-        save_tiny_model(path, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                        intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=2048,
-                        initializer_range=0.02)
+        save_llama(path, args)
         rows = {"1 process": {}, "TP=2": {"tensor_parallel_size": 2}, "PP=2": {"pipeline_parallel_size": 2}}
         results = {name: measure(path, args, **kw) for name, kw in rows.items()}
     base = results["1 process"][1]

@@ -25,18 +25,13 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+from common import add_model_args, save_llama
+from pagedformers.tools.tiny_models import hf_greedy
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    add_model_args(p)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -48,10 +43,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, path: Path) -> int:
-    save_tiny_model(path, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
-                    num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                    intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
-                    initializer_range=0.02, dtype=args.dtype)
+    save_llama(path, args)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
     return sum(p.numel() for p in model.parameters())
 
