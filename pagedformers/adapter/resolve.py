@@ -56,6 +56,11 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
     from pagedformers.adapter.causal import TransformersForCausalLM
     from pagedformers.adapter.pooling import TransformersForPooling
 
+    if config.hf_config.get_text_config() is not config.hf_config:
+        raise ValueError(
+            f"{architectures or config.hf_config.model_type} is a multimodal model: it needs "
+            "TransformersForMultimodalLM, which pagedformers does not have yet. Its text decoder alone may run: "
+            "point model at a text-only checkpoint of it (e.g. model_type '<name>_text').")
     report = is_backend_compatible(base_model_class(config), config.hf_config, config.trust_remote_code)
     report.raise_if_broken()
     for warning in report.warnings:

@@ -61,3 +61,14 @@ def test_auto_map_without_automodel(tmp_path):
 def test_remote_code_needs_trust(tmp_path):
     with pytest.raises(ValueError, match=r"ships its own code.*pass trust_remote_code=True"):
         LLM(model=str(save_remote_code_model(tmp_path / "trust")))
+
+
+def test_multimodal_checkpoints_are_refused_until_the_multimodal_shell_exists(tmp_path):
+    from transformers import AutoConfig
+
+    from pagedformers.tools.tiny_models import build_tokenizer
+
+    AutoConfig.for_model("llava").save_pretrained(tmp_path / "llava")
+    build_tokenizer().save_pretrained(tmp_path / "llava")
+    with pytest.raises(ValueError, match="multimodal model: it needs TransformersForMultimodalLM"):
+        LLM(model=str(tmp_path / "llava"), model_impl="transformers")
