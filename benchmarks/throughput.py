@@ -87,7 +87,8 @@ def run_vllm(path: Path, args, reqs, model_impl: str) -> dict:
                           timeout=1800)
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # vLLM keeps logging to stdout after our result line (its shutdown): take the JSON line.
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
 
 
 def run_hf_generate(path: Path, args, reqs) -> dict:
