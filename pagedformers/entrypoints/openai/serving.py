@@ -129,6 +129,17 @@ class ChoiceStream:
         start, self.num_sent_tokens = self.num_sent_tokens, len(out.token_ids)
         return start, self.num_sent_tokens
 
+    def advance(self, out: CompletionOutput, params: SamplingParams) -> tuple[str, int, int] | None:
+        """(new text, first and end token index) for the next chunk, or None when there is nothing to send."""
+        if self.is_done:
+            return None  # a sibling choice is still running; this one has said all it had
+        text = self.next_text(out)
+        start, end = self.next_tokens(out)
+        self.is_done = out.finish_reason is not None
+        if not text and not self.is_done and (params.logprobs is None or start == end):
+            return None
+        return text, start, end
+
 
 def check_output(out: RequestOutput | PoolingRequestOutput) -> None:
     if out.error:

@@ -134,13 +134,10 @@ async def _stream(request_id: str, model: str, params: SamplingParams, outputs: 
 
 def _choice_chunk(out: CompletionOutput, choice: ChoiceStream,
                   params: SamplingParams) -> ChatCompletionResponseStreamChoice | None:
-    if choice.is_done:
-        return None  # a sibling choice is still running; this one has said all it had
-    text = choice.next_text(out)
-    start, end = choice.next_tokens(out)
-    choice.is_done = out.finish_reason is not None
-    if not text and not choice.is_done and (params.logprobs is None or start == end):
+    step = choice.advance(out, params)
+    if step is None:
         return None
+    text, start, end = step
     return ChatCompletionResponseStreamChoice(
         index=out.index, delta=DeltaMessage(content=text),
         logprobs=_logprobs(out, start, end, params) if params.logprobs is not None else None,

@@ -103,13 +103,10 @@ async def _stream(request_id: str, model: str, params: SamplingParams,
 
 def _chunk(index: int, out: CompletionOutput, choice: ChoiceStream,
            params: SamplingParams) -> CompletionResponseChoice | None:
-    if choice.is_done:
-        return None  # a sibling choice is still running; this one has said all it had
-    text = choice.next_text(out)
-    start, end = choice.next_tokens(out)
-    choice.is_done = out.finish_reason is not None
-    if not text and not choice.is_done and (params.logprobs is None or start == end):
+    step = choice.advance(out, params)
+    if step is None:
         return None
+    text, start, end = step
     result = _choice(index, text, out, start, end, choice.text_offset, params)
     if result.logprobs is not None:
         choice.text_offset += sum(len(t) for t in result.logprobs.tokens)
