@@ -45,7 +45,7 @@ def paged_attention_forward(
             ctx.masked_calls.add(layer)
         if kwargs.get(PROBE_KWARG):
             ctx.kwargs_seen.add(layer)
-        k_cache, v_cache = k[None], v[None]
+        k_cache = v_cache = None
     else:
         k_cache, v_cache = ctx.kv_caches[layer]
         if causal:  # encoder-only models attend within the step and keep nothing

@@ -11,17 +11,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedformers.attention.kv_cache import block_rows
+
 
 @dataclass
 class PrefillSpan:
     q_start: int  # rows of this sequence's new tokens in the flat batch
     q_end: int
     num_cached: int  # tokens of this sequence already in the KV cache before this step
-    kv_slots: torch.Tensor | None  # [num_cached + q_len] cache slots of its context; None if num_cached == 0
+    kv_blocks: torch.Tensor | None  # [num_blocks] the cache blocks of its context; None if num_cached == 0
 
     @property
     def q_len(self) -> int:
         return self.q_end - self.q_start
+
+    @property
+    def kv_len(self) -> int:
+        return self.num_cached + self.q_len
 
 
 @dataclass
@@ -31,7 +37,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [B_d, num_blocks] each decode's KV blocks, padded
     decode_seq_lens: torch.Tensor | None  # [B_d] context length of each decode, the new token included
     prefills: list[PrefillSpan]
-    _masks: dict = field(default_factory=dict, repr=False)
+    _cached: dict = field(default_factory=dict, repr=False)
 
     decode_context_len: int = 0  # L: padded context length of the decodes (num_blocks * block_size)
 
@@ -39,13 +45,21 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.slot_mapping.shape[0]
 
-    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
-        """[B_d, 1, 1, L] bool: key j is visible to the decode query of its row.
+    def cache_rows(self, num_kv_heads: int, span: int | None = None) -> torch.Tensor:
+        """What `gather_blocks` copies for the decodes (span None) or for prefill span `span`."""
+        key = ("rows", num_kv_heads, span)
+        if key not in self._cached:
+            tables = self.decode_block_tables if span is None else self.prefills[span].kv_blocks[None]
+            self._cached[key] = block_rows(tables, num_kv_heads)
+        return self._cached[key]
+
+    def decode_bias(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """[B_d, 1, 1, L] float32, 0 where key j is visible to the decode query of its row, -inf elsewhere.
 
         A window w keeps the last w positions, the query's own included (transformers'
         sliding_window_overlay); a chunk c keeps the query's own block of c positions (Llama 4)."""
         key = ("decode", window, chunk)
-        if key not in self._masks:
+        if key not in self._cached:
             seq_lens = self.decode_seq_lens[:, None]
             k_pos = torch.arange(self.decode_context_len, device=seq_lens.device)[None, :]
             visible = k_pos < seq_lens
@@ -53,8 +67,9 @@ class AttentionMetadata:
                 visible &= k_pos > seq_lens - 1 - window
             if chunk is not None:
                 visible &= k_pos // chunk == (seq_lens - 1) // chunk
-            self._masks[key] = visible[:, None, None, :]
-        return self._masks[key]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=seq_lens.device)
+            self._cached[key] = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        return self._cached[key]
 
     def prefill_mask(self, index: int, window: int | None, causal: bool,
                      chunk: int | None = None) -> torch.Tensor | None:
@@ -66,7 +81,7 @@ class AttentionMetadata:
         if window is None and chunk is None and (not causal or span.num_cached == 0):
             return None
         key = ("prefill", index, window, causal, chunk)
-        if key not in self._masks:
+        if key not in self._cached:
             device = self.slot_mapping.device
             q_pos = torch.arange(span.num_cached, span.num_cached + span.q_len, device=device)[:, None]
             k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
@@ -76,5 +91,5 @@ class AttentionMetadata:
                 visible &= distance.abs() < window
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
-            self._masks[key] = visible[None, None]
-        return self._masks[key]
+            self._cached[key] = visible[None, None]
+        return self._cached[key]

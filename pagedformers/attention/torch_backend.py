@@ -1,9 +1,8 @@
 """Paged attention in plain PyTorch (the CPU backend).
 
 Decodes are attended together in two batched matmuls over their gathered, padded
-contexts (grouped by KV head: no K/V repeat). Measured on 2 cores, bf16, 32 decodes
-x 256 context: 0.4 ms against 6 ms for SDPA, whose CPU kernel handles a query
-length of 1 poorly. Each prefill span goes through SDPA (flash kernel, no scores
+contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
+of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each prefill span goes through SDPA (flash kernel, no scores
 materialised). No per-token Python loop.
 """
 
@@ -12,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedformers.attention.kv_cache import gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
 
 
@@ -19,8 +19,8 @@ def paged_attention(
     query: torch.Tensor,  # [T, H, D]
     key: torch.Tensor,  # [T, H_kv, D] the new tokens' keys (already written to the cache)
     value: torch.Tensor,  # [T, H_kv, Dv]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, H_kv, D]
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | None,  # [num_blocks, H_kv, block_size, D]; None when nothing is cached (probe)
+    v_cache: torch.Tensor | None,
     meta: AttentionMetadata,
     scale: float,
     causal: bool = True,
@@ -30,43 +30,42 @@ def paged_attention(
     chunk: int | None = None,  # chunked attention (Llama 4): keys in the query's own chunk only
 ) -> torch.Tensor:  # [T, H, Dv]
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
     nd = meta.num_decodes
     if nd:
-        blocks = meta.decode_block_tables.view(-1)  # whole blocks: one contiguous copy each
-        k = k_cache.index_select(0, blocks).view(nd, meta.decode_context_len, *k_cache.shape[2:])  # [B_d, L, H_kv, D]
-        v = v_cache.index_select(0, blocks).view(nd, meta.decode_context_len, *v_cache.shape[2:])
-        out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_mask(window, chunk), scale, softcap, sinks)
+        rows = meta.cache_rows(k_cache.shape[1])
+        k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
+        out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks)
     for i, span in enumerate(meta.prefills):
         s, e = span.q_start, span.q_end
         q = query[s:e].transpose(0, 1)[None]  # [1, H, n, D]
-        if span.kv_slots is None:
-            k, v = key[s:e], value[s:e]
+        if span.kv_blocks is None:
+            k, v = key[s:e].transpose(0, 1)[None], value[s:e].transpose(0, 1)[None]  # [1, H_kv, kv_len, D]
         else:
-            k, v = k_flat[span.kv_slots], v_flat[span.kv_slots]
-        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H_kv, kv_len, D]
+            rows = meta.cache_rows(k_cache.shape[1], i)
+            k = gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len]
+            v = gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len]
         mask = meta.prefill_mask(i, window, causal, chunk)
         out[s:e] = attend(q, k, v, mask, scale, causal and mask is None, softcap, sinks)[0].transpose(0, 1)
     return out
 
 
-def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                     softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, D], k/v [B, L, H_kv, D], mask [B, 1, 1, L] -> [B, H, Dv]."""
+    """q [B, H, D], k/v [B, H_kv, L, D], bias [B, 1, 1, L] (0 / -inf) -> [B, H, Dv].
+
+    The G = H / H_kv query heads sharing a KV head are the rows of one matmul: no K/V repeat."""
     b, h, d = q.shape
-    h_kv = k.shape[2]
-    scores = torch.matmul(q.view(b, h_kv, h // h_kv, d), k.permute(0, 2, 3, 1)).float() * scale  # [B, H_kv, G, L]
+    h_kv = k.shape[1]
+    scores = torch.matmul(q.view(b, h_kv, h // h_kv, d), k.transpose(-1, -2)).float().mul_(scale)  # [B, H_kv, G, L]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.add_(bias)
     if sinks is not None:
         sink = sinks.float().view(1, h_kv, h // h_kv, 1).expand(b, -1, -1, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(v.dtype), v.transpose(1, 2))  # [B, H_kv, G, Dv]
-    return out.reshape(b, h, -1)
+    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, -1)  # [B, H_kv, G, Dv] -> [B, H, Dv]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

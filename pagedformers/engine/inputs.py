@@ -70,7 +70,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInp
     decode_tables, decode_seq_lens = _decode_context(decodes, block_size)
     spans = [
         PrefillSpan(r, r + len(c.token_ids), c.start,
-                    _slots(c.block_table, torch.arange(c.start + len(c.token_ids)), block_size).to(device)
+                    torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)], device=device)
                     if c.start else None)
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]

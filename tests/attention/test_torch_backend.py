@@ -33,8 +33,8 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     torch.manual_seed(0)
     # (context length, tokens already cached): decodes, a fresh prefill, a chunk after a cached prefix.
     seqs = [(7, 0), (9, 8), (13, 6), (3, 2), (17, 16)]
-    k_cache = torch.randn(NUM_BLOCKS, BS, H_KV, D)  # garbage where nothing was written
-    v_cache = torch.randn(NUM_BLOCKS, BS, H_KV, D)
+    k_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D)  # garbage where nothing was written
+    v_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D)
     blocks = torch.randperm(NUM_BLOCKS).tolist()
     chunks, keys, values, queries = [], [], [], []
     for length, cached in seqs:
