@@ -13,6 +13,7 @@ from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan, prepare_inputs
+from pagedformers.layers.cpu_linear import pack_linears
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
 from pagedformers.parallel_plans import SINGLE, ParallelState, apply_parallel_plans
@@ -35,6 +36,7 @@ def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Modul
     meta_lm = model.meta_causal_lm()
     weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
     model.load_weights(weights, model.checkpoint_name_map(meta_lm))
+    pack_linears(model, config.torch_dtype, config.device)
     return model
 
 
