@@ -39,11 +39,11 @@ def test_greedy_parity_with_transformers(family, tmp_path):
     assert result.max_logprob_diff <= TOLERANCE
 
 
-@pytest.mark.parametrize("family, kind", [("granitemoehybrid", "linear_attention"), ("lfm2_moe", "conv")])
-def test_hybrids_are_refused_at_load(family, kind, tmp_path):
-    path = save_tiny_family(family, tmp_path / family)
-    with pytest.raises(ValueError, match=rf"not compatible with the transformers shell:\n  - layers \[.*\] are "
-                                         rf"'{kind}' layers \(layer_types\), not softmax attention"):
+def test_sparse_indexed_attention_is_refused_at_load(tmp_path):
+    """Conv / linear-attention hybrids run (tests/adapter/test_state_cache.py); indexers do not."""
+    path = save_tiny_family("deepseek_v32", tmp_path / "deepseek_v32")
+    with pytest.raises(ValueError, match=r"not compatible with the transformers shell:\n  - layers \[.*\] are "
+                                         r"'indexed_attention' layers \(layer_types\): sparse attention whose indexer"):
         LLM(model=path, model_impl="transformers", dtype="float32")
 
 

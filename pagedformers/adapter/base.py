@@ -2,7 +2,8 @@
 
 Steps: point the config at our attention -> build the base model with parameters on
 the meta device (buffers real, so RoPE tables come out right) -> load checkpoint
-tensors into it -> probe one token to learn each attention layer's KV shape.
+tensors into it -> probe one token to learn each attention layer's KV shape (and, for
+conv / linear-attention hybrids, which cache class carries their per-request state).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
 
+from pagedformers.adapter.compat import CompatReport, num_attention_layers, state_layers
+from pagedformers.adapter.state_cache import create_state_cache, paged_cache_class
 from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec
 from pagedformers.config import EngineConfig
@@ -39,6 +43,10 @@ class TransformersBase(nn.Module):
         # and the hidden states a later stage receives for its first layer.
         self.skipped_prefixes: tuple[str, ...] = ()
         self.pp_stage_input: torch.Tensor | None = None
+        # Conv / linear-attention hybrids: each request's layer state lives in a cache of its own (the
+        # model's own cache class, learned by the probe), so the worker runs them one request per forward.
+        self.needs_per_request_state = bool(state_layers(self.hf_config))
+        self.state_cache_cls: type[Cache] | None = None
 
     def create_model(self) -> nn.Module:
         """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""
@@ -50,10 +58,21 @@ class TransformersBase(nn.Module):
     def text_config(self) -> PretrainedConfig:
         return self.hf_config.get_text_config()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] (the whole step as one row) -> hidden states [T, hidden]."""
-        out = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, return_dict=True)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] (the whole step as one row, or one request's chunk with its `state`)
+        -> hidden states [T, hidden]."""
+        out = self.model(input_ids=input_ids[None], position_ids=positions[None], return_dict=True,
+                         **self.cache_kwargs(state))
         return out.last_hidden_state[0]
+
+    @staticmethod
+    def cache_kwargs(state: Cache | None) -> dict:
+        return {"use_cache": False} if state is None else {"use_cache": True, "past_key_values": state}
+
+    def create_state(self) -> Cache:
+        """An empty per-request state cache (models with `needs_per_request_state`)."""
+        assert self.state_cache_cls is not None, "probe_kv_specs learns the state cache class first"
+        return create_state_cache(self.state_cache_cls, self.text_config)
 
     def meta_causal_lm(self) -> nn.Module:
         """The checkpoint's own model class, on meta: it names the weights as the checkpoint does."""
@@ -109,8 +128,9 @@ class TransformersBase(nn.Module):
     def probe_kv_specs(self) -> dict[int, LayerKVSpec]:
         """Run one token through the model and record every attention layer's K/V shape.
 
-        Raises ValueError when no layer called our attention function (the model computes
-        attention by hand instead of through `ALL_ATTENTION_FUNCTIONS`).
+        Raises ValueError when no layer called our attention function (the model computes attention
+        by hand instead of through `ALL_ATTENTION_FUNCTIONS`), unless its config lists no attention layer
+        (a pure state-space model: its state caches are all it keeps).
         """
         device = self.config.device
         ids = torch.zeros(2, dtype=torch.long, device=device)
@@ -118,15 +138,46 @@ class TransformersBase(nn.Module):
         meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,
                                  prefills=[PrefillSpan(0, 2, 0, None)])
         ctx = ForwardContext(metadata=meta, kv_caches=None)
+        if self.needs_per_request_state:
+            self._probe_state_cache(ids, positions, meta)
         with forward_context(ctx):
-            self(ids, positions)
-        if not ctx.kv_specs:
+            state = self.create_state() if self.needs_per_request_state else None
+            self(ids, positions, state=state)
+        if state is not None and not _holds_tensors(state):
+            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers keep their state outside the cache "
+                         f"the model builds ({type(state).__mro__[1].__name__}), e.g. in attributes of their modules: "
+                         "per-request states cannot be kept apart")
+        if not ctx.kv_specs and num_attention_layers(self.hf_config) != 0:
             raise ValueError(
                 f"{type(self.model).__name__} never called the attention function registered for "
                 f"config._attn_implementation: its attention must go through transformers' "
                 "ALL_ATTENTION_FUNCTIONS (rule 2 of 'transformers as a backend')."
             )
         return dict(sorted(ctx.kv_specs.items()))
+
+    def _probe_state_cache(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Let the model build its own cache, as in `generate`, to learn its class."""
+        with forward_context(ForwardContext(metadata=meta, kv_caches=None)):
+            out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=True, return_dict=True)
+        cache = getattr(out, "past_key_values", None)
+        if not isinstance(cache, Cache):
+            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers need a state across steps, but the "
+                         "model returns no transformers Cache to keep it in")
+        self.state_cache_cls = paged_cache_class(type(cache))
+
+    def _refuse(self, reason: str) -> None:
+        CompatReport(type(self.model).__name__, unsupported=[reason]).raise_if_broken()
+
+
+def _holds_tensors(obj: object, depth: int = 4) -> bool:
+    """Whether a cache holds any tensor, in its attributes, their lists and dicts, and their layers'."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0:
+        return False
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+        vars(obj).values() if hasattr(obj, "__dict__") else ()
+    return any(_holds_tensors(v, depth - 1) for v in values)
 
 
 def _rename(name: str, name_map: dict[str, str], targets: dict[str, torch.Tensor]) -> str:

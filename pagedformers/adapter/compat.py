@@ -7,10 +7,10 @@
 Rules 1 and 2 are checked by a dry run of the base model on the meta device: no weights,
 no memory, just shapes, with our attention function recording which layers called it.
 
-Beyond the rules, every decoder layer must be softmax attention over its past tokens: the paged
-KV cache holds keys and values, not the state of Mamba/SSM, recurrent, convolutional or
-linear-attention layers, nor the key caches of sparse-attention indexers. Hybrids are refused
-from their config, before the dry run (which often cannot even run their kernels on meta).
+Beyond the rules, every decoder layer must be softmax attention over its past tokens, or a
+conv / linear-attention layer whose state the model keeps in its transformers cache (served by a
+per-request state cache, see state_cache.py). Other kinds (sparse-attention indexers with key
+caches of their own, compressed attention) are refused from the config, before the dry run.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModel, PretrainedConfig
 
+from pagedformers.adapter.state_cache import STATE_LAYER_TYPES
 from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from pagedformers.attention.context import PROBE_KWARG
 
@@ -33,6 +34,7 @@ DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 
 # Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
 ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
+HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding"})  # attention plus a conv/recurrent state (ZAYA)
 _LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
 
 
@@ -65,10 +67,10 @@ def is_backend_compatible(model_cls: type, hf_config: PretrainedConfig, trust_re
     except Exception as e:  # data-dependent code cannot run on meta; the real probe checks again
         report.dry_run_error = f"{type(e).__name__}: {e}"
         return report
-    expected = _num_attention_layers(hf_config)
+    expected = num_attention_layers(hf_config)
     calls = set(ctx.kv_specs)
     layers = {ctx.layer_ids.get(c, c) for c in calls}  # a module may attend more than once per pass
-    if not calls:
+    if not calls and expected != 0:  # expected 0: a state-space model without attention layers
         report.broken.append(f"{RULE_INTERFACE}: no layer called the registered attention function; "
                              "the model computes attention by hand.")
     elif expected is not None and len(calls) < expected:
@@ -106,29 +108,50 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
 
 
 def non_attention_layers(hf_config: PretrainedConfig) -> list[str]:
-    """One sentence per kind of decoder layer that is not softmax attention (from `layer_types` & co.)."""
+    """One sentence per kind of decoder layer that neither attention nor a per-request state cache serves."""
+    key, kinds = _layer_kinds(hf_config)
+    others: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        if kind not in ATTENTION_LAYER_TYPES | STATE_LAYER_TYPES:
+            others.setdefault(kind, []).append(i)
+    return [f"layers {_spans(idx)} are {kind!r} layers ({key}): {_WHY_NOT.get(kind, _WHY_NOT[None])}"
+            for kind, idx in others.items()]
+
+
+def state_layers(hf_config: PretrainedConfig) -> list[str]:
+    """The conv / linear-attention layer kinds of a hybrid, served by per-request state caches."""
+    return sorted({kind for kind in _layer_kinds(hf_config)[1] if kind in STATE_LAYER_TYPES})
+
+
+_WHY_NOT = {
+    "indexed_attention": "sparse attention whose indexer picks each query's top-k keys by scores over an indexer-key "
+                         "cache of its own, which the paged KV cache does not hold",
+    "compressed_sparse_attention": "attention over compressed KV blocks that the model builds in its own cache, "
+                                   "which the paged KV cache does not hold",
+    "heavily_compressed_attention": "attention over compressed KV blocks that the model builds in its own cache, "
+                                    "which the paged KV cache does not hold",
+    None: "not softmax attention, nor a conv or linear-attention layer whose state the model keeps in its "
+          "transformers cache, so neither the paged KV cache nor a per-request state cache can serve it",
+}
+
+
+def _layer_kinds(hf_config: PretrainedConfig) -> tuple[str, list[str]]:
+    """(config key, one kind per decoder layer) from `layer_types` and its older spellings; ('', []) if none."""
     text_config = hf_config.get_text_config()
     for key in _LAYER_KIND_KEYS:
         kinds = getattr(text_config, key, None)
-        if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
-            continue
-        others: dict[str, list[int]] = {}
-        for i, kind in enumerate(kinds):
-            if kind not in ATTENTION_LAYER_TYPES:
-                others.setdefault(kind, []).append(i)
-        return [f"layers {_spans(idx)} are {kind!r} layers ({key}), not softmax attention: the paged KV cache "
-                "holds only attention keys and values, so state-space, recurrent, convolutional, linear- and "
-                "sparse-indexed-attention layers cannot run in the transformers shell" for kind, idx in others.items()]
-    return []
+        if isinstance(kinds, (list, tuple)) and all(isinstance(k, str) for k in kinds):
+            return key, list(kinds)
+    return "", []
 
 
 def _spans(indices: list[int]) -> str:
     return str(indices) if len(indices) <= 8 else f"[{indices[0]}, {indices[1]}, ..., {indices[-1]}] ({len(indices)})"
 
 
-def _num_attention_layers(hf_config: PretrainedConfig) -> int | None:
+def num_attention_layers(hf_config: PretrainedConfig) -> int | None:
     text_config = hf_config.get_text_config()
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
-        return sum(1 for t in layer_types if t in ATTENTION_LAYER_TYPES)
+        return sum(1 for t in layer_types if t in ATTENTION_LAYER_TYPES | HYBRID_LAYER_TYPES)
     return getattr(text_config, "num_hidden_layers", None)

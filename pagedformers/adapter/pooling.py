@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers.cache_utils import Cache
 
 from pagedformers.adapter.base import TransformersBase
 from pagedformers.config import EngineConfig, PoolerConfig
@@ -63,10 +64,10 @@ class TransformersForPooling(TransformersBase):
             getattr(full.config, "problem_type", None) == "multi_label_classification"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, state: Cache | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids[None]}
         out = self.model(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
-                         use_cache=False, return_dict=True, **extra)
+                         return_dict=True, **extra, **self.cache_kwargs(state))
         return out.last_hidden_state[0]
 
     # -- weights ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def paged_attention(
     if nd:
         rows = meta.cache_rows(k_cache.shape[1])
         k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
-        out[:nd] = _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks)
+        _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks, out[:nd])
     for i, span in enumerate(meta.prefills):
         s, e = span.q_start, span.q_end
         q = query[s:e].transpose(0, 1)[None]  # [1, H, n, D]
@@ -50,8 +50,8 @@ def paged_attention(
 
 
 def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                    softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, D], k/v [B, H_kv, L, D], bias [B, 1, 1, L] (0 / -inf) -> [B, H, Dv].
+                    softcap: float | None, sinks: torch.Tensor | None, out: torch.Tensor) -> None:
+    """q [B, H, D], k/v [B, H_kv, L, D], bias [B, 1, 1, L] (0 / -inf) -> out [B, H, Dv] (contiguous).
 
     The G = H / H_kv query heads sharing a KV head are the rows of one matmul: no K/V repeat."""
     b, h, d = q.shape
@@ -65,7 +65,7 @@ def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs.to(v.dtype), v).reshape(b, h, -1)  # [B, H_kv, G, Dv] -> [B, H, Dv]
+    torch.matmul(probs.to(v.dtype), v, out=out.view(b, h_kv, h // h_kv, -1))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

@@ -21,6 +21,7 @@ class Chunk:
     token_ids: list[int]
     block_table: list[int]
     token_type_ids: list[int] | None = None
+    request_id: str = ""  # keys the request's state in workers of conv / linear-attention hybrids
 
     @property
     def is_decode(self) -> bool:
@@ -34,6 +35,8 @@ class StepPlan:
     chunks: list[Chunk]  # decodes first; rows of the flat batch follow this order
     logit_rows: list[int]  # rows whose logits the driver needs (sampling, prompt logprobs)
     fresh_blocks: list[int] = field(default_factory=list)  # blocks used for the first time: zero them
+    # Requests finished, aborted or preempted since the last plan: workers drop their per-request state.
+    finished_request_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,7 +57,7 @@ def make_chunk(s: ScheduledRequest) -> Chunk:
     end = s.start + s.num_new_tokens
     types = s.request.token_type_ids
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
-                 types[s.start:end] if types is not None else None)
+                 types[s.start:end] if types is not None else None, s.request.request_id)
 
 
 def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInputs:

@@ -43,11 +43,20 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.executor = executor or create_executor(config)
         self.runner = ModelRunner(config, self.executor)
-        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, self._prefix_caching())
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.parents: dict[str, _Parent] = {}
         self._arrivals = itertools.count()
+
+    def _prefix_caching(self) -> bool:
+        if not self.config.enable_prefix_caching:
+            return False
+        if getattr(self.executor.driver_worker.model, "needs_per_request_state", False):
+            logger.info("Prefix caching is off: the conv / linear-attention state of this hybrid model cannot be "
+                        "restored from cached KV blocks.")
+            return False
+        return True
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -100,6 +109,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one model step; return the outputs of every request that advanced (finished ones dropped)."""
         out = self.scheduler.schedule()
+        self.executor.finished_request_ids.extend(out.finished_request_ids)
         if not out.scheduled:
             return []
         scheduled = list(out.scheduled)  # _execute drops the requests that fail

@@ -33,6 +33,7 @@ logger = init_logger(__name__)
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
         self.config = config
         self.world_size = config.tensor_parallel_size * config.pipeline_parallel_size
         check_parallel_config(config.text_config, config.tensor_parallel_size, config.pipeline_parallel_size,
@@ -57,6 +58,8 @@ class MultiprocExecutor(Executor):
         self.num_blocks = self.driver_worker.num_blocks
 
     def execute(self, plan: StepPlan) -> WorkerOutput:
+        plan = self.with_finished(plan)
+
         def run() -> WorkerOutput:
             self._broadcast(("execute", plan))
             return self.driver_worker.execute(plan)

@@ -30,9 +30,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         logits = logits.float().cpu()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        logits = logits.clone()
-        _mask_eos_before_min_tokens(logits, reqs)
-        _apply_penalties(logits, reqs)
+        if any(r.num_output_tokens < r.params.min_tokens or r.params.has_penalties for r in reqs):
+            logits = logits.clone()  # edited in place below; a 4 MB copy per step that greedy skips
+            _mask_eos_before_min_tokens(logits, reqs)
+            _apply_penalties(logits, reqs)
         token_ids = self._pick(logits, reqs).tolist()
         logprobs = [
             logprob_entries(raw_logprobs[i], token_ids[i], r.params.logprobs) if r.params.logprobs is not None

@@ -29,6 +29,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     fresh_blocks: list[int] = field(default_factory=list)  # first use: to be zeroed before the step
+    finished_request_ids: list[str] = field(default_factory=list)  # finished, aborted or preempted since last step
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +44,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.finished_request_ids: list[str] = []  # since the last schedule()
 
     @property
     def has_unfinished(self) -> bool:
@@ -57,6 +59,7 @@ class Scheduler:
         if not out.preempted:
             self._schedule_waiting(out, budget)
         out.fresh_blocks = self.kv.take_fresh_blocks()
+        out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -108,6 +111,7 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
         out.preempted.append(req)
+        self.finished_request_ids.append(req.request_id)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed counts and register newly full blocks with the prefix cache."""
@@ -122,3 +126,4 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        self.finished_request_ids.append(req.request_id)

@@ -1,4 +1,9 @@
-"""A worker: one rank's model shard and KV cache, running the forward pass of each step plan."""
+"""A worker: one rank's model shard and KV cache, running the forward pass of each step plan.
+
+Conv / linear-attention hybrids (`model.needs_per_request_state`) also keep each request's layer state
+here, keyed by request id: created at position 0, carried across prefill chunks and decodes, dropped when
+the request ends. They run one request per forward, which is slower than one flat batch.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.cache_utils import Cache
 
 from pagedformers.adapter.resolve import resolve_model_cls
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
-from pagedformers.engine.inputs import StepPlan, prepare_inputs
+from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
 from pagedformers.layers.cpu_linear import pack_linears
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
@@ -48,6 +54,11 @@ class Worker:
         self.model = build_model(config, state)
         self.kv_specs = self.model.probe_kv_specs()
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
+        self.per_request_state = getattr(self.model, "needs_per_request_state", False)
+        self.request_states: dict[str, Cache] = {}
+        if self.per_request_state:
+            logger.info("%s keeps conv / linear-attention state per request: each step runs one forward per "
+                        "request (slower than one flat batch).", type(self.model.model).__name__)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Called once every rank agreed on num_blocks (the smallest of their budgets)."""
@@ -59,8 +70,14 @@ class Worker:
     def execute(self, plan: StepPlan) -> WorkerOutput:
         """Run this rank's part of the step. With pipeline stages, hidden states go stage to stage and
         the last stage's logits come back to rank 0 (the driver), which returns them."""
-        if plan.fresh_blocks:
+        if plan.fresh_blocks and self.kv_caches:
             zero_blocks(self.kv_caches, plan.fresh_blocks)
+        for request_id in plan.finished_request_ids:
+            self.request_states.pop(request_id, None)
+        if self.per_request_state:
+            hidden = torch.cat([self._execute_chunk(c) for c in plan.chunks])
+            logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows else None
+            return WorkerOutput(hidden, logits)
         step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
         extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
         if not self.state.is_first_stage:
@@ -78,6 +95,26 @@ class Worker:
         if self.state.pp_size > 1 and plan.logit_rows:
             logits = self._logits_to_driver(logits, len(plan.logit_rows))
         return WorkerOutput(hidden, logits)
+
+    def _execute_chunk(self, chunk: Chunk) -> torch.Tensor:
+        """One request's chunk as its own [1, n] row, with its own state -> hidden states [n, hidden]."""
+        if chunk.start == 0:  # a new request, or one preempted and now recomputed
+            self.request_states[chunk.request_id] = self.model.create_state()
+        state = self.request_states.get(chunk.request_id)
+        if state is None or state.num_seen_tokens != chunk.start:
+            raise RuntimeError(f"Request {chunk.request_id!r} resumes at position {chunk.start}, but its layer state "
+                               f"holds {'nothing' if state is None else state.num_seen_tokens} tokens (a failed step "
+                               "advanced it): it cannot continue.")
+        step = prepare_inputs([chunk], self.config.block_size, self.config.device)
+        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
+        try:
+            with forward_context(ForwardContext(step.metadata, self.kv_caches)):
+                hidden = self.model(step.input_ids, step.positions, state=state, **extra)
+        except Exception:
+            del self.request_states[chunk.request_id]  # some layers may have advanced it: never reuse it
+            raise
+        state.num_seen_tokens += len(chunk.token_ids)
+        return hidden
 
     def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
         last_stage_head = (self.state.pp_size - 1) * self.state.tp_size
@@ -102,7 +139,8 @@ def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec]) -> int
     if config.runner == "pooling":
         most_useful = -(-max(config.max_num_batched_tokens, config.max_model_len) // config.block_size) + \
             config.max_num_seqs
-    num_blocks = min(budget // bytes_per_block, most_useful)
+    # No attention layer (a pure state-space model): blocks cost nothing, the scheduler still counts them.
+    num_blocks = min(budget // bytes_per_block, most_useful) if bytes_per_block else most_useful
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory_bytes={budget} cannot hold one KV block of {bytes_per_block} bytes")
     logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, config.block_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedformers.adapter.compat import state_layers
 from pagedformers.parallel_plans.pp import PPMissingLayer, apply_pp
 from pagedformers.parallel_plans.state import SINGLE, ParallelState, create_parallel_state
 from pagedformers.parallel_plans.tp import apply_tp, apply_tp_to_vocab
@@ -16,6 +17,10 @@ def check_parallel_config(text_config: object, tp_size: int, pp_size: int, runne
     from pagedformers.parallel_plans import pp, tp
 
     name = type(text_config).__name__.replace("Config", "")
+    if tp_size * pp_size > 1 and state_layers(text_config):
+        raise ValueError(f"{name} has {', '.join(state_layers(text_config))} layers, whose per-request state the "
+                         "transformers shell keeps in a single process: run it with tensor_parallel_size=1 and "
+                         "pipeline_parallel_size=1.")
     if tp_size > 1 and not getattr(text_config, "base_model_tp_plan", None):
         raise ValueError(tp.NO_PLAN_HELP.format(model=name))
     if pp_size > 1 and not getattr(text_config, "base_model_pp_plan", None):

@@ -80,6 +80,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hrm_text": dict(num_hidden_layers=2, num_layers_per_stack=None),
     "xmod": dict(default_language="en_XX"),  # its language adapters need one
     "recurrent_gemma": dict(num_hidden_layers=3),  # one full block_types pattern: recurrent, recurrent, attention
+    # The default is Mamba-only, which HF generate cannot run (5.23); released Granite 4.0-H models interleave
+    # attention layers. Small Mamba heads and scan chunks, so that a prompt spans several chunks.
+    "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                             mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8),
     "roc_bert": dict(shape_vocab_size=64, pronunciation_vocab_size=64, shape_embed_dim=16, pronunciation_embed_dim=16),
 }
 

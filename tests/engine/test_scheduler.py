@@ -57,6 +57,19 @@ def test_preemption_frees_newest_and_requeues_it_first():
     assert [s.request.request_id for s in out.scheduled] == ["a"]
 
 
+def test_ended_requests_are_reported_once_for_workers_to_drop_their_state():
+    sched, _ = _make(num_blocks=4, block_size=2, budget=64)
+    a, b, c = _req("a", 4), _req("b", 3), _req("c", 2)
+    for r in (a, b, c):
+        sched.add(r)
+    assert _run_step(sched).finished_request_ids == []  # a and b fill the pool, c waits
+    sched.finish(c)  # aborted while waiting
+    assert _run_step(sched).finished_request_ids == ["c", "b"]  # a needs a 3rd block: b is preempted
+    sched.finish(a)
+    assert _run_step(sched).finished_request_ids == ["a"]
+    assert _run_step(sched).finished_request_ids == []
+
+
 def test_prefix_cache_hit_skips_computed_tokens():
     sched, kv = _make(prefix=True)
     a = _req("a", 9)

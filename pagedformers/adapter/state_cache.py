@@ -1,0 +1,52 @@
+"""Per-request state of non-attention layers (convolutions, SSMs, linear attention), kept in the model's own cache.
+
+The paged KV cache holds attention keys and values only. Conv, Mamba and linear-attention layers
+instead carry a small state from token to token, which transformers' layers already read and
+update through their `past_key_values` (`get_conv_state` / `update_conv_state`, recurrent states,
+MiniMax's `get_linear_cache`). So each request gets an instance of the very cache class its model
+builds for itself in `forward` (e.g. `DynamicCache(config)` with conv / linear-attention layers),
+subclassed so that `update` keeps no keys or values: the attention layers' K/V pass straight
+through to our attention function, which writes them to the paged cache.
+
+NOTE: such a state cannot be shared between requests or rebuilt from cached KV blocks, so these
+models run one request per forward (its chunk as its own [1, n] row) and without prefix caching.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache
+
+# Layer kinds (`layer_types`) whose state a per-request cache carries; attention kinds are listed in compat.
+STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+
+
+def _pass_through(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                  *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return key_states, value_states
+
+
+def _num_seen_tokens(self: Cache, layer_idx: int = 0) -> int:
+    return self.num_seen_tokens
+
+
+@functools.cache
+def paged_cache_class(cache_cls: type[Cache]) -> type[Cache]:
+    """`cache_cls` whose attention layers store nothing; `num_seen_tokens` counts the tokens it has carried."""
+    return type(f"Paged{cache_cls.__name__}", (cache_cls,), {
+        "update": _pass_through,
+        "get_seq_length": _num_seen_tokens,  # the past length, as transformers' own caches report it
+        "num_seen_tokens": 0,
+        "__module__": __name__,
+    })
+
+
+def create_state_cache(cache_cls: type[Cache], text_config: PretrainedConfig) -> Cache:
+    """A fresh, empty state for one request (`cache_cls` from `paged_cache_class`)."""
+    if "config" in inspect.signature(cache_cls.__init__).parameters:  # DynamicCache: layer kinds from the config
+        return cache_cls(config=text_config)
+    return cache_cls()

@@ -1,0 +1,118 @@
+"""Conv / linear-attention hybrids through the shell: per-request state caches, checked against HF generate.
+
+Several requests of different lengths share each step, a token budget of 7 chunks their prefills,
+and a tiny KV cache forces preemption (recompute from position 0, with a fresh state).
+"""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.adapter.compat import num_attention_layers
+from pagedformers.tools.tiny_configs import tiny_config
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
+
+MAX_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+# family: (what it stands for, config overrides)
+HYBRIDS = {
+    "lfm2": ("short convolutions (conv states)", {}),
+    "granitemoehybrid": ("Mamba 2 (conv + SSM states), several scan chunks per prompt",
+                         dict(num_hidden_layers=3, layer_types=["linear_attention", "attention", "linear_attention"],
+                              mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8)),
+    "minimax": ("lightning linear attention (MiniMaxCache)", {}),
+    "zaya": ("attention with conv + recurrent states in the same layer", {}),
+}
+
+
+def _save(tmp_path, family: str, **overrides) -> str:
+    tokenizer = build_tokenizer()
+    config = tiny_config(family, len(tokenizer), **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    return str(tmp_path / family)
+
+
+def _block_bytes(path: str) -> int:
+    """Bytes of one 16-token KV block of the model at `path` (float32, K and V of every attention layer)."""
+    config = AutoConfig.from_pretrained(path)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 16 * num_attention_layers(config) * config.num_key_value_heads * 2 * head_dim * 4
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 290) for _ in range(rng.randrange(2, 40))] for _ in range(n)]
+
+
+def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("family", sorted(HYBRIDS))
+def test_batched_chunked_prefill_matches_hf(family, tmp_path):
+    path = _save(tmp_path, family, **HYBRIDS[family][1])
+    prompts = _prompts(5)
+    llm = LLM(model=path, model_impl="transformers", dtype="float32", kv_cache_memory_bytes=1 << 22,
+              max_num_batched_tokens=7)
+    assert llm.llm_engine.kv_manager.enable_prefix_caching is False  # a state cannot come from cached blocks
+    assert _generate(llm, prompts) == hf_greedy(path, prompts, MAX_TOKENS), HYBRIDS[family][0]
+
+
+@pytest.mark.parametrize("family", ["lfm2", "granitemoehybrid"])
+def test_preemption_recomputes_with_a_fresh_state(family, tmp_path):
+    path = _save(tmp_path, family, **HYBRIDS[family][1])
+    prompts = _prompts(6, seed=1)
+    llm = LLM(model=path, model_impl="transformers", dtype="float32", kv_cache_memory_bytes=6 * _block_bytes(path),
+              max_num_batched_tokens=7)
+    assert llm.llm_engine.kv_manager.num_blocks == 6
+    assert _generate(llm, prompts) == hf_greedy(path, prompts, MAX_TOKENS)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_states_of_ended_requests_are_dropped(tmp_path):
+    llm = LLM(model=_save(tmp_path, "lfm2"), model_impl="transformers", dtype="float32",
+              kv_cache_memory_bytes=1 << 22)
+    worker = llm.llm_engine.executor.driver_worker
+    first = llm.generate([{"prompt_token_ids": p} for p in _prompts(3)], GREEDY, use_tqdm=False)
+    second = llm.generate([{"prompt_token_ids": p} for p in _prompts(2, seed=5)], GREEDY, use_tqdm=False)
+    # The first batch's states went with the next plan; the second's go with the one after it.
+    assert set(worker.request_states) == {f"{o.request_id}#0" for o in second}
+    assert not {f"{o.request_id}#0" for o in first} & set(worker.request_states)
+
+
+def test_pure_state_space_model_matches_hf_without_cache(tmp_path):
+    """No attention layer at all (Granite 4.0's default config: Mamba 2 only); HF generate cannot run it in
+    transformers 5.23 (its prefill asks the all-linear cache for a sequence length), so the reference
+    recomputes the whole sequence for every token."""
+    path = _save(tmp_path, "granitemoehybrid", mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8)
+    prompts = _prompts(3, seed=2)
+    llm = LLM(model=path, model_impl="transformers", dtype="float32", max_num_batched_tokens=7)
+    assert llm.llm_engine.executor.driver_worker.kv_specs == {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            tokens = list(ids)
+            for _ in range(MAX_TOKENS):
+                tokens.append(int(model(torch.tensor([tokens]), use_cache=False).logits[0, -1].argmax()))
+            expected.append(tokens[len(ids):])
+    assert _generate(llm, prompts) == expected
+
+
+def test_parallel_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"conv layers, whose per-request state .* tensor_parallel_size=1"):
+        LLM(model=_save(tmp_path, "lfm2"), model_impl="transformers", tensor_parallel_size=2)
+
+
+def test_state_held_in_modules_is_refused(tmp_path):
+    """RecurrentGemma keeps its conv and RG-LRU states on its modules, not in a transformers Cache."""
+    with pytest.raises(ValueError, match=r"RecurrentGemmaModel is not compatible with the transformers shell:\n"
+                                         r"  - its linear_attention layers need a state across steps"):
+        LLM(model=_save(tmp_path, "recurrent_gemma"), model_impl="transformers", dtype="float32")
