@@ -8,8 +8,9 @@ from pathlib import Path
 from pagedformers.tools.tiny_models import save_tiny_model
 
 
-def add_model_args(p: argparse.ArgumentParser, hidden: int = 768, layers: int = 12, heads: int = 12,
-                   kv_heads: int = 4, intermediate: int = 2048, dtype: str = "bfloat16") -> None:
+def add_model_args(p: argparse.ArgumentParser, hidden: int = 1024, layers: int = 12, heads: int = 16,
+                   kv_heads: int = 4, intermediate: int = 2816, dtype: str = "bfloat16") -> None:
+    """Defaults: the ~200M Llama of the performance issue (vocab 32000)."""
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--heads", type=int, default=heads)

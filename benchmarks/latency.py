@@ -1,8 +1,8 @@
 """Batch-1 decode step time against the memory-bandwidth floor (every weight read once per step),
 and against HF generate on the same model in the same run.
 
-    python benchmarks/latency.py                     # ~125M Llama, bf16
-    python benchmarks/latency.py --hidden 1024 --layers 12 --heads 16 --kv-heads 4 --intermediate 2816
+    python benchmarks/latency.py                     # ~200M Llama, bf16
+    python benchmarks/latency.py --hidden 768 --intermediate 2048 --heads 12   # ~125M
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Offline throughput: pagedformers vs HF `generate` (static batch) and transformers' `generate_batch`,
 measured in the same run on the same random-weight model, plus the machine's physical floors.
 
-    python benchmarks/throughput.py                       # ~100M Llama, 32 x 128 -> 128, bf16
+    python benchmarks/throughput.py                       # ~200M Llama, 32 x 128 -> 128, bf16
     python benchmarks/throughput.py --workload mixed      # seeded mixed prompt/output lengths
-    python benchmarks/throughput.py --hidden 1024 --layers 12 --heads 16 --kv-heads 4 --intermediate 2816
+    python benchmarks/throughput.py --hidden 768 --intermediate 2048 --heads 12   # ~125M
     python benchmarks/throughput.py --peer-python /tmp/vllm-venv/bin/python   # + vLLM, in its own venv
 
 The first requests' tokens are checked against HF greedy, so a fast wrong answer cannot pass.
