@@ -91,7 +91,7 @@ def test_pure_state_space_model_matches_hf_without_cache(tmp_path):
     """No attention layer at all (Granite 4.0's default config: Mamba 2 only); HF generate cannot run it in
     transformers 5.23 (its prefill asks the all-linear cache for a sequence length), so the reference
     recomputes the whole sequence for every token."""
-    path = _save(tmp_path, "granitemoehybrid", mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8)
+    path = _save(tmp_path, "granitemoehybrid", num_hidden_layers=2, layer_types=["linear_attention"] * 2)
     prompts = _prompts(3, seed=2)
     llm = LLM(model=path, model_impl="transformers", dtype="float32", max_num_batched_tokens=7)
     assert llm.llm_engine.executor.driver_worker.kv_specs == {}
