@@ -9,16 +9,18 @@ conv / linear-attention hybrids, which cache class carries their per-request sta
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from pagedformers.adapter.compat import CompatReport, num_attention_layers, state_layers
-from pagedformers.adapter.state_cache import create_state_cache, paged_cache_class
+from pagedformers.adapter.state_cache import (ModuleAttribute, create_state_cache, paged_cache_class,
+                                              plain_attributes, tensor_attributes_set_since)
 from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec
 from pagedformers.config import EngineConfig
@@ -47,6 +49,7 @@ class TransformersBase(nn.Module):
         # model's own cache class, learned by the probe), so the worker runs them one request per forward.
         self.needs_per_request_state = bool(state_layers(self.hf_config))
         self.state_cache_cls: type[Cache] | None = None
+        self.state_attributes: list[ModuleAttribute] = []  # where models like RecurrentGemma keep their state
 
     def create_model(self) -> nn.Module:
         """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""
@@ -61,13 +64,33 @@ class TransformersBase(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None) -> torch.Tensor:
         """input_ids, positions: [T] (the whole step as one row, or one request's chunk with its `state`)
         -> hidden states [T, hidden]."""
-        out = self.model(input_ids=input_ids[None], position_ids=positions[None], return_dict=True,
-                         **self.cache_kwargs(state))
+        with self.module_state(state):
+            out = self.model(input_ids=input_ids[None], position_ids=positions[None], return_dict=True,
+                             **self.cache_kwargs(state))
         return out.last_hidden_state[0]
 
     @staticmethod
     def cache_kwargs(state: Cache | None) -> dict:
         return {"use_cache": False} if state is None else {"use_cache": True, "past_key_values": state}
+
+    @contextmanager
+    def module_state(self, state: Cache | None) -> Iterator[None]:
+        """Put a request's state on the modules that keep it (RecurrentGemma) for one forward, then take it off."""
+        if state is None or not self.state_attributes:
+            yield
+            return
+        for module, name in self.state_attributes:
+            setattr(module, name, state.module_values.get((module, name)))  # None: the layer starts afresh
+        try:
+            yield
+        finally:
+            state.module_values = {(m, name): getattr(m, name) for m, name in self.state_attributes}
+
+    @property
+    def resumes_prefill(self) -> bool:
+        """Whether a multi-token chunk can continue a request's state. RecurrentGemma's recurrent blocks treat
+        any multi-token input as a fresh prompt (their convolution restarts), so later chunks go token by token."""
+        return not self.state_attributes
 
     def create_state(self) -> Cache:
         """An empty per-request state cache (models with `needs_per_request_state`)."""
@@ -144,9 +167,9 @@ class TransformersBase(nn.Module):
             state = self.create_state() if self.needs_per_request_state else None
             self(ids, positions, state=state)
         if state is not None and not _holds_tensors(state):
-            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers keep their state outside the cache "
-                         f"the model builds ({type(state).__mro__[1].__name__}), e.g. in attributes of their modules: "
-                         "per-request states cannot be kept apart")
+            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers keep no state in the "
+                         f"{type(state).__mro__[1].__name__} the model builds, nor on its modules: the shell cannot "
+                         "tell where they keep it, so per-request states cannot be kept apart")
         if not ctx.kv_specs and num_attention_layers(self.hf_config) != 0:
             raise ValueError(
                 f"{type(self.model).__name__} never called the attention function registered for "
@@ -156,14 +179,20 @@ class TransformersBase(nn.Module):
         return dict(sorted(ctx.kv_specs.items()))
 
     def _probe_state_cache(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Let the model build its own cache, as in `generate`, to learn its class."""
+        """Let the model build its own cache, as in `generate`, to learn its class; a model that returns none
+        keeps its state on its modules: learn which attributes."""
+        before = plain_attributes(self.model)
         with forward_context(ForwardContext(metadata=meta, kv_caches=None)):
             out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=True, return_dict=True)
         cache = getattr(out, "past_key_values", None)
-        if not isinstance(cache, Cache):
+        if isinstance(cache, Cache):
+            self.state_cache_cls = paged_cache_class(type(cache))
+            return
+        self.state_attributes = tensor_attributes_set_since(self.model, before)
+        if not self.state_attributes:
             self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers need a state across steps, but the "
-                         "model returns no transformers Cache to keep it in")
-        self.state_cache_cls = paged_cache_class(type(cache))
+                         "model keeps none in a transformers Cache nor on its modules")
+        self.state_cache_cls = paged_cache_class(DynamicCache)  # for the attention layers' pass-through updates
 
     def _refuse(self, reason: str) -> None:
         CompatReport(type(self.model).__name__, unsupported=[reason]).raise_if_broken()

@@ -31,7 +31,8 @@ class TransformersForCausalLM(TransformersBase):
         # Head-side logit transforms of some families (Cohere, Granite, Gemma 2/3).
         self.logit_scale = float(getattr(text_config, "logit_scale", None) or 1.0)
         self.logits_scaling = float(getattr(text_config, "logits_scaling", None) or 1.0)
-        self.final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
+        self.final_logit_softcapping = (getattr(text_config, "final_logit_softcapping", None)
+                                        or getattr(text_config, "logits_soft_cap", None))  # RecurrentGemma's name
 
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()

@@ -66,8 +66,9 @@ class TransformersForPooling(TransformersBase):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, state: Cache | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids[None]}
-        out = self.model(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
-                         return_dict=True, **extra, **self.cache_kwargs(state))
+        with self.module_state(state):
+            out = self.model(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
+                             return_dict=True, **extra, **self.cache_kwargs(state))
         return out.last_hidden_state[0]
 
     # -- weights ------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ builds for itself in `forward` (e.g. `DynamicCache(config)` with conv / linear-a
 subclassed so that `update` keeps no keys or values: the attention layers' K/V pass straight
 through to our attention function, which writes them to the paged cache.
 
+Older designs (RecurrentGemma) keep the state on their modules instead (`conv1d_state`,
+`recurrent_states`): the probe finds those attributes, and each request's values are put back
+on the modules before its forward and taken off after it (`module_values`).
+
 NOTE: such a state cannot be shared between requests or rebuilt from cached KV blocks, so these
 models run one request per forward (its chunk as its own [1, n] row) and without prefix caching.
 """
@@ -18,8 +22,11 @@ import functools
 import inspect
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
+
+ModuleAttribute = tuple[nn.Module, str]
 
 # Layer kinds (`layer_types`) whose state a per-request cache carries; attention kinds are listed in compat.
 STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
@@ -48,5 +55,19 @@ def paged_cache_class(cache_cls: type[Cache]) -> type[Cache]:
 def create_state_cache(cache_cls: type[Cache], text_config: PretrainedConfig) -> Cache:
     """A fresh, empty state for one request (`cache_cls` from `paged_cache_class`)."""
     if "config" in inspect.signature(cache_cls.__init__).parameters:  # DynamicCache: layer kinds from the config
-        return cache_cls(config=text_config)
-    return cache_cls()
+        cache = cache_cls(config=text_config)
+    else:
+        cache = cache_cls()
+    cache.module_values = {}  # state kept on modules: attribute -> this request's value (None: start afresh)
+    return cache
+
+
+def plain_attributes(model: nn.Module) -> dict[ModuleAttribute, object]:
+    """Every module's plain attributes (not parameters, buffers or submodules) and their current values."""
+    return {(m, name): value for m in model.modules() for name, value in vars(m).items()}
+
+
+def tensor_attributes_set_since(model: nn.Module, before: dict[ModuleAttribute, object]) -> list[ModuleAttribute]:
+    """The plain tensor attributes that were (re)assigned since `before = plain_attributes(model)`."""
+    return [key for key, value in plain_attributes(model).items()
+            if isinstance(value, torch.Tensor) and before.get(key) is not value]

@@ -105,16 +105,20 @@ class Worker:
             raise RuntimeError(f"Request {chunk.request_id!r} resumes at position {chunk.start}, but its layer state "
                                f"holds {'nothing' if state is None else state.num_seen_tokens} tokens (a failed step "
                                "advanced it): it cannot continue.")
-        step = prepare_inputs([chunk], self.config.block_size, self.config.device)
-        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
+        pieces = [chunk] if chunk.start == 0 or self.model.resumes_prefill else _one_token_chunks(chunk)
         try:
-            with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-                hidden = self.model(step.input_ids, step.positions, state=state, **extra)
+            hidden = torch.cat([self._forward(piece, state) for piece in pieces])
         except Exception:
             del self.request_states[chunk.request_id]  # some layers may have advanced it: never reuse it
             raise
         state.num_seen_tokens += len(chunk.token_ids)
         return hidden
+
+    def _forward(self, chunk: Chunk, state: Cache) -> torch.Tensor:
+        step = prepare_inputs([chunk], self.config.block_size, self.config.device)
+        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
+        with forward_context(ForwardContext(step.metadata, self.kv_caches)):
+            return self.model(step.input_ids, step.positions, state=state, **extra)
 
     def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
         last_stage_head = (self.state.pp_size - 1) * self.state.tp_size
@@ -128,6 +132,12 @@ class Worker:
         buffer = torch.empty(shape, dtype=torch.float32, device=self.config.device)
         dist.recv(buffer, src)
         return buffer.to(dtype)
+
+
+def _one_token_chunks(chunk: Chunk) -> list[Chunk]:
+    types = chunk.token_type_ids
+    return [Chunk(chunk.start + i, [token], chunk.block_table, None if types is None else [types[i]], chunk.request_id)
+            for i, token in enumerate(chunk.token_ids)]
 
 
 def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec]) -> int:

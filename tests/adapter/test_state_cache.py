@@ -26,6 +26,7 @@ HYBRIDS = {
                               mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8)),
     "minimax": ("lightning linear attention (MiniMaxCache)", {}),
     "zaya": ("attention with conv + recurrent states in the same layer", {}),
+    "recurrent_gemma": ("conv + RG-LRU states kept on its modules; later prefill chunks go token by token", {}),
 }
 
 
@@ -65,7 +66,7 @@ def test_batched_chunked_prefill_matches_hf(family, tmp_path):
     assert _generate(llm, prompts) == hf_greedy(path, prompts, MAX_TOKENS), HYBRIDS[family][0]
 
 
-@pytest.mark.parametrize("family", ["lfm2", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["lfm2", "granitemoehybrid", "recurrent_gemma"])
 def test_preemption_recomputes_with_a_fresh_state(family, tmp_path):
     path = _save(tmp_path, family, **HYBRIDS[family][1])
     prompts = _prompts(6, seed=1)
@@ -109,10 +110,3 @@ def test_pure_state_space_model_matches_hf_without_cache(tmp_path):
 def test_parallel_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"conv layers, whose per-request state .* tensor_parallel_size=1"):
         LLM(model=_save(tmp_path, "lfm2"), model_impl="transformers", tensor_parallel_size=2)
-
-
-def test_state_held_in_modules_is_refused(tmp_path):
-    """RecurrentGemma keeps its conv and RG-LRU states on its modules, not in a transformers Cache."""
-    with pytest.raises(ValueError, match=r"RecurrentGemmaModel is not compatible with the transformers shell:\n"
-                                         r"  - its linear_attention layers need a state across steps"):
-        LLM(model=_save(tmp_path, "recurrent_gemma"), model_impl="transformers", dtype="float32")
