@@ -29,6 +29,8 @@ REPRESENTATIVE = {
     "llama4_text": "chunked attention, NoPE layers with query temperature",
     "cohere": "logit_scale in the head",
     "granite": "logits_scaling and residual/embedding multipliers",
+    "got_ocr2": "multimodal: vision tower and projector beside the language model (TransformersForMultimodalLM)",
+    "moss_transcribe_diarize": "multimodal: audio LLM (in transformers' seq2seq mapping, but a decoder)",
 }
 
 
@@ -78,8 +80,8 @@ def test_a_failing_family_does_not_stop_the_sweep():
 def test_report_counts_and_reasons():
     results = [FamilyResult("a", "AForCausalLM", "pass", 1e-6), FamilyResult("b", "B", "fail", None, "x | y"),
                FamilyResult("c", "C", "unsupported", None, "hybrid"),
-               FamilyResult("d", "D", "unsupported", None, "multimodal model (vision_config): ...")]
+               FamilyResult("d", "D", "unsupported", None, "encoder-decoder model: ...")]
     text = render_markdown(results)
-    assert "**1 pass, 1 fail, 2 unsupported, of 4 families** (25% pass). Unsupported: 1 multimodal" in text
-    assert "Of the 3 text-decoder families, 1 pass (33%)" in text
+    assert "**1 pass, 1 fail, 2 unsupported, of 4 families** (25% pass). Unsupported: 1 encoder-decoder" in text
+    assert "Of the 3 decoder families, 1 pass (33%)" in text
     assert "| b | B | fail |  | x \\| y |" in text

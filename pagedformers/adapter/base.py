@@ -37,7 +37,7 @@ class TransformersBase(nn.Module):
         super().__init__()
         self.config = config
         self.hf_config = config.hf_config
-        self.hf_config._attn_implementation = ATTN_IMPLEMENTATION
+        self.hf_config._attn_implementation = self.attn_implementation()
         self.text_config.use_cache = False
         self.model = self.create_model()
         self.model.eval()
@@ -56,6 +56,10 @@ class TransformersBase(nn.Module):
         with init_empty_weights(include_buffers=False):
             return AutoModel.from_config(self.hf_config, dtype=self.config.torch_dtype,
                                          trust_remote_code=self.config.trust_remote_code)
+
+    def attn_implementation(self) -> str | dict[str, str | None]:
+        """What `config._attn_implementation` is set to (a str reaches every sub-config too)."""
+        return ATTN_IMPLEMENTATION
 
     @property
     def text_config(self) -> PretrainedConfig:

@@ -37,15 +37,20 @@ class TransformersForCausalLM(TransformersBase):
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()
         base_name, head_names = _split_causal_lm(lm)
+        heads = [lm.get_submodule(name) for name in head_names]
         # One child stays itself (a Linear, which the parallel plans can split); several run in order.
-        self.lm_head = getattr(lm, head_names[0]) if len(head_names) == 1 else \
-            nn.Sequential(*(getattr(lm, name) for name in head_names))
+        self.lm_head = heads[0] if len(heads) == 1 else nn.Sequential(*heads)
         ours = ["lm_head."] if len(head_names) == 1 else [f"lm_head.{i}." for i in range(len(head_names))]
-        # Plain attributes, not submodules: names as the checkpoint has them -> ours.
-        self.__dict__["_name_map"] = {f"{base_name}.": "model.", **{f"{n}.": o for n, o in zip(head_names, ours)}}
+        # Plain attributes, not submodules: names as the checkpoint has them -> ours (an empty base name,
+        # the whole model as the trunk, comes last: it matches every name).
+        self.__dict__["_name_map"] = {**{f"{n}.": o for n, o in zip(head_names, ours)},
+                                      (f"{base_name}." if base_name else ""): "model."}
         tied = getattr(lm, "all_tied_weights_keys", None) or {}
         self.__dict__["_tied"] = {self._ours(t): self._ours(s) for t, s in tied.items()}
-        base = getattr(lm, base_name)
+        if not base_name:  # the head sat inside the trunk: leave it one owner, the shell
+            parent, _, attr = head_names[0].rpartition(".")
+            setattr(lm.get_submodule(parent), attr, nn.Identity())
+        base = lm.get_submodule(base_name)
         take_over_query_temperature(base)
         return base
 
@@ -53,9 +58,12 @@ class TransformersForCausalLM(TransformersBase):
         """The checkpoint's own *ForCausalLM, on meta (built once; its trunk and head are ours)."""
         if "_meta_lm" not in self.__dict__:
             with init_empty_weights(include_buffers=False):
-                self.__dict__["_meta_lm"] = AutoModelForCausalLM.from_config(
-                    self.hf_config, dtype=self.config.torch_dtype, trust_remote_code=self.config.trust_remote_code)
+                self.__dict__["_meta_lm"] = self.build_causal_lm()
         return self.__dict__["_meta_lm"]
+
+    def build_causal_lm(self) -> nn.Module:
+        return AutoModelForCausalLM.from_config(self.hf_config, dtype=self.config.torch_dtype,
+                                                trust_remote_code=self.config.trust_remote_code)
 
     def checkpoint_name_map(self, meta_causal_lm: nn.Module) -> dict[str, str]:
         """Checkpoint prefixes (as the HF *ForCausalLM names them) -> ours (`model.`, `lm_head.`)."""
@@ -103,7 +111,8 @@ class TransformersForCausalLM(TransformersBase):
 
 
 def _split_causal_lm(lm: nn.Module) -> tuple[str, list[str]]:
-    """(base model child, head children in order) of a *ForCausalLM."""
+    """(base model child, head children in order) of a *ForCausalLM; ("", [path of the head]) when the
+    head sits inside the child that holds the embeddings (Llama 4's multimodal class wraps a *ForCausalLM)."""
     children = dict(lm.named_children())
     base = getattr(lm, "base_model", lm)
     if base is lm and hasattr(lm, "get_input_embeddings"):  # base_model_prefix names no child (Llama 4 text)
@@ -113,6 +122,8 @@ def _split_causal_lm(lm: nn.Module) -> tuple[str, list[str]]:
     out = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     head_names = [name for name, child in children.items() if child is not base]
     has_output = out is not None and any(m is out for name in head_names for m in children[name].modules())
+    if base_name is not None and not has_output and out is not None and any(m is out for m in base.modules()):
+        return "", [next(name for name, m in lm.named_modules() if m is out)]
     if base_name is None or not has_output:
         raise ValueError(
             f"{type(lm).__name__} does not split into a base model and an LM head (children: {sorted(children)}; "

@@ -54,13 +54,14 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
         logger.info("Using the native implementation %s for %s.", native.__name__, architectures)
         return native
     from pagedformers.adapter.causal import TransformersForCausalLM
+    from pagedformers.adapter.multimodal import TransformersForMultimodalLM
     from pagedformers.adapter.pooling import TransformersForPooling
 
-    if config.hf_config.get_text_config() is not config.hf_config:
+    is_multimodal = config.hf_config.get_text_config() is not config.hf_config
+    if is_multimodal and config.runner == "pooling":
         raise ValueError(
-            f"{architectures or config.hf_config.model_type} is a multimodal model: it needs "
-            "TransformersForMultimodalLM, which pagedformers does not have yet. Its text decoder alone may run: "
-            "point model at a text-only checkpoint of it (e.g. model_type '<name>_text').")
+            f"{architectures or config.hf_config.model_type} is a multimodal model: the transformers shell serves "
+            "it with runner='generate' only (TransformersForMultimodalLM); pooling needs a text-only checkpoint.")
     report = is_backend_compatible(base_model_class(config), config.hf_config, config.trust_remote_code)
     report.raise_if_broken()
     for warning in report.warnings:
@@ -68,7 +69,8 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
     if report.is_encoder_only and config.runner == "generate":
         raise ValueError(f"{report.model_name} is an encoder-only model (bidirectional attention): it cannot "
                          "generate text. Use runner='pooling' (embed / classify / score).")
-    shell = TransformersForPooling if config.runner == "pooling" else TransformersForCausalLM
+    shell = TransformersForPooling if config.runner == "pooling" else \
+        TransformersForMultimodalLM if is_multimodal else TransformersForCausalLM
     reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
     name = architectures or config.hf_config.model_type
     logger.info("Using %s for %s (%s).", shell.__name__, name, reason)

@@ -12,6 +12,7 @@ import torch
 
 from pagedformers.attention import AttentionMetadata, PrefillSpan
 from pagedformers.engine.scheduler import ScheduledRequest
+from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Chunk:
     block_table: list[int]
     token_type_ids: list[int] | None = None
     request_id: str = ""  # keys the request's state in workers of conv / linear-attention hybrids
+    multi_modal: MultiModalInputs | None = None  # the request's media, on chunks that hold its placeholders
 
     @property
     def is_decode(self) -> bool:
@@ -45,6 +47,12 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
     token_type_ids: torch.Tensor | None = None  # [T], only when a request carries segment ids (pairs)
+    multi_modal: list[MultiModalSlice] | None = None  # placeholder rows and their features, per request
+
+    def model_kwargs(self) -> dict:
+        """The optional inputs of the model's forward that this step has."""
+        extra = {"token_type_ids": self.token_type_ids, "multi_modal": self.multi_modal}
+        return {k: v for k, v in extra.items() if v is not None}
 
 
 def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -56,8 +64,12 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
 def make_chunk(s: ScheduledRequest) -> Chunk:
     end = s.start + s.num_new_tokens
     types = s.request.token_type_ids
+    media = s.request.multi_modal_inputs
+    if media is not None:  # sent only with the chunks that hold some of its placeholders
+        first, last = media.feature_range(s.start, end)
+        media = media if first < last else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
-                 types[s.start:end] if types is not None else None, s.request.request_id)
+                 types[s.start:end] if types is not None else None, s.request.request_id, media)
 
 
 def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInputs:
@@ -86,7 +98,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInp
         decode_context_len=decode_tables.shape[1] * block_size,
     )
     return StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                      _token_type_ids(chunks, device))
+                      _token_type_ids(chunks, device), _multi_modal(chunks, row_starts))
 
 
 def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
@@ -94,6 +106,16 @@ def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
         return None
     ids = [t for c in chunks for t in (c.token_type_ids or [0] * len(c.token_ids))]
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalSlice] | None:
+    slices = []
+    for c, row in zip(chunks, row_starts):
+        if c.multi_modal is not None:
+            first, last = c.multi_modal.feature_range(c.start, c.start + len(c.token_ids))
+            positions = torch.tensor(c.multi_modal.placeholders[first:last], dtype=torch.long)
+            slices.append(MultiModalSlice(c.request_id, c.multi_modal, row + positions - c.start, first))
+    return slices or None
 
 
 def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:

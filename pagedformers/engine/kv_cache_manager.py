@@ -122,7 +122,13 @@ class KVCacheManager:
 
     def _hash_block(self, req: Request, index: int, parent: int | None) -> int:
         start = index * self.block_size
-        return hash((parent, tuple(req.all_token_ids[start:start + self.block_size])))
+        tokens = tuple(req.all_token_ids[start:start + self.block_size])
+        media = req.multi_modal_inputs
+        if media is not None and start + self.block_size > media.first_position:
+            # Placeholder tokens are equal for every image: the block's K/V depend on the media too
+            # (and so, through the chained parent hash, do all later blocks).
+            return hash((parent, tokens, media.content_hash))
+        return hash((parent, tokens))
 
     def take_fresh_blocks(self) -> list[int]:
         fresh, self.fresh_blocks = self.fresh_blocks, []

@@ -17,6 +17,7 @@ from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.engine.validation import check_request
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
 from pagedformers.logger import init_logger
+from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import (CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics,
                                   RequestOutput)
 from pagedformers.pooling_params import PoolingParams
@@ -66,7 +67,7 @@ class LLMEngine:
         check_request(self.config, self.kv_manager.num_blocks, prompt_token_ids, params, name)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, multi_modal_inputs: MultiModalInputs | None = None) -> None:
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
@@ -76,7 +77,8 @@ class LLMEngine:
         children = []
         for i in range(params.n):
             child_params = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-            child = Request(f"{request_id}#{i}", prompt_token_ids, child_params, max_tokens, next(self._arrivals))
+            child = Request(f"{request_id}#{i}", prompt_token_ids, child_params, max_tokens, next(self._arrivals),
+                            multi_modal_inputs=multi_modal_inputs)
             children.append(child)
             self.scheduler.add(child)
         self.parents[request_id] = _Parent(request_id, prompt, children)

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import Logprob
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
@@ -24,7 +25,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival: int, pooling_params: PoolingParams | None = None,
-                 token_type_ids: list[int] | None = None) -> None:
+                 token_type_ids: list[int] | None = None,
+                 multi_modal_inputs: MultiModalInputs | None = None) -> None:
         self.request_id = request_id
         self.params = params
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -50,6 +52,7 @@ class Request:
         # Pooling requests run their whole prompt in one step and end with `pooled` set.
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids
+        self.multi_modal_inputs = multi_modal_inputs  # media whose features replace placeholder embeddings
         self.pooled: torch.Tensor | None = None
 
     @property

@@ -79,7 +79,7 @@ class Worker:
             logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows else None
             return WorkerOutput(hidden, logits)
         step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
-        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
+        extra = step.model_kwargs()
         if not self.state.is_first_stage:
             self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.text_config.hidden_size),
                                                    self.config.torch_dtype, self.state.prev_rank)
@@ -116,7 +116,7 @@ class Worker:
 
     def _forward(self, chunk: Chunk, state: Cache) -> torch.Tensor:
         step = prepare_inputs([chunk], self.config.block_size, self.config.device)
-        extra = {} if step.token_type_ids is None else {"token_type_ids": step.token_type_ids}
+        extra = step.model_kwargs()
         with forward_context(ForwardContext(step.metadata, self.kv_caches)):
             return self.model(step.input_ids, step.positions, state=state, **extra)
 

@@ -16,6 +16,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.engine.validation import check_request
 from pagedformers.entrypoints.data_parallel import DataParallelReplicas
+from pagedformers.entrypoints.multimodal import MultiModalProcessor
 from pagedformers.entrypoints.pooling_utils import cross_encoder_inputs, cross_encoder_score, pair_up, supported_tasks
 from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
@@ -40,6 +41,7 @@ class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **kwargs)
         self._ids = itertools.count()
+        self._multi_modal_processor = MultiModalProcessor(self.config)
         self._replicas: DataParallelReplicas | None = None
         if self.config.data_parallel_size > 1:
             self._replicas = DataParallelReplicas(self.config.init_kwargs(), self.config.data_parallel_size)
@@ -75,12 +77,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """Prompts are text, {"prompt_token_ids": [...]}, or {"prompt": text with image placeholders,
+        "multi_modal_data": {"image": PIL image or a list of them}} (the model's processor expands them)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams)
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for i, (ids, _) in enumerate(encoded):  # every request is checked before any model work
-            self._validate(ids, params[i], f"Prompt {i}")
-        return self._run([("generate", ids, p, text) for (ids, text), p in zip(encoded, params)], use_tqdm)
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):  # every request is checked before any model work
+            media = None
+            if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+                ids, media = self._multi_modal_processor(prompt, f"Prompt {i}")
+                text = prompt["prompt"]
+            else:
+                ids, text = self._encode(prompt, i)
+            self._validate(ids, p, f"Prompt {i}")
+            requests.append(("generate", ids, p, {"prompt": text, "multi_modal_inputs": media}))
+        return self._run(requests, use_tqdm)
 
     def chat(
         self,
@@ -133,7 +144,8 @@ class LLM:
         for i, ((ids, _), p) in enumerate(zip(encoded, params)):
             kept = ids[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else ids
             self._validate(kept, p, f"Prompt {i}")
-        return self._run([("pool", ids, p, t) for (ids, _), p, t in zip(encoded, params, types)], use_tqdm)
+        return self._run([("pool", ids, p, {"token_type_ids": t}) for (ids, _), p, t in zip(encoded, params, types)],
+                         use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -185,8 +197,8 @@ class LLM:
     def _run(self, items: list[tuple], use_tqdm: bool) -> list[Any]:
         """Add every request, then step the engine until all finish (or hand them to the replicas).
 
-        An item is ("generate", token_ids, SamplingParams, prompt text) or
-        ("pool", token_ids, PoolingParams, token_type_ids)."""
+        An item is ("generate" | "pool", token_ids, SamplingParams | PoolingParams, keyword arguments of
+        the engine's add_request | add_pooling_request)."""
         if self._replicas is not None:
             outs = self._replicas.run(items)
             for out in outs:  # each replica numbers its own requests
@@ -196,9 +208,9 @@ class LLM:
         ids = [str(next(self._ids)) for _ in items]
         for request_id, (kind, token_ids, params, extra) in zip(ids, items):
             if kind == "generate":
-                engine.add_request(request_id, token_ids, params, prompt=extra)
+                engine.add_request(request_id, token_ids, params, **extra)
             else:
-                engine.add_pooling_request(request_id, token_ids, params, token_type_ids=extra)
+                engine.add_pooling_request(request_id, token_ids, params, **extra)
         done: dict[str, Any] = {}
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
             try:

@@ -4,7 +4,8 @@
                                              [--timeout-per-family 120]
 
 Enumerates each family whose base model (the `AutoModel` class) sets `_supports_attention_backend`
-and that has a causal-LM class in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, checks each one against HF
+and that has a causal-LM class in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (multimodal families run their
+multimodal class, as their checkpoints do, with text-only prompts), checks each one against HF
 (tools/family_check.py) in its own subprocess with a timeout, so that a crash or hang fails that
 row alone, and writes the table of results.
 """
@@ -87,9 +88,9 @@ def render_markdown(results: Sequence[FamilyResult]) -> str:
         "# Conformance: transformers decoder families through the transformers shell",
         "",
         f"**{counts['pass']} pass, {counts['fail']} fail, {counts['unsupported']} unsupported, of {n} families** "
-        f"({_percent(counts['pass'], n)} pass). Unsupported: {not_decoders} multimodal or encoder-decoder families "
-        f"(not text decoders) and {counts['unsupported'] - not_decoders} text decoders refused at load because "
-        f"the paged KV cache cannot serve their layers. Of the {decoders} text-decoder families, "
+        f"({_percent(counts['pass'], n)} pass). Unsupported: {not_decoders} encoder-decoder families "
+        f"(not decoders) and {counts['unsupported'] - not_decoders} decoders refused at load because "
+        f"the paged KV cache cannot serve their layers. Of the {decoders} decoder families, "
         f"{counts['pass']} pass ({_percent(counts['pass'], decoders)}). "
         f"transformers {transformers.__version__}, torch {torch.__version__}.",
         "",
@@ -98,6 +99,9 @@ def render_markdown(results: Sequence[FamilyResult]) -> str:
         f"{len(PROMPT_LENGTHS)} prompts of {', '.join(map(str, PROMPT_LENGTHS))} tokens are greedy-decoded for "
         f"{MAX_NEW_TOKENS} tokens in one batch by `LLM(model_impl=\"transformers\", dtype=\"float32\")` (token "
         "budget 32, so the longest prefill is chunked) and one at a time by HF `generate` with eager attention. "
+        "Multimodal families run as their Hub checkpoints do (the multimodal class, encoders included, through "
+        "TransformersForMultimodalLM) with text-only prompts; image prompts are checked against HF in "
+        "tests/adapter/test_multimodal.py. "
         f"**pass**: the same tokens (or a tie within {TOLERANCE:g} where they part) and every generated "
         f"position's logprobs within {TOLERANCE:g}. **max Δlogprob**: the largest |difference| between our "
         "logprobs and HF's over the whole vocabulary, at every generated position up to the first differing "

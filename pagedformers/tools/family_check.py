@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import transformers
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.models.auto import modeling_auto as auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -30,7 +30,7 @@ PROMPT_LENGTHS = (5, 19, 38)  # tokens; the longer ones exceed the tiny sliding 
 MAX_NEW_TOKENS = 8
 TOLERANCE = 1e-3  # float32, max |logprob difference| over the vocabulary
 MAX_PARAMS = 5_000_000  # a tiny config that is not tiny is a bug in the shrinking, not a model to run
-NOT_TEXT_DECODER = ("multimodal model", "encoder-decoder model")  # how unsupported_reason's reasons start
+NOT_TEXT_DECODER = "encoder-decoder model"  # how unsupported_reason's reasons start
 PROMPT_TEXTS = (
     "Hello, my name is Ada and I like paged attention.",
     "A paged KV cache stores keys and values in fixed-size blocks. The quick brown fox jumps over the lazy dog.",
@@ -53,28 +53,27 @@ class FamilyResult:
 
 
 def enumerate_families() -> dict[str, str]:
-    """model_type -> causal-LM class name, for every family whose base model supports attention backends."""
+    """model_type -> the class its checkpoints run, for every family with a causal-LM class whose base model
+    supports attention backends: the multimodal class where the family has one (what Hub checkpoints are,
+    e.g. Llama4ForConditionalGeneration rather than the text-only Llama4ForCausalLM), else the causal LM."""
     families = {}
     for model_type, lm_name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         base_name = auto.MODEL_MAPPING_NAMES.get(model_type)
         base_name = base_name[0] if isinstance(base_name, (list, tuple)) else base_name
         base = getattr(transformers, base_name, None) if base_name else None
         if getattr(base, "_supports_attention_backend", False):
+            lm_name = auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get(model_type, lm_name)
             families[model_type] = lm_name if isinstance(lm_name, str) else lm_name[0]
     return families
 
 
 def unsupported_reason(family: str) -> str | None:
-    """Families that are not text decoders at all; decided before anything is built."""
-    sub_configs = getattr(CONFIG_MAPPING[family], "sub_configs", {}) or {}
-    media = sorted(k for k in sub_configs if any(m in k for m in ("vision", "audio", "vq", "image", "speech")))
-    if family in auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES or media:
-        text = f"{family}_text" if f"{family}_text" in CONFIG_MAPPING else None
-        also = f"; its text decoder is swept as `{text}`" if text else ""
-        return (f"{NOT_TEXT_DECODER[0]} ({', '.join(media) or 'image inputs'}): needs TransformersForMultimodalLM, "
-                f"which does not exist yet{also}")
-    if family in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or CONFIG_MAPPING[family]().is_encoder_decoder:
-        return f"{NOT_TEXT_DECODER[1]}: the causal-LM shell serves decoder-only models"
+    """Families that are not decoders at all; decided before anything is built. Multimodal families
+    run, with text-only prompts (their image path is tests/adapter/test_multimodal.py's). The config
+    says what a family is: audio LLMs (MOSS transcribe) sit in transformers' seq2seq mapping, but are
+    decoders whose prompt embeddings hold the audio encoder's output."""
+    if CONFIG_MAPPING[family]().is_encoder_decoder:
+        return f"{NOT_TEXT_DECODER}: the causal-LM shell serves decoder-only models"
     return None
 
 
@@ -108,12 +107,13 @@ def run_family(family: str, workdir: str | Path | None = None) -> FamilyResult:
 def save_tiny_family(family: str, path: Path, seed: int = 0) -> str:
     tokenizer = build_tokenizer()
     config = tiny_config(family, len(tokenizer))
+    model_cls = getattr(transformers, enumerate_families()[family])
     with init_empty_weights():
-        num_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        num_params = sum(p.numel() for p in model_cls._from_config(config).parameters())
     if num_params > MAX_PARAMS:
         raise ValueError(f"the tiny config still has {num_params:,} parameters: shrink it in tiny_configs.OVERRIDES")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_cls._from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -162,7 +162,8 @@ def pagedformers_greedy(path: str, prompts: list[list[int]]) -> Greedy:
 
 def hf_greedy_logprobs(path: str, prompts: list[list[int]]) -> Greedy:
     """HF generate with eager attention, one prompt at a time (no padding), EOS ignored."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model_cls = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])  # the class saved
+    model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     # Replace the model's own generation defaults: generate() would fill an unset eos_token_id from them.
     model.generation_config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
     greedy = []

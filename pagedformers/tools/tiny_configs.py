@@ -50,6 +50,14 @@ SIZES: dict[str, int] = {
     # weights large enough that greedy decoding is not a coin flip between near-equal logits
     "initializer_range": 0.2,
 }
+# Encoders (vision, audio) of multimodal families: tiny too, their exact shapes matter less.
+MEDIA_SIZES: dict[str, int] = {
+    "hidden_size": 32, "intermediate_size": 64, "mlp_dim": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "num_global_layers": 1, "num_blocks": 1,
+    "conf_num_hidden_layers": 1, "conf_num_attention_heads": 2, "output_channels": 16, "vision_output_dim": 32,
+    "projector_input_dim": 32, "projector_output_dim": 32, "initializer_range": 0.2,
+}
+MEDIA_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Set even where the default is None: their None defaults do not build (the Hub configs always set them).
 FILL_IF_NONE = ("head_dim", "n_routed_experts")
 ZEROED = ("dropout", "pdrop", "dropout_prob", "jitter_noise", "dropout_rate")
@@ -84,14 +92,54 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # attention layers. Small Mamba heads and scan chunks, so that a prompt spans several chunks.
     "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
                              mamba_n_heads=4, mamba_d_state=16, mamba_chunk_size=8),
+    # Its layers attend over all past tokens (create_causal_mask), but generate's cache keeps the last
+    # `sliding_window` only: keep the default (3000), longer than any prompt here, as in real use.
+    "moshi": dict(sliding_window=3000),
+    # Multimodal: encoder shapes that must agree with each other or with the language model.
+    "emu3": dict(vq_config=dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+                                attn_resolutions=[]),
+                 vocabulary_map={"<image>": 4, "<|extra_200|>": 5,
+                                 **{f"<|visual token {i:06d}|>": 6 + i for i in range(8)}}),
+    "dots3_note": dict(vision_config=dict(adapter_in_dim=32, adapter_out_dim=HIDDEN, moe_intermediate_size=32,
+                                          num_local_experts=4),
+                       audio_config=dict(adapter_input_size=32, adapter_out_dim=HIDDEN)),
     "roc_bert": dict(shape_vocab_size=64, pronunciation_vocab_size=64, shape_embed_dim=16, pronunciation_embed_dim=16),
 }
 
 
 def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> PretrainedConfig:
-    """A small config of `model_type` (a key of transformers' CONFIG_MAPPING), ready for `from_config`."""
+    """A small config of `model_type` (a key of transformers' CONFIG_MAPPING), ready for `from_config`.
+
+    A multimodal config's text sub-config shrinks like a text family's config; its encoder
+    sub-configs (vision, audio) to MEDIA_SIZES."""
     default = CONFIG_MAPPING[model_type]()
-    values = default.to_dict()
+    text = default.get_text_config()
+    media = {key: _tiny_media(sub.to_dict()) for key, sub in _media_configs(default).items()}
+    if text is default:  # the text decoder is the root config (Phi-4 multimodal, Moshi)
+        kwargs = _tiny_kwargs(model_type, default.to_dict(), vocab_size, {}) | media
+    else:
+        text_key = next(key for key in default.sub_configs if getattr(default, key, None) is text)
+        kwargs = {text_key: _tiny_kwargs(text.model_type, text.to_dict(), vocab_size, {}), **media}
+    for key, value in {**OVERRIDES.get(model_type, {}), **overrides}.items():
+        kwargs[key] = kwargs[key] | value if isinstance(value, dict) and isinstance(kwargs.get(key), dict) else value
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _media_configs(config: PretrainedConfig) -> dict[str, PretrainedConfig]:
+    """The encoder sub-configs (vision, audio, VQ); absent encoders stay absent (Gemma 4's default has none)."""
+    return {key: getattr(config, key) for key in getattr(config, "sub_configs", {})
+            if any(m in key for m in MEDIA_KEYS) and getattr(config, key, None) is not None}
+
+
+def _tiny_media(values: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in MEDIA_SIZES.items() if values.get(k) is not None}
+    n, tiny_n = values.get("num_hidden_layers"), kwargs.get("num_hidden_layers")
+    if isinstance(n, int) and tiny_n is not None:  # per-layer lists follow the layer count
+        kwargs |= {k: v[:tiny_n] for k, v in values.items() if isinstance(v, list) and len(v) == n and n > 1}
+    return kwargs
+
+
+def _tiny_kwargs(model_type: str, values: dict[str, Any], vocab_size: int, overrides: dict[str, Any]) -> dict:
     kwargs: dict[str, Any] = {k: v for k, v in SIZES.items()
                               if values.get(k) is not None or (k in FILL_IF_NONE and k in values)}
     kwargs |= {k: 0.0 for k, v in values.items() if k.endswith(ZEROED) and isinstance(v, float)}
@@ -102,7 +150,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Pretraine
     for key, value in {**OVERRIDES.get(model_type, {}), **overrides}.items():
         # A sub-config given as a dict (DBRX's attn_config) updates the default one.
         kwargs[key] = values[key] | value if isinstance(value, dict) and isinstance(values.get(key), dict) else value
-    return AutoConfig.for_model(model_type, **kwargs)
+    return kwargs
 
 
 def _structure(values: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:

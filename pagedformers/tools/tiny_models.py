@@ -5,8 +5,8 @@ Used by the tests, the benchmarks and the conformance sweep: no hub is needed.
 
 from __future__ import annotations
 
+import copy
 import functools
-
 from pathlib import Path
 
 import torch
@@ -55,6 +55,26 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **over
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_llava(path: Path, seed: int = 0) -> Path:
+    """A random-weight LlavaForConditionalGeneration (tiny CLIP vision tower, tiny Llama) with its processor:
+    a 28x28 image becomes 4 "<image>" tokens (2x2 patches of 14, CLS dropped)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = copy.deepcopy(build_tokenizer())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    text = dict(model_type="llama", **TINY, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
+        "<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default", initializer_range=0.2)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
     return path
 
 

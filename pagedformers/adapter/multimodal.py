@@ -1,0 +1,143 @@
+"""TransformersForMultimodalLM: the causal-LM shell around a checkpoint with a text sub-config.
+
+The checkpoint's own class (Gemma3ForConditionalGeneration, LlavaForConditionalGeneration, ...) is
+built on meta and split like a causal LM: its base model (encoders, projector, language model) is
+the trunk, its head the head. Only the language model attends through the paged KV cache: the
+encoders attend within one image or clip and keep nothing, so their sub-configs keep transformers'
+own attention (sdpa or eager), and the KV-shape probe, a text-only pass, sees decoder layers only.
+
+Images: the base model's `get_image_features` (the call HF `generate` makes) runs once per request,
+at the first prefill chunk holding its placeholders; its features replace the token embeddings at
+the placeholder rows, as HF's own merge does, and later chunks of the prompt take their slice.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForImageTextToText, PretrainedConfig
+from transformers.cache_utils import Cache
+
+from pagedformers.adapter.causal import TransformersForCausalLM
+from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
+from pagedformers.attention.interface import take_over_query_temperature
+from pagedformers.config import EngineConfig
+from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
+
+# Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
+IMAGE_FAMILIES = frozenset({"llava"})
+_BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
+                  "mask), and the paged attention is causal only")
+# Why a family cannot take images yet, where more is known than "not checked against transformers".
+IMAGE_REFUSALS = {
+    "gemma3": _BIDIRECTIONAL,
+    "gemma4": _BIDIRECTIONAL,
+    "gemma4_unified": _BIDIRECTIONAL,
+    "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
+              "image, not from the prompt: the paged KV cache holds self-attention keys only",
+    "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
+              "forward applies; the shell takes get_image_features as the features",
+}
+
+
+def image_support(hf_config: PretrainedConfig) -> str | None:
+    """None if the transformers shell takes images for this checkpoint, else why not (naming its family)."""
+    family = hf_config.model_type
+    if family in IMAGE_FAMILIES:
+        return None
+    if hf_config.get_text_config() is hf_config:
+        return f"{family} has no multimodal sub-configs: it is a text-only model"
+    reason = IMAGE_REFUSALS.get(family, f"only {', '.join(sorted(IMAGE_FAMILIES))} are checked against "
+                                        "transformers so far")
+    return f"image inputs are not supported for {family} yet: {reason}. Text-only prompts work."
+
+
+class TransformersForMultimodalLM(TransformersForCausalLM):
+    def __init__(self, config: EngineConfig) -> None:
+        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+            raise ValueError(f"{config.hf_config.model_type} is multimodal: the transformers shell runs multimodal "
+                             "models with tensor_parallel_size=1 and pipeline_parallel_size=1 for now (the plans "
+                             "name the language model's modules, not the encoders').")
+        super().__init__(config)
+        self.encoder_cache: dict[str, torch.Tensor] = {}  # request id -> its features [num_placeholders, hidden]
+
+    def create_model(self) -> nn.Module:
+        lm = self.meta_causal_lm()
+        decoder = lm.get_decoder()
+        if any(m is lm.get_output_embeddings() for m in decoder.modules()):  # Llama 4: a *ForCausalLM inside
+            embedding = lm.get_input_embeddings()
+            decoder = next(c for c in decoder.children() if any(m is embedding for m in c.modules()))
+        # The language model's own base: text-only steps run it alone, image steps with embeddings.
+        self.__dict__["decoder"] = decoder  # not a submodule: its weights are named under `model.`
+        take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
+        return super().create_model()
+
+    def attn_implementation(self) -> dict[str, str | None]:
+        """Ours for the language model; None (transformers picks sdpa or eager) for every encoder."""
+        text_config = self.hf_config.get_text_config()
+        subs = {key: ATTN_IMPLEMENTATION if getattr(self.hf_config, key, None) is text_config else None
+                for key in self.hf_config.sub_configs}
+        return {"": ATTN_IMPLEMENTATION, **subs}
+
+    def build_causal_lm(self) -> nn.Module:
+        """The checkpoint's own class (its `architectures`), else transformers' choice for the config."""
+        own = next((getattr(transformers, a) for a in getattr(self.hf_config, "architectures", None) or []
+                    if hasattr(transformers, a) and getattr(transformers, a).config_class is type(self.hf_config)),
+                   None)
+        if own is None and type(self.hf_config) in AutoModelForImageTextToText._model_mapping:
+            own = AutoModelForImageTextToText._model_mapping[type(self.hf_config)]
+        if own is None:
+            return super().build_causal_lm()
+        return own._from_config(self.hf_config, dtype=self.config.torch_dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
+                multi_modal: list[MultiModalSlice] | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; multi_modal: the step's placeholder rows -> hidden states [T, hidden]."""
+        ctx = get_forward_context()
+        if multi_modal:
+            inputs = {"inputs_embeds": self.embed_with_features(input_ids, multi_modal)[None]}
+        else:
+            inputs = {"input_ids": input_ids[None]}
+        calls_before = ctx.num_calls
+        out = self.decoder(**inputs, position_ids=positions[None], return_dict=True, **self.cache_kwargs(state))
+        assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
+            "an encoder ran through the paged attention: its sub-config must keep transformers' attention"
+        return out.last_hidden_state[0]
+
+    def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> torch.Tensor:
+        """Token embeddings [T, hidden] with each slice's features at its placeholder rows."""
+        rows = torch.cat([s.rows for s in multi_modal]).to(input_ids.device)
+        # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too).
+        embeds = self.model.get_input_embeddings()(input_ids.index_fill(0, rows, 0))
+        step_keys = {s.key for s in multi_modal}
+        for s in multi_modal:
+            features = self.encoder_cache.get(s.key)
+            if features is None:
+                features = self.encoder_cache[s.key] = self.encode(s.inputs)
+            embeds[s.rows.to(embeds.device)] = features[s.first:s.first + len(s.rows)].to(embeds.dtype)
+        # Keep features only for requests whose prefill goes on in the next step; a request that
+        # skips a step (preempted, or out of budget) has them computed again from its inputs.
+        self.encoder_cache = {k: v for k, v in self.encoder_cache.items() if k in step_keys}
+        for s in multi_modal:
+            if s.is_last:
+                self.encoder_cache.pop(s.key, None)
+        return embeds
+
+    def encode(self, inputs: MultiModalInputs) -> torch.Tensor:
+        """One request's media -> features [num_placeholders, hidden], in placeholder order."""
+        encoder = getattr(self.model, f"get_{inputs.modality}_features")
+        params = inspect.signature(encoder).parameters
+        device, dtype = self.config.device, self.config.torch_dtype
+        kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in inputs.data.items() if k in params}
+        out = encoder(**kwargs, return_dict=True)
+        features = out.pooler_output
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]) if isinstance(features, (list, tuple)) \
+            else features.reshape(-1, features.shape[-1])
+        if features.shape[0] != len(inputs.placeholders):
+            raise ValueError(f"get_{inputs.modality}_features gave {features.shape[0]} feature rows for "
+                             f"{len(inputs.placeholders)} placeholder tokens in the prompt")
+        return features

@@ -1,0 +1,68 @@
+"""Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`), through the HF processor.
+
+The checkpoint's own processor (AutoProcessor) expands each placeholder in the prompt into the
+model's number of image tokens and prepares the encoder's tensors, exactly as for HF `generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, ProcessorMixin
+
+from pagedformers.adapter.multimodal import image_support
+from pagedformers.config import EngineConfig
+from pagedformers.multimodal_inputs import MultiModalInputs
+
+MODALITIES = ("image",)
+# Processor outputs that describe the text, not the media.
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class MultiModalProcessor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._processor: ProcessorMixin | None = None  # loaded on the first prompt with media
+
+    def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
+        """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
+
+        Raises ValueError (naming the prompt) for media the model cannot take."""
+        data = prompt["multi_modal_data"]
+        unknown = sorted(set(data) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"{name}: multi_modal_data has {unknown}; pagedformers takes {list(MODALITIES)}")
+        reason = image_support(self.config.hf_config)
+        if reason:
+            raise ValueError(f"{name}: {reason}")
+        if not isinstance(prompt.get("prompt"), str):
+            raise ValueError(f"{name}: a prompt with multi_modal_data needs its text in 'prompt' (with the image "
+                             "placeholders), so that the model's processor can expand them")
+        images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+        out = self.processor(text=prompt["prompt"], images=images, return_tensors="pt")
+        token_ids = out["input_ids"][0].tolist()
+        image_token = _image_token_id(self.config)
+        placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
+        if not placeholders:
+            raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
+                             "image placeholder in the prompt text")
+        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        return token_ids, MultiModalInputs("image", tensors, placeholders)
+
+    @property
+    def processor(self) -> ProcessorMixin:
+        if self._processor is None:
+            self._processor = AutoProcessor.from_pretrained(self.config.tokenizer_path,
+                                                            trust_remote_code=self.config.trust_remote_code)
+        return self._processor
+
+
+def _image_token_id(config: EngineConfig) -> int:
+    """The token whose embeddings the image features replace (HF's get_placeholder_mask reads the same)."""
+    hf_config = config.hf_config
+    token = next((getattr(hf_config, k) for k in ("image_token_id", "image_token_index")
+                  if isinstance(getattr(hf_config, k, None), int)), None)
+    if token is None:
+        raise ValueError(f"{hf_config.model_type}'s config names no image token (image_token_id)")
+    return token

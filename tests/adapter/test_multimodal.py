@@ -1,0 +1,137 @@
+"""TransformersForMultimodalLM: text-only prompts and image prompts, checked against HF `generate` (float32)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.adapter.multimodal import TransformersForMultimodalLM
+from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
+from pagedformers.tools.tiny_models import save_tiny_llava
+
+MAX_NEW_TOKENS = 8
+PROMPTS = [  # (text, number of images): the processor expands each <image> into 4 tokens
+    ("Hello, my name is <image> and I like paged attention. What is in <image>?", 2),
+    ("What is the capital of France? <image>", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> str:
+    return str(save_tiny_llava(tmp_path_factory.mktemp("llava")))
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _hf_greedy(path: str, text: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor]:
+    """HF generate on the processor's outputs (pixel_values included), eager attention, EOS ignored."""
+    inputs = AutoProcessor.from_pretrained(path)(text=text, images=images, return_tensors="pt")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+
+
+def _ours(llm: LLM, prompts: list) -> list[tuple[list[int], torch.Tensor]]:
+    vocab = llm.config.text_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=vocab)
+    greedy = []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        assert out.error is None, out.error
+        rows = torch.full((MAX_NEW_TOKENS, vocab), float("-inf"))
+        for row, entries in zip(rows, out.outputs[0].logprobs):
+            for token, lp in entries.items():
+                row[token] = lp.logprob
+        greedy.append((out.outputs[0].token_ids, rows))
+    return greedy
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama4", "mllama"])
+def test_text_only_prompts_match_transformers(family, tmp_path):
+    """gemma3: vision tower beside the LM; llama4: the head sits inside the LM (a *ForCausalLM), chunked
+    attention; mllama: cross-attention layers, skipped without an image."""
+    result = run_family(family, tmp_path)
+    assert result.status == "pass", result.reason
+    assert result.max_logprob_diff <= TOLERANCE
+
+
+def test_only_the_language_model_uses_paged_attention(tmp_path):
+    path = save_tiny_family("gemma3", tmp_path / "gemma3")
+    llm = LLM(model=path, dtype="float32", kv_cache_memory_bytes=1 << 22)
+
+    def attn(model):
+        return (type(model).__name__, model.model.vision_tower.config._attn_implementation,
+                model.model.language_model.config._attn_implementation, len(llm.llm_engine.executor.driver_worker.kv_specs),
+                model.text_config.num_hidden_layers)
+
+    name, vision, text, num_kv_layers, num_layers = llm.apply_model(attn)[0]
+    assert name == TransformersForMultimodalLM.__name__
+    assert (vision, text) == ("sdpa", "pagedformers")
+    assert num_kv_layers == num_layers  # the probe saw decoder layers only
+
+
+def test_image_prompts_match_transformers(tiny_llava):
+    """Two image prompts and a text-only one in one batch; a token budget of 8 splits the images' tokens
+    across prefill chunks, so each chunk takes its slice of the features."""
+    images = [_images(n, seed) for seed, (_, n) in enumerate(PROMPTS)]
+    llm = LLM(model=tiny_llava, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    prompts = [{"prompt": text, "multi_modal_data": {"image": imgs}} for (text, _), imgs in zip(PROMPTS, images)]
+    ours = _ours(llm, prompts + ["Hello, my name is"])
+    theirs = [_hf_greedy(tiny_llava, text, imgs) for (text, _), imgs in zip(PROMPTS, images)]
+    worst, mismatch = compare(ours[:2], theirs)
+    assert mismatch is None and worst <= TOLERANCE, (mismatch, worst)
+    assert ours[0][0] != ours[2][0]
+
+
+def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
+    llm = LLM(model=tiny_llava, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    calls = []
+
+    def count_calls(model):
+        encoder = model.model.get_image_features
+        model.model.get_image_features = lambda *a, **kw: calls.append(1) or encoder(*a, **kw)
+
+    llm.apply_model(count_calls)
+    text, n = PROMPTS[0]
+    llm.generate({"prompt": text, "multi_modal_data": {"image": _images(n, 0)}},
+                 SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert len(calls) == 1  # the 8 image tokens and the rest of the prompt take 7 chunks
+
+
+def test_the_prefix_cache_tells_images_apart(tiny_llava):
+    """Equal prompt tokens, other image: cached blocks of the first must not serve the second."""
+    llm = LLM(model=tiny_llava, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
+    text, n = PROMPTS[0]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    first, second = _images(n, 0), _images(n, 7)
+    for images in (first, second, first):
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == _hf_greedy(tiny_llava, text, images)[0]
+    assert llm.llm_engine.kv_manager.stats.hits > 0  # the third prompt reused the first one's blocks
+
+
+def test_families_without_image_support_refuse_images_by_name(tmp_path):
+    llm = LLM(model=save_tiny_family("gemma3", tmp_path / "gemma3"), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    prompt = {"prompt": "Hello <start_of_image>", "multi_modal_data": {"image": _images(1, 0)}}
+    with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for gemma3 yet: its image "
+                                         r"tokens attend to each other bidirectionally"):
+        llm.generate(prompt)
+
+
+def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
+    llm = LLM(model=tiny_llava, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    with pytest.raises(ValueError, match=r"multi_modal_data has \['audio'\]; pagedformers takes \['image'\]"):
+        llm.generate({"prompt": "x", "multi_modal_data": {"audio": np.zeros(16)}})
+    with pytest.raises(ValueError, match="needs its text in 'prompt'"):
+        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": _images(1, 0)}})
+    text_only = LLM(model=tiny_llama, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    with pytest.raises(ValueError, match="llama has no multimodal sub-configs: it is a text-only model"):
+        text_only.generate({"prompt": "x <image>", "multi_modal_data": {"image": _images(1, 0)}})
