@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.compat import num_attention_layers
@@ -110,3 +110,17 @@ def test_pure_state_space_model_matches_hf_without_cache(tmp_path):
 def test_parallel_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"conv layers, whose per-request state .* tensor_parallel_size=1"):
         LLM(model=_save(tmp_path, "lfm2"), model_impl="transformers", tensor_parallel_size=2)
+
+
+def test_embeddings_of_a_hybrid_match_hf(tmp_path):
+    path = _save(tmp_path, "lfm2")
+    prompts = _prompts(3, seed=3)
+    llm = LLM(model=path, model_impl="transformers", dtype="float32", runner="pooling", convert="embed",
+              kv_cache_memory_bytes=1 << 22)
+    ours = [torch.tensor(o.outputs.embedding) for o in llm.embed([{"prompt_token_ids": p} for p in prompts],
+                                                                  use_tqdm=False)]
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    with torch.inference_mode():
+        for ids, embedding in zip(prompts, ours):
+            last = model(torch.tensor([ids])).last_hidden_state[0, -1]  # LAST pooling, normalized
+            torch.testing.assert_close(embedding, torch.nn.functional.normalize(last, dim=-1), atol=1e-5, rtol=0)
