@@ -214,7 +214,7 @@ class LLMEngine:
                                         error=first.error)
         outputs = [
             CompletionOutput(
-                index=i, text=c.text if c.params.stop else self.detokenizer.decode(c),
+                index=i, text=self.detokenizer.decode(c),
                 token_ids=c.output_token_ids, cumulative_logprob=c.cumulative_logprob,
                 logprobs=list(c.logprobs) if c.logprobs is not None else None,  # a snapshot: later steps append
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
