@@ -85,8 +85,8 @@ class TransformersForMultimodalLM(TransformersForCausalLM):
     def build_causal_lm(self) -> nn.Module:
         """The checkpoint's own class (its `architectures`), else transformers' choice for the config."""
         own = next((getattr(transformers, a) for a in getattr(self.hf_config, "architectures", None) or []
-                    if hasattr(transformers, a) and getattr(transformers, a).config_class is type(self.hf_config)),
-                   None)
+                    if isinstance(getattr(transformers, a, None), type)
+                    and issubclass(getattr(transformers, a), transformers.PreTrainedModel)), None)
         if own is None and type(self.hf_config) in AutoModelForImageTextToText._model_mapping:
             own = AutoModelForImageTextToText._model_mapping[type(self.hf_config)]
         if own is None:
