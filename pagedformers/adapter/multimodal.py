@@ -28,7 +28,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
-IMAGE_FAMILIES = frozenset({"llava"})
+IMAGE_FAMILIES = frozenset({"llava", "llava_next"})
 _BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
                   "mask), and the paged attention is causal only")
 # Why a family cannot take images yet, where more is known than "not checked against transformers".

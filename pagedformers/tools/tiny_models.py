@@ -58,23 +58,32 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **over
     return path
 
 
-def save_tiny_llava(path: Path, seed: int = 0) -> Path:
-    """A random-weight LlavaForConditionalGeneration (tiny CLIP vision tower, tiny Llama) with its processor:
-    a 28x28 image becomes 4 "<image>" tokens (2x2 patches of 14, CLS dropped)."""
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+# Llava-style families (CLIP vision tower, projector, Llama) whose image path is checked against HF.
+_LLAVA_CLASSES = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessorPil"),
+                  "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextProcessor",
+                                 "LlavaNextImageProcessorPil")}
 
+
+def save_tiny_llava(path: Path, model_type: str = "llava", seed: int = 0) -> Path:
+    """A random-weight Llava (or LLaVA-NeXT) with its processor: a tiny CLIP vision tower over 28x28 crops
+    (2x2 patches of 14, CLS dropped: 4 "<image>" tokens a crop) and a tiny Llama. LLaVA-NeXT adds a crop
+    grid (28x56 or 56x28 for elongated images) and a newline token per row of patches."""
+    import transformers
+
+    config_cls, model_cls, processor_cls, images_cls = (getattr(transformers, n) for n in _LLAVA_CLASSES[model_type])
     tokenizer = copy.deepcopy(build_tokenizer())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    grid = {"image_grid_pinpoints": [[28, 28], [28, 56], [56, 28]]} if model_type == "llava_next" else {}
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
     text = dict(model_type="llama", **TINY, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
-        "<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default", initializer_range=0.2)
+    config = config_cls(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(
+        "<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default", initializer_range=0.2, **grid)
     torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    model_cls(config).save_pretrained(path)
+    images = images_cls(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **grid)
+    processor_cls(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                  image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
     return path
 
 

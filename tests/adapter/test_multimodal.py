@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
@@ -23,15 +24,23 @@ def tiny_llava(tmp_path_factory) -> str:
     return str(save_tiny_llava(tmp_path_factory.mktemp("llava")))
 
 
+@pytest.fixture(scope="module")
+def tiny_llava_next(tmp_path_factory) -> str:
+    return str(save_tiny_llava(tmp_path_factory.mktemp("llava_next"), "llava_next"))
+
+
 def _images(n: int, seed: int) -> list[Image.Image]:
+    """Tall, square-ish and wide images: LLaVA-NeXT picks another crop grid for each."""
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
+    shapes = [(40, 36, 3), (30, 60, 3), (64, 30, 3)]
+    return [Image.fromarray(rng.integers(0, 256, shapes[(seed + i) % 3], dtype=np.uint8)) for i in range(n)]
 
 
 def _hf_greedy(path: str, text: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor]:
     """HF generate on the processor's outputs (pixel_values included), eager attention, EOS ignored."""
     inputs = AutoProcessor.from_pretrained(path)(text=text, images=images, return_tensors="pt")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model_cls = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])
+    model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.generation_config.eos_token_id = None
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
@@ -78,14 +87,17 @@ def test_only_the_language_model_uses_paged_attention(tmp_path):
     assert num_kv_layers == num_layers  # the probe saw decoder layers only
 
 
-def test_image_prompts_match_transformers(tiny_llava):
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_image_prompts_match_transformers(family, request):
     """Two image prompts and a text-only one in one batch; a token budget of 8 splits the images' tokens
-    across prefill chunks, so each chunk takes its slice of the features."""
+    across prefill chunks, so each chunk takes its slice of the features. LLaVA-NeXT: several crops per
+    image, `image_sizes` passed to its encoder, a newline feature per row."""
+    path = request.getfixturevalue(f"tiny_{family}")
     images = [_images(n, seed) for seed, (_, n) in enumerate(PROMPTS)]
-    llm = LLM(model=tiny_llava, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    llm = LLM(model=path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
     prompts = [{"prompt": text, "multi_modal_data": {"image": imgs}} for (text, _), imgs in zip(PROMPTS, images)]
     ours = _ours(llm, prompts + ["Hello, my name is"])
-    theirs = [_hf_greedy(tiny_llava, text, imgs) for (text, _), imgs in zip(PROMPTS, images)]
+    theirs = [_hf_greedy(path, text, imgs) for (text, _), imgs in zip(PROMPTS, images)]
     worst, mismatch = compare(ours[:2], theirs)
     assert mismatch is None and worst <= TOLERANCE, (mismatch, worst)
     assert ours[0][0] != ours[2][0]
