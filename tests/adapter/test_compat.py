@@ -63,12 +63,14 @@ def test_remote_code_needs_trust(tmp_path):
         LLM(model=str(save_remote_code_model(tmp_path / "trust")))
 
 
-def test_multimodal_checkpoints_are_refused_until_the_multimodal_shell_exists(tmp_path):
+def test_multimodal_checkpoints_are_refused_for_pooling(tmp_path):
+    """They generate through TransformersForMultimodalLM (tests/adapter/test_multimodal.py); no pooling shell yet."""
     from transformers import AutoConfig
 
     from pagedformers.tools.tiny_models import build_tokenizer
 
     AutoConfig.for_model("llava").save_pretrained(tmp_path / "llava")
     build_tokenizer().save_pretrained(tmp_path / "llava")
-    with pytest.raises(ValueError, match="multimodal model: it needs TransformersForMultimodalLM"):
-        LLM(model=str(tmp_path / "llava"), model_impl="transformers")
+    with pytest.raises(ValueError, match="is a multimodal model: the transformers shell serves it with "
+                                         "runner='generate' only"):
+        LLM(model=str(tmp_path / "llava"), model_impl="transformers", runner="pooling")
