@@ -26,7 +26,7 @@ class MultiModalInputs:
             digest = hashlib.sha256()
             for name in sorted(self.data):
                 digest.update(name.encode())
-                digest.update(self.data[name].detach().cpu().contiguous().numpy().tobytes())
+                digest.update(self.data[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
             self.content_hash = int.from_bytes(digest.digest()[:8], "little")
 
     @property

@@ -27,6 +27,7 @@ from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 
+ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
 IMAGE_FAMILIES = frozenset({"llava", "llava_next"})
 _BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
@@ -48,8 +49,9 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in IMAGE_FAMILIES:
         return None
-    if hf_config.get_text_config() is hf_config:
-        return f"{family} has no multimodal sub-configs: it is a text-only model"
+    has_encoders = any(part in key for key in getattr(hf_config, "sub_configs", {}) for part in ENCODER_KEYS)
+    if hf_config.get_text_config() is hf_config and not has_encoders:
+        return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
     reason = IMAGE_REFUSALS.get(family, f"only {', '.join(sorted(IMAGE_FAMILIES))} are checked against "
                                         "transformers so far")
     return f"image inputs are not supported for {family} yet: {reason}. Text-only prompts work."

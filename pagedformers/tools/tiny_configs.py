@@ -16,6 +16,8 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from pagedformers.adapter.multimodal import ENCODER_KEYS
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 WINDOW = 8  # shorter than the longer prompts, so sliding windows matter
 MAX_LAYERS = 8
@@ -57,7 +59,6 @@ MEDIA_SIZES: dict[str, int] = {
     "conf_num_hidden_layers": 1, "conf_num_attention_heads": 2, "output_channels": 16, "vision_output_dim": 32,
     "projector_input_dim": 32, "projector_output_dim": 32, "initializer_range": 0.2,
 }
-MEDIA_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Set even where the default is None: their None defaults do not build (the Hub configs always set them).
 FILL_IF_NONE = ("head_dim", "n_routed_experts")
 ZEROED = ("dropout", "pdrop", "dropout_prob", "jitter_noise", "dropout_rate")
@@ -128,7 +129,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any) -> Pretraine
 def _media_configs(config: PretrainedConfig) -> dict[str, PretrainedConfig]:
     """The encoder sub-configs (vision, audio, VQ); absent encoders stay absent (Gemma 4's default has none)."""
     return {key: getattr(config, key) for key in getattr(config, "sub_configs", {})
-            if any(m in key for m in MEDIA_KEYS) and getattr(config, key, None) is not None}
+            if any(m in key for m in ENCODER_KEYS) and getattr(config, key, None) is not None}
 
 
 def _tiny_media(values: dict[str, Any]) -> dict[str, Any]:

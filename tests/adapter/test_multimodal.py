@@ -145,5 +145,5 @@ def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
     with pytest.raises(ValueError, match="needs its text in 'prompt'"):
         llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": _images(1, 0)}})
     text_only = LLM(model=tiny_llama, dtype="float32", kv_cache_memory_bytes=1 << 22)
-    with pytest.raises(ValueError, match="llama has no multimodal sub-configs: it is a text-only model"):
+    with pytest.raises(ValueError, match="llama has neither a text sub-config nor encoder sub-configs: it is a text-only"):
         text_only.generate({"prompt": "x <image>", "multi_modal_data": {"image": _images(1, 0)}})
