@@ -1,8 +1,9 @@
 """Per-step attention metadata, built once by the model runner and read by every layer.
 
 The flat token batch holds the single-token queries ("decodes") first, then one
-span per multi-token query ("prefills", chunked or not). Masks are built lazily
-and cached per (window, causal) so that every layer of a step shares them.
+span per multi-token query ("prefills", chunked or not). Masks and the rows that
+gather cache blocks are built lazily and cached (per window, causality, KV head
+count) so that every layer of a step shares them.
 """
 
 from __future__ import annotations
