@@ -65,7 +65,7 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
+    max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 4096 elsewhere (see _default_token_budget)
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     enable_prefix_caching: bool = True
@@ -108,6 +108,7 @@ class EngineConfig:
         self._set("tokenizer_path", source.path if self.tokenizer is None else
                   resolve_tokenizer_source(self.tokenizer, self.tokenizer_revision, self.download_dir))
         self._set("device", _resolve_device(self.device))
+        self._set("max_num_batched_tokens", self.max_num_batched_tokens or _default_token_budget(self.device))
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         self._set("hf_config", hf_config)
         self._set("torch_dtype", _resolve_dtype(self.dtype, hf_config, self.device))
@@ -163,7 +164,7 @@ class EngineConfig:
             raise ValueError(f"device={self.device!r} is not one of {DEVICES}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
                      "pipeline_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -175,6 +176,13 @@ def _is_generative(architecture: str) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return architecture.endswith(_GENERATE_SUFFIXES) or architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def _default_token_budget(device: str) -> int:
+    # On CPU a smaller budget wins: with 32 prompts of 128 tokens, 2048 lets the second half prefill
+    # while the first half already decodes (200M Llama, bf16, 2 cores: 397-415 generated tok/s
+    # against 382-384 with 4096, and 390-397 with 1024).
+    return 2048 if device == "cpu" else 4096
 
 
 def _resolve_device(device: str) -> str:
