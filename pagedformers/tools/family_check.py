@@ -206,7 +206,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _refusal(e: Exception) -> str:
     """The refusal's rule lines, without the docs link."""
     lines = [ln.strip(" -") for ln in str(e).splitlines()[1:] if ln.strip().startswith("-")]
-    return " ".join(lines) or _one_line(e)
+    return "; ".join(lines) or _one_line(e)
 
 
 def _one_line(e: BaseException) -> str:
