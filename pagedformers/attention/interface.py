@@ -49,7 +49,7 @@ def paged_attention_forward(
     else:
         k_cache, v_cache = ctx.kv_caches[layer]
         if causal:  # encoder-only models attend within the step and keep nothing
-            write_kv(k_cache, v_cache, k, v, ctx.metadata.slot_mapping)
+            write_kv(k_cache, v_cache, k, v, ctx.metadata.cache_slots(k_cache.shape[2]))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if QUERY_TEMPERATURE in module.__dict__:
         q = _apply_query_temperature(q, module.__dict__[QUERY_TEMPERATURE], ctx.positions)

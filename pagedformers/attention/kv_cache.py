@@ -37,10 +37,9 @@ def allocate_kv_caches(
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """key/value: [T, H_kv, D]; slot_mapping: [T] flat slot = block_id * block_size + offset."""
-    block_size = k_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+             slots: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """key/value: [T, H_kv, D]; slots: ([T] block ids, [T] offsets in the block), see AttentionMetadata.cache_slots."""
+    blocks, offsets = slots
     k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 

@@ -46,6 +46,13 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.slot_mapping.shape[0]
 
+    def cache_slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T] block ids, [T] offsets): where each new token's K/V goes, computed once for all layers."""
+        key = ("slots", block_size)
+        if key not in self._cached:
+            self._cached[key] = (self.slot_mapping // block_size, self.slot_mapping % block_size)
+        return self._cached[key]
+
     def cache_rows(self, num_kv_heads: int, span: int | None = None) -> torch.Tensor:
         """What `gather_blocks` copies for the decodes (span None) or for prefill span `span`."""
         key = ("rows", num_kv_heads, span)

@@ -41,7 +41,7 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
         table = [blocks.pop() for _ in range(-(-length // BS))]
         k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
         if cached:  # what earlier steps wrote
-            slots = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata.slot_mapping
+            slots = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata.cache_slots(BS)
             write_kv(k_cache, v_cache, k[:cached], v[:cached], slots)
         chunks.append(Chunk(cached, [0] * (length - cached), table))
         keys.append(k)
@@ -54,7 +54,7 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([keys[i][seqs[i][1]:] for i in order])
     v_new = torch.cat([values[i][seqs[i][1]:] for i in order])
-    write_kv(k_cache, v_cache, k_new, v_new, step.metadata.slot_mapping)
+    write_kv(k_cache, v_cache, k_new, v_new, step.metadata.cache_slots(BS))
     sinks = torch.randn(H) if with_sinks else None
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, step.metadata, 0.3, window=window, softcap=softcap,
                           sinks=sinks)
