@@ -2,8 +2,9 @@
 
 Decodes are attended together in two batched matmuls over their gathered, padded
 contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
-of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each prefill span goes through SDPA (flash kernel, no scores
-materialised). No per-token Python loop.
+of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each
+prefill span goes through SDPA (flash kernel, no scores materialised). No per-token
+Python loop.
 """
 
 from __future__ import annotations
