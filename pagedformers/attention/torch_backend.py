@@ -1,7 +1,8 @@
-"""Paged attention in plain PyTorch (the CPU backend).
+"""Paged attention on CPU: plain PyTorch, and a compiled kernel for bf16 decodes.
 
-Decodes are attended together in two batched matmuls over their gathered, padded
-contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
+bf16 decodes run the compiled kernel of cpu_kernels where this machine has one (it reads the
+KV blocks in place). Otherwise decodes are attended together in two batched matmuls over their
+gathered, padded contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
 of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each
 prefill span goes through SDPA (flash kernel, no scores materialised). No per-token
 Python loop.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedformers.attention.cpu_kernels import decode_attention_kernel, kernel_fits
 from pagedformers.attention.kv_cache import gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
 
@@ -33,9 +35,16 @@ def paged_attention(
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
     nd = meta.num_decodes
     if nd:
-        rows = meta.cache_rows(k_cache.shape[1])
-        k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
-        _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks, out[:nd])
+        kernel = decode_attention_kernel() if kernel_fits(query, k_cache, v_cache) else None
+        if kernel is not None:
+            no_sinks = sinks if sinks is not None else query.new_empty(0, dtype=torch.float32)
+            kernel.decode_attention(query[:nd].contiguous(), k_cache, v_cache, meta.decode_block_tables,
+                                    meta.decode_seq_lens, no_sinks, out[:nd], scale, window or 0, chunk or 0,
+                                    softcap or 0.0)
+        else:
+            rows = meta.cache_rows(k_cache.shape[1])
+            k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
+            _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks, out[:nd])
     for i, span in enumerate(meta.prefills):
         s, e = span.q_start, span.q_end
         q = query[s:e].transpose(0, 1)[None]  # [1, H, n, D]

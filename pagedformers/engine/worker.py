@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 from pagedformers.adapter.resolve import resolve_model_cls
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
+from pagedformers.attention.cpu_kernels import decode_attention_kernel
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
 from pagedformers.layers.cpu_linear import pack_linears
@@ -43,6 +44,8 @@ def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Modul
     weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
     model.load_weights(weights, model.checkpoint_name_map(meta_lm))
     pack_linears(model, config.torch_dtype, config.device)
+    if config.device == "cpu" and config.torch_dtype == torch.bfloat16:
+        decode_attention_kernel()  # build or load it now, not inside the first decode step
     return model
 
 
