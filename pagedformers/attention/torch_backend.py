@@ -1,6 +1,6 @@
 """Paged attention on CPU: plain PyTorch, and a compiled kernel for bf16 decodes.
 
-bf16 decodes run the compiled kernel of cpu_kernels where this machine has one (it reads the
+bf16 decodes run the compiled kernel of kernels/cpu.py where this machine has one (it reads the
 KV blocks in place). Otherwise decodes are attended together in two batched matmuls over their
 gathered, padded contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
 of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedformers.attention.cpu_kernels import decode_attention_kernel, kernel_fits
+from pagedformers.kernels.cpu import cpu_kernels, kernel_fits
 from pagedformers.attention.kv_cache import gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
 
@@ -35,7 +35,7 @@ def paged_attention(
     out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
     nd = meta.num_decodes
     if nd:
-        kernel = decode_attention_kernel() if kernel_fits(query, k_cache, v_cache) else None
+        kernel = cpu_kernels() if kernel_fits(query, k_cache, v_cache) else None
         if kernel is not None:
             no_sinks = sinks if sinks is not None else query.new_empty(0, dtype=torch.float32)
             kernel.decode_attention(query[:nd].contiguous(), k_cache, v_cache, meta.decode_block_tables,

@@ -17,10 +17,10 @@ from transformers.cache_utils import Cache
 from pagedformers.adapter.resolve import resolve_model_cls
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
-from pagedformers.attention.cpu_kernels import decode_attention_kernel
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
-from pagedformers.layers.cpu_linear import pack_linears
+from pagedformers.layers.cpu_linear import pack_linears, record_siblings
+from pagedformers.layers.cpu_norm import fuse_rms_norms
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
 from pagedformers.parallel_plans import SINGLE, ParallelState, apply_parallel_plans
@@ -37,15 +37,14 @@ class WorkerOutput:
 
 
 def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Module:
-    """Resolve the implementation, build it on meta, split it for this rank, load its weights."""
+    """Resolve the implementation, build it on meta, split it for this rank, load its weights.
+    Its linears are packed later (Worker.__init__), once a probe forward showed which share an input."""
     model = resolve_model_cls(config)(config)
     apply_parallel_plans(model, state)
     meta_lm = model.meta_causal_lm()
     weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
     model.load_weights(weights, model.checkpoint_name_map(meta_lm))
-    pack_linears(model, config.torch_dtype, config.device)
-    if config.device == "cpu" and config.torch_dtype == torch.bfloat16:
-        decode_attention_kernel()  # build or load it now, not inside the first decode step
+    fuse_rms_norms(model, config.torch_dtype, config.device)  # also builds or loads the CPU kernels, now
     return model
 
 
@@ -55,7 +54,9 @@ class Worker:
         self.state = state
         torch.manual_seed(config.seed)
         self.model = build_model(config, state)
-        self.kv_specs = self.model.probe_kv_specs()
+        with record_siblings(self.model) as siblings:
+            self.kv_specs = self.model.probe_kv_specs()
+        pack_linears(self.model, config.torch_dtype, config.device, siblings)
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
         self.per_request_state = getattr(self.model, "needs_per_request_state", False)
         self.request_states: dict[str, Cache] = {}

@@ -1,9 +1,10 @@
 """PackedLinear (oneDNN with the weight reordered at load) computes what nn.Linear computes."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pagedformers.layers.cpu_linear import PackedLinear, can_pack, pack_linears
+from pagedformers.layers.cpu_linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
 from pagedformers import LLM, SamplingParams
 
@@ -36,6 +37,59 @@ def test_pack_linears_matches_nn_linear():
     assert torch.equal(block.proj(x[0]), expected_2d)
 
 
+class _Attention(nn.Module):
+    """q/k/v on one input, o on another; `kv` (cross) on a third: only q/k/v should be grouped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+        self.o = nn.Linear(32, 32)
+        self.kv = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return self.o(q * torch.cat([k, v], -1)) + self.kv(memory).sum()
+
+
+def test_siblings_share_one_matmul():
+    torch.manual_seed(0)
+    block = _Attention().to(torch.bfloat16)
+    x, memory = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    original = {name: (getattr(block, name).weight.clone(), getattr(block, name).bias.clone()) for name in "qkv"}
+    expected = block(x, memory)
+    with record_siblings(block) as siblings:
+        block(x, memory)
+    assert siblings == [["q", "k", "v"]]
+    swapped = pack_linears(block, torch.bfloat16, "cpu", siblings)
+    if not can_pack(torch.bfloat16, "cpu"):
+        return
+    assert swapped == 5 and type(block.q) is SiblingLinear and type(block.o) is PackedLinear
+    assert block.q.weight.shape == (32, 32) and block.k.bias.shape == (16,)
+    assert torch.equal(block(x, memory), expected)
+    assert block.q.group.output is None  # every member took its slice: nothing held
+    y = torch.randn(4, 32, dtype=torch.bfloat16)  # members called alone, in any order, or twice
+    assert torch.equal(block.v(y), F.linear(y, *original["v"]))
+    assert torch.equal(block.v(y), F.linear(y, *original["v"]))
+    assert torch.equal(block.q(x), F.linear(x, *original["q"]))
+
+class _ChangesInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        x.mul_(2)  # b sees other values through the same tensor: a cached a+b output would be wrong
+        return a + self.b(x)
+
+
+def test_input_changed_in_place_keeps_siblings_apart():
+    block = _ChangesInPlace()
+    with torch.inference_mode(), record_siblings(block) as siblings:
+        block(torch.randn(3, 8))
+    assert siblings == []
+
+
 def test_bf16_engine_logprobs_match_hf(tmp_path):
     """The bf16 path (packed linears on CPUs that have them) against HF's bf16 forward."""
     from transformers import AutoModelForCausalLM
@@ -43,8 +97,9 @@ def test_bf16_engine_logprobs_match_hf(tmp_path):
     path = save_tiny_model(tmp_path, "llama")
     ids = build_tokenizer().encode("The quick brown fox jumps over the lazy dog while the paged cache fills")
     llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24)
-    packed = llm.apply_model(lambda m: sum(type(x) is PackedLinear for x in m.modules()))[0]
-    assert packed == (2 * 7 + 1 if can_pack(torch.bfloat16, "cpu") else 0)  # 2 layers x 7 projections + LM head
+    kinds = llm.apply_model(lambda m: [type(x).__name__ for x in m.modules() if isinstance(x, nn.Linear)])[0]
+    if can_pack(torch.bfloat16, "cpu"):  # per layer: q/k/v and gate/up share an input; o and down alone
+        assert kinds.count("SiblingLinear") == 2 * 5 and kinds.count("PackedLinear") == 2 * 2 + 1  # + LM head
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     ours = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

@@ -197,7 +197,3 @@ void decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache, 
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "bf16 paged decode attention (CPU, AVX512-BF16)");
-}

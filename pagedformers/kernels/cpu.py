@@ -1,9 +1,10 @@
 """The compiled CPU kernels (csrc/), built on first use with torch's extension builder and cached.
 
-Plain PyTorch has no op that attends over scattered KV blocks: the torch backend gathers each
-decode's context into a padded copy and runs small batched matmuls. On AVX512-BF16 machines the
-bf16 decode attention instead runs `csrc/decode_attention.cpp`, which reads the blocks in place
-(~0.29 against ~0.8 ms per layer for 32 decodes x 256 context of a 4-KV-head, 64-dim layer, 2 cores).
+- `decode_attention` (csrc/decode_attention.cpp): plain PyTorch has no op that attends over scattered
+  KV blocks: the torch backend gathers each decode's context into a padded copy and runs small batched
+  matmuls. The kernel reads the blocks in place (~0.29 against ~0.8 ms per layer for 32 decodes x 256
+  context of a 4-KV-head, 64-dim layer, 2 cores).
+- `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py).
 
 The first build takes ~30 s (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
@@ -23,7 +24,7 @@ from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+_SOURCES = [str(Path(__file__).parent / "csrc" / f) for f in ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp")]
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_has_avx512_bf16` already decides at run time whether this build may be loaded.
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -41,23 +42,23 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def decode_attention_kernel() -> ModuleType | None:
+def cpu_kernels() -> ModuleType | None:
     """The built kernel module, or None (with a warning) where this machine cannot build or run it."""
     if not cpu_has_avx512_bf16():
         return None
     from torch.utils.cpp_extension import load
 
-    logger.info("Loading the CPU decode-attention kernel (built once, ~30 s, then cached).")
+    logger.info("Loading the CPU kernels (built once, ~40 s, then cached).")
     try:
-        return load(name="pagedformers_decode_attention", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+        return load(name="pagedformers_cpu_kernels", sources=_SOURCES, extra_cflags=_CFLAGS,
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a toolchain too old for the intrinsics
-        logger.warning("CPU decode-attention kernel unavailable (%s); using the plain PyTorch path.", e)
+        logger.warning("CPU kernels unavailable (%s); using the plain PyTorch paths.", e)
         return None
 
 
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:
-    """Whether `decode_attention_kernel` handles these shapes and dtypes (bf16 on CPU, D % 32, Dv % 16)."""
+    """Whether the `decode_attention` kernel handles these shapes and dtypes (bf16 on CPU, D % 32, Dv % 16)."""
     return (k_cache is not None and v_cache is not None and query.device.type == "cpu" and query.dtype == k_cache.dtype == torch.bfloat16
             and query.shape[-1] % 32 == 0 and v_cache.shape[-1] % 16 == 0 and k_cache.is_contiguous()
             and v_cache.is_contiguous())

@@ -1,0 +1,1 @@
+"""Compiled kernels, built on first use (see cpu.py)."""
