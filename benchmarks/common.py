@@ -1,9 +1,14 @@
-"""What the benchmark scripts share: the random Llama they build and its command-line knobs."""
+"""What the benchmark scripts share: the random Llama they build, its command-line knobs, and the
+physical floors (bytes a decode step must read, the machine's read bandwidth)."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from pagedformers.tools.tiny_models import save_tiny_model
 
@@ -26,3 +31,25 @@ def save_llama(path: Path, args: argparse.Namespace) -> None:
                     num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                     intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
                     initializer_range=0.02, dtype=args.dtype)
+
+
+def weights_read_per_step(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) a decode step reads: every weight but the input embedding's rows that no
+    token of the step looks up (read whole when it is tied to the LM head)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    params = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+    return params, params * embedding.element_size()
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s the machine reads (a sum over a buffer far larger than its caches): a decode step's
+    weights are read, not copied, so a copy's read+write rate would set an unreachable floor."""
+    buffer = torch.ones(128 << 20, dtype=torch.float32)  # 512 MB
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * buffer.element_size() / best

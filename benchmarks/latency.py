@@ -16,8 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedformers import LLM, SamplingParams
-from common import add_model_args, save_llama
-from throughput import memory_bandwidth
+from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,13 +60,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         save_llama(path, args)
-        num_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        num_params = sum(p.numel() for p in model.parameters())
+        _, weight_bytes = weights_read_per_step(model)
+        del model
         prompt = [(13 * i) % (args.vocab - 4) + 4 for i in range(args.prompt_len)]
         ours, hf = ours_step_ms(path, args, prompt), hf_step_ms(path, args, prompt)
-    weight_bytes = num_params * getattr(torch, args.dtype).itemsize
-    floor = weight_bytes / memory_bandwidth() * 1e3
+    bandwidth = memory_bandwidth()
+    floor = weight_bytes / bandwidth * 1e3
     print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
-    print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights)")
+    print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights read per step, the input "
+          f"embedding excluded, / {bandwidth / 1e9:.1f} GB/s measured read bandwidth)")
     print(f"pagedformers    {ours:.1f} ms/step = {ours / floor:.2f}x the floor")
     print(f"HF generate     {hf:.1f} ms/step = {hf / floor:.2f}x the floor; ours is {hf / ours:.2f}x faster")
 
