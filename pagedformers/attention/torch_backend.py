@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedformers.kernels.cpu import cpu_kernels, kernel_fits
 from pagedformers.attention.kv_cache import gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
+from pagedformers.kernels.cpu import cpu_kernels, kernel_fits
 
 
 def paged_attention(

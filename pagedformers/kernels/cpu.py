@@ -6,9 +6,10 @@
   context of a 4-KV-head, 64-dim layer, 2 cores).
 - `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py).
 
-The first build takes ~30 s (g++ and ninja needed) and lands in torch's extension cache
+The first build takes ~40 s (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
-a second. Where it cannot be built or run, attention stays on the plain PyTorch path, with one warning.
+a second. Where it cannot be built or run, attention and norms stay on their plain PyTorch paths,
+with one warning.
 """
 
 from __future__ import annotations
@@ -59,6 +60,6 @@ def cpu_kernels() -> ModuleType | None:
 
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:
     """Whether the `decode_attention` kernel handles these shapes and dtypes (bf16 on CPU, D % 32, Dv % 16)."""
-    return (k_cache is not None and v_cache is not None and query.device.type == "cpu" and query.dtype == k_cache.dtype == torch.bfloat16
-            and query.shape[-1] % 32 == 0 and v_cache.shape[-1] % 16 == 0 and k_cache.is_contiguous()
-            and v_cache.is_contiguous())
+    return (k_cache is not None and v_cache is not None and query.device.type == "cpu"
+            and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
+            and v_cache.shape[-1] % 16 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous())
