@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedformers.kernels.cpu import cpu_kernels
+
 
 @dataclass(frozen=True)
 class LayerKVSpec:
@@ -40,6 +42,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, va
              slots: tuple[torch.Tensor, torch.Tensor]) -> None:
     """key/value: [T, H_kv, D]; slots: ([T] block ids, [T] offsets in the block), see AttentionMetadata.cache_slots."""
     blocks, offsets = slots
+    kernels = cpu_kernels() if k_cache.device.type == "cpu" else None
+    if (kernels is not None and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
+            and key.stride(-1) == 1 and value.stride(-1) == 1):
+        kernels.write_kv(k_cache, v_cache, key, value, blocks, offsets)
+        return
     k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pagedformers.engine.request import Request
+from pagedformers.kernels.cpu import argmax_rows
 from pagedformers.outputs import Logprob
 
 
@@ -43,7 +44,7 @@ class Sampler:
         return SamplerOutput(token_ids, logprobs)
 
     def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        token_ids = logits.argmax(dim=-1)
+        token_ids = argmax_rows(logits)
         rows = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
         if not rows:
             return token_ids
@@ -52,7 +53,7 @@ class Sampler:
         for j, i in enumerate(rows):
             if reqs[i].generator is not None:
                 noise[j].exponential_(generator=reqs[i].generator)
-        token_ids[rows] = (probs / noise).argmax(dim=-1)
+        token_ids[rows] = argmax_rows(probs / noise)
         return token_ids
 
 

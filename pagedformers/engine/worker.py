@@ -20,6 +20,7 @@ from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zer
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
 from pagedformers.layers.cpu_linear import pack_linears, record_siblings
+from pagedformers.layers.cpu_mlp import fuse_gated_mlps
 from pagedformers.layers.cpu_norm import fuse_rms_norms
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
@@ -57,6 +58,7 @@ class Worker:
         with record_siblings(self.model) as siblings:
             self.kv_specs = self.model.probe_kv_specs()
         pack_linears(self.model, config.torch_dtype, config.device, siblings)
+        fuse_gated_mlps(self.model, config.torch_dtype, config.device)
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
         self.per_request_state = getattr(self.model, "needs_per_request_state", False)
         self.request_states: dict[str, Cache] = {}

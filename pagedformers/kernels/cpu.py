@@ -5,6 +5,10 @@
   matmuls. The kernel reads the blocks in place (~0.29 against ~0.8 ms per layer for 32 decodes x 256
   context of a 4-KV-head, 64-dim layer, 2 cores).
 - `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py).
+- `silu_and_mul` (csrc/silu_and_mul.cpp): SwiGLU's activation straight from the fused gate/up output
+  (layers/cpu_mlp.py).
+- `write_kv` (csrc/write_kv.cpp): the step's keys and values into their cache slots, a row copy each.
+- `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
 
 The first build takes ~40 s (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
@@ -25,7 +29,8 @@ from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
 
-_SOURCES = [str(Path(__file__).parent / "csrc" / f) for f in ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp")]
+_SOURCES = [str(Path(__file__).parent / "csrc" / f) for f in
+            ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "write_kv.cpp", "argmax.cpp")]
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_has_avx512_bf16` already decides at run time whether this build may be loaded.
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -56,6 +61,15 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, a toolchain too old for the intrinsics
         logger.warning("CPU kernels unavailable (%s); using the plain PyTorch paths.", e)
         return None
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` for [rows, n] logits: the kernel for float32 on CPU (~65 against ~440 us at
+    32 x 32000), torch otherwise. Same ties (first index) and NaNs (they win)."""
+    kernels = cpu_kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if kernels is None or logits.dim() != 2 or logits.stride(-1) != 1 or logits.shape[-1] == 0:
+        return logits.argmax(dim=-1)
+    return kernels.argmax_rows(logits)
 
 
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:

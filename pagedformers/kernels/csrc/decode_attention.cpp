@@ -9,12 +9,16 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 namespace {
+
+using namespace pagedformers;
 
 struct Options {
   float scale;
@@ -27,29 +31,12 @@ struct Shape {
   int64_t h_kv, groups, block_size, d, dv;
 };
 
-inline __m512 load_bf16x16(const at::BFloat16* p) {  // 16 bf16 -> 16 float: bf16 is a float's high half
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // Keys visible to a decode whose context, its own token included, is seq_len long: [start, seq_len).
 inline int64_t first_visible(int64_t seq_len, const Options& o) {
   int64_t start = 0;
   if (o.window > 0) start = std::max(start, seq_len - o.window);
   if (o.chunk > 0) start = std::max(start, (seq_len - 1) / o.chunk * o.chunk);
   return start;
-}
-
-// exp(x) for 16 floats: 2^n * 2^f with x * log2(e) = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor
-// polynomial (relative error < 1e-8); libm's scalar exp made the softmax most of the kernel's time.
-inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // 2^(t-n) = e^f
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline __mmask16 tail(int64_t i, int64_t len) {

@@ -5,18 +5,13 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "vec.h"
+
 #include <cmath>
 
 namespace {
 
-inline __m512 load_bf16x16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __m512 round_bf16(__m512 x) {  // to bf16 (nearest even) and back, as a bf16 tensor op does
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
+using namespace pagedformers;
 
 void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps, at::BFloat16* out) {
   __m512 sq = _mm512_setzero_ps();
@@ -27,7 +22,7 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps
   const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) / h + eps));
   for (int64_t i = 0; i < h; i += 16) {
     const __m512 y = _mm512_mul_ps(round_bf16(_mm512_mul_ps(load_bf16x16(x + i), r)), load_bf16x16(w + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(y));
+    store_bf16x16(out + i, y);
   }
 }
 

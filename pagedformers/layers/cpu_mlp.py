@@ -1,0 +1,71 @@
+"""HF gated MLPs (SwiGLU: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`) with one compiled activation on CPU.
+
+Once pack_linears made gate_proj and up_proj one sibling matmul, HF's forward still copies each half
+out (the siblings' slices), runs silu on one and multiplies by the other: four passes over [T, 2I]
+bf16. The kernel reads the fused output once and rounds as those two bf16 ops do (bitwise equal on
+random inputs). An MLP is taken only where its gate and up are one sibling group, its activation is
+SiLU, and the fused forward matches the module's own on a random input; the module stays (apply_model
+sees the model's class and its projections), only its forward is swapped.
+"""
+
+from __future__ import annotations
+
+from types import MethodType, ModuleType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pagedformers.kernels.cpu import cpu_kernels
+from pagedformers.layers.cpu_linear import SiblingGroup, SiblingLinear
+
+
+class FusedGatedMLP:
+    """A gated MLP module's forward: the sibling matmul, the kernel, then the module's own down_proj."""
+
+    def __init__(self, original: Callable[..., torch.Tensor], group: SiblingGroup, gate: int, up: int,
+                 down: nn.Module, kernels: ModuleType) -> None:
+        self.original, self.group, self.down, self.kernels = original, group, down, kernels
+        self.gate_col, self.up_col = group.bounds[gate], group.bounds[up]
+        self.width = group.bounds[gate + 1] - group.bounds[gate]
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or x.dtype != torch.bfloat16:
+            return self.original(x, *args, **kwargs)
+        gate_up = self.group.linear(x)
+        flat = gate_up.view(-1, gate_up.shape[-1])
+        hidden = flat.new_empty(flat.shape[0], self.width)
+        self.kernels.silu_and_mul(flat, self.gate_col, self.up_col, self.width, hidden)
+        return self.down(hidden.view(*gate_up.shape[:-1], self.width))
+
+    def matches_original(self, in_features: int) -> bool:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, in_features, generator=gen).to(torch.bfloat16)
+        with torch.inference_mode():
+            expected, ours = self.original(x), self(x)
+        return expected.dtype == ours.dtype and torch.allclose(ours.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is nn.functional.silu
+
+
+def fuse_gated_mlps(model: nn.Module, dtype: torch.dtype, device: str) -> int:
+    """Swap the forward of every matching bf16 SwiGLU MLP (after pack_linears); returns how many were swapped."""
+    kernels = cpu_kernels() if device == "cpu" and dtype == torch.bfloat16 else None
+    if kernels is None:
+        return 0
+    swapped = 0
+    for module in model.modules():
+        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+        down = getattr(module, "down_proj", None)
+        if not (isinstance(gate, SiblingLinear) and isinstance(up, SiblingLinear) and gate.group is up.group
+                and isinstance(down, nn.Module) and _is_silu(getattr(module, "act_fn", None))
+                and gate.out_features == up.out_features and gate.out_features % 16 == 0
+                and isinstance(module.forward, MethodType)):  # not swapped already
+            continue
+        fused = FusedGatedMLP(module.forward, gate.group, gate.member, up.member, down, kernels)
+        if fused.matches_original(gate.in_features):
+            module.forward = fused
+            swapped += 1
+    return swapped
