@@ -15,6 +15,9 @@ import torch
 from pagedformers.attention.kv_cache import block_rows
 
 
+QueryRun = tuple[int, int, torch.Tensor, torch.Tensor]  # rows [start, end), their block tables and context lengths
+
+
 @dataclass
 class PrefillSpan:
     q_start: int  # rows of this sequence's new tokens in the flat batch
@@ -61,6 +64,33 @@ class AttentionMetadata:
             self._cached[key] = block_rows(tables, num_kv_heads)
         return self._cached[key]
 
+    def single_token_queries(self, block_size: int, max_context: int) -> tuple[list[QueryRun], set[int]]:
+        """The rows a decode-attention kernel can attend as independent single-token queries, over the cache
+        (their keys already written): the decodes, and each prefill span whose context is at most
+        `max_context`, its token j seeing the first num_cached + j + 1 positions. Returns runs of consecutive
+        rows (start, end, [n, W] block tables, [n] context lengths) and the indices of the spans covered."""
+        key = ("single", block_size, max_context)
+        if key not in self._cached:
+            runs, covered, pieces, run_start = [], set(), [], 0
+            if self.num_decodes:
+                pieces.append((self.decode_block_tables, self.decode_seq_lens))
+            for i, span in enumerate(self.prefills):
+                if span.kv_len > max_context:
+                    if pieces:
+                        runs.append(_run(run_start, span.q_start, pieces))
+                    pieces, run_start = [], span.q_end
+                    continue
+                blocks = span.kv_blocks
+                if blocks is None:  # nothing cached: the span starts a block, its every block_size-th slot names it
+                    blocks = self.slot_mapping[span.q_start:span.q_end:block_size] // block_size
+                lens = torch.arange(span.num_cached + 1, span.kv_len + 1, device=blocks.device)
+                pieces.append((blocks.expand(span.q_len, -1), lens))
+                covered.add(i)
+            if pieces:
+                runs.append(_run(run_start, self.num_tokens, pieces))
+            self._cached[key] = runs, covered
+        return self._cached[key]
+
     def decode_bias(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
         """[B_d, 1, 1, L] float32, 0 where key j is visible to the decode query of its row, -inf elsewhere.
 
@@ -101,3 +131,11 @@ class AttentionMetadata:
                 visible &= k_pos // chunk == q_pos // chunk
             self._cached[key] = visible[None, None]
         return self._cached[key]
+
+
+def _run(start: int, end: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> QueryRun:
+    if len(pieces) == 1 and pieces[0][0].is_contiguous():  # the decodes alone: their tables as they are
+        return start, end, *pieces[0]
+    width = max(tables.shape[1] for tables, _ in pieces)  # padding is never read: each row stops at its length
+    tables = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t, _ in pieces])
+    return start, end, tables, torch.cat([lens for _, lens in pieces])

@@ -80,3 +80,49 @@ def test_bf16_engine_decodes_match_hf_forward(tmp_path):
         expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None])[:, 0]
         error = (ours - expected).abs()
         assert error.mean() < 0.07 and error.max() < 0.3, (error.mean(), error.max())
+
+
+def _mixed_batch(block_size: int, h_kv: int, d: int):
+    """One decode, then prefill spans: fresh, after a cached prefix, one longer than the kernel takes (in
+    test_short_prefills_*), and a last fresh one. Their new keys and values are in the cache, as the
+    attention layer leaves them before attending."""
+    from pagedformers.attention.metadata import PrefillSpan
+
+    torch.manual_seed(0)
+    num_blocks = 64
+    k_cache, v_cache = (torch.randn(num_blocks, h_kv, block_size, d).bfloat16() for _ in range(2))
+    free = torch.randperm(num_blocks).tolist()
+    # (tokens cached before this step, new tokens): the decode first
+    seqs = [(20, 1), (0, 13), (10, 7), (0, 30), (0, 5)]
+    tables, slots, spans, row = [], [], [], 0
+    for cached, new in seqs:
+        blocks = [free.pop() for _ in range(-(-(cached + new) // block_size))]
+        tables.append(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
+        if new > 1:
+            spans.append(PrefillSpan(row, row + new, cached, torch.tensor(blocks) if cached else None))
+        row += new
+    slots = torch.tensor(slots)
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=1, decode_block_tables=torch.tensor([tables[0]]),
+                             decode_seq_lens=torch.tensor([21]), prefills=spans,
+                             decode_context_len=len(tables[0]) * block_size)
+    key = k_cache[slots // block_size, :, slots % block_size]
+    value = v_cache[slots // block_size, :, slots % block_size]
+    return k_cache, v_cache, key, value, meta
+
+
+@pytest.mark.parametrize("window, chunk, softcap, with_sinks", [
+    (None, None, None, False), (9, None, None, False), (None, 8, None, False), (None, None, 30.0, True)])
+def test_short_prefills_on_the_kernel_match_torch_path(monkeypatch, window, chunk, softcap, with_sinks):
+    import pagedformers.attention.torch_backend as backend
+
+    monkeypatch.setattr(backend, "KERNEL_MAX_CONTEXT", 25)  # the 30-token span goes to SDPA, splitting the runs
+    k_cache, v_cache, key, value, meta = _mixed_batch(8, 2, 64)
+    runs, covered = meta.single_token_queries(8, 25)
+    assert [(s, e) for s, e, _, _ in runs] == [(0, 21), (51, 56)] and covered == {0, 1, 3}
+    q = torch.randn(key.shape[0], 6, 64).bfloat16()
+    kwargs = dict(window=window, softcap=softcap, sinks=torch.randn(6) if with_sinks else None, chunk=chunk)
+    out = backend.paged_attention(q, key, value, k_cache, v_cache, meta, 0.125, **kwargs)
+    expected = backend.paged_attention(q.float(), key.float(), value.float(), k_cache.float(), v_cache.float(),
+                                       meta, 0.125, **kwargs)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
