@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What LLMEngine.step reports for a request: its whole output so far every step, or only its final
+    output (LLM.generate's choice: the text of unfinished requests is then never decoded)."""
+
+    CUMULATIVE = 0
+    DELTA = 1  # vLLM's name, kept so that code naming it gets a clear error: not supported here
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -27,6 +37,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine: the model's end-of-sequence ids (generation_config.json).
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -67,6 +78,8 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "must be non-negative token ids")
+        _check(self.output_kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY), "output_kind",
+               self.output_kind, "must be CUMULATIVE or FINAL_ONLY (DELTA is not supported)")
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -1,13 +1,14 @@
 import pytest
 
 from pagedformers import SamplingParams
+from pagedformers.sampling_params import RequestOutputKind
 
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0), ("n", 0),
     ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -1), ("prompt_logprobs", -3),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("stop", [""]),
-    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [-1]), ("output_kind", RequestOutputKind.DELTA),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}="):

@@ -21,7 +21,7 @@ from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import (CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics,
                                   RequestOutput)
 from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
@@ -125,7 +125,14 @@ class LLMEngine:
             except Exception as e:  # one request's bad output must not take the batch down
                 self._fail(req, e)
             touched[req.request_id.rsplit("#", 1)[0]] = None
-        return [self._output(pid, pop=True) for pid in touched if pid in self.parents]
+        return [self._output(pid, pop=True) for pid in touched if pid in self.parents and self._reports(pid)]
+
+    def _reports(self, parent_id: str) -> bool:
+        """Whether this step reports the request: FINAL_ONLY ones (LLM.generate's) only once finished, so
+        that the text of unfinished requests is never decoded (~1.5 ms a step for 32 requests)."""
+        parent = self.parents[parent_id]
+        return (parent.children[0].params.output_kind != RequestOutputKind.FINAL_ONLY
+                or all(c.is_finished for c in parent.children))
 
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         try:

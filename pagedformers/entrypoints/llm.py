@@ -23,7 +23,7 @@ from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOut
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
                                   ScoringRequestOutput)
 from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.sampling_params import RequestOutputKind, SamplingParams
 
 R = TypeVar("R")
 TokensPrompt = dict  # {"prompt_token_ids": [...]} (or {"prompt": "..."})
@@ -207,8 +207,9 @@ class LLM:
         engine = self.llm_engine
         ids = [str(next(self._ids)) for _ in items]
         for request_id, (kind, token_ids, params, extra) in zip(ids, items):
-            if kind == "generate":
-                engine.add_request(request_id, token_ids, params, **extra)
+            if kind == "generate":  # only final outputs are returned: no text decoded along the way
+                final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                engine.add_request(request_id, token_ids, final_only, **extra)
             else:
                 engine.add_pooling_request(request_id, token_ids, params, **extra)
         done: dict[str, Any] = {}

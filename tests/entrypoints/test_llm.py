@@ -1,5 +1,6 @@
 """End-to-end behaviour of LLM on a tiny random Llama (float32), checked against transformers."""
 
+import dataclasses
 import random
 
 import pytest
@@ -8,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
 from pagedformers import LLM, SamplingParams
+from pagedformers.sampling_params import RequestOutputKind
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -190,3 +192,19 @@ def test_uninitialised_kv_memory_never_leaks_into_outputs(tiny_llama):
     prompts = _random_prompts(6, seed=5)
     expected = hf_greedy(tiny_llama, [p["prompt_token_ids"] for p in prompts], 12)
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+
+
+def test_final_only_requests_report_once_with_the_cumulative_text(llm):
+    """LLM.generate's requests report only when finished (no text decoded along the way); a step() user
+    asking for CUMULATIVE outputs sees every step; both end with the same text and tokens."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("cumulative", [5, 6, 7], params)
+    engine.add_request("final", [5, 6, 7], dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY))
+    seen: dict[str, list] = {"cumulative": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["cumulative"]) == 6 and [o.finished for o in seen["final"]] == [True]
+    last, final = seen["cumulative"][-1].outputs[0], seen["final"][0].outputs[0]
+    assert (final.text, final.token_ids) == (last.text, last.token_ids) and len(final.token_ids) == 6
