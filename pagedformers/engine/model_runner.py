@@ -52,7 +52,10 @@ class ModelRunner:
             self._prompt_logprobs(order[i], wout.logits[first:first + count], start, result)
         if rows.sample:
             reqs = [order[i].request for i in rows.sample]
-            sampled = self.sampler(wout.logits[list(rows.sample.values())], reqs)
+            picked = list(rows.sample.values())
+            # Usually every logit row is sampled, in order: then a 4 MB gather (~0.3 ms at 32 x 32000) is skipped.
+            logits = wout.logits if picked == list(range(len(wout.logits))) else wout.logits[picked]
+            sampled = self.sampler(logits, reqs)
             for r, token, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[r.request_id] = (token, lp)
         return result
