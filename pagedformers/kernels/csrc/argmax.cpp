@@ -2,8 +2,9 @@
 // counts as the maximum). ATen's argmax along the last dim is a scalar loop: ~460 us for 32 x 32000.
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include <cmath>
 
@@ -45,11 +46,11 @@ int64_t argmax_row(const float* x, int64_t n) {
 }  // namespace
 
 // logits [rows, n] float32 with a unit last stride, n < 2^31 -> [rows] int64.
-torch::Tensor argmax_rows(const torch::Tensor& logits) {
+at::Tensor argmax_rows(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == at::kFloat &&
                   logits.size(1) > 0 && logits.size(1) < (int64_t(1) << 31),
               "argmax_rows: float32 [rows, n] with n > 0 and a unit last stride expected");
-  auto out = torch::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   const float* x = logits.data_ptr<float>();
   auto* op = out.data_ptr<int64_t>();
   const int64_t n = logits.size(1), ld = logits.stride(0);

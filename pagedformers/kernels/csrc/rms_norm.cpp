@@ -2,8 +2,8 @@
 // in float, then out = bf16(weight * y). Eight ops and two float32 copies of the activations in PyTorch.
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include "vec.h"
 
@@ -29,7 +29,7 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps
 }  // namespace
 
 // x, out [rows, h] contiguous bf16; weight [h] bf16; h % 16 == 0.
-void rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out) {
+void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous() && x.dim() == 2 &&
                   x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0 && weight.numel() == x.size(1),

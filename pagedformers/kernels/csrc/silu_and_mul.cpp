@@ -2,8 +2,8 @@
 // bf16, read straight from the fused gate/up projection's output (no slice copies, one pass).
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <immintrin.h>
-#include <torch/extension.h>
 
 #include "vec.h"
 
@@ -11,8 +11,8 @@ using namespace pagedformers;
 
 // gate_up [rows, *] bf16 with unit stride in its last dim; gate and up are `width` columns from
 // column gate_col and up_col; out [rows, width] contiguous bf16; width % 16 == 0.
-void silu_and_mul(const torch::Tensor& gate_up, int64_t gate_col, int64_t up_col, int64_t width,
-                  torch::Tensor& out) {
+void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, int64_t width,
+                  at::Tensor& out) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.scalar_type() == at::kBFloat16 &&
                   out.is_contiguous() && out.scalar_type() == at::kBFloat16 && width % 16 == 0 &&
                   out.size(0) == gate_up.size(0) && out.size(1) == width &&

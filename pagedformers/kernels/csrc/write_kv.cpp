@@ -2,14 +2,14 @@
 // `k_cache[blocks, :, offsets] = key` in PyTorch is an index_put with its own index tensors and
 // dtype checks, ~20 us a layer at 32 decodes; this is a few rows of memcpy.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstring>
 
 namespace {
 
 // cache [num_blocks, H_kv, block_size, D] contiguous; rows [T, H_kv, D] with a unit last stride, same dtype.
-void write_rows(torch::Tensor& cache, const torch::Tensor& rows, const int64_t* blocks, const int64_t* offsets) {
+void write_rows(at::Tensor& cache, const at::Tensor& rows, const int64_t* blocks, const int64_t* offsets) {
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4 && rows.dim() == 3 && rows.stride(2) == 1 &&
                   rows.scalar_type() == cache.scalar_type() && rows.size(1) == cache.size(1) &&
                   rows.size(2) == cache.size(3),
@@ -30,8 +30,8 @@ void write_rows(torch::Tensor& cache, const torch::Tensor& rows, const int64_t* 
 }  // namespace
 
 // blocks, offsets: [T] int64, the block id and the position in the block of each new token.
-void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& key, const torch::Tensor& value,
-              const torch::Tensor& blocks, const torch::Tensor& offsets) {
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
+              const at::Tensor& blocks, const at::Tensor& offsets) {
   TORCH_CHECK(blocks.is_contiguous() && offsets.is_contiguous() && blocks.scalar_type() == at::kLong &&
                   offsets.scalar_type() == at::kLong && blocks.numel() == key.size(0) &&
                   offsets.numel() == key.size(0) && value.size(0) == key.size(0),
