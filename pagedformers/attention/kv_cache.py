@@ -26,9 +26,10 @@ class LayerKVSpec:
 def allocate_kv_caches(
     specs: dict[int, LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    # Uninitialised, so start-up does not pay for touching gigabytes: each block is zeroed on its
-    # first use (zero_blocks). Decodes read whole blocks, the unwritten tail included (masked), and
-    # it must be finite: a masked NaN still poisons the probabilities @ V product.
+    # Uninitialised, so start-up does not pay for touching gigabytes. The plain PyTorch decode path
+    # reads whole blocks, the unwritten tail included (masked), and it must be finite (a masked NaN
+    # still poisons the probabilities @ V product): there each block is zeroed on its first use
+    # (zero_blocks). The compiled kernel reads written rows only, and nothing is zeroed.
     return {
         layer: (
             torch.empty(num_blocks, s.num_kv_heads, block_size, s.head_dim, dtype=dtype, device=device),

@@ -19,6 +19,7 @@ from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
+from pagedformers.kernels.cpu import kernel_attends
 from pagedformers.layers.cpu_linear import pack_linears, record_siblings
 from pagedformers.layers.cpu_mlp import fuse_gated_mlps
 from pagedformers.layers.cpu_norm import fuse_rms_norms
@@ -71,12 +72,15 @@ class Worker:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.block_size,
                                             self.config.torch_dtype, self.config.device)
+        # Only the plain PyTorch decode path reads whole blocks, unwritten rows included (masked).
+        self.zero_fresh_blocks = not all(kernel_attends(s.head_dim, s.v_head_dim, self.config.torch_dtype,
+                                                        self.config.device) for s in self.kv_specs.values())
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> WorkerOutput:
         """Run this rank's part of the step. With pipeline stages, hidden states go stage to stage and
         the last stage's logits come back to rank 0 (the driver), which returns them."""
-        if plan.fresh_blocks and self.kv_caches:
+        if plan.fresh_blocks and self.kv_caches and self.zero_fresh_blocks:
             zero_blocks(self.kv_caches, plan.fresh_blocks)
         for request_id in plan.finished_request_ids:
             self.request_states.pop(request_id, None)

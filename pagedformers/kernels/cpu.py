@@ -72,6 +72,13 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return kernels.argmax_rows(logits)
 
 
+def kernel_attends(head_dim: int, v_head_dim: int, dtype: torch.dtype, device: str) -> bool:
+    """Whether every decode of a layer with this KV shape runs the `decode_attention` kernel (see kernel_fits):
+    then no step reads a cache row before it is written, and fresh blocks need no zeroing."""
+    return (device == "cpu" and dtype == torch.bfloat16 and head_dim % 32 == 0 and v_head_dim % 16 == 0
+            and cpu_kernels() is not None)
+
+
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:
     """Whether the `decode_attention` kernel handles these shapes and dtypes (bf16 on CPU, D % 32, Dv % 16)."""
     return (k_cache is not None and v_cache is not None and query.device.type == "cpu"

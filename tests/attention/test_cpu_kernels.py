@@ -126,3 +126,25 @@ def test_short_prefills_on_the_kernel_match_torch_path(monkeypatch, window, chun
     expected = backend.paged_attention(q.float(), key.float(), value.float(), k_cache.float(), v_cache.float(),
                                        meta, 0.125, **kwargs)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_unzeroed_cache_never_leaks_into_bf16_outputs(tmp_path):
+    """With the kernel attending every layer, fresh blocks are not zeroed: NaN garbage in the cache must
+    change nothing (tokens and logprobs equal to a run on a zero-filled cache)."""
+    from pagedformers import LLM, SamplingParams
+    from pagedformers.tools.tiny_models import save_tiny_model
+
+    path = save_tiny_model(tmp_path, "llama", hidden_size=128, intermediate_size=256)  # head_dim 32
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(5 + 9 * i)]} for i in range(4)]
+    outs = []
+    for garbage in (0.0, float("nan")):
+        llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False)
+        worker = llm.llm_engine.executor.driver_worker
+        assert not worker.zero_fresh_blocks
+        for k_cache, v_cache in worker.kv_caches.values():
+            k_cache.fill_(garbage)
+            v_cache.fill_(garbage)
+        outs.append([(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs])
+                     for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outs[0] == outs[1]
