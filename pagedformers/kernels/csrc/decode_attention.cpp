@@ -108,19 +108,39 @@ void softmax_of(float* scores, int64_t len, const float* sinks, int64_t first_he
   }
 }
 
-// probs @ V for query heads [g0, g0 + NG): NG x 16 float accumulators stay in registers per 16 lanes of V.
-template <int NG>
+// probs @ V for query heads [g0, g0 + NG) and value lanes [16 * c0, 16 * (c0 + NC)): NG x NC float accumulators
+// stay in registers while each value row is read once.
+template <int NG, int NC>
 void weighted_values_tile(const float* probs, int64_t len, const at::BFloat16* v_cache, const int64_t* table,
-                          int64_t start, int64_t head, const Shape& s, int64_t g0, float* acc) {
-  for (int64_t c = 0; c < s.dv / 16; ++c) {
-    __m512 a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t pos = start + i, blk = table[pos / s.block_size];
-      const __m512 v = load_bf16x16(v_cache + ((blk * s.h_kv + head) * s.block_size + pos % s.block_size) * s.dv + c * 16);
-      for (int g = 0; g < NG; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[(g0 + g) * len + i]), v, a[g]);
+                          int64_t start, int64_t head, const Shape& s, int64_t g0, int64_t c0, float* acc) {
+  __m512 a[NG][NC];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NC; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t pos = start + i, blk = table[pos / s.block_size];
+    const at::BFloat16* row = v_cache + ((blk * s.h_kv + head) * s.block_size + pos % s.block_size) * s.dv + c0 * 16;
+    __m512 v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = load_bf16x16(row + c * 16);
+    for (int g = 0; g < NG; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[(g0 + g) * len + i]);
+      for (int c = 0; c < NC; ++c) a[g][c] = _mm512_fmadd_ps(p, v[c], a[g][c]);
     }
-    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(acc + (g0 + g) * s.dv + c * 16, a[g]);
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (g0 + g) * s.dv + (c0 + c) * 16, a[g][c]);
+}
+
+template <int NG>
+void weighted_values_groups(const float* probs, int64_t len, const at::BFloat16* v_cache, const int64_t* table,
+                            int64_t start, int64_t head, const Shape& s, int64_t g0, float* acc) {
+  const int64_t chunks = s.dv / 16;
+  for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+    switch (std::min<int64_t>(4, chunks - c0)) {
+      case 1: weighted_values_tile<NG, 1>(probs, len, v_cache, table, start, head, s, g0, c0, acc); break;
+      case 2: weighted_values_tile<NG, 2>(probs, len, v_cache, table, start, head, s, g0, c0, acc); break;
+      case 3: weighted_values_tile<NG, 3>(probs, len, v_cache, table, start, head, s, g0, c0, acc); break;
+      default: weighted_values_tile<NG, 4>(probs, len, v_cache, table, start, head, s, g0, c0, acc);
+    }
   }
 }
 
@@ -128,10 +148,10 @@ void weighted_values(const float* probs, const at::BFloat16* v_cache, const int6
                      int64_t end, int64_t head, const Shape& s, float* acc) {
   for (int64_t g0 = 0; g0 < s.groups; g0 += 4) {
     switch (std::min<int64_t>(4, s.groups - g0)) {
-      case 1: weighted_values_tile<1>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
-      case 2: weighted_values_tile<2>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
-      case 3: weighted_values_tile<3>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
-      default: weighted_values_tile<4>(probs, end - start, v_cache, table, start, head, s, g0, acc);
+      case 1: weighted_values_groups<1>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
+      case 2: weighted_values_groups<2>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
+      case 3: weighted_values_groups<3>(probs, end - start, v_cache, table, start, head, s, g0, acc); break;
+      default: weighted_values_groups<4>(probs, end - start, v_cache, table, start, head, s, g0, acc);
     }
   }
 }
