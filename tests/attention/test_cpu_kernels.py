@@ -148,3 +148,33 @@ def test_unzeroed_cache_never_leaks_into_bf16_outputs(tmp_path):
         outs.append([(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs])
                      for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outs[0] == outs[1]
+
+
+def test_bf16_prefill_on_the_kernel_matches_hf_forward(tmp_path, monkeypatch):
+    """Prompt logprobs (the prefill path: prompts attend on the kernel, one query per token) against HF's
+    float32 forward, and no further from it than SDPA's prefill (the same roundings elsewhere)."""
+    import pagedformers.attention.torch_backend as backend
+    from transformers import AutoModelForCausalLM
+
+    from pagedformers import LLM, SamplingParams
+    from pagedformers.tools.tiny_models import save_tiny_model
+
+    path = save_tiny_model(tmp_path, "llama", hidden_size=128, intermediate_size=256)
+    prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(n)] for i, n in enumerate((70, 23, 41))]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        expected = [torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1], -1)
+                    .gather(1, torch.tensor(p[1:])[:, None])[:, 0] for p in prompts]
+    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    errors, on_kernel = {}, backend.KERNEL_MAX_CONTEXT
+    for max_context in (on_kernel, 0):  # the kernel, then SDPA for every prompt
+        monkeypatch.setattr(backend, "KERNEL_MAX_CONTEXT", max_context)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        errors[max_context] = torch.cat([
+            (torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]) - e).abs()
+            for o, p, e in zip(outs, prompts, expected)])
+    kernel, sdpa = errors[on_kernel], errors[0]
+    assert not torch.equal(kernel, sdpa)  # two different paths really ran
+    assert kernel.mean() < 0.07 and kernel.max() < 0.3, (kernel.mean(), kernel.max())
+    assert kernel.mean() < 1.5 * sdpa.mean() + 1e-3, (kernel.mean(), sdpa.mean())
