@@ -28,7 +28,8 @@ void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, i
       const at::BFloat16* up = in + row * ld + up_col;
       for (int64_t i = 0; i < width; i += 16) {
         const __m512 g = load_bf16x16(gate + i);
-        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        const __m512 exp_minus_g = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_minus_g)));
         store_bf16x16(op + row * width + i, _mm512_mul_ps(silu, load_bf16x16(up + i)));
       }
     }
