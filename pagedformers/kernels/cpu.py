@@ -3,17 +3,17 @@
 - `decode_attention` (csrc/decode_attention.cpp): plain PyTorch has no op that attends over scattered
   KV blocks: the torch backend gathers each decode's context into a padded copy and runs small batched
   matmuls. The kernel reads the blocks in place (~0.29 against ~0.8 ms per layer for 32 decodes x 256
-  context of a 4-KV-head, 64-dim layer, 2 cores).
+  context of a 4-KV-head, 64-dim layer, 2 cores). Short prompts go through it too, one query per token.
 - `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py).
 - `silu_and_mul` (csrc/silu_and_mul.cpp): SwiGLU's activation straight from the fused gate/up output
   (layers/cpu_mlp.py).
 - `write_kv` (csrc/write_kv.cpp): the step's keys and values into their cache slots, a row copy each.
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
 
-The first build takes ~40 s (g++ and ninja needed) and lands in torch's extension cache
+The first build takes ~35 s (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
-a second. Where it cannot be built or run, attention and norms stay on their plain PyTorch paths,
-with one warning.
+a second. Where it cannot be built or run, every caller stays on its plain PyTorch path, with one
+warning.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def cpu_kernels() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
-    logger.info("Loading the CPU kernels (built once, ~40 s, then cached).")
+    logger.info("Loading the CPU kernels (built once, ~35 s, then cached).")
     try:
         return load(name="pagedformers_cpu_kernels", sources=_SOURCES, extra_cflags=_CFLAGS,
                     extra_ldflags=["-fopenmp"], verbose=False)
