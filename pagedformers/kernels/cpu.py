@@ -63,6 +63,11 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
+def bf16_cpu_kernels(dtype: torch.dtype, device: str) -> ModuleType | None:
+    """The kernels for a bf16 model on CPU (the dtype the layer kernels take), else None."""
+    return cpu_kernels() if device == "cpu" and dtype == torch.bfloat16 else None
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(dim=-1)` for [rows, n] logits: the kernel for float32 on CPU (~65 against ~440 us at
     32 x 32000), torch otherwise. Same ties (first index) and NaNs (they win)."""
@@ -75,8 +80,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 def kernel_attends(head_dim: int, v_head_dim: int, dtype: torch.dtype, device: str) -> bool:
     """Whether every decode of a layer with this KV shape runs the `decode_attention` kernel (see kernel_fits):
     then no step reads a cache row before it is written, and fresh blocks need no zeroing."""
-    return (device == "cpu" and dtype == torch.bfloat16 and head_dim % 32 == 0 and v_head_dim % 16 == 0
-            and cpu_kernels() is not None)
+    return head_dim % 32 == 0 and v_head_dim % 16 == 0 and bf16_cpu_kernels(dtype, device) is not None
 
 
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pagedformers.kernels.cpu import cpu_kernels
+from pagedformers.kernels.cpu import bf16_cpu_kernels
+from pagedformers.layers import swap_forward_if_same
 from pagedformers.layers.cpu_linear import SiblingGroup, SiblingLinear
 
 
@@ -38,13 +39,6 @@ class FusedGatedMLP:
         self.kernels.silu_and_mul(flat, self.gate_col, self.up_col, self.width, hidden)
         return self.down(hidden.view(*gate_up.shape[:-1], self.width))
 
-    def matches_original(self, in_features: int) -> bool:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5, in_features, generator=gen).to(torch.bfloat16)
-        with torch.inference_mode():
-            expected, ours = self.original(x), self(x)
-        return expected.dtype == ours.dtype and torch.allclose(ours.float(), expected.float(), rtol=1e-2, atol=1e-2)
-
 
 def _is_silu(act: Any) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is nn.functional.silu
@@ -52,7 +46,7 @@ def _is_silu(act: Any) -> bool:
 
 def fuse_gated_mlps(model: nn.Module, dtype: torch.dtype, device: str) -> int:
     """Swap the forward of every matching bf16 SwiGLU MLP (after pack_linears); returns how many were swapped."""
-    kernels = cpu_kernels() if device == "cpu" and dtype == torch.bfloat16 else None
+    kernels = bf16_cpu_kernels(dtype, device)
     if kernels is None:
         return 0
     swapped = 0
@@ -64,8 +58,7 @@ def fuse_gated_mlps(model: nn.Module, dtype: torch.dtype, device: str) -> int:
                 and gate.out_features == up.out_features and gate.out_features % 16 == 0
                 and isinstance(module.forward, MethodType)):  # not swapped already
             continue
+        x = torch.randn(5, gate.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
         fused = FusedGatedMLP(module.forward, gate.group, gate.member, up.member, down, kernels)
-        if fused.matches_original(gate.in_features):
-            module.forward = fused
-            swapped += 1
+        swapped += swap_forward_if_same(module, fused, x)
     return swapped
