@@ -30,7 +30,8 @@ from pagedformers.logger import init_logger
 logger = init_logger(__name__)
 
 _SOURCES = [str(Path(__file__).parent / "csrc" / f) for f in
-            ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "write_kv.cpp", "argmax.cpp")]
+            ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "write_kv.cpp", "argmax.cpp",
+             "linear.cpp")]
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_has_avx512_bf16` already decides at run time whether this build may be loaded.
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]

@@ -1,10 +1,12 @@
-"""bf16/fp16 Linear layers on CPU with their weight reordered once for oneDNN.
+"""bf16/fp16 Linear layers on CPU with their weight laid out once, at load, for the matmul kernel.
 
-`F.linear` hands oneDNN a plain [out, in] weight and it is re-laid out on every call. Measured
-on 2 cores (AVX-512 bf16), the seven projections of one 200M-Llama layer: 0.29 ms against 0.66
-at 1 token, 1.75 against 2.44 at 32 tokens, 26 against 29 at 512; the 32000-row LM head 5.3
-against 8.7 ms at 32 tokens. The outputs are bitwise those of `F.linear`. For fp32 the gain is
-small (MKL), so fp32 models keep `nn.Linear`.
+bf16 on a CPU with AVX512-BF16 runs the compiled `linear` kernel (kernels/csrc/linear.cpp) on a weight
+packed in column blocks of 16 x position pairs; elsewhere (fp16, or no kernels) oneDNN runs on a weight
+reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise `F.linear`'s result; `F.linear`
+re-lays the weight out on every call). Measured on 2 Zen 4 cores, the seven projections of the 200M
+Llama's 12 layers plus its LM head: 8.5 (kernel) / 13.6 (oneDNN, reordered) ms at 1 token, 27 / 30.4 ms
+at 32 tokens, the same at 512 and 2048. The kernel sums in fp32 in another order than oneDNN: the
+outputs agree within bf16 rounding, not bitwise.
 
 Siblings that a probe forward saw called on one same tensor (q/k/v, gate/up) share one packed
 matmul: the first member called computes all their outputs, the others take their slice. One
@@ -20,8 +22,10 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pagedformers.kernels.cpu import bf16_cpu_kernels
 from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
@@ -29,19 +33,41 @@ logger = init_logger(__name__)
 
 class PackedLinear(nn.Linear):
     """An nn.Linear whose `weight` is a meta tensor (shape and dtype kept for code that reads them;
-    using its values is a loud error) and whose forward runs oneDNN on the reordered copy."""
+    using its values is a loud error) and whose forward runs on the packed copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+        self.kernels = bf16_cpu_kernels(weight.dtype, weight.device.type)
+        if self.kernels is not None:
+            packed = pack_pairs(weight)
+            bias32 = torch.empty(0) if bias is None else F.pad(bias.detach().float(), (0, -len(bias) % 16))
+            self.register_buffer("packed_bias", bias32, persistent=False)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.register_buffer("packed_weight", packed, persistent=False)
         self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.packed_weight.dtype:  # e.g. an fp32 branch: oneDNN would refuse the mix
+        if x.dtype != self.packed_weight.dtype:  # e.g. an fp32 branch: neither matmul takes the mix
             raise TypeError(f"PackedLinear expects {self.packed_weight.dtype} input, got {x.dtype}")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if self.kernels is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        flat = x.reshape(-1, self.in_features)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        out = self.kernels.linear(flat, self.packed_weight, self.packed_bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), ceil(K/2), 32]: per block of 16 output columns, each pair of input
+    positions as 16 (even, odd) pairs, the operand layout of AVX512-BF16's dot product; zero-padded."""
+    n, k = weight.shape
+    padded = F.pad(weight.detach(), (0, k % 2, 0, -n % 16))
+    blocks, pairs = padded.shape[0] // 16, padded.shape[1] // 2
+    return padded.view(blocks, 16, pairs, 2).transpose(1, 2).reshape(blocks, pairs, 32)
 
 
 class SiblingGroup:

@@ -1,12 +1,41 @@
-"""PackedLinear (oneDNN with the weight reordered at load) computes what nn.Linear computes."""
+"""PackedLinear (the compiled bf16 kernel, or oneDNN, on a weight laid out at load) computes what nn.Linear computes."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedformers.kernels.cpu import cpu_has_avx512_bf16
 from pagedformers.layers.cpu_linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
 from pagedformers import LLM, SamplingParams
+
+
+def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to fp32 summation order before the bf16 rounding: at most a unit or two in the last place."""
+    assert actual.dtype == expected.dtype == torch.bfloat16 and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the linear kernel needs AVX512-BF16")
+@pytest.mark.parametrize("n, k, bias", [(48, 64, True), (37, 33, True), (100, 7, False), (1, 1, True), (200, 130, False)])
+def test_linear_kernel_matches_f_linear(n, k, bias):
+    """Ragged N (masked last block), odd K (the lone last position), tiles of 1-8 rows, row chunks of
+    256, strided and 3-D inputs."""
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    weight, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
+    packed = PackedLinear(linear.weight.detach(), linear.bias)
+    assert packed.kernels is not None
+    for rows in (1, 5, 8, 9, 23, 300):
+        wide = torch.randn(rows, k + 3, dtype=torch.bfloat16)
+        x = wide[:, 1:k + 1]  # a row stride that is not K
+        assert_bf16_close(packed(x), F.linear(x, weight, b))
+    x = torch.randn(2, 7, k, dtype=torch.bfloat16)
+    assert_bf16_close(packed(x), F.linear(x, weight, b))
+    assert_bf16_close(packed(x.transpose(0, 1)), F.linear(x.transpose(0, 1), weight, b))
+    with pytest.raises(TypeError, match="expects torch.bfloat16 input"):
+        packed(x.float())
 
 
 class _Block(nn.Module):
@@ -33,8 +62,8 @@ def test_pack_linears_matches_nn_linear():
     assert swapped == 2  # proj and head (once, though reachable twice); the fp32 layer stays
     assert type(block.proj) is PackedLinear and block.alias is block.head and type(block.fp32) is nn.Linear
     assert block.proj.weight.is_meta and block.proj.weight.shape == (48, 64)  # shape and dtype still readable
-    assert torch.equal(block.head(block.proj(x)), expected)
-    assert torch.equal(block.proj(x[0]), expected_2d)
+    assert_bf16_close(block.head(block.proj(x)), expected)
+    assert_bf16_close(block.proj(x[0]), expected_2d)
 
 
 class _Attention(nn.Module):
@@ -65,12 +94,12 @@ def test_siblings_share_one_matmul():
         return
     assert swapped == 5 and type(block.q) is SiblingLinear and type(block.o) is PackedLinear
     assert block.q.weight.shape == (32, 32) and block.k.bias.shape == (16,)
-    assert torch.equal(block(x, memory), expected)
+    assert_bf16_close(block(x, memory), expected)
     assert block.q.group.output is None  # every member took its slice: nothing held
     y = torch.randn(4, 32, dtype=torch.bfloat16)  # members called alone, in any order, or twice
-    assert torch.equal(block.v(y), F.linear(y, *original["v"]))
-    assert torch.equal(block.v(y), F.linear(y, *original["v"]))
-    assert torch.equal(block.q(x), F.linear(x, *original["q"]))
+    assert_bf16_close(block.v(y), F.linear(y, *original["v"]))
+    assert_bf16_close(block.v(y), F.linear(y, *original["v"]))
+    assert_bf16_close(block.q(x), F.linear(x, *original["q"]))
 
 class _ChangesInPlace(nn.Module):
     def __init__(self) -> None:

@@ -1,0 +1,121 @@
+// bf16 linear layer, y = x W^T + b, on a weight packed once at load for AVX512-BF16's pair dot product.
+//
+// The packed weight is [N/16, K/2, 16, 2] (layers/cpu_linear.py packs it; N padded to 16, K to 2 with
+// zeros): for each block of 16 output columns, each pair of input positions is one 64-byte row, so
+// one vdpbf16ps takes 16 columns x 2 positions against one broadcast pair of x. A micro-kernel keeps an
+// R x C tile of fp32 accumulators (R <= 8 rows, C <= 3 blocks: 24 of the 32 registers) over the whole
+// K; the C blocks it streams (K x 48 bf16: 96 KB at K = 1024) stay in L2 while the tile steps down
+// the rows. On 2 Zen 4 cores that is ~395 against oneDNN's ~340 GFLOP/s at 32 tokens with the weights
+// coming from DRAM, ~40 against ~25 GB/s at 1 token, and the same ~435 GFLOP/s from 128 tokens up.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <array>
+#include <cstring>
+#include <utility>
+
+namespace {
+
+constexpr int kMaxRows = 8, kMaxBlocks = 3;
+constexpr int64_t kRowChunk = 256;  // rows of x that one pass over the weight serves (A stays in cache)
+
+struct Tile {
+  const at::BFloat16* x;  // the tile's first row
+  int64_t ldx;
+  const at::BFloat16* w;  // the first of its C packed column blocks
+  int64_t k, pairs;       // pairs = packed rows per block = ceil(k / 2)
+  const float* bias;      // fp32, padded to the blocks; or null
+  at::BFloat16* out;
+  int64_t ldo;
+  __mmask16 last_mask;    // columns of the last block that exist
+};
+
+inline __m512bh broadcast_pair(const at::BFloat16* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof pair);
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+template <int R, int C>
+void tile_kernel(const Tile& t) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t full_pairs = t.k / 2;
+  for (int64_t p = 0; p < full_pairs; ++p) {
+    __m512bh w[C];
+    for (int c = 0; c < C; ++c) w[c] = (__m512bh)_mm512_loadu_si512(t.w + (c * t.pairs + p) * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = broadcast_pair(t.x + r * t.ldx + 2 * p);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);
+    }
+  }
+  if (t.k % 2) {  // the last position alone: its pair's upper half is zero in the weight, and must be in x
+    for (int r = 0; r < R; ++r) {
+      uint16_t last;
+      std::memcpy(&last, t.x + r * t.ldx + t.k - 1, sizeof last);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(last);
+      for (int c = 0; c < C; ++c)
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, (__m512bh)_mm512_loadu_si512(t.w + (c * t.pairs + full_pairs) * 32));
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const __m512 b = t.bias ? _mm512_loadu_ps(t.bias + c * 16) : _mm512_setzero_ps();
+    const __mmask16 mask = c == C - 1 ? t.last_mask : 0xFFFF;
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(t.out + r * t.ldo + c * 16, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b)));
+  }
+}
+
+using TileKernel = void (*)(const Tile&);
+
+template <int C, int... R>
+constexpr std::array<TileKernel, sizeof...(R)> kernels_for(std::integer_sequence<int, R...>) {
+  return {tile_kernel<R + 1, C>...};
+}
+
+// kTiles[c - 1][r - 1]: the kernel for an r-row, c-block tile
+const std::array<std::array<TileKernel, kMaxRows>, kMaxBlocks> kTiles = {
+    kernels_for<1>(std::make_integer_sequence<int, kMaxRows>{}),
+    kernels_for<2>(std::make_integer_sequence<int, kMaxRows>{}),
+    kernels_for<3>(std::make_integer_sequence<int, kMaxRows>{})};
+
+}  // namespace
+
+// x [M, K] bf16 with unit stride in K; packed [ceil(N/16), ceil(K/2), 32] bf16; bias fp32
+// [ceil(N/16) * 16] or empty; returns [M, N] bf16.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, int64_t n) {
+  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), pairs = packed.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == 32 &&
+                  pairs == (k + 1) / 2 && blocks == (n + 15) / 16 &&
+                  (bias.numel() == 0 || (bias.is_contiguous() && bias.scalar_type() == at::kFloat &&
+                                         bias.numel() == blocks * 16)),
+              "linear: bf16 x [M, K] and a weight packed for it expected");
+  at::Tensor out = at::empty({m, n}, x.options());
+  const int64_t panels = (blocks + kMaxBlocks - 1) / kMaxBlocks, chunks = (m + kRowChunk - 1) / kRowChunk;
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* wp = packed.data_ptr<at::BFloat16>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  auto* op = out.data_ptr<at::BFloat16>();
+  // Work items are (row chunk, panel of <= 3 blocks), panels inner: a thread's range walks its
+  // panels for one chunk of x before the next.
+  at::parallel_for(0, chunks * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item % panels * kMaxBlocks, width = std::min<int64_t>(kMaxBlocks, blocks - block);
+      const int64_t row_end = std::min(m, (item / panels + 1) * kRowChunk);
+      const bool ragged = block + width == blocks && n % 16;
+      const __mmask16 last_mask = ragged ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
+      for (int64_t row = item / panels * kRowChunk; row < row_end; row += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, row_end - row);
+        const Tile tile{xp + row * x.stride(0), x.stride(0), wp + block * pairs * 32, k, pairs,
+                        bp ? bp + block * 16 : nullptr, op + row * n + block * 16, n, last_mask};
+        kTiles[width - 1][rows - 1](tile);
+      }
+    }
+  });
+  return out;
+}
