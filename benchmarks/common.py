@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pagedformers.layers.cpu_linear import empty_on_huge_pages
 from pagedformers.tools.tiny_models import save_tiny_model
 
 
@@ -45,8 +46,9 @@ def weights_read_per_step(model: nn.Module) -> tuple[int, int]:
 
 def memory_bandwidth() -> float:
     """Bytes/s the machine reads (a sum over a buffer far larger than its caches): a decode step's
-    weights are read, not copied, so a copy's read+write rate would set an unreachable floor."""
-    buffer = torch.ones(128 << 20, dtype=torch.float32)  # 512 MB
+    weights are read, not copied, so a copy's read+write rate would set an unreachable floor. The
+    buffer sits on huge pages, as the packed weights do: ~10% faster to stream than 4 KiB pages."""
+    buffer = empty_on_huge_pages((128 << 20,), torch.float32).fill_(1.0)  # 512 MB
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()

@@ -18,6 +18,7 @@ from pagedformers.attention.torch_backend import paged_attention
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
+ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
 
 
 def paged_attention_forward(
@@ -60,7 +61,14 @@ def paged_attention_forward(
 
 
 def _attention_chunk(module: nn.Module) -> int | None:
-    """Chunked-attention layers (Llama 4) pass no kwarg: transformers builds their mask from the config."""
+    """Chunked-attention layers (Llama 4) pass no kwarg: transformers builds their mask from the config.
+    Read once per module: HF config attribute reads are slow enough to show in a decode step."""
+    if ATTENTION_CHUNK not in module.__dict__:
+        module.__dict__[ATTENTION_CHUNK] = _read_attention_chunk(module)
+    return module.__dict__[ATTENTION_CHUNK]
+
+
+def _read_attention_chunk(module: nn.Module) -> int | None:
     config = getattr(module, "config", None)
     layer_types = getattr(config, "layer_types", None)
     layer_idx = getattr(module, "layer_idx", None)

@@ -17,6 +17,8 @@ Llama: 24.1 against 25.7 ms).
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -54,11 +56,7 @@ class PackedLinear(nn.Linear):
             raise TypeError(f"PackedLinear expects {self.packed_weight.dtype} input, got {x.dtype}")
         if self.kernels is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        flat = x.reshape(-1, self.in_features)
-        if flat.stride(-1) != 1:
-            flat = flat.contiguous()
-        out = self.kernels.linear(flat, self.packed_weight, self.packed_bias, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.kernels.linear(x, self.packed_weight, self.packed_bias, self.out_features)
 
 
 def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +65,28 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     padded = F.pad(weight.detach(), (0, k % 2, 0, -n % 16))
     blocks, pairs = padded.shape[0] // 16, padded.shape[1] // 2
-    return padded.view(blocks, 16, pairs, 2).transpose(1, 2).reshape(blocks, pairs, 32)
+    packed = empty_on_huge_pages((blocks, pairs, 32), weight.dtype)
+    packed.view(blocks, pairs, 16, 2).copy_(padded.view(blocks, 16, pairs, 2).transpose(1, 2))
+    return packed
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose whole 2 MiB pages are advised to be transparent huge pages.
+
+    The kernel streams each weight once per step: on 4 KiB pages the hardware prefetchers stop at every
+    page boundary. Measured on the 200M Llama's packed linears at 1 token: 10.0 against 10.9 ms
+    (33.5 GB/s, the machine's read bandwidth). Linux's default THP mode, `madvise`, needs the advice."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # kept alive by the tensor
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE_PAGE
+    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE_PAGE * _HUGE_PAGE)  # the tail keeps small pages
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 class SiblingGroup:

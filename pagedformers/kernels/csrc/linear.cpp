@@ -16,6 +16,7 @@
 #include <array>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -85,16 +86,19 @@ const std::array<std::array<TileKernel, kMaxRows>, kMaxBlocks> kTiles = {
 
 }  // namespace
 
-// x [M, K] bf16 with unit stride in K; packed [ceil(N/16), ceil(K/2), 32] bf16; bias fp32
-// [ceil(N/16) * 16] or empty; returns [M, N] bf16.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, int64_t n) {
-  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), pairs = packed.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == 32 &&
-                  pairs == (k + 1) / 2 && blocks == (n + 15) / 16 &&
+// input [..., K] bf16; packed [ceil(N/16), ceil(K/2), 32] bf16; bias fp32 [ceil(N/16) * 16] or empty;
+// returns [..., N] bf16. Rows may be strided; a last dim that is not contiguous is copied first.
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias, int64_t n) {
+  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16, "linear: bf16 input expected");
+  const int64_t k = input.size(-1);
+  at::Tensor x = input.reshape({-1, k});
+  if (x.stride(1) != 1) x = x.contiguous();
+  const int64_t m = x.size(0), blocks = packed.size(0), pairs = packed.size(1);
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 &&
+                  packed.size(2) == 32 && pairs == (k + 1) / 2 && blocks == (n + 15) / 16 &&
                   (bias.numel() == 0 || (bias.is_contiguous() && bias.scalar_type() == at::kFloat &&
                                          bias.numel() == blocks * 16)),
-              "linear: bf16 x [M, K] and a weight packed for it expected");
+              "linear: a weight packed for this input expected");
   at::Tensor out = at::empty({m, n}, x.options());
   const int64_t panels = (blocks + kMaxBlocks - 1) / kMaxBlocks, chunks = (m + kRowChunk - 1) / kRowChunk;
   const auto* xp = x.data_ptr<at::BFloat16>();
@@ -117,5 +121,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
       }
     }
   });
-  return out;
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = n;
+  return out.view(shape);
 }
