@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedformers.layers.cpu_linear import empty_on_huge_pages
+from pagedformers.huge_pages import empty_on_huge_pages
 from pagedformers.tools.tiny_models import save_tiny_model
 
 

@@ -65,8 +65,12 @@ def main() -> None:
         _, weight_bytes = weights_read_per_step(model)
         del model
         prompt = [(13 * i) % (args.vocab - 4) + 4 for i in range(args.prompt_len)]
-        ours, hf = ours_step_ms(path, args, prompt), hf_step_ms(path, args, prompt)
-    bandwidth = memory_bandwidth()
+        # This VM's memory bandwidth drifts between runs (34-60 GB/s): measure it right around our
+        # run and keep the higher figure, the stricter floor.
+        before = memory_bandwidth()
+        ours = ours_step_ms(path, args, prompt)
+        bandwidth = max(before, memory_bandwidth())
+        hf = hf_step_ms(path, args, prompt)
     floor = weight_bytes / bandwidth * 1e3
     print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
     print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights read per step, the input "

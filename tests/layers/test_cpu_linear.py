@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedformers.kernels.cpu import cpu_has_avx512_bf16
-from pagedformers.layers.cpu_linear import (PackedLinear, SiblingLinear, can_pack, empty_on_huge_pages, pack_linears,
-                                           record_siblings)
+from pagedformers.layers.cpu_linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
 from pagedformers import LLM, SamplingParams
 
@@ -138,16 +137,3 @@ def test_bf16_engine_logprobs_match_hf(tmp_path):
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert torch.allclose(ours, expected, atol=0.05), (ours - expected).abs().max()
 
-
-def test_empty_on_huge_pages_is_a_plain_tensor():
-    import gc
-
-    big = empty_on_huge_pages((3, 1 << 20), torch.bfloat16)  # 6 MiB: on its own 2 MiB-aligned mapping
-    assert big.shape == (3, 1 << 20) and big.dtype == torch.bfloat16 and big.is_contiguous()
-    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
-        assert big.data_ptr() % (2 << 20) == 0
-    big.fill_(2.0)
-    gc.collect()  # the mapping lives as long as the tensor
-    assert big.float().sum().item() == 2.0 * 3 * (1 << 20)
-    small = empty_on_huge_pages((4, 4), torch.float32)
-    assert small.shape == (4, 4)
