@@ -36,6 +36,12 @@ def test_linear_kernel_matches_f_linear(n, k, bias):
     assert_bf16_close(packed(x.transpose(0, 1)), F.linear(x.transpose(0, 1), weight, b))
     with pytest.raises(TypeError, match="expects torch.bfloat16 input"):
         packed(x.float())
+    expected = F.linear(x, weight, b)
+    for widths in ([16, n - 16], [n - 5, 5]):  # the kernel writes the parts apart; a 5 then slices
+        if min(widths) > 0:
+            parts = packed.split_forward(x, widths)
+            assert [p.shape[-1] for p in parts] == widths and all(p.is_contiguous() for p in parts)
+            assert_bf16_close(torch.cat(parts, -1), expected)
 
 
 class _Block(nn.Module):
@@ -95,7 +101,7 @@ def test_siblings_share_one_matmul():
     assert swapped == 5 and type(block.q) is SiblingLinear and type(block.o) is PackedLinear
     assert block.q.weight.shape == (32, 32) and block.k.bias.shape == (16,)
     assert_bf16_close(block(x, memory), expected)
-    assert block.q.group.output is None  # every member took its slice: nothing held
+    assert block.q.group.outputs is None  # every member took its slice: nothing held
     y = torch.randn(4, 32, dtype=torch.bfloat16)  # members called alone, in any order, or twice
     assert_bf16_close(block.v(y), F.linear(y, *original["v"]))
     assert_bf16_close(block.v(y), F.linear(y, *original["v"]))

@@ -29,8 +29,9 @@ struct Tile {
   const at::BFloat16* w;  // the first of its C packed column blocks
   int64_t k, pairs;       // pairs = packed rows per block = ceil(k / 2)
   const float* bias;      // fp32, padded to the blocks; or null
-  at::BFloat16* out;
-  int64_t ldo;
+  at::BFloat16* const* out;  // per block: its first column in row 0 of the output that takes it
+  const int64_t* ldo;        // per block: that output's row stride
+  int64_t row;
   __mmask16 last_mask;    // columns of the last block that exist
 };
 
@@ -67,7 +68,8 @@ void tile_kernel(const Tile& t) {
     const __m512 b = t.bias ? _mm512_loadu_ps(t.bias + c * 16) : _mm512_setzero_ps();
     const __mmask16 mask = c == C - 1 ? t.last_mask : 0xFFFF;
     for (int r = 0; r < R; ++r)
-      _mm256_mask_storeu_epi16(t.out + r * t.ldo + c * 16, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b)));
+      _mm256_mask_storeu_epi16(t.out[c] + (t.row + r) * t.ldo[c], mask,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b)));
   }
 }
 
@@ -87,41 +89,59 @@ const std::array<std::array<TileKernel, kMaxRows>, kMaxBlocks> kTiles = {
 }  // namespace
 
 // input [..., K] bf16; packed [ceil(N/16), ceil(K/2), 32] bf16; bias fp32 [ceil(N/16) * 16] or empty;
-// returns [..., N] bf16. Rows may be strided; a last dim that is not contiguous is copied first.
-at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias, int64_t n) {
+// widths: how the N output columns split into separate outputs (sibling linears: q, k, v), each a
+// multiple of 16 but the last. Returns one contiguous [..., width] bf16 tensor per width. Rows of
+// the input may be strided; a last dim that is not contiguous is copied first.
+std::vector<at::Tensor> linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias,
+                               const std::vector<int64_t>& widths) {
   TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16, "linear: bf16 input expected");
   const int64_t k = input.size(-1);
   at::Tensor x = input.reshape({-1, k});
   if (x.stride(1) != 1) x = x.contiguous();
   const int64_t m = x.size(0), blocks = packed.size(0), pairs = packed.size(1);
+  int64_t n = 0;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    TORCH_CHECK(widths[i] > 0 && (i + 1 == widths.size() || widths[i] % 16 == 0),
+                "linear: output widths must be positive, multiples of 16 but the last");
+    n += widths[i];
+  }
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 &&
                   packed.size(2) == 32 && pairs == (k + 1) / 2 && blocks == (n + 15) / 16 &&
                   (bias.numel() == 0 || (bias.is_contiguous() && bias.scalar_type() == at::kFloat &&
                                          bias.numel() == blocks * 16)),
               "linear: a weight packed for this input expected");
-  at::Tensor out = at::empty({m, n}, x.options());
+  std::vector<int64_t> shape = input.sizes().vec();
+  std::vector<at::Tensor> outs;
+  std::vector<at::BFloat16*> block_out;
+  std::vector<int64_t> block_ld;
+  for (const int64_t width : widths) {
+    shape.back() = width;
+    outs.push_back(at::empty(shape, x.options()));
+    for (int64_t col = 0; col < width; col += 16) {
+      block_out.push_back(outs.back().data_ptr<at::BFloat16>() + col);
+      block_ld.push_back(width);
+    }
+  }
   const int64_t panels = (blocks + kMaxBlocks - 1) / kMaxBlocks, chunks = (m + kRowChunk - 1) / kRowChunk;
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* wp = packed.data_ptr<at::BFloat16>();
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  auto* op = out.data_ptr<at::BFloat16>();
+  const __mmask16 ragged_mask = n % 16 ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
   // Work items are (row chunk, panel of <= 3 blocks), panels inner: a thread's range walks its
   // panels for one chunk of x before the next.
   at::parallel_for(0, chunks * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t block = item % panels * kMaxBlocks, width = std::min<int64_t>(kMaxBlocks, blocks - block);
       const int64_t row_end = std::min(m, (item / panels + 1) * kRowChunk);
-      const bool ragged = block + width == blocks && n % 16;
-      const __mmask16 last_mask = ragged ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
+      const __mmask16 last_mask = block + width == blocks ? ragged_mask : (__mmask16)0xFFFF;
       for (int64_t row = item / panels * kRowChunk; row < row_end; row += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, row_end - row);
         const Tile tile{xp + row * x.stride(0), x.stride(0), wp + block * pairs * 32, k, pairs,
-                        bp ? bp + block * 16 : nullptr, op + row * n + block * 16, n, last_mask};
+                        bp ? bp + block * 16 : nullptr, block_out.data() + block, block_ld.data() + block, row,
+                        last_mask};
         kTiles[width - 1][rows - 1](tile);
       }
     }
   });
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape.back() = n;
-  return out.view(shape);
+  return outs;
 }
