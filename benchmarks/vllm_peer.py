@@ -28,9 +28,12 @@ def main() -> None:
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in job["max_tokens"]]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, as for the others
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    elapsed, outs = float("inf"), None
+    for _ in range(job.get("repeat", 1)):  # the fastest of the repeats, as for the others
+        start = time.perf_counter()
+        run = llm.generate(prompts, params, use_tqdm=False)
+        if time.perf_counter() - start < elapsed:
+            elapsed, outs = time.perf_counter() - start, run
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     print(json.dumps({"startup_s": startup, "elapsed_s": elapsed, "generated": sum(map(len, tokens)),
                       "first_tokens": tokens[:2]}))
