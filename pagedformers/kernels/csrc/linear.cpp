@@ -6,7 +6,8 @@
 // R x C tile of fp32 accumulators (R <= 8 rows, C <= 3 blocks: 24 of the 32 registers) over the whole
 // K; the C blocks it streams (K x 48 bf16: 96 KB at K = 1024) stay in L2 while the tile steps down
 // the rows. On 2 Zen 4 cores that is ~395 against oneDNN's ~340 GFLOP/s at 32 tokens with the weights
-// coming from DRAM, ~40 against ~25 GB/s at 1 token, and the same ~435 GFLOP/s from 128 tokens up.
+// coming from DRAM, ~33 (on huge pages) against ~25 GB/s at 1 token, and the same ~435 GFLOP/s from
+// 128 tokens up.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
