@@ -26,5 +26,8 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # kept alive by the tensor
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % _HUGE_PAGE
-    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE_PAGE * _HUGE_PAGE)  # the tail keeps small pages
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE_PAGE * _HUGE_PAGE)  # the tail keeps small pages
+    except OSError:  # a kernel built without THP (EINVAL): small pages, same tensor
+        pass
     return raw[start:start + nbytes].view(dtype).view(shape)
