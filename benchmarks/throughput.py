@@ -200,7 +200,7 @@ def time_interleaved(engines: list[Engine], repeat: int) -> dict[str, dict]:
     """Each engine's fastest of `repeat` runs, the runs taken in turn (A B C A B C ...): this VM's speed
     drifts by 10-20% over minutes, and runs in turn spread that drift over every engine alike."""
     best: dict[str, dict] = {}
-    for _ in range(repeat):
+    for round_ in range(1, repeat + 1):
         for engine in list(engines):
             time.sleep(1.0)  # let the previous engine's idle threads stop spinning
             try:
@@ -210,6 +210,8 @@ def time_interleaved(engines: list[Engine], repeat: int) -> dict[str, dict]:
                 engines.remove(engine)
                 best.pop(engine.name, None)
                 continue
+            print(f"run {round_}/{repeat} {engine.name}: {result['generated'] / result['elapsed_s']:.1f} gen tok/s",
+                  flush=True)
             if engine.name not in best or result["elapsed_s"] < best[engine.name]["elapsed_s"]:
                 best[engine.name] = {"startup_s": engine.startup_s, **result}
     return best
