@@ -21,9 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -126,8 +126,11 @@ def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 
     def reply(request: str) -> dict:
-        peer.stdin.write(request + "\n")
-        peer.stdin.flush()
+        try:
+            peer.stdin.write(request + "\n")
+            peer.stdin.flush()
+        except BrokenPipeError:  # it exited: its log says why
+            pass
         for line in peer.stdout:  # vLLM also logs to stdout: our answer is the JSON line
             if line.startswith("{"):
                 return json.loads(line)
@@ -135,8 +138,11 @@ def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
         raise RuntimeError(f"vLLM peer exited: {log.read()[-2000:]}")
 
     def close() -> None:
-        peer.stdin.close()
-        peer.wait(timeout=120)
+        peer.stdin.close()  # its loop ends; vLLM shuts down
+        try:
+            peer.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            peer.kill()
 
     try:
         ready = reply(json.dumps(job))
@@ -178,7 +184,7 @@ def load_generate_batch(path: Path, args, reqs) -> Engine:
     max_new = max(n for _, n in reqs)
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     # Its cache sized to the workload: by default it takes 90% of free memory (13 GB here), and its
-    # attention masks span the whole cache: 32 x 128 -> 32 tokens took 26 s so against 16 s sized.
+    # attention masks span the whole cache: 32 x 128 -> 32 tokens took 26 s that way against 16 s sized.
     page = ContinuousBatchingConfig().page_size
     blocks = sum(math.ceil((len(ids) + max_new) / page) for ids, _ in reqs)
     cache = ContinuousBatchingConfig(num_blocks=math.ceil(1.25 * blocks))
@@ -198,16 +204,22 @@ def load_generate_batch(path: Path, args, reqs) -> Engine:
 
 def time_interleaved(engines: list[Engine], repeat: int) -> dict[str, dict]:
     """Each engine's fastest of `repeat` runs, the runs taken in turn (A B C A B C ...): this VM's speed
-    drifts by 10-20% over minutes, and runs in turn spread that drift over every engine alike."""
+    drifts by 10-20% over minutes, and runs in turn spread that drift over every engine alike.
+    Ours comes first and must not fail; a peer that fails is dropped."""
     best: dict[str, dict] = {}
+    broken: set[str] = set()
     for round_ in range(1, repeat + 1):
-        for engine in list(engines):
+        for engine in engines:
+            if engine.name in broken:
+                continue
             time.sleep(1.0)  # let the previous engine's idle threads stop spinning
             try:
                 result = engine.run()
             except Exception as e:  # a peer that breaks must not hide the others' numbers
+                if engine is engines[0]:  # ours
+                    raise
                 print(f"{engine.name}: failed: {type(e).__name__}: {e}")
-                engines.remove(engine)
+                broken.add(engine.name)
                 best.pop(engine.name, None)
                 continue
             print(f"run {round_}/{repeat} {engine.name}: {result['generated'] / result['elapsed_s']:.1f} gen tok/s",
