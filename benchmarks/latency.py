@@ -28,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def ours_step_ms(path: Path, args: argparse.Namespace, prompt: list[int]) -> tuple[float, float]:
+def ours_step_ms_and_bandwidth(path: Path, args: argparse.Namespace, prompt: list[int]) -> tuple[float, float]:
     """(our fastest decode step in ms, the highest read bandwidth in bytes/s): the two measured in turn,
     `--repeat` times each, so that this VM's drift over minutes reaches both alike."""
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
@@ -74,7 +74,7 @@ def main() -> None:
         prompt = [(13 * i) % (args.vocab - 4) + 4 for i in range(args.prompt_len)]
         # This VM's memory bandwidth drifts between runs (27-65 GB/s): it is measured in turn with our
         # runs, and the highest figure (the strictest floor) is kept.
-        ours, bandwidth = ours_step_ms(path, args, prompt)
+        ours, bandwidth = ours_step_ms_and_bandwidth(path, args, prompt)
         hf = hf_step_ms(path, args, prompt)
     floor = weight_bytes / bandwidth * 1e3
     print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
