@@ -23,7 +23,7 @@ def test_allocate_and_free_block_ids():
     kv.free(a)
     assert kv.num_free_blocks == 4
     assert kv.allocate(b, 8)
-    assert kv.block_tables["b"] == [3, 2]  # least recently freed first: a's tail went back first
+    assert kv.block_tables["b"] == [0, 1]  # a's freed blocks before block 3, which was never used
 
 
 def test_prefix_hits_reuse_blocks_and_keep_one_token_to_compute():
@@ -73,3 +73,50 @@ def test_blocks_are_reported_fresh_once():
     kv.free(a)
     kv.allocate(_req("b", [1, 2, 3, 4, 5]), 5)
     assert kv.take_fresh_blocks() == [2]  # 0 and 1 hold finite old values already
+
+
+def test_without_prefix_caching_freed_blocks_are_reused_before_fresh_ones():
+    """The pool's working set stays as small as the load: no walk through (and page faults in) the whole pool."""
+    kv = KVCacheManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    used: set[int] = set()
+    for i in range(20):
+        r = _req(f"r{i}", list(range(7)))
+        assert kv.allocate(r, 7)
+        used.update(kv.block_tables[r.request_id])
+        kv.free(r)
+    assert used == {0, 1}
+    assert kv.take_fresh_blocks() == [0, 1]
+    assert kv.num_free_blocks == 64
+
+
+def test_free_tiers_with_prefix_caching():
+    """Unhashed freed blocks first, then never-used ones, then cached prefixes (least recently freed first)."""
+    kv = KVCacheManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
+    a = _req("a", [1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    a.num_computed_tokens = 5
+    kv.cache_full_blocks(a)  # blocks 0 and 1 full and cached; block 2 holds one token, no hash
+    kv.free(a)
+    b = _req("b", [9] * 8)
+    assert kv.allocate(b, 8)
+    assert kv.block_tables["b"] == [2, 3, 4, 5]  # a's unhashed tail, then the never-used blocks
+    assert len(kv.lookup_prefix(_req("a2", [1, 2, 3, 4, 5]))) == 2  # a's prefix is still cached
+    c = _req("c", [8, 8])
+    assert kv.allocate(c, 2)
+    assert kv.block_tables["c"] == [1]  # only then a cached block: a's later one, freed first
+    assert kv.lookup_prefix(_req("a3", [1, 2, 3, 4, 5])) == [0]
+
+
+def test_reset_prefix_cache_makes_freed_blocks_reusable_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = _req("a", [1, 2, 3])
+    kv.allocate(a, 3)
+    a.num_computed_tokens = 3
+    kv.cache_full_blocks(a)
+    kv.free(a)
+    kv.reset_prefix_cache()
+    assert kv.lookup_prefix(_req("a2", [1, 2, 3])) == []
+    b = _req("b", [5, 6, 7, 8])
+    assert kv.allocate(b, 4)
+    assert sorted(kv.block_tables["b"]) == [0, 1]  # no never-used block touched
+    assert kv.num_free_blocks == 2
