@@ -7,6 +7,15 @@ def _req(rid: str, tokens: list[int], **params) -> Request:
     return Request(rid, tokens, SamplingParams(**params), max_tokens=16, arrival=0)
 
 
+def _computed(kv: KVCacheManager, rid: str, tokens: list[int]) -> Request:
+    """A request whose prompt was allocated and computed, its full blocks registered in the prefix cache."""
+    req = _req(rid, tokens)
+    assert kv.allocate(req, len(tokens))
+    req.num_computed_tokens = len(tokens)
+    kv.cache_full_blocks(req)
+    return req
+
+
 def test_allocate_and_free_block_ids():
     kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
     a = _req("a", list(range(6)))
@@ -45,10 +54,7 @@ def test_prefix_hits_reuse_blocks_and_keep_one_token_to_compute():
 
 def test_freed_blocks_stay_cached_until_reused():
     kv = KVCacheManager(num_blocks=3, block_size=2, enable_prefix_caching=True)
-    a = _req("a", [1, 2, 3, 4, 5])
-    kv.allocate(a, 5)
-    a.num_computed_tokens = 5
-    kv.cache_full_blocks(a)
+    a = _computed(kv, "a", [1, 2, 3, 4, 5])
     kv.free(a)
     assert len(kv.lookup_prefix(_req("a2", [1, 2, 3, 4, 5]))) == 2
     big = _req("big", [7] * 6)  # takes every block: the cached ones are evicted
@@ -58,10 +64,7 @@ def test_freed_blocks_stay_cached_until_reused():
 
 def test_prompt_logprobs_requests_skip_the_prefix_cache():
     kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
-    a = _req("a", [1, 2, 3])
-    kv.allocate(a, 3)
-    a.num_computed_tokens = 3
-    kv.cache_full_blocks(a)
+    _computed(kv, "a", [1, 2, 3])
     assert kv.lookup_prefix(_req("b", [1, 2, 3], prompt_logprobs=1)) == []
 
 
@@ -92,10 +95,7 @@ def test_without_prefix_caching_freed_blocks_are_reused_before_fresh_ones():
 def test_free_tiers_with_prefix_caching():
     """Unhashed freed blocks first, then never-used ones, then cached prefixes (least recently freed first)."""
     kv = KVCacheManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
-    a = _req("a", [1, 2, 3, 4, 5])
-    kv.allocate(a, 5)
-    a.num_computed_tokens = 5
-    kv.cache_full_blocks(a)  # blocks 0 and 1 full and cached; block 2 holds one token, no hash
+    a = _computed(kv, "a", [1, 2, 3, 4, 5])  # blocks 0 and 1 full and cached; block 2 holds one token, no hash
     kv.free(a)
     b = _req("b", [9] * 8)
     assert kv.allocate(b, 8)
@@ -109,10 +109,7 @@ def test_free_tiers_with_prefix_caching():
 
 def test_reset_prefix_cache_makes_freed_blocks_reusable_first():
     kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
-    a = _req("a", [1, 2, 3])
-    kv.allocate(a, 3)
-    a.num_computed_tokens = 3
-    kv.cache_full_blocks(a)
+    a = _computed(kv, "a", [1, 2, 3])
     kv.free(a)
     kv.reset_prefix_cache()
     assert kv.lookup_prefix(_req("a2", [1, 2, 3])) == []
