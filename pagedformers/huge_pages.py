@@ -1,7 +1,9 @@
 """CPU tensors on transparent huge pages, for the packed weights a decode step streams.
 
 (The KV caches stay on 4 KiB pages: huge pages measured 1% faster there, 11.68 against 11.81 ms of
-non-matmul step time at 32 decodes, and would make every touched cache byte cost 2 MiB of RSS.)
+non-matmul step time at 32 decodes, would make every touched cache byte cost 2 MiB of RSS, and made
+a 2048-token prefill's first KV writes slower: 111-122 against 15-18 ms a step, each 2 MiB fault
+zeroing and compacting under THP's `madvise` defrag.)
 """
 
 from __future__ import annotations
