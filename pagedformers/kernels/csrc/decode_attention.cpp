@@ -4,9 +4,9 @@
 // AVX512-BF16 dot products (float accumulation) and softmaxed in float; the probabilities, rounded to
 // bf16, weight the values in AVX512-BF16 dot products too (two positions a product), where the value
 // width is a multiple of 32, else in float FMAs. No gathered copy of the context and no batched small
-// matmuls: on 2 cores, 32 decodes x 256 context of a 4-KV-head, 64-dim layer take ~0.15 ms here against
-// ~0.65 ms for gather + matmuls. Cold (the cache last read a step ago), 32 x 192 take ~0.37 ms, against
-// ~0.3 ms for only reading the same rows: the memory bound.
+// matmuls. On 2 cores, 32 decodes x 192 context of a 4-KV-head, 64-dim layer take ~0.18 ms with the
+// cache warm and ~0.35 ms cold (as in a decode step: the layer's cache was last read a step ago), where
+// only reading the same rows takes ~0.3 ms: cold, memory bounds it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
