@@ -44,6 +44,21 @@ def test_linear_kernel_matches_f_linear(n, k, bias):
             assert_bf16_close(torch.cat(parts, -1), expected)
 
 
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the linear kernel needs AVX512-BF16")
+def test_a_row_computes_the_same_alone_or_in_a_batch():
+    """A lone row walks the weight blocks one at a time, a tile of rows all blocks at once: the same sums
+    in the same order, so a request's logits do not depend on the batch it decodes in (bitwise). The
+    shape is large enough for a summation-order change to show after the bf16 rounding: 4 partial sums
+    for the lone row changed 4 of these 36009 outputs."""
+    torch.manual_seed(0)
+    linear = nn.Linear(1031, 4001, bias=True).to(torch.bfloat16)  # odd K, ragged N
+    packed = PackedLinear(linear.weight.detach(), linear.bias)
+    x = torch.randn(9, 1031, dtype=torch.bfloat16)  # a tile of 8 rows, then a lone row
+    batched = packed(x)
+    for i in range(9):
+        assert torch.equal(packed(x[i:i + 1]), batched[i:i + 1])
+
+
 class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
