@@ -140,17 +140,22 @@ std::vector<at::Tensor> linear(const at::Tensor& input, const at::Tensor& packed
       const __mmask16 last_mask = block + width == blocks ? ragged_mask : (__mmask16)0xFFFF;
       for (int64_t row = item / panels * kRowChunk; row < row_end; row += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, row_end - row);
-        if (rows == 1) {  // one block after another: one sequential run (same sums, same order)
-          for (int64_t b = block; b < block + width; ++b)
-            kTiles[0][0](Tile{xp + row * x.stride(0), x.stride(0), wp + b * pairs * 32, k, pairs,
-                              bp ? bp + b * 16 : nullptr, block_out.data() + b, block_ld.data() + b, row,
-                              b + 1 == blocks ? ragged_mask : (__mmask16)0xFFFF});
-          continue;
-        }
         const Tile tile{xp + row * x.stride(0), x.stride(0), wp + block * pairs * 32, k, pairs,
                         bp ? bp + block * 16 : nullptr, block_out.data() + block, block_ld.data() + block, row,
                         last_mask};
-        kTiles[width - 1][rows - 1](tile);
+        if (rows > 1) {
+          kTiles[width - 1][rows - 1](tile);
+          continue;
+        }
+        for (int64_t c = 0; c < width; ++c) {  // one block after another: one sequential run, same sums
+          Tile one = tile;
+          one.w += c * pairs * 32;
+          one.bias = tile.bias ? tile.bias + c * 16 : nullptr;
+          one.out += c;
+          one.ldo += c;
+          one.last_mask = c + 1 == width ? last_mask : (__mmask16)0xFFFF;
+          kTiles[0][0](one);
+        }
       }
     }
   });
