@@ -261,7 +261,8 @@ void attend_one(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BF
                 const int64_t* table, int64_t seq_len, const float* sinks, at::BFloat16* out, int64_t head,
                 const Shape& s, const Options& o, std::vector<float>& scratch, std::vector<int64_t>& rows) {
   const int64_t start = first_visible(seq_len, o), len = seq_len - start;
-  scratch.resize(s.groups * (len + s.dv + 1) + s.groups * (len + 2) / 2);
+  // scores [G, len], acc [G, Dv], denom [G], then the bf16 probability pairs [G, (len + 1) / 2], a float's room each
+  scratch.resize(s.groups * (len + s.dv + 1 + (len + 1) / 2));
   rows.resize(len);
   float *scores = scratch.data(), *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
   rows_of(table, start, seq_len, head, s, rows.data());
