@@ -13,7 +13,9 @@
 - `write_kv` (csrc/write_kv.cpp): the step's keys and values into their cache slots, a row copy each.
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
 
-The first build takes ~35 s (g++ and ninja needed) and lands in torch's extension cache
+They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
+decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s (g++ and
+ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
 a second. Where it cannot be built or run, every caller stays on its plain PyTorch path, with one
 warning.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -52,22 +54,24 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The built kernel module, or None (with a warning) where this machine cannot build or run it."""
+def cpu_kernels() -> Any | None:
+    """The kernel ops (`torch.ops.pagedformers`), or None (with a warning) where this machine cannot build or
+    run them."""
     if not cpu_has_avx512_bf16():
         return None
     from torch.utils.cpp_extension import load
 
     logger.info("Loading the CPU kernels (built once, ~35 s, then cached).")
     try:
-        return load(name="pagedformers_cpu_kernels", sources=_SOURCES, extra_cflags=_CFLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        load(name="pagedformers_cpu_kernels", sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+        return torch.ops.pagedformers
     except Exception as e:  # no compiler, no ninja, a toolchain too old for the intrinsics
         logger.warning("CPU kernels unavailable (%s); using the plain PyTorch paths.", e)
         return None
 
 
-def bf16_cpu_kernels(dtype: torch.dtype, device: str) -> ModuleType | None:
+def bf16_cpu_kernels(dtype: torch.dtype, device: str) -> Any | None:
     """The kernels for a bf16 model on CPU (the dtype the layer kernels take), else None."""
     return cpu_kernels() if device == "cpu" and dtype == torch.bfloat16 else None
 

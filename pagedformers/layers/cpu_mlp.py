@@ -10,7 +10,7 @@ sees the model's class and its projections), only its forward is swapped.
 
 from __future__ import annotations
 
-from types import MethodType, ModuleType
+from types import MethodType
 from typing import Any, Callable
 
 import torch
@@ -25,7 +25,7 @@ class FusedGatedMLP:
     """A gated MLP module's forward: the sibling matmul, the kernel, then the module's own down_proj."""
 
     def __init__(self, original: Callable[..., torch.Tensor], group: SiblingGroup, gate: int, up: int,
-                 down: nn.Module, kernels: ModuleType) -> None:
+                 down: nn.Module, kernels: Any) -> None:
         self.original, self.group, self.down, self.kernels = original, group, down, kernels
         self.gate_col, self.up_col = group.bounds[gate], group.bounds[up]
         self.width = group.bounds[gate + 1] - group.bounds[gate]

@@ -10,7 +10,7 @@ itself stays (apply_model sees the model's class, its weight and eps); only its 
 
 from __future__ import annotations
 
-from types import MethodType, ModuleType
+from types import MethodType
 from typing import Any, Callable
 
 import torch
@@ -24,7 +24,7 @@ class FusedRMSNorm:
     """A norm module's forward: the kernel for contiguous bf16 input, the module's own forward otherwise."""
 
     def __init__(self, original: Callable[..., torch.Tensor], weight: torch.Tensor, eps: float,
-                 kernels: ModuleType) -> None:
+                 kernels: Any) -> None:
         self.original, self.weight, self.eps, self.kernels = original, weight, eps, kernels
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,23 +1,42 @@
-// The Python module of the CPU kernels: one binding per kernel file.
+// The CPU kernels as dispatcher ops (torch.ops.pagedformers.*): one registration per kernel file.
+// Ops rather than a Python module so that torch.jit.trace records each call as one node (decode graphs,
+// engine/decode_graphs.py); their CPU implementation is registered below, so the tracer sees them whole.
 
-#include <torch/extension.h>
+#include <torch/library.h>
 
-void decode_attention(const torch::Tensor& query, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                      const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& sinks,
-                      torch::Tensor& out, double scale, int64_t window, int64_t chunk, double softcap);
-void rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& out);
-void silu_and_mul(const torch::Tensor& gate_up, int64_t gate_col, int64_t up_col, int64_t width, torch::Tensor& out);
-void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& key, const torch::Tensor& value,
-              const torch::Tensor& blocks, const torch::Tensor& offsets);
-torch::Tensor argmax_rows(const torch::Tensor& logits);
-std::vector<torch::Tensor> linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
-                                  const std::vector<int64_t>& widths);
+void decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& sinks,
+                      at::Tensor& out, double scale, int64_t window, int64_t chunk, double softcap);
+void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);
+void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, int64_t width, at::Tensor& out);
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
+              const at::Tensor& blocks, const at::Tensor& offsets);
+at::Tensor argmax_rows(const at::Tensor& logits);
+std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+                               const std::vector<int64_t>& widths);
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "bf16 paged decode attention (CPU, AVX512-BF16)");
-  m.def("rms_norm", &rms_norm, "bf16 RMSNorm, rounded as HF's Llama-style RMSNorm (CPU, AVX512-BF16)");
-  m.def("silu_and_mul", &silu_and_mul, "bf16 silu(gate) * up from a fused gate/up output (CPU, AVX-512)");
-  m.def("write_kv", &write_kv, "new keys and values into their paged cache slots (CPU, any dtype)");
-  m.def("linear", &linear, "bf16 x W^T + b on a weight packed for AVX512-BF16, split by output widths (CPU)");
-  m.def("argmax_rows", &argmax_rows, "row-wise argmax of float32 logits, torch.argmax's ties and NaNs (CPU)");
+TORCH_LIBRARY(pagedformers, m) {
+  // bf16 paged decode attention (AVX512-BF16)
+  m.def("decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor sinks, Tensor(a!) out, float scale, int window, int chunk, float softcap) -> ()");
+  // bf16 RMSNorm, rounded as HF's Llama-style RMSNorm (AVX512-BF16)
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  // bf16 silu(gate) * up from a fused gate/up output (AVX-512)
+  m.def("silu_and_mul(Tensor gate_up, int gate_col, int up_col, int width, Tensor(a!) out) -> ()");
+  // new keys and values into their paged cache slots (any dtype)
+  m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor blocks, "
+        "Tensor offsets) -> ()");
+  // bf16 x W^T + b on a weight packed for AVX512-BF16, split by output widths
+  m.def("linear(Tensor x, Tensor packed, Tensor bias, int[] widths) -> Tensor[]");
+  // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
+  m.def("argmax_rows(Tensor logits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("write_kv", &write_kv);
+  m.impl("linear", &linear);
+  m.impl("argmax_rows", &argmax_rows);
 }
