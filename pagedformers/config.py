@@ -71,10 +71,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "auto"
     hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None = None
-    # Accepted for vLLM compatibility: the model always runs eagerly. torch.compile measured no faster
-    # on CPU (whole decoder: 44 s to compile; per decoder layer with the attention as a graph break:
-    # 4-8 s, 52.4 vs 51.7 ms per 32-decode step of a 200M Llama), see the README's performance notes.
-    enforce_eager: bool = True
+    # False: decode-only steps on CPU replay a traced forward (engine/decode_graphs.py) where the model's
+    # trace is sound; True: every step runs eagerly. (torch.compile measured no faster on CPU: see the README.)
+    enforce_eager: bool = False
     runner: str = "auto"  # "generate" | "pooling"; auto: from the architecture
     convert: str = "auto"  # run a causal LM as a pooling model: "embed", "classify" or "reward"
     pooler_config: PoolerConfig | dict[str, Any] | None = None

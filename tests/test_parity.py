@@ -5,6 +5,7 @@ import pytest
 from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy, save_tiny_model
 from remote_models import save_remote_code_model
 from pagedformers import LLM, SamplingParams
+from pagedformers.engine.decode_graphs import MIN_STEPS_AHEAD
 
 PROMPTS = [
     "Hello, my name is",
@@ -12,7 +13,7 @@ PROMPTS = [
     "What is",
     "Continuous batching keeps every core busy while requests come and go, and the scheduler",
 ]
-MAX_TOKENS = 24
+MAX_TOKENS = MIN_STEPS_AHEAD + 8  # the later decode steps replay a traced forward (engine/decode_graphs.py)
 
 ARCHS = {
     "llama": dict(model_type="llama"),

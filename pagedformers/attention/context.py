@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,6 +35,9 @@ class ForwardContext:
     masked_calls: set[int] = field(default_factory=set)  # probe: calls given an attention_mask of the model's own
     num_calls: int = 0
     positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
+    # Decode graphs (engine/decode_graphs.py): while tracing, each attention call's function, bound to its
+    # layer, is appended; while replaying, the traced graph's op calls them by index.
+    traced_calls: list[Callable[..., torch.Tensor]] | None = None
 
     def next_call(self) -> int:
         self.num_calls += 1

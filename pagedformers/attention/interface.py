@@ -8,17 +8,25 @@ its own (a learned bias, a sparse pattern) is refused by the compatibility check
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from pagedformers.attention.context import PROBE_KWARG, get_forward_context
+from pagedformers.attention.context import PROBE_KWARG, ForwardContext, get_forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, write_kv
 from pagedformers.attention.torch_backend import paged_attention
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
+
+# Decode graphs (engine/decode_graphs.py) trace a decode step's forward: in the trace, each attention call is
+# this op, whose implementation runs the layer's attention (bound while tracing) on the live step's metadata.
+_graphs_lib = torch.library.Library("pagedformers_graphs", "DEF")
+_graphs_lib.define("attention(Tensor query, Tensor key, Tensor value, int call) -> Tensor")
 
 
 def paged_attention_forward(
@@ -34,6 +42,16 @@ def paged_attention_forward(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    ctx = get_forward_context()
+    attend = functools.partial(_attend, module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
+    if ctx.traced_calls is not None and torch.jit.is_tracing():
+        return _record_attention(ctx, attend, query, key, value), None
+    return attend(query, key, value), None
+
+
+def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: float | None,
+            sliding_window: int | None, softcap: float | None, s_aux: torch.Tensor | None, kwargs: dict,
+            query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     ctx = get_forward_context()
     layer = ctx.next_call()
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
@@ -57,7 +75,22 @@ def paged_attention_forward(
     out = paged_attention(q, k, v, k_cache, v_cache, ctx.metadata, scale, causal=causal,
                           window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
                           chunk=_attention_chunk(module))
-    return out[None], None  # [1, T, H, Dv], like sdpa_attention_forward
+    return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
+
+
+def _replayed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: int) -> torch.Tensor:
+    return get_forward_context().traced_calls[call](query, key, value)
+
+
+_graphs_lib.impl("attention", _replayed_attention, "CPU")
+
+
+def _record_attention(ctx: ForwardContext, attend: Callable[..., torch.Tensor], query: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """While tracing: keep `attend` (the layer's attention, its static arguments bound) and put one op call
+    in the trace in its place."""
+    ctx.traced_calls.append(attend)
+    return torch.ops.pagedformers_graphs.attention(query, key, value, len(ctx.traced_calls) - 1)
 
 
 def _attention_chunk(module: nn.Module) -> int | None:

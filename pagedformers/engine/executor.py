@@ -66,4 +66,4 @@ class InProcessExecutor(Executor):
         return self.driver_worker.execute(self.with_finished(plan))
 
     def apply_model(self, fn: Callable[[nn.Module], Any]) -> list[Any]:
-        return [fn(self.driver_worker.model)]
+        return [self.driver_worker.apply_model(fn)]

@@ -39,6 +39,7 @@ class StepPlan:
     fresh_blocks: list[int] = field(default_factory=list)  # blocks used for the first time: zero them
     # Requests finished, aborted or preempted since the last plan: workers drop their per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
+    decode_steps_ahead: int = 0  # the scheduler's SchedulerOutput.decode_steps_ahead
 
 
 @dataclass

@@ -41,7 +41,9 @@ class ModelRunner:
         order = order_for_step(out.scheduled)
         row_starts = _row_starts(order)
         logit_rows, rows = _logit_rows(order, row_starts)
-        wout = self.executor.execute(StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks))
+        plan = StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks,
+                        decode_steps_ahead=out.decode_steps_ahead)
+        wout = self.executor.execute(plan)
         result = ModelRunnerOutput()
         for i, s in enumerate(order):
             if s.request.pooling_params is not None:

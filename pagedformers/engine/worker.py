@@ -8,6 +8,7 @@ the request ends. They run one request per forward, which is slower than one fla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from pagedformers.adapter.resolve import resolve_model_cls
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
+from pagedformers.engine.decode_graphs import DecodeGraphs
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
 from pagedformers.kernels.cpu import kernel_attends
 from pagedformers.layers.cpu_linear import pack_linears, record_siblings
@@ -28,6 +30,8 @@ from pagedformers.logger import init_logger
 from pagedformers.parallel_plans import SINGLE, ParallelState, apply_parallel_plans
 
 logger = init_logger(__name__)
+
+R = TypeVar("R")
 
 _GiB = 1 << 30
 
@@ -63,9 +67,21 @@ class Worker:
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
         self.per_request_state = getattr(self.model, "needs_per_request_state", False)
         self.request_states: dict[str, Cache] = {}
+        self.decode_graphs = DecodeGraphs(self.model) if self._traces_decodes() else None
         if self.per_request_state:
             logger.info("%s keeps conv / linear-attention state per request: each step runs one forward per "
                         "request (slower than one flat batch).", type(self.model.model).__name__)
+
+    def apply_model(self, fn: Callable[[nn.Module], R]) -> R:
+        """fn(model); traced decode graphs are dropped, as fn may have changed the modules they recorded."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.clear()
+        return fn(self.model)
+
+    def _traces_decodes(self) -> bool:
+        """Decode graphs: single-rank CPU models whose layers keep no per-request state of their own."""
+        return (not self.config.enforce_eager and self.config.device == "cpu" and self.state.tp_size == 1
+                and self.state.pp_size == 1 and not self.per_request_state)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Called once every rank agreed on num_blocks (the smallest of their budgets)."""
@@ -94,8 +110,12 @@ class Worker:
             self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.text_config.hidden_size),
                                                    self.config.torch_dtype, self.state.prev_rank)
         try:
-            with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-                hidden = self.model(step.input_ids, step.positions, **extra)
+            hidden = None
+            if self.decode_graphs is not None and not extra and step.metadata.num_decodes == len(step.input_ids):
+                hidden = self.decode_graphs.forward(step, self.kv_caches, plan.decode_steps_ahead)
+            if hidden is None:
+                with forward_context(ForwardContext(step.metadata, self.kv_caches)):
+                    hidden = self.model(step.input_ids, step.positions, **extra)
         finally:
             self.model.pp_stage_input = None
         if not self.state.is_last_stage:

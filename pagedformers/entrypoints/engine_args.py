@@ -35,7 +35,7 @@ _HELP = {
     "enable_prefix_caching": "Reuse KV blocks of prompts that share a prefix.",
     "device": "auto, cpu, cuda or cuda:N.",
     "hf_overrides": "JSON object of config attributes to override, e.g. '{\"rope_theta\": 10000}'.",
-    "enforce_eager": "Run the model eagerly (no torch.compile).",
+    "enforce_eager": "Run every step eagerly (no traced decode graphs).",
     "runner": "generate or pooling; auto: from the model's architecture.",
     "convert": "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.",
     "pooler_config": "JSON object of pooler settings for pooling models.",

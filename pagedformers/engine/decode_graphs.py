@@ -1,0 +1,129 @@
+"""Decode graphs: a decode step's forward traced once per batch size and replayed without Python.
+
+A decode step on CPU spends a fifth to a third of its time outside the kernels: HF's module calls,
+the rotary embedding's small ops, our own layers' bookkeeping (2 cores, 200M Llama: ~3 ms of a ~13 ms
+batch-1 step). `torch.jit.trace` records the ops that one forward ran, and the TorchScript interpreter
+replays them from C++: the CPU kernels are dispatcher ops (kernels/csrc/bindings.cpp), so each is one
+node. Attention is the one part that must stay live: its metadata (block tables, context lengths,
+slots) changes every step, so while tracing the attention function records a call of
+`pagedformers_graphs::attention` instead, whose implementation runs the layer's ordinary paged
+attention with that step's forward context.
+
+A trace is only valid if the forward's Python took no decision from tensor values. Reading a tensor as a
+bool or a number raises a `TracerWarning`; under the tracer a shape is a tensor too, so torch.nn's and
+our layers' (pagedformers/layers) shape checks warn as well, and those are sound here (a graph serves one batch size, its
+shapes fixed). A warning from anywhere else drops the trace. A kept trace is then checked on the next
+step of its size, against the eager forward of the same inputs: it is used only if the two agree
+bitwise. A batch size that fails stays eager.
+
+Tracing costs ~0.2 s (200M Llama, 2 cores), ~70 batch-1 steps' worth of what it saves: a batch size is
+traced only when the scheduler expects its decode batch to run at least MIN_STEPS_AHEAD more steps, and
+its graph is kept for later batches of that size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pagedformers.attention.context import ForwardContext, forward_context
+from pagedformers.engine.inputs import StepInputs
+from pagedformers.logger import init_logger
+import pagedformers.layers
+
+logger = init_logger(__name__)
+
+MIN_STEPS_AHEAD = 64  # a trace (and its check step) pays for itself in ~70 batch-1 steps; later uses are free
+MAX_GRAPHS = 16  # distinct batch sizes kept (each holds only its op list: weights are shared)
+# Code whose tensor-to-Python conversions during a forward are shape checks (see the module docstring).
+_SHAPE_CHECKS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch.nn, pagedformers.layers))
+
+
+class DecodeGraph:
+    def __init__(self, run: torch.jit.ScriptFunction, calls: list[Callable[..., torch.Tensor]]) -> None:
+        self.run, self.calls = run, calls
+        self.checked = False  # replayed once against the eager forward of a later step
+
+
+class DecodeGraphs:
+    """The traced decode forwards of one model, by number of decodes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.graphs: dict[int, DecodeGraph] = {}
+        self.untraceable: set[int] = set()
+
+    def clear(self) -> None:
+        """Forget every trace (the model's modules may have changed: apply_model)."""
+        self.graphs.clear()
+        self.untraceable.clear()
+
+    def forward(self, step: StepInputs, kv_caches: dict, steps_ahead: int) -> torch.Tensor | None:
+        """Hidden states of a decode-only step from its graph (traced now if worth it), or None: run eagerly."""
+        n = len(step.input_ids)
+        graph = self.graphs.get(n)
+        if graph is None:
+            if n in self.untraceable or steps_ahead < MIN_STEPS_AHEAD or len(self.graphs) >= MAX_GRAPHS:
+                return None
+            return self._trace(step, kv_caches)
+        if not graph.checked:
+            return self._check(graph, step, kv_caches)
+        return self._replay(graph, step, kv_caches)
+
+    @staticmethod
+    def _replay(graph: DecodeGraph, step: StepInputs, kv_caches: dict) -> torch.Tensor:
+        ctx = ForwardContext(step.metadata, kv_caches)
+        ctx.traced_calls = graph.calls
+        with forward_context(ctx), torch.jit.optimized_execution(False):
+            return graph.run(step.input_ids, step.positions)
+
+    def _trace(self, step: StepInputs, kv_caches: dict) -> torch.Tensor | None:
+        """This step's forward, traced as it runs; the trace kept for its size unless it read tensor values."""
+        n = len(step.input_ids)
+        hooked = [name for name, m in self.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:  # a hook's Python side effects (Llama 4 records positions) would not be replayed
+            return self._give_up(n, f"module {hooked[0]!r} has forward hooks")
+        ctx = ForwardContext(step.metadata, kv_caches)
+        ctx.traced_calls = []
+        outputs = []
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            outputs.append(self.model(input_ids, positions))
+            return outputs[-1]
+
+        with forward_context(ctx), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            try:
+                run = torch.jit.trace(forward, (step.input_ids, step.positions), check_trace=False)
+            except Exception as e:  # something the tracer cannot record; the eager forward reports real errors
+                return self._give_up(n, f"tracing failed: {e}")
+        reads = [f"{w.filename}:{w.lineno}" for w in caught
+                 if issubclass(w.category, torch.jit.TracerWarning) and not w.filename.startswith(_SHAPE_CHECKS)]
+        if reads:
+            self._give_up(n, f"the forward reads tensor values in Python at {reads[0]}")
+        else:
+            self.graphs[n] = DecodeGraph(run, ctx.traced_calls)
+        return outputs[0]
+
+    def _check(self, graph: DecodeGraph, step: StepInputs, kv_caches: dict) -> torch.Tensor:
+        """The eager forward's hidden states; the graph is kept if its replay of the same step agrees bitwise.
+        The eager forward runs second, so that its keys and values are the ones left in the cache."""
+        n = len(step.input_ids)
+        replayed = self._replay(graph, step, kv_caches)
+        with forward_context(ForwardContext(step.metadata, kv_caches)):
+            eager = self.model(step.input_ids, step.positions)
+        if torch.equal(replayed, eager):
+            graph.checked = True
+            logger.info("Decode steps of %d sequences now replay a traced forward.", n)
+        else:
+            del self.graphs[n]
+            self._give_up(n, "its replay differs from the eager forward")
+        return eager
+
+    def _give_up(self, n: int, why: str) -> None:
+        self.untraceable.add(n)
+        logger.warning("Decode steps of %d sequences stay eager: %s.", n, why)

@@ -1,0 +1,86 @@
+"""Decode graphs: replayed decode steps give the eager forward's tokens and logprobs (and HF's greedy tokens),
+and a forward that a trace cannot capture soundly stays eager."""
+
+import torch
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.engine.decode_graphs import MIN_STEPS_AHEAD
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy, save_tiny_model
+
+PROMPTS = ["Hello, my name is", "The quick brown fox jumps over the lazy dog.", "What is"]
+MAX_TOKENS = MIN_STEPS_AHEAD + 16  # traced on the first decode step, checked on the second, then replayed
+
+
+def _run(llm: LLM, max_tokens: int = MAX_TOKENS) -> list:
+    tok = build_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": tok.encode(p)} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def _graphs(llm: LLM):
+    return llm.llm_engine.executor.driver_worker.decode_graphs
+
+
+def _llm(path: str, dtype: str, **kwargs) -> LLM:
+    return LLM(model=path, dtype=dtype, kv_cache_memory_bytes=1 << 24, enable_prefix_caching=False, **kwargs)
+
+
+def test_replayed_decodes_equal_eager_and_hf(tiny_llama):
+    graphs_llm, eager_llm = _llm(tiny_llama, "float32"), _llm(tiny_llama, "float32", enforce_eager=True)
+    replayed, eager = _run(graphs_llm), _run(eager_llm)
+    graph = _graphs(graphs_llm).graphs[len(PROMPTS)]
+    assert graph.checked  # the graph ran the later steps
+    assert _graphs(eager_llm) is None
+    tok = build_tokenizer()
+    assert [o.token_ids for o in replayed] == hf_greedy(tiny_llama, [tok.encode(p) for p in PROMPTS], MAX_TOKENS)
+    assert [o.token_ids for o in replayed] == [o.token_ids for o in eager]
+    assert [o.logprobs for o in replayed] == [o.logprobs for o in eager]  # bitwise: the same ops in the same order
+
+
+def test_bf16_kernels_replay_bitwise(tmp_path):
+    """bf16 on CPU runs the compiled kernels: in the graph they are dispatcher ops, one node per call."""
+    path = str(save_tiny_model(tmp_path, "llama", hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                               num_key_value_heads=1))
+    graphs_llm, eager_llm = _llm(path, "bfloat16"), _llm(path, "bfloat16", enforce_eager=True)
+    replayed, eager = _run(graphs_llm), _run(eager_llm)
+    assert _graphs(graphs_llm).graphs[len(PROMPTS)].checked
+    assert [(o.token_ids, o.logprobs) for o in replayed] == [(o.token_ids, o.logprobs) for o in eager]
+
+
+def test_short_requests_are_not_traced(tiny_llama):
+    llm = _llm(tiny_llama, "float32")
+    _run(llm, max_tokens=MIN_STEPS_AHEAD // 2)
+    assert not _graphs(llm).graphs and not _graphs(llm).untraceable
+
+
+def _branch_on_values(model: torch.nn.Module) -> None:
+    """The final norm decides in Python from its input's values: a trace would freeze that decision."""
+    norm = model.model.norm
+    forward = norm.forward
+
+    def branchy(x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().max() > 1e6):  # never true here, but the tracer cannot know
+            x = x.clamp(-1e6, 1e6)
+        return forward(x)
+
+    norm.forward = branchy
+
+
+def test_a_forward_that_reads_tensor_values_stays_eager(tiny_llama):
+    llm, eager_llm = _llm(tiny_llama, "float32"), _llm(tiny_llama, "float32", enforce_eager=True)
+    _run(llm)
+    assert llm.apply_model(_branch_on_values) == [None]
+    assert not _graphs(llm).graphs  # apply_model may change what a graph recorded: all are dropped
+    outs = _run(llm)
+    assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
+    assert [o.token_ids for o in outs] == [o.token_ids for o in _run(eager_llm)]
+
+
+def test_forward_hooks_keep_decodes_eager(tiny_llama):
+    llm = _llm(tiny_llama, "float32")
+    calls = []
+    llm.apply_model(lambda m: m.model.norm.register_forward_hook(lambda *args: calls.append(1)))
+    _run(llm)
+    assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
+    assert len(calls) == MAX_TOKENS  # one prefill step, then every decode step ran the hook
