@@ -18,13 +18,15 @@ from transformers import AttentionInterface
 from pagedformers.attention.context import PROBE_KWARG, ForwardContext, get_forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, write_kv
 from pagedformers.attention.torch_backend import paged_attention
+from pagedformers.kernels.cpu import kernel_fits
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
 
-# Decode graphs (engine/decode_graphs.py) trace a decode step's forward: in the trace, each attention call is
-# this op, whose implementation runs the layer's attention (bound while tracing) on the live step's metadata.
+# Decode graphs (engine/decode_graphs.py) trace a decode step's forward. An attention call that the compiled
+# kernels handle is recorded as those ops; any other is this op, whose implementation runs the layer's
+# attention (bound while tracing) on the live step's metadata.
 _graphs_lib = torch.library.Library("pagedformers_graphs", "DEF")
 _graphs_lib.define("attention(Tensor query, Tensor key, Tensor value, int call) -> Tensor")
 
@@ -44,9 +46,18 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
     attend = functools.partial(_attend, module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
-    if ctx.traced_calls is not None and torch.jit.is_tracing():
+    if ctx.traced_calls is not None and torch.jit.is_tracing() and not _kernel_attends_step(module, query, ctx):
         return _record_attention(ctx, attend, query, key, value), None
     return attend(query, key, value), None
+
+
+def _kernel_attends_step(module: nn.Module, query: torch.Tensor, ctx: ForwardContext) -> bool:
+    """Whether this call writes its keys and attends every row in the compiled kernels, its Python deciding
+    from shapes and the step's layout only: then a trace may record those ops, the step's slots, block
+    tables and context lengths being inputs of the trace (engine/decode_graphs.py)."""
+    caches = ctx.kv_caches.get(ctx.num_calls) if ctx.kv_caches is not None else None
+    return (caches is not None and getattr(module, "is_causal", True) and QUERY_TEMPERATURE not in module.__dict__
+            and ctx.metadata.num_decodes == ctx.metadata.num_tokens and kernel_fits(query, *caches))
 
 
 def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: float | None,

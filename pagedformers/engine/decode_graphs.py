@@ -11,7 +11,7 @@ attention with that step's forward context.
 
 A trace is only valid if the forward's Python took no decision from tensor values. Reading a tensor as a
 bool or a number raises a `TracerWarning`; under the tracer a shape is a tensor too, so torch.nn's and
-our layers' (pagedformers/layers) shape checks warn as well, and those are sound here (a graph serves one batch size, its
+our layers', attention's and kernels' shape checks warn as well, and those are sound here (a graph serves one batch size, its
 shapes fixed). A warning from anywhere else drops the trace. A kept trace is then checked on the next
 step of its size, against the eager forward of the same inputs: it is used only if the two agree
 bitwise. A batch size that fails stays eager.
@@ -33,6 +33,8 @@ from torch import nn
 from pagedformers.attention.context import ForwardContext, forward_context
 from pagedformers.engine.inputs import StepInputs
 from pagedformers.logger import init_logger
+import pagedformers.attention
+import pagedformers.kernels
 import pagedformers.layers
 
 logger = init_logger(__name__)
@@ -40,7 +42,8 @@ logger = init_logger(__name__)
 MIN_STEPS_AHEAD = 64  # a trace (and its check step) pays for itself in ~70 batch-1 steps; later uses are free
 MAX_GRAPHS = 16  # distinct batch sizes kept (each holds only its op list: weights are shared)
 # Code whose tensor-to-Python conversions during a forward are shape checks (see the module docstring).
-_SHAPE_CHECKS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch.nn, pagedformers.layers))
+_SHAPE_CHECKS = tuple(os.path.dirname(m.__file__) + os.sep
+                      for m in (torch.nn, pagedformers.layers, pagedformers.attention, pagedformers.kernels))
 
 
 class DecodeGraph:
@@ -79,7 +82,7 @@ class DecodeGraphs:
         ctx = ForwardContext(step.metadata, kv_caches)
         ctx.traced_calls = graph.calls
         with forward_context(ctx), torch.jit.optimized_execution(False):
-            return graph.run(step.input_ids, step.positions)
+            return graph.run(*_trace_inputs(step))
 
     def _trace(self, step: StepInputs, kv_caches: dict) -> torch.Tensor | None:
         """This step's forward, traced as it runs; the trace kept for its size unless it read tensor values."""
@@ -91,14 +94,14 @@ class DecodeGraphs:
         ctx.traced_calls = []
         outputs = []
 
-        def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            outputs.append(self.model(input_ids, positions))
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, *metadata: torch.Tensor) -> torch.Tensor:
+            outputs.append(self.model(input_ids, positions))  # attention reads `metadata` from the context
             return outputs[-1]
 
         with forward_context(ctx), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             try:
-                run = torch.jit.trace(forward, (step.input_ids, step.positions), check_trace=False)
+                run = torch.jit.trace(forward, _trace_inputs(step), check_trace=False)
             except Exception as e:  # something the tracer cannot record; the eager forward reports real errors
                 return self._give_up(n, f"tracing failed: {e}")
         reads = [f"{w.filename}:{w.lineno}" for w in caught
@@ -127,3 +130,10 @@ class DecodeGraphs:
     def _give_up(self, n: int, why: str) -> None:
         self.untraceable.add(n)
         logger.warning("Decode steps of %d sequences stay eager: %s.", n, why)
+
+
+def _trace_inputs(step: StepInputs) -> tuple[torch.Tensor, ...]:
+    """The tensors that change from step to step: the tokens and the attention metadata that the kernels read
+    (attention traced as kernel calls reads these very tensors from the forward context)."""
+    meta = step.metadata
+    return step.input_ids, step.positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens

@@ -31,6 +31,7 @@ def test_replayed_decodes_equal_eager_and_hf(tiny_llama):
     replayed, eager = _run(graphs_llm), _run(eager_llm)
     graph = _graphs(graphs_llm).graphs[len(PROMPTS)]
     assert graph.checked  # the graph ran the later steps
+    assert len(graph.calls) == 2  # float32: each layer's attention is a live call (no kernel)
     assert _graphs(eager_llm) is None
     tok = build_tokenizer()
     assert [o.token_ids for o in replayed] == hf_greedy(tiny_llama, [tok.encode(p) for p in PROMPTS], MAX_TOKENS)
@@ -39,12 +40,14 @@ def test_replayed_decodes_equal_eager_and_hf(tiny_llama):
 
 
 def test_bf16_kernels_replay_bitwise(tmp_path):
-    """bf16 on CPU runs the compiled kernels: in the graph they are dispatcher ops, one node per call."""
+    """bf16 on CPU runs the compiled kernels: in the graph they are dispatcher ops, one node per call, the
+    attention's included (its slots, block tables and context lengths are inputs of the graph)."""
     path = str(save_tiny_model(tmp_path, "llama", hidden_size=64, intermediate_size=128, num_attention_heads=2,
                                num_key_value_heads=1))
     graphs_llm, eager_llm = _llm(path, "bfloat16"), _llm(path, "bfloat16", enforce_eager=True)
     replayed, eager = _run(graphs_llm), _run(eager_llm)
-    assert _graphs(graphs_llm).graphs[len(PROMPTS)].checked
+    graph = _graphs(graphs_llm).graphs[len(PROMPTS)]
+    assert graph.checked and graph.calls == []  # the kernels' attention is in the trace, its metadata inputs
     assert [(o.token_ids, o.logprobs) for o in replayed] == [(o.token_ids, o.logprobs) for o in eager]
 
 
