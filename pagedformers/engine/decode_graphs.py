@@ -4,17 +4,23 @@ A decode step on CPU spends a fifth to a third of its time outside the kernels: 
 the rotary embedding's small ops, our own layers' bookkeeping (2 cores, 200M Llama: ~3 ms of a ~13 ms
 batch-1 step). `torch.jit.trace` records the ops that one forward ran, and the TorchScript interpreter
 replays them from C++: the CPU kernels are dispatcher ops (kernels/csrc/bindings.cpp), so each is one
-node. Attention is the one part that must stay live: its metadata (block tables, context lengths,
-slots) changes every step, so while tracing the attention function records a call of
-`pagedformers_graphs::attention` instead, whose implementation runs the layer's ordinary paged
-attention with that step's forward context.
+node. Attention reads metadata that changes every step (slots, block tables, context lengths). Where the
+kernels attend every row, the trace records their calls, and those metadata tensors are inputs of the
+traced function: the attention code reads these very tensors from the forward context, so the tracer
+wires them (attention/interface.py). Any other attention call is recorded as one op,
+`pagedformers_graphs::attention`, whose implementation runs the layer's paged attention on the live
+step's forward context. The tracer's shape reads are folded into constants (_fold_shapes).
 
 A trace is only valid if the forward's Python took no decision from tensor values. Reading a tensor as a
-bool or a number raises a `TracerWarning`; under the tracer a shape is a tensor too, so torch.nn's and
-our layers', attention's and kernels' shape checks warn as well, and those are sound here (a graph serves one batch size, its
-shapes fixed). A warning from anywhere else drops the trace. A kept trace is then checked on the next
-step of its size, against the eager forward of the same inputs: it is used only if the two agree
-bitwise. A batch size that fails stays eager.
+bool or a number raises a `TracerWarning`; under the tracer a shape is a tensor too, so the shape checks
+of torch.nn and of our layers, attention and kernels warn as well, and those are sound here (a graph
+serves one batch size, its shapes fixed). A warning from anywhere else drops the trace. A kept trace is
+then checked on the next step of its size, against the eager forward of the same inputs: it is used only
+if the two agree bitwise. A batch size that fails stays eager.
+
+TorchScript is deprecated (torch 2.13 warns on `torch.jit.trace`) but still the one way to replay a CPU
+forward without Python that costs a fifth of a second to build: torch.compile measured 4.5 s (dynamo,
+eager backend) to ~40 s (inductor) here. Where tracing fails (a torch without it), decodes stay eager.
 
 Tracing costs ~0.2 s (200M Llama, 2 cores), ~70 batch-1 steps' worth of what it saves: a batch size is
 traced only when the scheduler expects its decode batch to run at least MIN_STEPS_AHEAD more steps, and
@@ -77,12 +83,19 @@ class DecodeGraphs:
             return self._check(graph, step, kv_caches)
         return self._replay(graph, step, kv_caches)
 
-    @staticmethod
-    def _replay(graph: DecodeGraph, step: StepInputs, kv_caches: dict) -> torch.Tensor:
+    def _replay(self, graph: DecodeGraph, step: StepInputs, kv_caches: dict) -> torch.Tensor | None:
+        """The graph's output, or None where the replay raised: the graph is dropped and the step runs eagerly
+        (which raises again if the step itself is at fault)."""
         ctx = ForwardContext(step.metadata, kv_caches)
         ctx.traced_calls = graph.calls
-        with forward_context(ctx), torch.jit.optimized_execution(False):
-            return graph.run(*_trace_inputs(step))
+        try:
+            with forward_context(ctx), torch.jit.optimized_execution(False):
+                return graph.run(*_trace_inputs(step))
+        except Exception as e:  # noqa: BLE001
+            n = len(step.input_ids)
+            self.graphs.pop(n, None)
+            self._give_up(n, f"its replay failed ({e})")
+            return None
 
     def _trace(self, step: StepInputs, kv_caches: dict) -> torch.Tensor | None:
         """This step's forward, traced as it runs; the trace kept for its size unless it read tensor values."""
@@ -120,6 +133,8 @@ class DecodeGraphs:
         replayed = self._replay(graph, step, kv_caches)
         with forward_context(ForwardContext(step.metadata, kv_caches)):
             eager = self.model(step.input_ids, step.positions)
+        if replayed is None:
+            return eager
         if torch.equal(replayed, eager):
             graph.checked = True
             logger.info("Decode steps of %d sequences now replay a traced forward.", n)

@@ -100,3 +100,17 @@ def test_dynamic_rope_stays_eager(tmp_path):
     tok = build_tokenizer()
     assert [o.token_ids for o in outs] == hf_greedy(path, [tok.encode(p) for p in PROMPTS], MAX_TOKENS)
 
+
+
+def test_a_replay_that_raises_falls_back_to_eager(tiny_llama):
+    llm, eager_llm = _llm(tiny_llama, "float32"), _llm(tiny_llama, "float32", enforce_eager=True)
+    _run(llm)
+    graph = _graphs(llm).graphs[len(PROMPTS)]
+
+    def broken(*args):
+        raise RuntimeError("a live attention call failed")
+
+    graph.calls[0] = broken  # float32: the layers' attention runs live, through these calls
+    outs = _run(llm)
+    assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
+    assert [o.token_ids for o in outs] == [o.token_ids for o in _run(eager_llm)]
