@@ -102,7 +102,8 @@ class DecodeGraphs:
         n = len(step.input_ids)
         hooked = [name for name, m in self.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
         if hooked:  # a hook's Python side effects (Llama 4 records positions) would not be replayed
-            return self._give_up(n, f"module {hooked[0]!r} has forward hooks")
+            self._give_up(n, f"module {hooked[0]!r} has forward hooks")
+            return None
         ctx = ForwardContext(step.metadata, kv_caches)
         ctx.traced_calls = []
         outputs = []
@@ -116,7 +117,8 @@ class DecodeGraphs:
             try:
                 run = torch.jit.trace(forward, _trace_inputs(step), check_trace=False)
             except Exception as e:  # something the tracer cannot record; the eager forward reports real errors
-                return self._give_up(n, f"tracing failed: {e}")
+                self._give_up(n, f"tracing failed: {e}")
+                return None
         reads = [f"{w.filename}:{w.lineno}" for w in caught
                  if issubclass(w.category, torch.jit.TracerWarning) and not w.filename.startswith(_SHAPE_CHECKS)]
         if reads:
