@@ -23,14 +23,16 @@ forward without Python that costs a fifth of a second to build: torch.compile me
 eager backend) to ~40 s (inductor) here. Where tracing fails (a torch without it), decodes stay eager.
 
 Tracing costs ~0.2 s (200M Llama, 2 cores), ~70 batch-1 steps' worth of what it saves: a batch size is
-traced only when the scheduler expects its decode batch to run at least MIN_STEPS_AHEAD more steps, and
-its graph is kept for later batches of that size.
+traced only once it has earned it, when the scheduler expects its decode batch to run at least
+MIN_STEPS_AHEAD more steps or when that many of its decode steps have already run eagerly (a size that
+recurs, as in a server's traffic); its graph is then kept for every later batch of that size.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -65,18 +67,22 @@ class DecodeGraphs:
         self.model = model
         self.graphs: dict[int, DecodeGraph] = {}
         self.untraceable: set[int] = set()
+        self.eager_steps: Counter[int] = Counter()  # decode steps run eagerly, by size: sizes that recur
 
     def clear(self) -> None:
         """Forget every trace (the model's modules may have changed: apply_model)."""
         self.graphs.clear()
         self.untraceable.clear()
+        self.eager_steps.clear()
 
     def forward(self, step: StepInputs, kv_caches: dict, steps_ahead: int) -> torch.Tensor | None:
         """Hidden states of a decode-only step from its graph (traced now if worth it), or None: run eagerly."""
         n = len(step.input_ids)
         graph = self.graphs.get(n)
         if graph is None:
-            if n in self.untraceable or steps_ahead < MIN_STEPS_AHEAD or len(self.graphs) >= MAX_GRAPHS:
+            self.eager_steps[n] += 1
+            worth_it = steps_ahead >= MIN_STEPS_AHEAD or self.eager_steps[n] >= MIN_STEPS_AHEAD
+            if n in self.untraceable or not worth_it or len(self.graphs) >= MAX_GRAPHS:
                 return None
             return self._trace(step, kv_caches)
         if not graph.checked:

@@ -51,10 +51,15 @@ def test_bf16_kernels_replay_bitwise(tmp_path):
     assert [(o.token_ids, o.logprobs) for o in replayed] == [(o.token_ids, o.logprobs) for o in eager]
 
 
-def test_short_requests_are_not_traced(tiny_llama):
-    llm = _llm(tiny_llama, "float32")
-    _run(llm, max_tokens=MIN_STEPS_AHEAD // 2)
-    assert not _graphs(llm).graphs and not _graphs(llm).untraceable
+def test_short_requests_are_traced_once_their_size_recurs(tiny_llama):
+    llm, eager_llm = _llm(tiny_llama, "float32"), _llm(tiny_llama, "float32", enforce_eager=True)
+    short = MIN_STEPS_AHEAD // 2  # short - 1 decode steps a run
+    _run(llm, max_tokens=short)
+    assert not _graphs(llm).graphs and not _graphs(llm).untraceable  # one short batch does not pay for a trace
+    outs = [_run(llm, max_tokens=short) for _ in range(3)]  # its eager decode steps pass MIN_STEPS_AHEAD in the third
+    assert _graphs(llm).graphs[len(PROMPTS)].checked
+    expected = _run(eager_llm, max_tokens=short)
+    assert all([o.token_ids for o in run] == [o.token_ids for o in expected] for run in outs)
 
 
 def _branch_on_values(model: torch.nn.Module) -> None:
