@@ -45,10 +45,10 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
-    attend = functools.partial(_attend, module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
+    static = (module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
     if ctx.traced_calls is not None and torch.jit.is_tracing() and not _kernel_attends_step(module, query, ctx):
-        return _record_attention(ctx, attend, query, key, value), None
-    return attend(query, key, value), None
+        return _record_attention(ctx, functools.partial(_attend, *static), query, key, value), None
+    return _attend(*static, query, key, value), None
 
 
 def _kernel_attends_step(module: nn.Module, query: torch.Tensor, ctx: ForwardContext) -> bool:

@@ -130,7 +130,7 @@ class DecodeGraphs:
         if reads:
             self._give_up(n, f"the forward reads tensor values in Python at {reads[0]}")
         else:
-            _fold_shapes(run.graph, _trace_inputs(step))
+            _fold_shapes(run.graph, _trace_inputs(step), growing=step.metadata.decode_block_tables)
             self.graphs[n] = DecodeGraph(run, ctx.traced_calls)
         return outputs[0]
 
@@ -163,17 +163,16 @@ def _trace_inputs(step: StepInputs) -> tuple[torch.Tensor, ...]:
     return step.input_ids, step.positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens
 
 
-def _fold_shapes(graph: torch.Graph, inputs: tuple[torch.Tensor, ...]) -> None:
+def _fold_shapes(graph: torch.Graph, inputs: tuple[torch.Tensor, ...], growing: torch.Tensor) -> None:
     """The tracer records every shape read as ops (size, NumToTensor, Int, floor_divide: a third of the
     ~3400 nodes of a 12-layer Llama step). A graph serves one batch size, so every input's shape is fixed
     but the block tables' (their width grows with the context): with the others declared, TorchScript's
     shape propagation and peephole turn those reads into constants (batch 1, 200M Llama: 10.8 -> 10.5 ms a
     replay). The check against the eager forward runs on the folded graph. Best effort: these passes are
     TorchScript internals, and a graph they fail on stays as traced."""
-    block_tables = 3  # position in _trace_inputs
     try:
-        for i, (value, tensor) in enumerate(zip(graph.inputs(), inputs)):
-            if i != block_tables:
+        for value, tensor in zip(graph.inputs(), inputs):
+            if tensor is not growing:
                 value.setType(torch._C.TensorType.create_from_tensor(tensor))
         torch._C._jit_pass_propagate_shapes_on_graph(graph)
         torch._C._jit_pass_peephole(graph, False)

@@ -69,7 +69,7 @@ class MultiprocExecutor(Executor):
         def run() -> list[Any]:
             self._broadcast(("apply", cloudpickle.dumps(fn)))
             results = [None] * self.world_size
-            dist.gather_object(fn(self.driver_worker.model), results, dst=0)
+            dist.gather_object(self.driver_worker.apply_model(fn), results, dst=0)
             return results
         return self._collective(run)
 
@@ -132,7 +132,7 @@ def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: st
             if kind == "execute":
                 worker.execute(payload)
             elif kind == "apply":
-                dist.gather_object(cloudpickle.loads(payload)(worker.model), None, dst=0)
+                dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0)
     except Exception:
         traceback.print_exc()
         raise SystemExit(1)
