@@ -9,7 +9,8 @@ kernels attend every row, the trace records their calls, and those metadata tens
 traced function: the attention code reads these very tensors from the forward context, so the tracer
 wires them (attention/interface.py). Any other attention call is recorded as one op,
 `pagedformers_graphs::attention`, whose implementation runs the layer's paged attention on the live
-step's forward context. The tracer's shape reads are folded into constants (_fold_shapes).
+step's forward context. The tracer's shape reads are folded into constants and HF idioms into kernel calls
+(engine/graph_rewrites.py).
 
 A trace is only valid if the forward's Python took no decision from tensor values. Reading a tensor as a
 bool or a number raises a `TracerWarning`; under the tracer a shape is a tensor too, so the shape checks
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from pagedformers.attention.context import ForwardContext, forward_context
+from pagedformers.engine.graph_rewrites import rewrite
 from pagedformers.engine.inputs import StepInputs
 from pagedformers.logger import init_logger
 import pagedformers.attention
@@ -130,7 +132,7 @@ class DecodeGraphs:
         if reads:
             self._give_up(n, f"the forward reads tensor values in Python at {reads[0]}")
         else:
-            _fold_shapes(run.graph, _trace_inputs(step), growing=step.metadata.decode_block_tables)
+            rewrite(run.graph, _trace_inputs(step), growing=step.metadata.decode_block_tables)
             self.graphs[n] = DecodeGraph(run, ctx.traced_calls)
         return outputs[0]
 
@@ -161,22 +163,3 @@ def _trace_inputs(step: StepInputs) -> tuple[torch.Tensor, ...]:
     (attention traced as kernel calls reads these very tensors from the forward context)."""
     meta = step.metadata
     return step.input_ids, step.positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens
-
-
-def _fold_shapes(graph: torch.Graph, inputs: tuple[torch.Tensor, ...], growing: torch.Tensor) -> None:
-    """The tracer records every shape read as ops (size, NumToTensor, Int, floor_divide: a third of the
-    ~3400 nodes of a 12-layer Llama step). A graph serves one batch size, so every input's shape is fixed
-    but the block tables' (their width grows with the context): with the others declared, TorchScript's
-    shape propagation and peephole turn those reads into constants (batch 1, 200M Llama: 10.8 -> 10.5 ms a
-    replay). The check against the eager forward runs on the folded graph. Best effort: these passes are
-    TorchScript internals, and a graph they fail on stays as traced."""
-    try:
-        for value, tensor in zip(graph.inputs(), inputs):
-            if tensor is not growing:
-                value.setType(torch._C.TensorType.create_from_tensor(tensor))
-        torch._C._jit_pass_propagate_shapes_on_graph(graph)
-        torch._C._jit_pass_peephole(graph, False)
-        torch._C._jit_pass_constant_propagation(graph)
-        torch._C._jit_pass_dce(graph)
-    except Exception as e:  # noqa: BLE001 (an optimisation only)
-        logger.debug("Shape folding skipped: %s", e)

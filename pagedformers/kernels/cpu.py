@@ -12,6 +12,8 @@
   (layers/cpu_mlp.py).
 - `write_kv` (csrc/write_kv.cpp): the step's keys and values into their cache slots, a row copy each.
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
+- `rotary_embed` (csrc/rotary.cpp): HF's rotate-half rotary embedding in one call, bitwise as HF's eight ops
+  round; decode graphs put it in their place (engine/graph_rewrites.py).
 
 They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
 decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s (g++ and
@@ -36,7 +38,7 @@ logger = init_logger(__name__)
 
 _SOURCES = [str(Path(__file__).parent / "csrc" / f) for f in
             ("bindings.cpp", "decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "write_kv.cpp", "argmax.cpp",
-             "linear.cpp")]
+             "linear.cpp", "rotary.cpp")]
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_has_avx512_bf16` already decides at run time whether this build may be loaded.
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]

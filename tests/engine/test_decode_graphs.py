@@ -2,6 +2,7 @@
 and a forward that a trace cannot capture soundly stays eager."""
 
 import torch
+from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.engine.decode_graphs import MIN_STEPS_AHEAD
@@ -48,6 +49,9 @@ def test_bf16_kernels_replay_bitwise(tmp_path):
     replayed, eager = _run(graphs_llm), _run(eager_llm)
     graph = _graphs(graphs_llm).graphs[len(PROMPTS)]
     assert graph.checked and graph.calls == []  # the kernels' attention is in the trace, its metadata inputs
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    kinds = [node.kind() for node in graph.run.graph.nodes()]
+    assert kinds.count("pagedformers::rotary_embed") == 2 * layers  # q and k (engine/graph_rewrites.py)
     assert [(o.token_ids, o.logprobs) for o in replayed] == [(o.token_ids, o.logprobs) for o in eager]
 
 

@@ -12,6 +12,7 @@ void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, i
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
               const at::Tensor& blocks, const at::Tensor& offsets);
 at::Tensor argmax_rows(const at::Tensor& logits);
+at::Tensor rotary_embed(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths);
 
@@ -30,6 +31,8 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor bias, int[] widths) -> Tensor[]");
   // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
   m.def("argmax_rows(Tensor logits) -> Tensor");
+  // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
+  m.def("rotary_embed(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
@@ -39,4 +42,5 @@ TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("write_kv", &write_kv);
   m.impl("linear", &linear);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("rotary_embed", &rotary_embed);
 }
