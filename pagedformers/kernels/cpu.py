@@ -1,7 +1,7 @@
 """The compiled CPU kernels (csrc/), built on first use with torch's extension builder and cached.
 
 - `linear` (csrc/linear.cpp): bf16 x W^T + b on a weight packed once at load (layers/cpu_linear.py):
-  ~395 against oneDNN's ~340 GFLOP/s at 32 tokens, ~33 against ~25 GB/s at 1 token, 2 Zen 4 cores.
+  ~430 against oneDNN's ~340 GFLOP/s at 32 tokens, ~33 against ~25 GB/s at 1 token, 2 Zen 4 cores.
 - `decode_attention` (csrc/decode_attention.cpp): plain PyTorch has no op that attends over scattered
   KV blocks: the torch backend gathers each decode's context into a padded copy and runs small batched
   matmuls. The kernel reads the blocks in place (~0.23 against ~0.8 ms per layer for 32 decodes x 256

@@ -35,14 +35,17 @@ def test_swiglu_mlp_runs_fused_and_others_keep_their_forward():
     mlps = _mlps()
     x = torch.randn(2, 21, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
-        expected = {name: mlp(x) for name, mlp in mlps.items()}
+        aten = {name: mlp(x) for name, mlp in mlps.items()}
         _pack(mlps, x)
+        packed = {name: mlp(x) for name, mlp in mlps.items()}  # HF's forward on the packed linears
         assert fuse_gated_mlps(mlps, torch.bfloat16, "cpu") == 1  # Gemma's gelu keeps its forward
         assert isinstance(mlps["llama"].forward, FusedGatedMLP) and type(mlps["llama"]) is LlamaMLP
         assert not isinstance(mlps["gemma"].forward, FusedGatedMLP)
         ours = {name: mlp(x) for name, mlp in mlps.items()}
-        assert torch.equal(ours["gemma"], expected["gemma"])
-        assert torch.equal(ours["llama"], expected["llama"])  # same matmuls, same roundings
+        assert torch.equal(ours["gemma"], packed["gemma"])
+        assert torch.equal(ours["llama"], packed["llama"])  # same matmuls, same roundings
+        for name in ours:  # the packed matmuls sum in another order than oneDNN's
+            torch.testing.assert_close(ours[name].float(), aten[name].float(), rtol=1.6e-2, atol=1e-2)
     assert fuse_gated_mlps(mlps, torch.bfloat16, "cpu") == 0  # not wrapped twice
 
 

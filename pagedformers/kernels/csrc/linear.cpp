@@ -3,14 +3,13 @@
 // The packed weight is [N/16, K/2, 16, 2] (layers/cpu_linear.py packs it; N padded to 16, K to 2 with
 // zeros): for each block of 16 output columns, each pair of input positions is one 64-byte row, so
 // one vdpbf16ps takes 16 columns x 2 positions against one broadcast pair of x. A micro-kernel keeps an
-// R x C tile of fp32 accumulators (R <= 8 rows, C <= 3 blocks: 24 of the 32 registers) over the whole
-// K; the C blocks it streams (K x 48 bf16: 96 KB at K = 1024) stay in L2 while the tile steps down
-// the rows. On 2 Zen 4 cores that is ~395 against oneDNN's ~340 GFLOP/s at 32 tokens with the weights
-// coming from DRAM, ~33 (on huge pages) against ~25 GB/s at 1 token, and the same ~435 GFLOP/s from
-// 128 tokens up. A single row (a batch-1 decode) takes the blocks one at a time instead, the same sums
-// in the same order: the weight is then read as one sequential run, which the prefetchers follow better
-// than three runs 32 KB apart (+8.5% of bandwidth where this VM's memory gives 55-65 GB/s, the same
-// where it gives ~33).
+// R x C tile of fp32 accumulators, two partial sums each (R <= 4 rows, C <= 3 blocks: 24 of the 32
+// registers) over the whole K; the C blocks it streams (K x 48 bf16: 96 KB at K = 1024) stay in L2 while
+// the tile steps down the rows. On 2 Zen 4 cores that is ~430 against oneDNN's ~340 GFLOP/s at 32 tokens
+// with the weights coming from DRAM, and ~430 from 128 tokens up. A single row (a batch-1 decode) takes
+// the blocks one at a time instead, the same sums in the same order: the weight is then read as one
+// sequential run, which the prefetchers follow better than three runs 32 KB apart (+8.5% of bandwidth
+// where this VM's memory gives 55-65 GB/s, the same where it gives ~33).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,7 +23,11 @@
 
 namespace {
 
-constexpr int kMaxRows = 8, kMaxBlocks = 3;
+// Two partial sums per output, even pairs into one and odd pairs into the other, added at the end: one
+// chain of dependent vdpbf16ps capped a single row at ~72 GB/s from cache, two reach ~139 (the memory
+// gives up to ~65). Every tile shape sums in this order, so that a row computes the same alone or in a batch.
+constexpr int kSums = 2;
+constexpr int kMaxRows = 4, kMaxBlocks = 3;
 constexpr int64_t kRowChunk = 256;  // rows of x that one pass over the weight serves (A stays in cache)
 
 struct Tile {
@@ -47,33 +50,41 @@ inline __m512bh broadcast_pair(const at::BFloat16* p) {
 
 template <int R, int C>
 void tile_kernel(const Tile& t) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  __m512 acc[kSums][R][C];
+  for (int s = 0; s < kSums; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[s][r][c] = _mm512_setzero_ps();
   const int64_t full_pairs = t.k / 2;
-  for (int64_t p = 0; p < full_pairs; ++p) {
+  auto step = [&](int s, int64_t p) {
     __m512bh w[C];
     for (int c = 0; c < C; ++c) w[c] = (__m512bh)_mm512_loadu_si512(t.w + (c * t.pairs + p) * 32);
     for (int r = 0; r < R; ++r) {
       const __m512bh x = broadcast_pair(t.x + r * t.ldx + 2 * p);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);
+      for (int c = 0; c < C; ++c) acc[s][r][c] = _mm512_dpbf16_ps(acc[s][r][c], x, w[c]);
     }
-  }
+  };
+  int64_t p = 0;
+  for (; p + kSums <= full_pairs; p += kSums)
+    for (int s = 0; s < kSums; ++s) step(s, p + s);
+  for (; p < full_pairs; ++p) step(0, p);  // the pairs left over go to the first sum, as does the last position:
   if (t.k % 2) {  // the last position alone: its pair's upper half is zero in the weight, and must be in x
     for (int r = 0; r < R; ++r) {
       uint16_t last;
       std::memcpy(&last, t.x + r * t.ldx + t.k - 1, sizeof last);
       const __m512bh x = (__m512bh)_mm512_set1_epi32(last);
       for (int c = 0; c < C; ++c)
-        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, (__m512bh)_mm512_loadu_si512(t.w + (c * t.pairs + full_pairs) * 32));
+        acc[0][r][c] = _mm512_dpbf16_ps(acc[0][r][c], x, (__m512bh)_mm512_loadu_si512(t.w + (c * t.pairs + full_pairs) * 32));
     }
   }
   for (int c = 0; c < C; ++c) {
     const __m512 b = t.bias ? _mm512_loadu_ps(t.bias + c * 16) : _mm512_setzero_ps();
     const __mmask16 mask = c == C - 1 ? t.last_mask : 0xFFFF;
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[0][r][c];
+      for (int s = 1; s < kSums; ++s) sum = _mm512_add_ps(sum, acc[s][r][c]);
       _mm256_mask_storeu_epi16(t.out[c] + (t.row + r) * t.ldo[c], mask,
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][c], b)));
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sum, b)));
+    }
   }
 }
 
