@@ -8,6 +8,7 @@ and against HF generate on the same model in the same run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,24 +29,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def ours_step_ms_and_bandwidth(path: Path, args: argparse.Namespace, prompt: list[int]) -> tuple[float, float]:
-    """(our fastest decode step in ms, the highest read bandwidth in bytes/s): the two measured in turn,
-    `--repeat` times each, so that this VM's drift over minutes reaches both alike."""
+def ours_steps_and_bandwidths(path: Path, args: argparse.Namespace, prompt: list[int]) -> list[tuple[float, float]]:
+    """Per run of ours: (its decode step in ms, the read bandwidth in bytes/s around it: the higher of the
+    measurements just before and just after), `--repeat` runs, so that this VM's drift over minutes reaches
+    both alike."""
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
               kv_cache_memory_bytes=1 << 28)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)  # warm-up
-    steps, bandwidths = [], [memory_bandwidth()]
+    llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)  # warm-up; traces the decode graph
+    runs, before = [], memory_bandwidth()
     for _ in range(args.repeat):
         start = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
-        steps.append((time.perf_counter() - start - prefill) / args.steps * 1e3)
-        bandwidths.append(memory_bandwidth())
-    return min(steps), max(bandwidths)
+        step = (time.perf_counter() - start - prefill) / args.steps * 1e3
+        after = memory_bandwidth()
+        runs.append((step, max(before, after)))
+        before = after
+    return runs
 
 
 def hf_step_ms(path: Path, args: argparse.Namespace, prompt: list[int]) -> float:
@@ -72,15 +76,20 @@ def main() -> None:
         _, weight_bytes = weights_read_per_step(model)
         del model
         prompt = [(13 * i) % (args.vocab - 4) + 4 for i in range(args.prompt_len)]
-        # This VM's memory bandwidth drifts between runs (27-65 GB/s): it is measured in turn with our
-        # runs, and the highest figure (the strictest floor) is kept.
-        ours, bandwidth = ours_step_ms_and_bandwidth(path, args, prompt)
+        # This VM's memory bandwidth drifts between runs (27-65 GB/s): it is measured in turn with our runs.
+        runs = ours_steps_and_bandwidths(path, args, prompt)
         hf = hf_step_ms(path, args, prompt)
+    ours, bandwidth = min(step for step, _ in runs), max(bw for _, bw in runs)
     floor = weight_bytes / bandwidth * 1e3
+    paired = [step / (weight_bytes / bw * 1e3) for step, bw in runs]
     print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
     print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights read per step, the input "
-          f"embedding excluded, / {bandwidth / 1e9:.1f} GB/s measured read bandwidth)")
-    print(f"pagedformers    {ours:.1f} ms/step = {ours / floor:.2f}x the floor (fastest of {args.repeat} runs)")
+          f"embedding excluded, / {bandwidth / 1e9:.1f} GB/s, the highest read bandwidth measured)")
+    print(f"pagedformers    {ours:.1f} ms/step = {ours / floor:.2f}x that floor (fastest of {args.repeat} runs)")
+    print("  run by run     " + ", ".join(f"{step:.1f} ms at {bw / 1e9:.0f} GB/s: {ratio:.2f}x"
+                                           for (step, bw), ratio in zip(runs, paired)))
+    print(f"  median        {statistics.median(paired):.2f}x the floor of its own minutes (the bandwidth measured "
+          f"just before and after each run, the higher)")
     print(f"HF generate     {hf:.1f} ms/step = {hf / floor:.2f}x the floor; ours is {hf / ours:.2f}x faster")
 
 
