@@ -102,7 +102,7 @@ class Worker:
             self.request_states.pop(request_id, None)
         if self.per_request_state:
             hidden = torch.cat([self._execute_chunk(c) for c in plan.chunks])
-            logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows else None
+            logits = self.model.compute_logits(_take_rows(hidden, plan.logit_rows)) if plan.logit_rows else None
             return WorkerOutput(hidden, logits)
         step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
         extra = step.model_kwargs()
@@ -121,7 +121,8 @@ class Worker:
         if not self.state.is_last_stage:
             dist.send(hidden.float().contiguous(), self.state.next_rank)  # float32 on the wire: gloo-safe
             hidden = None
-        logits = self.model.compute_logits(hidden[plan.logit_rows]) if plan.logit_rows and hidden is not None else None
+        logits = (self.model.compute_logits(_take_rows(hidden, plan.logit_rows))
+                  if plan.logit_rows and hidden is not None else None)
         if self.state.pp_size > 1 and plan.logit_rows:
             logits = self._logits_to_driver(logits, len(plan.logit_rows))
         return WorkerOutput(hidden, logits)
@@ -195,3 +196,9 @@ def _default_kv_bytes(device: str) -> int:
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     return min(int(available * 0.3), 4 * _GiB)
+
+
+def _take_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows], without an index op (~25 us at batch 1) where rows are all of them in order, as in
+    every decode-only step."""
+    return hidden if len(rows) == hidden.shape[0] and rows == list(range(len(rows))) else hidden[rows]

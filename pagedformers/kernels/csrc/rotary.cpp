@@ -7,28 +7,11 @@
 #include <ATen/ops/empty_like.h>
 #include <immintrin.h>
 
-#include <cstdint>
-
 #include "vec.h"
 
 namespace {
 
 using namespace pagedformers;
-
-// Float to bf16 and back, nearest even, as ATen rounds, subnormals included (vcvtneps2bf16 flushes them).
-__m512 round_bf16_exact(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  rounded = _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)));
-}
-
-void store_bf16x16_exact(at::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_exact(x)), 16)));
-}
 
 // One row of head_dim values; half % 16 == 0; c and s have unit stride.
 void embed_row(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* s, int64_t half, at::BFloat16* out) {

@@ -5,6 +5,8 @@
 #include <ATen/core/TensorBody.h>
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace pagedformers {
 
 inline __m512 load_bf16x16(const at::BFloat16* p) {  // 16 bf16 -> 16 float: bf16 is a float's high half
@@ -12,12 +14,29 @@ inline __m512 load_bf16x16(const at::BFloat16* p) {  // 16 bf16 -> 16 float: bf1
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-inline __m512 round_bf16(__m512 x) {  // to bf16 (nearest even) and back, as a bf16 tensor op does
+// To bf16 (nearest even) and back, as a bf16 tensor op does for all but subnormals, which vcvtneps2bf16 flushes.
+inline __m512 round_bf16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
 inline void store_bf16x16(at::BFloat16* p, __m512 x) {  // rounded to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// To bf16 (nearest even) and back exactly as ATen rounds, subnormals included: for kernels that stand in for
+// ATen ops in a decode graph, whose replay must equal the eager ops bitwise.
+inline __m512 round_bf16_exact(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)));
+}
+
+inline void store_bf16x16_exact(at::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16_exact(x)), 16)));
 }
 
 // exp(x) for 16 floats: 2^n * 2^f with x * log2(e) = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor
