@@ -94,7 +94,9 @@ def kernel_attends(head_dim: int, v_head_dim: int, dtype: torch.dtype, device: s
 
 
 def kernel_fits(query: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> bool:
-    """Whether the `decode_attention` kernel handles these shapes and dtypes (bf16 on CPU, D % 32, Dv % 16)."""
+    """Whether this machine has the `decode_attention` kernel and it handles these shapes and dtypes (bf16 on
+    CPU, D % 32, Dv % 16). Decode graphs trace the attention inline only where this holds."""
     return (k_cache is not None and v_cache is not None and query.device.type == "cpu"
             and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
-            and v_cache.shape[-1] % 16 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous())
+            and v_cache.shape[-1] % 16 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and cpu_kernels() is not None)
