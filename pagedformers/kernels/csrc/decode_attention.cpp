@@ -8,10 +8,10 @@
 // cache warm and ~0.35 ms cold (as in a decode step: the layer's cache was last read a step ago), where
 // only reading the same rows takes ~0.3 ms: cold, memory bounds it.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
+#include "decode_attention.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -22,41 +22,6 @@
 namespace {
 
 using namespace pagedformers;
-
-struct Options {
-  float scale;
-  int64_t window;  // 0: none; else the last `window` positions, the query's own included
-  int64_t chunk;   // 0: none; else the query's own chunk of `chunk` positions (Llama 4)
-  float softcap;   // 0: none
-};
-
-struct Shape {
-  int64_t h_kv, groups, block_size, d, dv;
-};
-
-// The cache rows of positions [start, end) of one KV head, block by block: no division per position.
-void rows_of(const int64_t* table, int64_t start, int64_t end, int64_t head, const Shape& s, int64_t* rows) {
-  for (int64_t pos = start; pos < end;) {
-    const int64_t off = pos % s.block_size, n = std::min(s.block_size - off, end - pos);
-    const int64_t base = (table[pos / s.block_size] * s.h_kv + head) * s.block_size + off;
-    for (int64_t j = 0; j < n; ++j) rows[pos - start + j] = base + j;
-    pos += n;
-  }
-}
-
-template <_mm_hint Hint>
-inline void prefetch_row(const at::BFloat16* row, int64_t len) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t i = 0; i < len * 2; i += 64) _mm_prefetch(bytes + i, Hint);
-}
-
-// Keys visible to a decode whose context, its own token included, is seq_len long: [start, seq_len).
-inline int64_t first_visible(int64_t seq_len, const Options& o) {
-  int64_t start = 0;
-  if (o.window > 0) start = std::max(start, seq_len - o.window);
-  if (o.chunk > 0) start = std::max(start, (seq_len - 1) / o.chunk * o.chunk);
-  return start;
-}
 
 inline __mmask16 tail(int64_t i, int64_t len) {
   return len - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - i)) - 1);
@@ -257,58 +222,29 @@ void weighted_values_bf16(const float* probs, const at::BFloat16* v_cache, const
   }
 }
 
-void attend_one(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache,
-                const int64_t* table, int64_t seq_len, const float* sinks, at::BFloat16* out, int64_t head,
+void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const float* sinks,
                 const Shape& s, const Options& o, std::vector<float>& scratch, std::vector<int64_t>& rows) {
-  const int64_t start = first_visible(seq_len, o), len = seq_len - start;
+  const int64_t start = first_visible(task.seq_len, o), len = task.seq_len - start;
   // scores [G, len], acc [G, Dv], denom [G], then the bf16 probability pairs [G, (len + 1) / 2], a float's room each
   scratch.resize(s.groups * (len + s.dv + 1 + (len + 1) / 2));
   rows.resize(len);
   float *scores = scratch.data(), *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
-  rows_of(table, start, seq_len, head, s, rows.data());
-  scores_of(q, k_cache, v_cache, rows.data(), len, s, o.scale, scores);
-  softmax_of(scores, len, sinks, head * s.groups, o, s.groups, denom);
+  rows_of(task.table, start, task.seq_len, task.head, s, rows.data());
+  scores_of(task.q, k_cache, v_cache, rows.data(), len, s, o.scale, scores);
+  softmax_of(scores, len, sinks, task.head * s.groups, o, s.groups, denom);
   if (s.dv % 32 == 0)
     weighted_values_bf16(scores, v_cache, rows.data(), len, s, reinterpret_cast<uint32_t*>(denom + s.groups), acc);
   else
     weighted_values(scores, v_cache, rows.data(), len, s, acc);
   for (int64_t g = 0; g < s.groups; ++g)
-    for (int64_t i = 0; i < s.dv; ++i) out[g * s.dv + i] = static_cast<at::BFloat16>(acc[g * s.dv + i] / denom[g]);
+    for (int64_t i = 0; i < s.dv; ++i) task.out[g * s.dv + i] = static_cast<at::BFloat16>(acc[g * s.dv + i] / denom[g]);
 }
 
 }  // namespace
 
-// query [B, H, D]; k_cache [NB, H_kv, bs, D]; v_cache [NB, H_kv, bs, Dv]; block_tables [B, max_blocks] int64;
-// seq_lens [B] int64; sinks [H] float32 or empty; out [B, H, Dv] (written). All bf16, D % 32 == 0, Dv % 16 == 0.
 void decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& sinks,
                       at::Tensor& out, double scale, int64_t window, int64_t chunk, double softcap) {
-  for (const at::Tensor* t : {&query, &k_cache, &v_cache, static_cast<const at::Tensor*>(&out)}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "decode_attention: contiguous bf16 expected");
-  }
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
-              "decode_attention: int64 block tables and lengths expected");
-  const int64_t b = query.size(0), h = query.size(1);
-  const Shape s{k_cache.size(1), h / k_cache.size(1), k_cache.size(2), query.size(2), v_cache.size(3)};
-  TORCH_CHECK(h % s.h_kv == 0 && s.d % 32 == 0 && s.dv % 16 == 0, "decode_attention: unsupported head shape");
-  const Options o{static_cast<float>(scale), window, chunk, static_cast<float>(softcap)};
-  const at::Tensor tables = block_tables.contiguous(), lens = seq_lens.contiguous();
-  const at::Tensor sink = sinks.numel() ? sinks.to(at::kFloat).contiguous() : sinks;
-  const float* sink_ptr = sinks.numel() ? sink.data_ptr<float>() : nullptr;
-  const auto* q = query.data_ptr<at::BFloat16>();
-  const auto* kc = k_cache.data_ptr<at::BFloat16>();
-  const auto* vc = v_cache.data_ptr<at::BFloat16>();
-  auto* o_ptr = out.data_ptr<at::BFloat16>();
-  const int64_t* tab = tables.data_ptr<int64_t>();
-  const int64_t* len = lens.data_ptr<int64_t>();
-  const int64_t max_blocks = tables.size(1);
-  at::parallel_for(0, b * s.h_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    std::vector<int64_t> rows;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / s.h_kv, head = task % s.h_kv, row = i * h + head * s.groups;
-      attend_one(q + row * s.d, kc, vc, tab + i * max_blocks, len[i], sink_ptr, o_ptr + row * s.dv, head, s, o,
-                 scratch, rows);
-    }
-  });
+  decode_attention_tasks(query, k_cache, v_cache, block_tables, seq_lens, sinks, out, scale, window, chunk, softcap,
+                         attend_one);
 }

@@ -11,37 +11,25 @@
 // sequential run, which the prefetchers follow better than three runs 32 KB apart (+8.5% of bandwidth
 // where this VM's memory gives 55-65 GB/s, the same where it gives ~33).
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <immintrin.h>
 
+#include "linear.h"
+
 #include <array>
-#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 namespace {
 
+using pagedformers::Tile;
+
 // Two partial sums per output, even pairs into one and odd pairs into the other, added at the end: one
 // chain of dependent vdpbf16ps capped a single row at ~72 GB/s from cache, two reach ~139 (the memory
 // gives up to ~65). Every tile shape sums in this order, so that a row computes the same alone or in a batch.
 constexpr int kSums = 2;
 constexpr int kMaxRows = 4, kMaxBlocks = 3;
-constexpr int64_t kRowChunk = 256;  // rows of x that one pass over the weight serves (A stays in cache)
-
-struct Tile {
-  const at::BFloat16* x;  // the tile's first row
-  int64_t ldx;
-  const at::BFloat16* w;  // the first of its C packed column blocks
-  int64_t k, pairs;       // pairs = packed rows per block = ceil(k / 2)
-  const float* bias;      // fp32, padded to the blocks; or null
-  at::BFloat16* const* out;  // per block: its first column in row 0 of the output that takes it
-  const int64_t* ldo;        // per block: that output's row stride
-  int64_t row;
-  __mmask16 last_mask;    // columns of the last block that exist
-};
 
 inline __m512bh broadcast_pair(const at::BFloat16* p) {
   int32_t pair;
@@ -79,7 +67,7 @@ void tile_kernel(const Tile& t) {
   }
   for (int c = 0; c < C; ++c) {
     const __m512 b = t.bias ? _mm512_loadu_ps(t.bias + c * 16) : _mm512_setzero_ps();
-    const __mmask16 mask = c == C - 1 ? t.last_mask : 0xFFFF;
+    const __mmask16 mask = c == C - 1 ? (__mmask16)((1u << t.last_cols) - 1) : (__mmask16)0xFFFF;
     for (int r = 0; r < R; ++r) {
       __m512 sum = acc[0][r][c];
       for (int s = 1; s < kSums; ++s) sum = _mm512_add_ps(sum, acc[s][r][c]);
@@ -102,86 +90,18 @@ const std::array<std::array<TileKernel, kMaxRows>, kMaxBlocks> kTiles = {
     kernels_for<2>(std::make_integer_sequence<int, kMaxRows>{}),
     kernels_for<3>(std::make_integer_sequence<int, kMaxRows>{})};
 
+void run_tile(const Tile& tile, int64_t rows, int64_t blocks) {
+  if (rows > 1) {
+    kTiles[blocks - 1][rows - 1](tile);
+    return;
+  }
+  for (int64_t c = 0; c < blocks; ++c)  // one block after another: one sequential run, same sums
+    kTiles[0][0](tile.block(c, c + 1 == blocks ? tile.last_cols : 16));
+}
+
 }  // namespace
 
-// input [..., K] bf16; packed [ceil(N/16), ceil(K/2), 32] bf16; bias fp32 [ceil(N/16) * 16] or empty;
-// widths: how the N output columns split into separate outputs (sibling linears: q, k, v), each a
-// multiple of 16 but the last. Returns one contiguous [..., width] bf16 tensor per width. Rows of
-// the input may be strided; a last dim that is not contiguous is copied first.
 std::vector<at::Tensor> linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths) {
-  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16, "linear: bf16 input expected");
-  const int64_t k = input.size(-1);
-  at::Tensor x = input.reshape({-1, k});
-  if (x.stride(1) != 1) x = x.contiguous();
-  const int64_t m = x.size(0), blocks = packed.size(0), pairs = packed.size(1);
-  int64_t n = 0;
-  for (size_t i = 0; i < widths.size(); ++i) {
-    TORCH_CHECK(widths[i] > 0 && (i + 1 == widths.size() || widths[i] % 16 == 0),
-                "linear: output widths must be positive, multiples of 16 but the last");
-    n += widths[i];
-  }
-  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 &&
-                  packed.size(2) == 32 && pairs == (k + 1) / 2 && blocks == (n + 15) / 16 &&
-                  (bias.numel() == 0 || (bias.is_contiguous() && bias.scalar_type() == at::kFloat &&
-                                         bias.numel() == blocks * 16)),
-              "linear: a weight packed for this input expected");
-  std::vector<int64_t> shape = input.sizes().vec();
-  std::vector<at::Tensor> outs;
-  std::vector<at::BFloat16*> block_out;
-  std::vector<int64_t> block_ld;
-  for (const int64_t width : widths) {
-    shape.back() = width;
-    outs.push_back(at::empty(shape, x.options()));
-    for (int64_t col = 0; col < width; col += 16) {
-      block_out.push_back(outs.back().data_ptr<at::BFloat16>() + col);
-      block_ld.push_back(width);
-    }
-  }
-  const int64_t panels = (blocks + kMaxBlocks - 1) / kMaxBlocks, chunks = (m + kRowChunk - 1) / kRowChunk;
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = packed.data_ptr<at::BFloat16>();
-  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const __mmask16 ragged_mask = n % 16 ? (__mmask16)((1u << (n % 16)) - 1) : (__mmask16)0xFFFF;
-  // Work items are (row chunk, panel of <= 3 blocks), panels inner: a thread's range walks its
-  // panels for one chunk of x before the next.
-  const auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = item % panels * kMaxBlocks, width = std::min<int64_t>(kMaxBlocks, blocks - block);
-      const int64_t row_end = std::min(m, (item / panels + 1) * kRowChunk);
-      const __mmask16 last_mask = block + width == blocks ? ragged_mask : (__mmask16)0xFFFF;
-      for (int64_t row = item / panels * kRowChunk; row < row_end; row += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, row_end - row);
-        const Tile tile{xp + row * x.stride(0), x.stride(0), wp + block * pairs * 32, k, pairs,
-                        bp ? bp + block * 16 : nullptr, block_out.data() + block, block_ld.data() + block, row,
-                        last_mask};
-        if (rows > 1) {
-          kTiles[width - 1][rows - 1](tile);
-          continue;
-        }
-        for (int64_t c = 0; c < width; ++c) {  // one block after another: one sequential run, same sums
-          Tile one = tile;
-          one.w += c * pairs * 32;
-          one.bias = tile.bias ? tile.bias + c * 16 : nullptr;
-          one.out += c;
-          one.ldo += c;
-          one.last_mask = c + 1 == width ? last_mask : (__mmask16)0xFFFF;
-          kTiles[0][0](one);
-        }
-      }
-    }
-  };
-  const int64_t items = chunks * panels;
-  if (m > kMaxRows) {  // compute-bound: even ranges
-    at::parallel_for(0, items, 1, run);
-    return outs;
-  }
-  // Memory-bound (a few rows): the threads take 4 panels at a time until none are left, so that neither
-  // streams alone at the end while the other waits (+2-3% of bandwidth over the even split, 2 threads).
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t item; (item = next.fetch_add(4, std::memory_order_relaxed)) < items;)
-      run(item, std::min(items, item + 4));
-  });
-  return outs;
+  return pagedformers::linear_tiles(input, packed, bias, widths, kMaxRows, kMaxBlocks, run_tile);
 }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
+#include "rms_norm.h"
 #include "vec.h"
 
 #include <cmath>
@@ -28,18 +29,7 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps
 
 }  // namespace
 
-// x, out [rows, h] contiguous bf16; weight [h] bf16; h % 16 == 0.
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous() && x.dim() == 2 &&
-                  x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
-                  out.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0 && weight.numel() == x.size(1),
-              "rms_norm: contiguous bf16 [rows, h] with h % 16 == 0 expected");
-  const int64_t h = x.size(1);
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = weight.data_ptr<at::BFloat16>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  // A few rows are not worth waking the second thread for.
-  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) norm_row(xp + row * h, wp, h, static_cast<float>(eps), op + row * h);
-  });
+  pagedformers::for_each_norm_row(x, weight, out, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t h,
+                                                      at::BFloat16* o) { norm_row(xr, w, h, static_cast<float>(eps), o); });
 }

@@ -1,0 +1,97 @@
+// The ISA-independent half of the decode-attention kernels (decode_attention.cpp, avx2/decode_attention.cpp):
+// the options, the cache rows a task reads, and the entry point's checks and tasks.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pagedformers {
+
+struct Options {
+  float scale;
+  int64_t window;  // 0: none; else the last `window` positions, the query's own included
+  int64_t chunk;   // 0: none; else the query's own chunk of `chunk` positions (Llama 4)
+  float softcap;   // 0: none
+};
+
+struct Shape {
+  int64_t h_kv, groups, block_size, d, dv;
+};
+
+// The cache rows of positions [start, end) of one KV head, block by block: no division per position.
+inline void rows_of(const int64_t* table, int64_t start, int64_t end, int64_t head, const Shape& s, int64_t* rows) {
+  for (int64_t pos = start; pos < end;) {
+    const int64_t off = pos % s.block_size, n = std::min(s.block_size - off, end - pos);
+    const int64_t base = (table[pos / s.block_size] * s.h_kv + head) * s.block_size + off;
+    for (int64_t j = 0; j < n; ++j) rows[pos - start + j] = base + j;
+    pos += n;
+  }
+}
+
+template <_mm_hint Hint>
+inline void prefetch_row(const at::BFloat16* row, int64_t len) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t i = 0; i < len * 2; i += 64) _mm_prefetch(bytes + i, Hint);
+}
+
+// Keys visible to a decode whose context, its own token included, is seq_len long: [start, seq_len).
+inline int64_t first_visible(int64_t seq_len, const Options& o) {
+  int64_t start = 0;
+  if (o.window > 0) start = std::max(start, seq_len - o.window);
+  if (o.chunk > 0) start = std::max(start, (seq_len - 1) / o.chunk * o.chunk);
+  return start;
+}
+
+// The one task of a (sequence, KV head): its G query heads from q, out its G output rows.
+struct Task {
+  const at::BFloat16* q;
+  const int64_t* table;  // the sequence's block table
+  int64_t seq_len, head;
+  at::BFloat16* out;
+};
+
+// query [B, H, D]; k_cache [NB, H_kv, bs, D]; v_cache [NB, H_kv, bs, Dv]; block_tables [B, max_blocks] int64;
+// seq_lens [B] int64; sinks [H] float32 or empty; out [B, H, Dv] (written). All bf16, D % 32 == 0, Dv % 16 == 0.
+// attend_one(task, k_cache, v_cache, sinks or null, shape, options, scratch, rows) runs one task; scratch and
+// rows are the calling thread's, reused from task to task.
+template <typename AttendOne>
+void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& sinks,
+                            at::Tensor& out, double scale, int64_t window, int64_t chunk, double softcap,
+                            const AttendOne& attend_one) {
+  for (const at::Tensor* t : {&query, &k_cache, &v_cache, static_cast<const at::Tensor*>(&out)}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kBFloat16, "decode_attention: contiguous bf16 expected");
+  }
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+              "decode_attention: int64 block tables and lengths expected");
+  const int64_t b = query.size(0), h = query.size(1);
+  const Shape s{k_cache.size(1), h / k_cache.size(1), k_cache.size(2), query.size(2), v_cache.size(3)};
+  TORCH_CHECK(h % s.h_kv == 0 && s.d % 32 == 0 && s.dv % 16 == 0, "decode_attention: unsupported head shape");
+  const Options o{static_cast<float>(scale), window, chunk, static_cast<float>(softcap)};
+  const at::Tensor tables = block_tables.contiguous(), lens = seq_lens.contiguous();
+  const at::Tensor sink = sinks.numel() ? sinks.to(at::kFloat).contiguous() : sinks;
+  const float* sink_ptr = sinks.numel() ? sink.data_ptr<float>() : nullptr;
+  const auto* q = query.data_ptr<at::BFloat16>();
+  const auto* kc = k_cache.data_ptr<at::BFloat16>();
+  const auto* vc = v_cache.data_ptr<at::BFloat16>();
+  auto* o_ptr = out.data_ptr<at::BFloat16>();
+  const int64_t* tab = tables.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const int64_t max_blocks = tables.size(1);
+  at::parallel_for(0, b * s.h_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    std::vector<int64_t> rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / s.h_kv, head = task % s.h_kv, row = i * h + head * s.groups;
+      attend_one(Task{q + row * s.d, tab + i * max_blocks, len[i], head, o_ptr + row * s.dv}, kc, vc, sink_ptr, s, o,
+                 scratch, rows);
+    }
+  });
+}
+
+}  // namespace pagedformers

@@ -1,0 +1,29 @@
+// The ISA-independent half of the rms_norm kernels (rms_norm.cpp, avx2/rms_norm.cpp): checks and the row loop.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+
+namespace pagedformers {
+
+// x, out [rows, h] contiguous bf16; weight [h] bf16; h % 16 == 0. norm_row(x_row, weight, h, out_row).
+template <typename NormRow>
+void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, const NormRow& norm_row) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous() && x.dim() == 2 &&
+                  x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+                  out.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0 && weight.numel() == x.size(1),
+              "rms_norm: contiguous bf16 [rows, h] with h % 16 == 0 expected");
+  const int64_t h = x.size(1);
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* wp = weight.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  // A few rows are not worth waking the second thread for.
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) norm_row(xp + row * h, wp, h, op + row * h);
+  });
+}
+
+}  // namespace pagedformers
