@@ -1,7 +1,8 @@
 """bf16/fp16 Linear layers on CPU with their weight laid out once, at load, for the matmul kernel.
 
-bf16 on a CPU with AVX512-BF16 runs the compiled `linear` kernel (kernels/csrc/linear.cpp) on a weight
-packed in column blocks of 16 x position pairs; elsewhere (fp16, or no kernels) oneDNN runs on a weight
+bf16 on a CPU with AVX512-BF16 or AVX2 runs the compiled `linear` kernel (kernels/csrc/linear.cpp, or
+csrc/avx2/linear.cpp) on a weight packed in column blocks of 16 x position pairs; elsewhere (fp16, or no
+kernels) oneDNN runs on a weight
 reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise `F.linear`'s result; `F.linear`
 re-lays the weight out on every call). Measured on 2 Zen 4 cores, the seven projections of the 200M
 Llama's 12 layers plus its LM head: 8.5 (kernel) / 13.6 (oneDNN, reordered) ms at 1 token, 27 / 30.4 ms
@@ -123,7 +124,12 @@ class SiblingLinear(nn.Linear):
 
 
 def can_pack(dtype: torch.dtype, device: str) -> bool:
-    if device != "cpu" or not torch.backends.mkldnn.is_available():
+    """Whether linears of this dtype have a packed matmul here: the kernel (bf16), else oneDNN's."""
+    if device != "cpu":
+        return False
+    if bf16_cpu_kernels(dtype, device) is not None:
+        return True
+    if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()

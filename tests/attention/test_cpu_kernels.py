@@ -4,11 +4,12 @@ attention in test_torch_backend) run in float32 on the same bf16 values."""
 import pytest
 import torch
 
-from pagedformers.kernels.cpu import cpu_has_avx512_bf16, cpu_kernels
+from pagedformers.kernels.cpu import cpu_kernel_isa, cpu_kernels
 from pagedformers.attention.metadata import AttentionMetadata
 from pagedformers.attention.torch_backend import paged_attention
 
-pytestmark = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernel needs AVX512-BF16 (this CPU has none)")
+pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
+                                reason="the kernel needs AVX512-BF16 or AVX2 (this CPU has neither)")
 
 
 def _decode_batch(seq_lens: list[int], block_size: int, h_kv: int, d: int, dv: int, num_blocks: int = 96):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedformers.kernels.cpu import cpu_has_avx512_bf16
+from pagedformers.kernels.cpu import cpu_kernel_isa
 from pagedformers.layers.cpu_linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
 from pagedformers import LLM, SamplingParams
@@ -17,7 +17,7 @@ def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), rtol=1.6e-2, atol=1e-3)
 
 
-@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the linear kernel needs AVX512-BF16")
+@pytest.mark.skipif(cpu_kernel_isa() is None, reason="the linear kernel needs AVX512-BF16 or AVX2")
 @pytest.mark.parametrize("n, k, bias", [(48, 64, True), (37, 33, True), (100, 7, False), (1, 1, True), (200, 130, False)])
 def test_linear_kernel_matches_f_linear(n, k, bias):
     """Ragged N (masked last block), odd K (the lone last position), tiles of 1-8 rows, row chunks of
@@ -44,7 +44,7 @@ def test_linear_kernel_matches_f_linear(n, k, bias):
             assert_bf16_close(torch.cat(parts, -1), expected)
 
 
-@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the linear kernel needs AVX512-BF16")
+@pytest.mark.skipif(cpu_kernel_isa() is None, reason="the linear kernel needs AVX512-BF16 or AVX2")
 def test_a_row_computes_the_same_alone_or_in_a_batch():
     """A lone row walks the weight blocks one at a time, a tile of rows all blocks at once: the same sums
     in the same order, so a request's logits do not depend on the batch it decodes in (bitwise). The

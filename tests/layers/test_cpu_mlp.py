@@ -6,12 +6,12 @@ from transformers import GemmaConfig, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from pagedformers.kernels.cpu import cpu_has_avx512_bf16
-from pagedformers.layers.cpu_linear import can_pack, pack_linears, record_siblings
+from pagedformers.kernels.cpu import cpu_kernel_isa
+from pagedformers.layers.cpu_linear import pack_linears, record_siblings
 from pagedformers.layers.cpu_mlp import FusedGatedMLP, fuse_gated_mlps
 
-pytestmark = pytest.mark.skipif(not (cpu_has_avx512_bf16() and can_pack(torch.bfloat16, "cpu")),
-                                reason="the kernel needs AVX512-BF16 and bf16 oneDNN")
+pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
+                                reason="the kernel needs AVX512-BF16 or AVX2")
 
 
 def _mlps() -> torch.nn.ModuleDict:

@@ -5,10 +5,11 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from pagedformers.kernels.cpu import cpu_has_avx512_bf16
+from pagedformers.kernels.cpu import cpu_kernel_isa
 from pagedformers.layers.cpu_norm import FusedRMSNorm, fuse_rms_norms
 
-pytestmark = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernel needs AVX512-BF16 (this CPU has none)")
+pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
+                                reason="the kernel needs AVX512-BF16 or AVX2 (this CPU has neither)")
 
 
 def _norms() -> torch.nn.ModuleDict:
