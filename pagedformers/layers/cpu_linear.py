@@ -76,7 +76,9 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     padded = F.pad(weight.detach(), (0, k % 2, 0, -n % 16))
     blocks, pairs = padded.shape[0] // 16, padded.shape[1] // 2
     packed = empty_on_huge_pages((blocks, pairs, 32), weight.dtype)
-    packed.view(blocks, pairs, 16, 2).copy_(padded.view(blocks, 16, pairs, 2).transpose(1, 2))
+    # a pair as one int32: a 3-D transpose copies twice as fast as the 4-D one with a 2-wide inner dim
+    pairs_of = padded.view(torch.int32).view(blocks, 16, pairs)
+    packed.view(torch.int32).view(blocks, pairs, 16).copy_(pairs_of.transpose(1, 2))
     return packed
 
 
