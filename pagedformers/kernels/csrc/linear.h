@@ -48,16 +48,21 @@ struct TileOf {
 
 using Tile = TileOf<at::BFloat16>;
 
-// x [m, k] bf16 (unit column stride) as a contiguous float copy; a plain loop the compiler vectorises.
+// Row stride of x widened to floats: 16 floats past k, so that rows k = 1024 apart (4 KiB) do not share L1
+// sets (a 6 x 16 float32 micro-kernel: 44 against 80 GFLOP/s on a Zen 3 core).
+inline int64_t widened_stride(int64_t k) { return k + 16; }
+
+// x [m, k] bf16 (unit column stride) as floats, rows widened_stride(k) apart; a plain loop the compiler
+// vectorises.
 inline std::vector<float> widen_rows(const at::Tensor& x) {
-  const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0);
-  std::vector<float> out(m * k);
+  const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0), ldo = widened_stride(k);
+  std::vector<float> out(m * ldo);
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t i = 0; i < k; ++i) {
         const uint32_t bits = static_cast<uint32_t>(in[r * ld + i]) << 16;
-        std::memcpy(&out[r * k + i], &bits, sizeof bits);
+        std::memcpy(&out[r * ldo + i], &bits, sizeof bits);
       }
   });
   return out;
@@ -107,7 +112,7 @@ std::vector<at::Tensor> linear_tiles(const at::Tensor& input, const at::Tensor& 
   int64_t ldx = x.stride(0);
   if constexpr (std::is_same_v<X, float>) {
     widened = widen_rows(x);
-    xp = widened.data(), ldx = k;
+    xp = widened.data(), ldx = widened_stride(k);
   } else {
     xp = x.data_ptr<at::BFloat16>();
   }
