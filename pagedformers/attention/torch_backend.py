@@ -16,13 +16,15 @@ import torch.nn.functional as F
 
 from pagedformers.attention.kv_cache import gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
-from pagedformers.kernels.cpu import cpu_kernels, kernel_fits
+from pagedformers.kernels.cpu import cpu_kernel_isa, cpu_kernels, kernel_fits
 
-# Prefill tokens whose context is at most this long go through the decode kernel as single-token queries
-# (2 cores, 16 query / 4 KV heads of 64: 16 prompts x 128 tokens 5.3 against 14.3 ms in SDPA, 2 x 1024
-# 36 against 52 ms); longer ones through SDPA, whose blocked flash kernel reuses keys across queries
-# (1 x 2048: 82 against 128 ms).
-KERNEL_MAX_CONTEXT = 1024
+# Prefill tokens whose context is at most this long go through the decode kernel as single-token queries;
+# longer ones through SDPA, whose blocked flash kernel reuses keys across queries. 2 cores, 16 query / 4 KV
+# heads of 64, a layer:
+# - AVX512-BF16 (Zen 4): 16 prompts x 128 tokens 5.3 against 14.3 ms in SDPA, 2 x 1024 36 against 52 ms,
+#   1 x 2048 82 against 128 ms: up to 1024;
+# - AVX2 (Zen 3): 16 x 128 18 against 26 ms, 4 x 512 60 against 61, 2 x 1024 94 against 80: up to 512.
+KERNEL_MAX_CONTEXT = 512 if cpu_kernel_isa() == "avx2" else 1024
 
 
 def paged_attention(
