@@ -46,21 +46,13 @@ inline __m512 sum_lanes16(__m512* v) {
   return _mm512_permutexvar_ps(order, r);
 }
 
-// Also prefetches the next 16 positions' keys, and these positions' values into L2 (weighted_values
-// reads them after the softmax; into L1 the keys streaming through would evict them), so that their
-// misses overlap with the dot products.
+// 16 positions at a time, with their values and the next keys prefetched (key_rows).
 void scores_of(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* row_of,
                int64_t len, const Shape& s, float scale, float* scores) {
   const int64_t chunks = s.d / 32;
   const at::BFloat16* rows[16];
   for (int64_t i = 0; i < len; i += 16) {  // 16 positions at a time (any blocks)
-    const int64_t n = std::min<int64_t>(16, len - i);
-    for (int64_t t = 0; t < 16; ++t) {  // a short tail repeats its last row: computed, never stored
-      const int64_t row = row_of[i + std::min(t, n - 1)];
-      rows[t] = k_cache + row * s.d;
-      prefetch_row<_MM_HINT_T1>(v_cache + row * s.dv, s.dv);
-      prefetch_row<_MM_HINT_T0>(k_cache + row_of[std::min(i + 16 + t, len - 1)] * s.d, s.d);  // next 16
-    }
+    const int64_t n = key_rows<16>(k_cache, v_cache, row_of, i, len, s, rows);
     for (int64_t g = 0; g < s.groups; ++g) {
       __m512 acc[16];
       for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
@@ -134,14 +126,9 @@ void weighted_values_groups(const float* probs, int64_t len, const at::BFloat16*
 
 void weighted_values(const float* probs, const at::BFloat16* v_cache, const int64_t* row_of, int64_t len,
                      const Shape& s, float* acc) {
-  for (int64_t g0 = 0; g0 < s.groups; g0 += 4) {
-    switch (std::min<int64_t>(4, s.groups - g0)) {
-      case 1: weighted_values_groups<1>(probs, len, v_cache, row_of, s, g0, acc); break;
-      case 2: weighted_values_groups<2>(probs, len, v_cache, row_of, s, g0, acc); break;
-      case 3: weighted_values_groups<3>(probs, len, v_cache, row_of, s, g0, acc); break;
-      default: weighted_values_groups<4>(probs, len, v_cache, row_of, s, g0, acc);
-    }
-  }
+  for_group_tiles(s.groups, [&](auto ng, int64_t g0) {
+    weighted_values_groups<decltype(ng)::value>(probs, len, v_cache, row_of, s, g0, acc);
+  });
 }
 
 // probs @ V on AVX512-BF16 for query heads [g0, g0 + NG) and value lanes [32 * c0, 32 * (c0 + NC)): two
@@ -212,14 +199,9 @@ void weighted_values_bf16(const float* probs, const at::BFloat16* v_cache, const
                           const Shape& s, uint32_t* prob_pairs, float* acc) {
   const int64_t pairs = (len + 1) / 2;
   to_prob_pairs(probs, len, s.groups, prob_pairs);
-  for (int64_t g0 = 0; g0 < s.groups; g0 += 4) {
-    switch (std::min<int64_t>(4, s.groups - g0)) {
-      case 1: weighted_values_bf16_groups<1>(prob_pairs, pairs, v_cache, row_of, len, s, g0, acc); break;
-      case 2: weighted_values_bf16_groups<2>(prob_pairs, pairs, v_cache, row_of, len, s, g0, acc); break;
-      case 3: weighted_values_bf16_groups<3>(prob_pairs, pairs, v_cache, row_of, len, s, g0, acc); break;
-      default: weighted_values_bf16_groups<4>(prob_pairs, pairs, v_cache, row_of, len, s, g0, acc);
-    }
-  }
+  for_group_tiles(s.groups, [&](auto ng, int64_t g0) {
+    weighted_values_bf16_groups<decltype(ng)::value>(prob_pairs, pairs, v_cache, row_of, len, s, g0, acc);
+  });
 }
 
 void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const float* sinks,
@@ -236,8 +218,7 @@ void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat1
     weighted_values_bf16(scores, v_cache, rows.data(), len, s, reinterpret_cast<uint32_t*>(denom + s.groups), acc);
   else
     weighted_values(scores, v_cache, rows.data(), len, s, acc);
-  for (int64_t g = 0; g < s.groups; ++g)
-    for (int64_t i = 0; i < s.dv; ++i) task.out[g * s.dv + i] = static_cast<at::BFloat16>(acc[g * s.dv + i] / denom[g]);
+  store_task(task, acc, denom, s);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace pagedformers {
@@ -39,6 +40,23 @@ inline void prefetch_row(const at::BFloat16* row, int64_t len) {
   for (int64_t i = 0; i < len * 2; i += 64) _mm_prefetch(bytes + i, Hint);
 }
 
+// The key rows of positions [i, i + W) into rows (a short tail repeats its last row: computed, never stored);
+// returns how many exist. Prefetches these positions' values into L2 (the weighted sum reads them after the
+// softmax; into L1 the keys streaming through would evict them) and the next W positions' keys into L1, so
+// that their misses overlap with the dot products.
+template <int W>
+inline int64_t key_rows(const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* row_of, int64_t i,
+                        int64_t len, const Shape& s, const at::BFloat16** rows) {
+  const int64_t n = std::min<int64_t>(W, len - i);
+  for (int64_t t = 0; t < W; ++t) {
+    const int64_t row = row_of[i + std::min(t, n - 1)];
+    rows[t] = k_cache + row * s.d;
+    prefetch_row<_MM_HINT_T1>(v_cache + row * s.dv, s.dv);
+    prefetch_row<_MM_HINT_T0>(k_cache + row_of[std::min(i + W + t, len - 1)] * s.d, s.d);
+  }
+  return n;
+}
+
 // Keys visible to a decode whose context, its own token included, is seq_len long: [start, seq_len).
 inline int64_t first_visible(int64_t seq_len, const Options& o) {
   int64_t start = 0;
@@ -54,6 +72,26 @@ struct Task {
   int64_t seq_len, head;
   at::BFloat16* out;
 };
+
+// Calls tile(std::integral_constant<int, n>{}, g0) over the query heads, in tiles of n <= 4 heads from head g0:
+// the kernels' tiles are templates on their number of heads.
+template <typename GroupTile>
+void for_group_tiles(int64_t groups, const GroupTile& tile) {
+  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+    switch (std::min<int64_t>(4, groups - g0)) {
+      case 1: tile(std::integral_constant<int, 1>{}, g0); break;
+      case 2: tile(std::integral_constant<int, 2>{}, g0); break;
+      case 3: tile(std::integral_constant<int, 3>{}, g0); break;
+      default: tile(std::integral_constant<int, 4>{}, g0);
+    }
+  }
+}
+
+// The task's output rows: the weighted values acc [G, Dv] over their softmax denominators, rounded to bf16.
+inline void store_task(const Task& task, const float* acc, const float* denom, const Shape& s) {
+  for (int64_t g = 0; g < s.groups; ++g)
+    for (int64_t i = 0; i < s.dv; ++i) task.out[g * s.dv + i] = static_cast<at::BFloat16>(acc[g * s.dv + i] / denom[g]);
+}
 
 // query [B, H, D]; k_cache [NB, H_kv, bs, D]; v_cache [NB, H_kv, bs, Dv]; block_tables [B, max_blocks] int64;
 // seq_lens [B] int64; sinks [H] float32 or empty; out [B, H, Dv] (written). All bf16, D % 32 == 0, Dv % 16 == 0.

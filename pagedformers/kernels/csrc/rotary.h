@@ -16,7 +16,8 @@ inline at::Tensor as_4d(at::Tensor t) {
 // laid out as x (empty_like), as the eager ops' result is for the decode shapes. embed_row(x, cos, sin, half,
 // out) embeds one row of D values, each with a unit stride.
 template <typename EmbedRow>
-at::Tensor rotary_each_row(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const EmbedRow& embed_row) {
+at::Tensor rotary_each_row(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           const EmbedRow& embed_row) {
   TORCH_CHECK(x.dim() >= 1 && x.dim() <= 4 && x.size(-1) % 32 == 0 && x.scalar_type() == at::kBFloat16 &&
                   cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
               "rotary_embed: bf16 x [..., D] (<= 4 dims, D % 32 == 0) and bf16 cos, sin expected");

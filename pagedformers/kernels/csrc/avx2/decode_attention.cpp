@@ -41,19 +41,12 @@ void split_query(const at::BFloat16* q, const Shape& s, float* out) {
   }
 }
 
-// Also prefetches the next 8 positions' keys, and these positions' values into L2, so that their misses
-// overlap with the dot products (see ../decode_attention.cpp).
+// 8 positions at a time, with their values and the next keys prefetched (key_rows).
 void scores_of(const float* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* row_of,
                int64_t len, const Shape& s, float scale, float* scores) {
   const at::BFloat16* rows[8];
   for (int64_t i = 0; i < len; i += 8) {  // 8 positions at a time (any blocks)
-    const int64_t n = std::min<int64_t>(8, len - i);
-    for (int64_t t = 0; t < 8; ++t) {  // a short tail repeats its last row: computed, never stored
-      const int64_t row = row_of[i + std::min(t, n - 1)];
-      rows[t] = k_cache + row * s.d;
-      prefetch_row<_MM_HINT_T1>(v_cache + row * s.dv, s.dv);
-      prefetch_row<_MM_HINT_T0>(k_cache + row_of[std::min(i + 8 + t, len - 1)] * s.d, s.d);  // next 8
-    }
+    const int64_t n = key_rows<8>(k_cache, v_cache, row_of, i, len, s, rows);
     for (int64_t g = 0; g < s.groups; ++g) {
       __m256 acc[8];
       for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
@@ -94,7 +87,8 @@ void softmax_of(float* scores, int64_t len, const float* sinks, int64_t first_he
       if (!whole) std::copy(x + i, x + len, part);
       const __m256 lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-      const __m256 e = _mm256_and_ps(lanes, exp8(_mm256_sub_ps(_mm256_loadu_ps(whole ? x + i : part), _mm256_set1_ps(m))));
+      const __m256 scores_i = _mm256_loadu_ps(whole ? x + i : part);
+      const __m256 e = _mm256_and_ps(lanes, exp8(_mm256_sub_ps(scores_i, _mm256_set1_ps(m))));
       vsum = _mm256_add_ps(vsum, e);
       _mm256_storeu_ps(whole ? x + i : part, round_bf16(e));
       if (!whole) std::copy(part, part + n, x + i);
@@ -129,15 +123,10 @@ void weighted_values_tile(const float* probs, int64_t len, const at::BFloat16* v
 
 void weighted_values(const float* probs, const at::BFloat16* v_cache, const int64_t* row_of, int64_t len,
                      const Shape& s, float* acc) {
-  for (int64_t g0 = 0; g0 < s.groups; g0 += 4)
-    for (int64_t c = 0; c < s.dv; c += 16) {
-      switch (std::min<int64_t>(4, s.groups - g0)) {
-        case 1: weighted_values_tile<1>(probs, len, v_cache, row_of, s, g0, c, acc); break;
-        case 2: weighted_values_tile<2>(probs, len, v_cache, row_of, s, g0, c, acc); break;
-        case 3: weighted_values_tile<3>(probs, len, v_cache, row_of, s, g0, c, acc); break;
-        default: weighted_values_tile<4>(probs, len, v_cache, row_of, s, g0, c, acc);
-      }
-    }
+  for_group_tiles(s.groups, [&](auto ng, int64_t g0) {
+    for (int64_t c = 0; c < s.dv; c += 16)
+      weighted_values_tile<decltype(ng)::value>(probs, len, v_cache, row_of, s, g0, c, acc);
+  });
 }
 
 void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const float* sinks,
@@ -146,14 +135,14 @@ void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat1
   // the split query [G, D], scores [G, len], acc [G, Dv], denom [G]
   scratch.resize(s.groups * (s.d + len + s.dv + 1));
   rows.resize(len);
-  float *q = scratch.data(), *scores = q + s.groups * s.d, *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
+  float *q = scratch.data(), *scores = q + s.groups * s.d;
+  float *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
   rows_of(task.table, start, task.seq_len, task.head, s, rows.data());
   split_query(task.q, s, q);
   scores_of(q, k_cache, v_cache, rows.data(), len, s, o.scale, scores);
   softmax_of(scores, len, sinks, task.head * s.groups, o, s.groups, denom);
   weighted_values(scores, v_cache, rows.data(), len, s, acc);
-  for (int64_t g = 0; g < s.groups; ++g)
-    for (int64_t i = 0; i < s.dv; ++i) task.out[g * s.dv + i] = static_cast<at::BFloat16>(acc[g * s.dv + i] / denom[g]);
+  store_task(task, acc, denom, s);
 }
 
 }  // namespace

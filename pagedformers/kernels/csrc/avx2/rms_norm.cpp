@@ -27,6 +27,7 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps
 }  // namespace
 
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
+  const float e = static_cast<float>(eps);
   pagedformers::for_each_norm_row(x, weight, out, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t h,
-                                                      at::BFloat16* o) { norm_row(xr, w, h, static_cast<float>(eps), o); });
+                                                      at::BFloat16* o) { norm_row(xr, w, h, e, o); });
 }

@@ -17,7 +17,8 @@ void embed_row(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16*
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t i = 0; i < half; i += 8) {
     const __m256 x1 = load_bf16x8(x + i), x2 = load_bf16x8(x + half + i);
-    const __m256 lo = _mm256_add_ps(mul_bf16(x1, load_bf16x8(c + i)), mul_bf16(_mm256_xor_ps(x2, sign), load_bf16x8(s + i)));
+    const __m256 neg_x2 = _mm256_xor_ps(x2, sign);
+    const __m256 lo = _mm256_add_ps(mul_bf16(x1, load_bf16x8(c + i)), mul_bf16(neg_x2, load_bf16x8(s + i)));
     const __m256 hi = _mm256_add_ps(mul_bf16(x2, load_bf16x8(c + half + i)), mul_bf16(x1, load_bf16x8(s + half + i)));
     store_bf16x8(out + i, lo);
     store_bf16x8(out + half + i, hi);
