@@ -23,8 +23,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
   round; decode graphs put it in their place (engine/graph_rewrites.py).
 
 They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
-decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s (g++ and
-ninja needed) and lands in torch's extension cache
+decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4
+cores, ~60 s on 2 Zen 3 cores (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes load it in well under
 a second. Where it cannot be built or run, every caller stays on its plain PyTorch path, with one
 warning.
@@ -84,7 +84,7 @@ def cpu_kernels() -> Any | None:
 
     name, folder, isa_flags = _BUILDS[isa]
     sources = [str(folder / f) for f in _KERNELS] + [str(_CSRC / f) for f in _SHARED]
-    logger.info("Loading the CPU kernels for %s (built once, ~35 s, then cached).", isa)
+    logger.info("Loading the CPU kernels for %s (built once, ~1 min, then cached).", isa)
     try:
         load(name=name, sources=sources, extra_cflags=["-O3", "-fopenmp", *isa_flags], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)

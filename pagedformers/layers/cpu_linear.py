@@ -2,11 +2,11 @@
 
 bf16 on a CPU with AVX512-BF16 or AVX2 runs the compiled `linear` kernel (kernels/csrc/linear.cpp, or
 csrc/avx2/linear.cpp) on a weight packed in column blocks of 16 x position pairs; elsewhere (fp16, or no
-kernels) oneDNN runs on a weight
-reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise `F.linear`'s result; `F.linear`
-re-lays the weight out on every call). Measured on 2 Zen 4 cores, the seven projections of the 200M
-Llama's 12 layers plus its LM head: 8.5 (kernel) / 13.6 (oneDNN, reordered) ms at 1 token, 27 / 30.4 ms
-at 32 tokens, the same at 512 and 2048. The kernel sums in fp32 in another order than oneDNN: the
+kernels) oneDNN runs on a weight reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise
+`F.linear`'s result; `F.linear` re-lays the weight out on every call). Measured on 2 Zen 4 cores, the seven
+projections of the 200M Llama's 12 layers plus its LM head: 8.5 (kernel) / 13.6 (oneDNN, reordered) ms at
+1 token, 27 / 30.4 ms at 32 tokens, the same at 512 and 2048. On 2 Zen 3 cores (AVX2), where ATen's bf16
+matmul is a slow fallback: 14.5 ms at 1 token, 118 ms at 32 tokens (the kernel). The kernel sums in fp32 in another order than oneDNN: the
 outputs agree within bf16 rounding, not bitwise.
 
 Siblings that a probe forward saw called on one same tensor (q/k/v, gate/up) share one packed
