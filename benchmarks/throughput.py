@@ -293,13 +293,14 @@ def main() -> None:
             if "first_tokens" in r:
                 r["checked"] = min(_common_prefix(t, c) for t, c in zip(r["first_tokens"], check))
         ours = results["pagedformers"]["generated"] / results["pagedformers"]["elapsed_s"]
-        print(f"\n{'engine':32} {'gen tok/s':>10} {'total tok/s':>12} {'start-up s':>11} {'ours / it':>10} "
+        width = max(len(name) for name in results)
+        print(f"\n{'engine':{width}} {'gen tok/s':>10} {'total tok/s':>12} {'start-up s':>11} {'ours / it':>10} "
               f"{'HF-equal toks':>14}")
         prompt_tokens = sum(len(i) for i, _ in reqs)
         for name, r in results.items():
             tps = r["generated"] / r["elapsed_s"]
             total = (r["generated"] + prompt_tokens) / r["elapsed_s"]
-            print(f"{name:32} {tps:10.1f} {total:12.1f} {r['startup_s']:11.1f} {ours / tps:10.2f}x "
+            print(f"{name:{width}} {tps:10.1f} {total:12.1f} {r['startup_s']:11.1f} {ours / tps:10.2f}x "
                   f"{str(r.get('checked', '-')):>14}")
         r = results["pagedformers"]
         print(f"pagedformers time to first token: p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s; "
