@@ -6,6 +6,8 @@ measured in the same run on the same random-weight model, plus the machine's phy
     python benchmarks/throughput.py --hidden 768 --intermediate 2048 --heads 12   # ~125M
     python benchmarks/throughput.py --peer-python /tmp/vllm-venv/bin/python   # + vLLM, in its own venv
     python benchmarks/throughput.py --repeat 3            # engines run in turn 3 times, fastest kept
+    python benchmarks/throughput.py --peers hf,hf32,cb --peer-python ... --peer-dtype float32
+        # on a CPU without bf16 arithmetic (AVX2 only): the peers also in float32, their fastest there
 
 The first requests' tokens are checked against HF greedy, so a fast wrong answer cannot pass.
 """
