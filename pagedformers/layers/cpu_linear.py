@@ -73,7 +73,8 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [ceil(N/16), ceil(K/2), 32]: per block of 16 output columns, each pair of input
     positions as 16 (even, odd) pairs, the operand layout of AVX512-BF16's dot product; zero-padded."""
     n, k = weight.shape
-    padded = F.pad(weight.detach(), (0, k % 2, 0, -n % 16))
+    # F.pad copies even where it adds nothing (~38 ms for the 200M Llama's 65 MB LM head)
+    padded = F.pad(weight.detach(), (0, k % 2, 0, -n % 16)) if k % 2 or n % 16 else weight.detach().contiguous()
     blocks, pairs = padded.shape[0] // 16, padded.shape[1] // 2
     packed = empty_on_huge_pages((blocks, pairs, 32), weight.dtype)
     # a pair as one int32: a 3-D transpose copies twice as fast as the 4-D one with a 2-wide inner dim
