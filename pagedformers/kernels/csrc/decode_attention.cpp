@@ -205,19 +205,17 @@ void weighted_values_bf16(const float* probs, const at::BFloat16* v_cache, const
 }
 
 void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const float* sinks,
-                const Shape& s, const Options& o, std::vector<float>& scratch, std::vector<int64_t>& rows) {
-  const int64_t start = first_visible(task.seq_len, o), len = task.seq_len - start;
+                const Shape& s, const Options& o, std::vector<float>& scratch) {
+  const int64_t len = task.len;
   // scores [G, len], acc [G, Dv], denom [G], then the bf16 probability pairs [G, (len + 1) / 2], a float's room each
   scratch.resize(s.groups * (len + s.dv + 1 + (len + 1) / 2));
-  rows.resize(len);
   float *scores = scratch.data(), *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
-  rows_of(task.table, start, task.seq_len, task.head, s, rows.data());
-  scores_of(task.q, k_cache, v_cache, rows.data(), len, s, o.scale, scores);
+  scores_of(task.q, k_cache, v_cache, task.rows, len, s, o.scale, scores);
   softmax_of(scores, len, sinks, task.head * s.groups, o, s.groups, denom);
   if (s.dv % 32 == 0)
-    weighted_values_bf16(scores, v_cache, rows.data(), len, s, reinterpret_cast<uint32_t*>(denom + s.groups), acc);
+    weighted_values_bf16(scores, v_cache, task.rows, len, s, reinterpret_cast<uint32_t*>(denom + s.groups), acc);
   else
-    weighted_values(scores, v_cache, rows.data(), len, s, acc);
+    weighted_values(scores, v_cache, task.rows, len, s, acc);
   store_task(task, acc, denom, s);
 }
 

@@ -65,11 +65,12 @@ inline int64_t first_visible(int64_t seq_len, const Options& o) {
   return start;
 }
 
-// The one task of a (sequence, KV head): its G query heads from q, out its G output rows.
+// The one task of a (sequence, KV head): its G query heads from q against the cache rows of its `len` visible
+// positions, out its G output rows.
 struct Task {
   const at::BFloat16* q;
-  const int64_t* table;  // the sequence's block table
-  int64_t seq_len, head;
+  const int64_t* rows;
+  int64_t len, head;
   at::BFloat16* out;
 };
 
@@ -95,8 +96,8 @@ inline void store_task(const Task& task, const float* acc, const float* denom, c
 
 // query [B, H, D]; k_cache [NB, H_kv, bs, D]; v_cache [NB, H_kv, bs, Dv]; block_tables [B, max_blocks] int64;
 // seq_lens [B] int64; sinks [H] float32 or empty; out [B, H, Dv] (written). All bf16, D % 32 == 0, Dv % 16 == 0.
-// attend_one(task, k_cache, v_cache, sinks or null, shape, options, scratch, rows) runs one task; scratch and
-// rows are the calling thread's, reused from task to task.
+// attend_one(task, k_cache, v_cache, sinks or null, shape, options, scratch) runs one task; scratch is the
+// calling thread's, reused from task to task.
 template <typename AttendOne>
 void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& sinks,
@@ -126,8 +127,10 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
     std::vector<int64_t> rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / s.h_kv, head = task % s.h_kv, row = i * h + head * s.groups;
-      attend_one(Task{q + row * s.d, tab + i * max_blocks, len[i], head, o_ptr + row * s.dv}, kc, vc, sink_ptr, s, o,
-                 scratch, rows);
+      const int64_t start = first_visible(len[i], o), visible = len[i] - start;
+      rows.resize(visible);
+      rows_of(tab + i * max_blocks, start, len[i], head, s, rows.data());
+      attend_one(Task{q + row * s.d, rows.data(), visible, head, o_ptr + row * s.dv}, kc, vc, sink_ptr, s, o, scratch);
     }
   });
 }

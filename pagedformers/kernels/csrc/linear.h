@@ -127,13 +127,14 @@ std::vector<at::Tensor> linear_tiles(const at::Tensor& input, const at::Tensor& 
       const int64_t row_end = std::min(m, (item / panels + 1) * kRowChunk);
       const int last_cols = block + width == blocks ? ragged_cols : 16;
       // the chunk's rows in tiles as even as they can be (32 rows, 6 at most: 6 6 5 5 5 5, not 6 6 6 6 6 2)
-      const int64_t row_begin = item / panels * kRowChunk, n = row_end - row_begin;
-      const int64_t tiles = (n + max_rows - 1) / max_rows, base = n / tiles, extra = n % tiles;
+      const int64_t row_begin = item / panels * kRowChunk, chunk_rows = row_end - row_begin;
+      const int64_t tiles = (chunk_rows + max_rows - 1) / max_rows, base = chunk_rows / tiles;
+      const int64_t extra = chunk_rows % tiles;
       for (int64_t i = 0, row = row_begin; i < tiles; ++i) {
         const int64_t rows = base + (i < extra);
         const TileOf<X> tile{xp + row * ldx, ldx, wp + block * pairs * 32, k, pairs,
-                        bp ? bp + block * 16 : nullptr, block_out.data() + block, block_ld.data() + block, row,
-                        last_cols};
+                             bp ? bp + block * 16 : nullptr, block_out.data() + block, block_ld.data() + block,
+                             row, last_cols};
         run_tile(tile, rows, width);
         row += rows;
       }

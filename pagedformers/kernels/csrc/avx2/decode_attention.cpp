@@ -130,18 +130,16 @@ void weighted_values(const float* probs, const at::BFloat16* v_cache, const int6
 }
 
 void attend_one(const Task& task, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const float* sinks,
-                const Shape& s, const Options& o, std::vector<float>& scratch, std::vector<int64_t>& rows) {
-  const int64_t start = first_visible(task.seq_len, o), len = task.seq_len - start;
+                const Shape& s, const Options& o, std::vector<float>& scratch) {
+  const int64_t len = task.len;
   // the split query [G, D], scores [G, len], acc [G, Dv], denom [G]
   scratch.resize(s.groups * (s.d + len + s.dv + 1));
-  rows.resize(len);
   float *q = scratch.data(), *scores = q + s.groups * s.d;
   float *acc = scores + s.groups * len, *denom = acc + s.groups * s.dv;
-  rows_of(task.table, start, task.seq_len, task.head, s, rows.data());
   split_query(task.q, s, q);
-  scores_of(q, k_cache, v_cache, rows.data(), len, s, o.scale, scores);
+  scores_of(q, k_cache, v_cache, task.rows, len, s, o.scale, scores);
   softmax_of(scores, len, sinks, task.head * s.groups, o, s.groups, denom);
-  weighted_values(scores, v_cache, rows.data(), len, s, acc);
+  weighted_values(scores, v_cache, task.rows, len, s, acc);
   store_task(task, acc, denom, s);
 }
 
