@@ -58,12 +58,18 @@ inline std::vector<float> widen_rows(const at::Tensor& x) {
   const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0), ldo = widened_stride(k);
   std::vector<float> out(m * ldo);
   const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
+  float* widened = out.data();
+  // By value, into locals: through the lambda's references GCC reloaded every pointer for every element
+  // and did not vectorise (a fifth of a 32-row linear's time).
+  at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* __restrict src = in + r * ld;
+      float* __restrict dst = widened + r * ldo;
       for (int64_t i = 0; i < k; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(in[r * ld + i]) << 16;
-        std::memcpy(&out[r * ldo + i], &bits, sizeof bits);
+        const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+        std::memcpy(dst + i, &bits, sizeof bits);
       }
+    }
   });
   return out;
 }

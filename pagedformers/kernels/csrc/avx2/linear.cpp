@@ -6,8 +6,7 @@
 // chain of FMAs over the positions in order, in every tile shape, so a row computes the same alone or in a
 // batch. A tile keeps R rows x C blocks of accumulators (2 registers a block):
 // - several rows: up to 6 rows of one block (12 of the 16 registers; a pair's two positions take 24 FMAs
-//   against 4 widening ops, 2 loads and 2 reloads): ~119 against ~105 GFLOP/s for 3-row tiles at 256 rows,
-//   2 Zen 3 cores;
+//   against 4 widening ops, 2 loads and 2 reloads), their loop over the pairs in assembly (pair_loop);
 // - a lone row (a batch-1 decode): the panel's 3 blocks at once, 6 independent chains over 3 streams: the
 //   200M Llama's linears in 14.5-19.5 against 20.1-25.5 ms for one block at a time with 4 chains (in-process
 //   A/B, weights from DRAM).
@@ -18,6 +17,7 @@
 #include "../linear.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -49,16 +49,72 @@ inline void accumulate(__m256* acc, const __m256i* w, int64_t pairs, int64_t p, 
   }
 }
 
+// The pair loop of an R-row, one-block tile (2 <= R <= 6) in assembly: the same FMAs in the same order as
+// accumulate<R, 1>, so its sums are bitwise the same. It takes all 16 registers: ymm0-11 the accumulators
+// (row r's columns 0-7 and 8-15 in 2r and 2r + 1), ymm12-13 a pair's widened weights, ymm14 a broadcast x,
+// ymm15 the odd-position mask. From the same C++, GCC spilled 4 accumulators to the stack at every pair:
+// 53 against 85 GFLOP/s a Zen 3 core (L1-resident micro-benchmark; the core's FMA peak is 92). In the
+// kernel, the 200M Llama's 49 linears (in-process A/B, 2 threads, weights from DRAM): 103 -> 94 ms at 32
+// rows, 702 -> 619 ms at 256. The weights are prefetched 2 KiB (32 pairs) ahead into L1: 663 -> 619 ms of
+// those.
+#define PF_ROW(x, a, b)                                                               \
+  "vbroadcastss " x ", %%ymm14\n\tvfmadd231ps %%ymm12, %%ymm14, %%ymm" #a "\n\t"     \
+  "vfmadd231ps %%ymm13, %%ymm14, %%ymm" #b "\n\t"
+// Row r's x: xa = row 0, xb = row 3, ld = the row stride in bytes; off "" for the even position, "4" odd.
+#define PF_ROWS1(off) PF_ROW(off "(%[xa])", 0, 1)
+#define PF_ROWS2(off) PF_ROWS1(off) PF_ROW(off "(%[xa],%[ld],1)", 2, 3)
+#define PF_ROWS3(off) PF_ROWS2(off) PF_ROW(off "(%[xa],%[ld],2)", 4, 5)
+#define PF_ROWS4(off) PF_ROWS3(off) PF_ROW(off "(%[xb])", 6, 7)
+#define PF_ROWS5(off) PF_ROWS4(off) PF_ROW(off "(%[xa],%[ld],4)", 8, 9)
+#define PF_ROWS6(off) PF_ROWS5(off) PF_ROW(off "(%[xb],%[ld],2)", 10, 11)
+#define PF_LOAD(i) "vmovups " #i "*32(%[acc]), %%ymm" #i "\n\t"
+#define PF_STORE(i) "vmovups %%ymm" #i ", " #i "*32(%[acc])\n\t"
+#define PF_PAIR_LOOP(ROWS)                                                                                  \
+  asm volatile(                                                                                             \
+      PF_LOAD(0) PF_LOAD(1) PF_LOAD(2) PF_LOAD(3) PF_LOAD(4) PF_LOAD(5)                                     \
+      PF_LOAD(6) PF_LOAD(7) PF_LOAD(8) PF_LOAD(9) PF_LOAD(10) PF_LOAD(11)                                   \
+      "vpcmpeqd %%ymm15, %%ymm15, %%ymm15\n\tvpslld $16, %%ymm15, %%ymm15\n"                                \
+      "1:\n\t"                                                                                              \
+      "prefetcht0 2048(%[w])\n\t"                                                                           \
+      "vmovdqu (%[w]), %%ymm12\n\tvmovdqu 32(%[w]), %%ymm13\n\t"                                            \
+      "vpslld $16, %%ymm12, %%ymm12\n\tvpslld $16, %%ymm13, %%ymm13\n\t" ROWS("")                           \
+      "vpand (%[w]), %%ymm15, %%ymm12\n\tvpand 32(%[w]), %%ymm15, %%ymm13\n\t" ROWS("4")                    \
+      "add $64, %[w]\n\tadd $8, %[xa]\n\tadd $8, %[xb]\n\tdec %[n]\n\tjnz 1b\n\t"                           \
+      PF_STORE(0) PF_STORE(1) PF_STORE(2) PF_STORE(3) PF_STORE(4) PF_STORE(5)                               \
+      PF_STORE(6) PF_STORE(7) PF_STORE(8) PF_STORE(9) PF_STORE(10) PF_STORE(11)                             \
+      : [w] "+r"(w), [xa] "+r"(xa), [xb] "+r"(xb), [n] "+r"(pairs)                                          \
+      : [ld] "r"(ld), [acc] "r"(acc)                                                                        \
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",      \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+
+// acc[12] (2 R in use) += the first `pairs` (>= 1) pairs of one block's weights times R rows of x.
+template <int R>
+void pair_loop(__m256* acc, const __m256i* w, int64_t pairs, const float* x, int64_t ldx) {
+  const float* xa = x;
+  const float* xb = R > 3 ? x + 3 * ldx : x;  // row 3's x, read only when R > 3
+  const int64_t ld = ldx * static_cast<int64_t>(sizeof(float));
+  if constexpr (R == 2) PF_PAIR_LOOP(PF_ROWS2);
+  else if constexpr (R == 3) PF_PAIR_LOOP(PF_ROWS3);
+  else if constexpr (R == 4) PF_PAIR_LOOP(PF_ROWS4);
+  else if constexpr (R == 5) PF_PAIR_LOOP(PF_ROWS5);
+  else PF_PAIR_LOOP(PF_ROWS6);
+}
+
 template <int R, int C>
 void tile_kernel(const Tile& t) {
-  __m256 acc[2 * C * R];
+  constexpr int kAcc = std::max(2 * C * R, 12);  // pair_loop loads and stores all 12
+  __m256 acc[kAcc];
 #pragma GCC unroll 12
-  for (int i = 0; i < 2 * C * R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_ps();
   const auto* w = reinterpret_cast<const __m256i*>(t.w);  // per block: two vectors per pair
   const int64_t full_pairs = t.k / 2;
-  for (int64_t p = 0; p < full_pairs; ++p) {
-    accumulate<R, C>(acc, w, t.pairs, p, t.x + 2 * p, t.ldx, 0);
-    accumulate<R, C>(acc, w, t.pairs, p, t.x + 2 * p + 1, t.ldx, 1);
+  if constexpr (C == 1 && R >= 2) {
+    if (full_pairs > 0) pair_loop<R>(acc, w, full_pairs, t.x, t.ldx);
+  } else {
+    for (int64_t p = 0; p < full_pairs; ++p) {
+      accumulate<R, C>(acc, w, t.pairs, p, t.x + 2 * p, t.ldx, 0);
+      accumulate<R, C>(acc, w, t.pairs, p, t.x + 2 * p + 1, t.ldx, 1);
+    }
   }
   if (t.k % 2)  // the last position alone, an even one: its pair's odd half is zero in the weight
     accumulate<R, C>(acc, w, t.pairs, full_pairs, t.x + t.k - 1, t.ldx, 0);
