@@ -25,6 +25,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.executor import Executor, WorkerDiedError
 from pagedformers.engine.inputs import StepPlan
 from pagedformers.engine.worker import Worker, WorkerOutput
+from pagedformers.loading.gguf_once import gguf_parsed_once
 from pagedformers.logger import init_logger
 from pagedformers.parallel_plans import check_parallel_config, create_parallel_state
 
@@ -121,8 +122,10 @@ def _min_over_ranks(value: int) -> int:
 def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: str) -> None:
     torch.set_num_threads(_threads_per_rank(world_size))
     try:
-        config = EngineConfig.from_kwargs(**cloudpickle.loads(config_blob))
-        worker = _init_rank(config, rank, world_size, init_method)
+        kwargs = cloudpickle.loads(config_blob)
+        with gguf_parsed_once(kwargs["model"], kwargs.get("gguf_file")):
+            config = EngineConfig.from_kwargs(**kwargs)
+            worker = _init_rank(config, rank, world_size, init_method)
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)

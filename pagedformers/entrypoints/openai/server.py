@@ -209,10 +209,13 @@ def run_server(args: argparse.Namespace) -> None:
     from pagedformers.config import EngineConfig
     from pagedformers.engine.llm_engine import LLMEngine
     from pagedformers.entrypoints.engine_args import engine_kwargs
+    from pagedformers.loading.gguf_once import gguf_parsed_once
 
     prometheus_client.disable_created_metrics()  # process-wide: this process is the server
-    config = EngineConfig.from_kwargs(**engine_kwargs(args))
-    engine = AsyncLLM(LLMEngine(config))
+    kwargs = engine_kwargs(args)
+    with gguf_parsed_once(kwargs["model"], kwargs.get("gguf_file")):
+        config = EngineConfig.from_kwargs(**kwargs)
+        engine = AsyncLLM(LLMEngine(config))
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template))
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model, ", ".join(names), args.host, args.port)
