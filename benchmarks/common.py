@@ -27,11 +27,12 @@ def add_model_args(p: argparse.ArgumentParser, hidden: int = 1024, layers: int =
 
 
 def save_llama(path: Path, args: argparse.Namespace) -> None:
-    """A random-weight Llama of the requested size (std 0.02, like a real initialisation)."""
+    """A random-weight Llama of the requested size (std 0.02, like a real initialisation), saved in the
+    benchmark's dtype as a real checkpoint is: loading it converts nothing."""
     save_tiny_model(path, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
                     num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                     intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
-                    initializer_range=0.02, dtype=args.dtype)
+                    initializer_range=0.02, dtype=getattr(torch, args.dtype))
 
 
 def weights_read_per_step(model: nn.Module) -> tuple[int, int]:

@@ -46,13 +46,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """A random-weight *ForCausalLM of `model_type`, saved with the tokenizer under `path`."""
+def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **overrides) -> Path:
+    """A random-weight *ForCausalLM of `model_type`, saved in `dtype` (initialised in float32, then cast) with
+    the tokenizer under `path`."""
     tokenizer = build_tokenizer()
     config = AutoConfig.for_model(model_type, **{**TINY, "vocab_size": len(tokenizer), "bos_token_id": 1,
                                                  "eos_token_id": 2, "pad_token_id": 3, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
