@@ -25,7 +25,7 @@ def gguf_parsed_once(model: str, gguf_file: str | None) -> Iterator[None]:
     """Within: one GGUFReader per (file, mode) and one TensorNameMap per (arch, layers), when `model` (the
     user's argument: a path or hub id) names GGUF weights. A no-op otherwise, or without gguf installed."""
     try:
-        if not (gguf_file or model.endswith(".gguf")):
+        if not (gguf_file or str(model).endswith(".gguf")):
             raise ImportError  # other weights: not even gguf's import to pay
         import gguf
     except ImportError:
