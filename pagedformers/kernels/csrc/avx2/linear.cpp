@@ -17,7 +17,6 @@
 #include "../linear.h"
 #include "vec.h"
 
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -102,13 +101,14 @@ void pair_loop(__m256* acc, const __m256i* w, int64_t pairs, const float* x, int
 
 template <int R, int C>
 void tile_kernel(const Tile& t) {
-  constexpr int kAcc = std::max(2 * C * R, 12);  // pair_loop loads and stores all 12
+  constexpr bool kAsm = C == 1 && R >= 2;  // pair_loop's shape
+  constexpr int kAcc = kAsm ? 12 : 2 * C * R;  // pair_loop loads and stores all 12
   __m256 acc[kAcc];
 #pragma GCC unroll 12
   for (int i = 0; i < kAcc; ++i) acc[i] = _mm256_setzero_ps();
   const auto* w = reinterpret_cast<const __m256i*>(t.w);  // per block: two vectors per pair
   const int64_t full_pairs = t.k / 2;
-  if constexpr (C == 1 && R >= 2) {
+  if constexpr (kAsm) {
     if (full_pairs > 0) pair_loop<R>(acc, w, full_pairs, t.x, t.ldx);
   } else {
     for (int64_t p = 0; p < full_pairs; ++p) {
