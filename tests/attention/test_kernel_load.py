@@ -1,14 +1,13 @@
 """A process whose kernels are built loads them without a subprocess (torch's `load` runs three: compiler and
 ninja checks, a no-op build); a stamp that does not match the sources is not trusted."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pagedformers.kernels.cpu import _built_library, cpu_kernel_isa, cpu_kernels
+from pagedformers.kernels.cpu import _BUILDS, _built_library, cpu_kernel_isa, cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernels need AVX512-BF16 or AVX2 (this CPU has neither)")
@@ -25,9 +24,8 @@ print(len(spawned), kernels is not None and hasattr(kernels, "linear"))
 """
 
 
-def _load_in_fresh_process(env: dict | None = None) -> tuple[int, bool]:
-    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=600, env=env,
-                          check=True)
+def _load_in_fresh_process() -> tuple[int, bool]:
+    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=600, check=True)
     spawned, loaded = done.stdout.split()
     return int(spawned), loaded == "True"
 
@@ -37,7 +35,7 @@ def _library() -> Path:
 
     kernels = cpu_kernels()
     assert kernels is not None  # the machine can build them: a build failure must fail here
-    name = {"avx2": "pagedformers_cpu_kernels_avx2", "avx512_bf16": "pagedformers_cpu_kernels"}[cpu_kernel_isa()]
+    name = _BUILDS[cpu_kernel_isa()][0]
     return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
 
 
@@ -48,11 +46,13 @@ def test_built_kernels_load_without_a_subprocess():
 
 def test_a_stamp_that_does_not_match_is_not_trusted(tmp_path, monkeypatch):
     library = _library()
-    build = tmp_path / library.parent.name
-    shutil.copytree(library.parent, build)
+    fresh = library.with_suffix(".stamp").read_text()
+    build = tmp_path / library.parent.name  # torch's build folder, once TORCH_EXTENSIONS_DIR points here
+    build.mkdir()
+    (build / library.name).write_bytes(b"")  # only looked at, never loaded
     stamp = build / library.with_suffix(".stamp").name
-    fresh = stamp.read_text()
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's build folder is now the copy
+    stamp.write_text(fresh)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert _built_library(library.stem, fresh) == build / library.name
     stamp.write_text("built from other sources")
     assert _built_library(library.stem, fresh) is None
