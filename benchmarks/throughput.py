@@ -273,7 +273,7 @@ def main() -> None:
               f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt / {sum(n for _, n in reqs)} output tokens; "
               f"{torch.get_num_threads()} threads")
         # on a quiet machine, before any engine is loaded: measured at the end of a run, once every engine
-        # had run and the peers had exited, it read 12.4-13.6 s, against 8.4-10.2 s alone in the same hour
+        # had run and the peers had exited, it read 12.4-13.6 s (three runs), where the child alone read 8.2-10.2 s
         first_token_s = [process_start_to_first_token(path, args) for _ in range(2)]
         peers = {"hf": ("HF generate", load_hf_generate), "cb": ("generate_batch", load_generate_batch),
                  "hf32": ("HF generate float32", partial(load_hf_generate, dtype=torch.float32))}
