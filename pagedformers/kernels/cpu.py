@@ -26,8 +26,8 @@ They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings
 decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4
 cores, ~60 s on 2 Zen 3 cores (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes whose sources match the
-build's stamp load the library directly (~0.1 s, no subprocess). Where it cannot be built or run, every caller stays on its plain PyTorch path, with one
-warning.
+build's stamp load the library directly (~0.1 s, no subprocess). Where it cannot be built or run, every
+caller stays on its plain PyTorch path, with one warning.
 """
 
 from __future__ import annotations
@@ -119,14 +119,19 @@ def _build_stamp(cflags: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _built_library(name: str, stamp: str) -> Path | None:
-    """The library in torch's build folder for this extension, if its stamp says it is built from these sources."""
-    try:  # a private torch helper: if it moves, every load goes through `load`
-        from torch.utils.cpp_extension import _get_build_directory
+def library_path(name: str) -> Path:
+    """Where torch's `load` builds extension `name` (its private helper: if it moves, this raises)."""
+    from torch.utils.cpp_extension import _get_build_directory
 
-        library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+
+
+def _built_library(name: str, stamp: str) -> Path | None:
+    """The built library of extension `name`, if its stamp says it is built from these sources."""
+    try:
+        library = library_path(name)
         return library if library.is_file() and library.with_suffix(".stamp").read_text() == stamp else None
-    except Exception:  # noqa: BLE001 (no stamp yet, a moved helper)
+    except Exception:  # noqa: BLE001 (no stamp yet, a moved torch helper: every load goes through `load`)
         return None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedformers.kernels.cpu import _BUILDS, _built_library, cpu_kernel_isa, cpu_kernels
+from pagedformers.kernels.cpu import _BUILDS, _built_library, cpu_kernel_isa, cpu_kernels, library_path
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernels need AVX512-BF16 or AVX2 (this CPU has neither)")
@@ -31,12 +31,8 @@ def _load_in_fresh_process() -> tuple[int, bool]:
 
 
 def _library() -> Path:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    kernels = cpu_kernels()
-    assert kernels is not None  # the machine can build them: a build failure must fail here
-    name = _BUILDS[cpu_kernel_isa()][0]
-    return Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    assert cpu_kernels() is not None  # the machine can build them: a build failure must fail here
+    return library_path(_BUILDS[cpu_kernel_isa()][0])
 
 
 def test_built_kernels_load_without_a_subprocess():
