@@ -109,18 +109,47 @@ def load_pagedformers(path: Path, args, reqs) -> Engine:
 _FIRST_TOKEN_CHILD = """
 import sys, time
 from pagedformers import LLM, SamplingParams
+imported = time.time()
 llm = LLM(model=sys.argv[1], dtype=sys.argv[2], max_model_len=4096)
+loaded = time.time()
 llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(max_tokens=1), use_tqdm=False)
+print(imported, loaded, time.time(), flush=True)
+"""
+# What no transformers-based engine starts without: torch, and transformers' model classes and loading.
+_DEPENDENCIES_CHILD = """
+import time
+import torch, transformers.modeling_utils
 print(time.time(), flush=True)
 """
 
 
-def process_start_to_first_token(path: Path, args) -> float:
-    """Seconds from spawning a fresh Python to its first generated token (imports, load, one step)."""
+@dataclass
+class StartUp:
+    """Seconds from spawning a fresh Python: to our first token, and its parts; and to the end of the imports
+    of torch and transformers alone, in a process that does nothing else (the part no shell can cut)."""
+    first_token_s: float
+    imports_s: float
+    load_s: float
+    dependencies_s: float
+
+    def __str__(self) -> str:
+        return (f"{self.first_token_s:.1f} s (imports {self.imports_s:.1f}, LLM() {self.load_s:.1f}, first step "
+                f"{self.first_token_s - self.imports_s - self.load_s:.2f}); torch + transformers imports alone "
+                f"{self.dependencies_s:.1f} s")
+
+
+def _stamps(child: str, *argv: str) -> tuple[float, list[float]]:
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", _FIRST_TOKEN_CHILD, str(path), args.dtype], capture_output=True,
-                          text=True, timeout=600, check=True)
-    return float(done.stdout.strip().splitlines()[-1]) - start
+    done = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, timeout=600,
+                          check=True)
+    return start, [float(t) for t in done.stdout.strip().splitlines()[-1].split()]
+
+
+def process_start_to_first_token(path: Path, args) -> StartUp:
+    """A fresh Python's way to its first generated token, and, measured right after, the same imports alone."""
+    start, (imported, loaded, first) = _stamps(_FIRST_TOKEN_CHILD, str(path), args.dtype)
+    dep_start, (dep_end,) = _stamps(_DEPENDENCIES_CHILD)
+    return StartUp(first - start, imported - start, loaded - imported, dep_end - dep_start)
 
 
 def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
@@ -309,7 +338,7 @@ def main() -> None:
                   f"{str(r.get('checked', '-')):>14}")
         r = results["pagedformers"]
         print(f"pagedformers time to first token: p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s; "
-              f"a fresh process to its first token: {first_token_s[0]:.1f} s, then {first_token_s[1]:.1f} s")
+              f"a fresh process to its first token: {first_token_s[0]}; then {first_token_s[1]}")
         bw, (rate, rate_dtype) = memory_bandwidth(), matmul_rate(dtype)
         print(f"\nfloors: batch-1 decode step >= {weight_bytes / bw * 1e3:.1f} ms "
               f"({weight_bytes / 1e6:.0f} MB of weights read per step / {bw / 1e9:.1f} GB/s measured read bandwidth) "
