@@ -47,10 +47,10 @@ def weights_read_per_step(model: nn.Module) -> tuple[int, int]:
 
 
 def memory_bandwidth() -> float:
-    """Bytes/s the machine reads: the faster of a `sum()` over a buffer far larger than its caches and a read
-    of the same buffer in several streams a thread (`read_panels`, below). A decode step's weights are read, not
-    copied, so a copy's read+write rate would set an unreachable floor. The buffer sits on huge pages, as
-    the packed weights do: ~10% faster to stream than 4 KiB pages."""
+    """Bytes/s the machine reads: the faster of a `sum()` over a buffer far larger than its caches and a
+    read of the same buffer in several streams a thread (`read_panels`, below). A decode step's weights
+    are read, not copied, so a copy's read+write rate would set an unreachable floor. The buffer sits on
+    huge pages, as the packed weights do: ~10% faster to stream than 4 KiB pages."""
     buffer = empty_on_huge_pages((128 << 20,), torch.float32).fill_(1.0)  # 512 MB
     reads = [buffer.sum]
     panels = _panel_reader()
