@@ -138,7 +138,8 @@ class StartUp:
                 f"{self.dependencies_s:.1f} s")
 
 
-def _stamps(child: str, *argv: str) -> tuple[float, list[float]]:
+def _times_in_fresh_python(child: str, *argv: str) -> tuple[float, list[float]]:
+    """When `child` was spawned, and the time.time() values it printed on its last line."""
     start = time.time()
     done = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, timeout=600,
                           check=True)
@@ -147,8 +148,8 @@ def _stamps(child: str, *argv: str) -> tuple[float, list[float]]:
 
 def process_start_to_first_token(path: Path, args) -> StartUp:
     """A fresh Python's way to its first generated token, and, measured right after, the same imports alone."""
-    start, (imported, loaded, first) = _stamps(_FIRST_TOKEN_CHILD, str(path), args.dtype)
-    dep_start, (dep_end,) = _stamps(_DEPENDENCIES_CHILD)
+    start, (imported, loaded, first) = _times_in_fresh_python(_FIRST_TOKEN_CHILD, str(path), args.dtype)
+    dep_start, (dep_end,) = _times_in_fresh_python(_DEPENDENCIES_CHILD)
     return StartUp(first - start, imported - start, loaded - imported, dep_end - dep_start)
 
 
@@ -303,7 +304,7 @@ def main() -> None:
               f"{torch.get_num_threads()} threads")
         # on a quiet machine, before any engine is loaded: measured at the end of a run, once every engine
         # had run and the peers had exited, it read 12.4-13.6 s (three runs), where the child alone read 8.2-10.2 s
-        first_token_s = [process_start_to_first_token(path, args) for _ in range(2)]
+        start_ups = [process_start_to_first_token(path, args) for _ in range(2)]
         peers = {"hf": ("HF generate", load_hf_generate), "cb": ("generate_batch", load_generate_batch),
                  "hf32": ("HF generate float32", partial(load_hf_generate, dtype=torch.float32))}
         loaders = [peers[key] for key in filter(None, args.peers.split(","))]
@@ -338,7 +339,7 @@ def main() -> None:
                   f"{str(r.get('checked', '-')):>14}")
         r = results["pagedformers"]
         print(f"pagedformers time to first token: p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s; "
-              f"a fresh process to its first token: {first_token_s[0]}; then {first_token_s[1]}")
+              f"a fresh process to its first token: {start_ups[0]}; then {start_ups[1]}")
         bw, (rate, rate_dtype) = memory_bandwidth(), matmul_rate(dtype)
         print(f"\nfloors: batch-1 decode step >= {weight_bytes / bw * 1e3:.1f} ms "
               f"({weight_bytes / 1e6:.0f} MB of weights read per step / {bw / 1e9:.1f} GB/s measured read bandwidth) "

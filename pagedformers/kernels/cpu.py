@@ -85,7 +85,6 @@ def cpu_kernels() -> Any | None:
     from torch.utils.cpp_extension import load
 
     name, folder, isa_flags = _BUILDS[isa]
-    sources = [str(folder / f) for f in _KERNELS] + [str(_CSRC / f) for f in _SHARED]
     cflags = ["-O3", "-fopenmp", *isa_flags]
     stamp = _build_stamp(cflags)
     built = _built_library(name, stamp)
@@ -96,6 +95,7 @@ def cpu_kernels() -> Any | None:
         except OSError:  # unreadable, or built against another libtorch: check and rebuild it the usual way
             pass
     logger.info("Loading the CPU kernels for %s (built once, ~1 min, then cached).", isa)
+    sources = [str(folder / f) for f in _KERNELS] + [str(_CSRC / f) for f in _SHARED]
     try:
         library = load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
