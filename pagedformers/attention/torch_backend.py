@@ -47,10 +47,10 @@ def paged_attention(
     covered: set[int] = set()
     if kernel is not None:
         runs, covered = meta.single_token_queries(k_cache.shape[2], KERNEL_MAX_CONTEXT)
-        no_sinks = sinks if sinks is not None else query.new_empty(0, dtype=torch.float32)
         for start, end, tables, lens in runs:
-            kernel.decode_attention(query[start:end].contiguous(), k_cache, v_cache, tables, lens, no_sinks,
-                                    out[start:end], scale, window or 0, chunk or 0, softcap or 0.0)
+            kernel.decode_attention(_rows(query, start, end, contiguous=True), k_cache, v_cache, tables, lens,
+                                    _NO_SINKS if sinks is None else sinks, _rows(out, start, end), scale,
+                                    window or 0, chunk or 0, softcap or 0.0)
     elif nd:
         rows = meta.cache_rows(k_cache.shape[1])
         k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
@@ -69,6 +69,16 @@ def paged_attention(
         mask = meta.prefill_mask(i, window, causal, chunk)
         out[s:e] = attend(q, k, v, mask, scale, causal and mask is None, softcap, sinks)[0].transpose(0, 1)
     return out
+
+
+# Decode graphs replay every op of a step, and each costs a few microseconds, more between weight reads that
+# leave the caches cold: where a call needs no slice or no sinks, none is recorded.
+_NO_SINKS = torch.empty(0, dtype=torch.float32)
+
+
+def _rows(t: torch.Tensor, start: int, end: int, contiguous: bool = False) -> torch.Tensor:
+    rows = t if start == 0 and end == t.shape[0] else t[start:end]
+    return rows.contiguous() if contiguous and not rows.is_contiguous() else rows
 
 
 def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,

@@ -13,7 +13,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
   matmuls. The kernel reads the blocks in place (~0.23 against ~0.8 ms per layer for 32 decodes x 256
   context of a 4-KV-head, 64-dim layer, 2 cores, cache warm). Short prompts go through it too, one
   query per token.
-- `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py).
+- `rms_norm` (csrc/rms_norm.cpp): one pass instead of HF's eight ops (layers/cpu_norm.py); `add_rms_norm`,
+  the residual add before it in the same call, where decode graphs fuse the two (engine/graph_rewrites.py).
 - `silu_and_mul` (csrc/silu_and_mul.cpp): SwiGLU's activation straight from the fused gate/up output
   (layers/cpu_mlp.py).
 - `write_kv` (csrc/write_kv.cpp, no vector code: one source for both builds): the step's keys and values

@@ -1,12 +1,13 @@
-"""Decode-graph rewrites: HF's rotate-half rotary embedding becomes one kernel call that rounds bitwise as HF's
-ops do, and only that exact form is rewritten."""
+"""Decode-graph rewrites: HF's rotate-half rotary embedding, and a residual add with the norm after it, each
+become one kernel call that rounds bitwise as the ops it replaces do, and only those exact forms are rewritten."""
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from pagedformers.engine.graph_rewrites import fold_shapes, fuse_rotary
+from pagedformers.engine.graph_rewrites import fold_shapes, fuse_residual_norms, fuse_rotary
 from pagedformers.kernels.cpu import cpu_kernel_isa, cpu_kernels
+from pagedformers.layers.cpu_norm import fuse_rms_norms
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernel needs AVX512-BF16 or AVX2 (this CPU has neither)")
@@ -79,3 +80,58 @@ def test_other_rotary_forms_keep_their_ops():
     fp32 = _rotary_inputs(torch.float32)  # the kernel rounds to bf16: float32 keeps ATen's ops
     run = _traced(lambda q, k, cos, sin: apply_rotary_pos_emb(q, k, cos, sin), *fp32)
     assert fuse_rotary(run.graph) == 0
+
+
+def test_add_rms_norm_kernel_adds_as_aten_and_norms_as_the_norm_kernel():
+    kernels, gen = cpu_kernels(), torch.Generator().manual_seed(0)
+    for trial in range(20):
+        shape = ((1, 1, 64), (3, 128), (2, 5, 32))[trial % 3]
+        x, residual = _wild(*shape, generator=gen), _wild(*shape, generator=gen)
+        if trial % 4 == 0:
+            x[..., ::5], residual[..., ::3] = -0.0, float("inf")
+        weight = _wild(shape[-1], generator=gen)
+        total, normed = kernels.add_rms_norm(x, residual, weight, 1e-6)
+        expected_total, expected_normed = x + residual, torch.empty_like(x)
+        kernels.rms_norm(expected_total.view(-1, shape[-1]), weight, 1e-6, expected_normed.view(-1, shape[-1]))
+        assert torch.equal(_bits(total), _bits(expected_total)), shape
+        assert torch.equal(_bits(normed), _bits(expected_normed)), shape
+
+
+def _fused_norm() -> LlamaRMSNorm:
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16).requires_grad_(False)
+    norm.weight.data.normal_(1.0, 0.5)
+    assert fuse_rms_norms(norm, torch.bfloat16, "cpu") == 1
+    return norm
+
+
+def test_residual_add_and_norm_become_one_call():
+    norm = _fused_norm()
+
+    def two_layers(hidden: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + out1  # HF's decoder layer: the residual add, then the next norm of the sum
+        normed = norm(hidden)
+        hidden = hidden + out2 * normed
+        return hidden, norm(hidden)
+
+    inputs = tuple(torch.randn(1, 1, 64, dtype=torch.bfloat16) for _ in range(3))
+    run = _traced(two_layers, *inputs)
+    expected = run(*inputs)
+    assert fuse_residual_norms(run.graph) == 2
+    assert {"aten::add", "pagedformers::rms_norm", "aten::empty_like"}.isdisjoint(_kinds(run))
+    for ours, theirs in zip(run(*inputs), expected):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_sum_read_before_its_norm_keeps_its_add():
+    norm = _fused_norm()
+
+    def read_first(hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        total = hidden + out
+        doubled = total * 2  # a use of the sum that the graph orders before the norm
+        return doubled, norm(total)
+
+    inputs = tuple(torch.randn(1, 1, 64, dtype=torch.bfloat16) for _ in range(2))
+    assert fuse_residual_norms(_traced(read_first, *inputs).graph) == 0
+    fp32 = _traced(lambda h, o: norm(h + o), *(t.float() for t in inputs))  # fp32 keeps the module's own ops
+    assert fuse_residual_norms(fp32.graph) == 0

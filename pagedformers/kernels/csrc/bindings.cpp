@@ -8,6 +8,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const 
                       const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& sinks,
                       at::Tensor& out, double scale, int64_t window, int64_t chunk, double softcap);
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
 void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, int64_t width, at::Tensor& out);
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
               const at::Tensor& blocks, const at::Tensor& offsets);
@@ -22,6 +24,8 @@ TORCH_LIBRARY(pagedformers, m) {
         "Tensor sinks, Tensor(a!) out, float scale, int window, int chunk, float softcap) -> ()");
   // bf16 RMSNorm, rounded as HF's Llama-style RMSNorm (AVX512-BF16)
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  // bf16 x + residual, then the RMSNorm above of that sum: (sum, normed) (decode graphs' rewrite)
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   // bf16 silu(gate) * up from a fused gate/up output (AVX-512)
   m.def("silu_and_mul(Tensor gate_up, int gate_col, int up_col, int width, Tensor(a!) out) -> ()");
   // new keys and values into their paged cache slots (any dtype)
@@ -38,6 +42,7 @@ TORCH_LIBRARY(pagedformers, m) {
 TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("write_kv", &write_kv);
   m.impl("linear", &linear);

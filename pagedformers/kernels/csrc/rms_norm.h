@@ -5,7 +5,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <ATen/ops/empty_like.h>
+
 #include <algorithm>
+#include <tuple>
 
 namespace pagedformers {
 
@@ -24,6 +27,26 @@ void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   at::parallel_for(0, x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) norm_row(xp + row * h, wp, h, op + row * h);
   });
+}
+
+// HF's residual add and the norm after it, in one call (the decode graphs fuse them, engine/graph_rewrites.py):
+// sum = bf16(x + residual) as ATen's add rounds (the float sum, to nearest even), out = rms_norm(sum). x and
+// residual [..., h] contiguous bf16. Returns (sum, out).
+template <typename NormRow>
+std::tuple<at::Tensor, at::Tensor> add_then_norm_rows(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, const NormRow& norm_row) {
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous() &&
+                  x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16,
+              "add_rms_norm: two contiguous bf16 tensors of one shape expected");
+  at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+  const int64_t h = x.size(-1);
+  at::Tensor sum_rows = sum.view({-1, h}), out_rows = out.view({-1, h});
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const auto* rp = residual.data_ptr<at::BFloat16>();
+  auto* sp = sum.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < x.numel(); ++i) sp[i] = static_cast<float>(xp[i]) + static_cast<float>(rp[i]);
+  for_each_norm_row(sum_rows, weight, out_rows, norm_row);
+  return {sum, out};
 }
 
 }  // namespace pagedformers
