@@ -30,22 +30,26 @@ void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 }
 
 // HF's residual add and the norm after it, in one call (the decode graphs fuse them, engine/graph_rewrites.py):
-// sum = bf16(x + residual) as ATen's add rounds (the float sum, to nearest even), out = rms_norm(sum). x and
-// residual [..., h] contiguous bf16. Returns (sum, out).
+// sum = bf16(x + residual) as ATen's add rounds (the float sum, to nearest even), out = rms_norm(sum), row by
+// row. x and residual [..., h] contiguous bf16. Returns (sum, out).
 template <typename NormRow>
 std::tuple<at::Tensor, at::Tensor> add_then_norm_rows(const at::Tensor& x, const at::Tensor& residual,
                                                       const at::Tensor& weight, const NormRow& norm_row) {
-  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes() && x.is_contiguous() && residual.is_contiguous() &&
-                  x.scalar_type() == at::kBFloat16 && residual.scalar_type() == at::kBFloat16,
-              "add_rms_norm: two contiguous bf16 tensors of one shape expected");
-  at::Tensor sum = at::empty_like(x), out = at::empty_like(x);
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes() && residual.is_contiguous() &&
+                  residual.scalar_type() == at::kBFloat16,
+              "add_rms_norm: two bf16 tensors of one shape expected");
+  at::Tensor sum = at::empty_like(x, at::MemoryFormat::Contiguous), out = at::empty_like(sum);
   const int64_t h = x.size(-1);
-  at::Tensor sum_rows = sum.view({-1, h}), out_rows = out.view({-1, h});
+  at::Tensor x_rows = x.view({-1, h}), out_rows = out.view({-1, h});  // view: x must be contiguous
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* rp = residual.data_ptr<at::BFloat16>();
   auto* sp = sum.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < x.numel(); ++i) sp[i] = static_cast<float>(xp[i]) + static_cast<float>(rp[i]);
-  for_each_norm_row(sum_rows, weight, out_rows, norm_row);
+  for_each_norm_row(x_rows, weight, out_rows, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t n,
+                                                  at::BFloat16* o) {
+    const int64_t first = xr - xp;
+    for (int64_t i = first; i < first + n; ++i) sp[i] = static_cast<float>(xp[i]) + static_cast<float>(rp[i]);
+    norm_row(sp + first, w, n, o);
+  });
   return {sum, out};
 }
 

@@ -35,6 +35,8 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Ten
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
   const float e = static_cast<float>(eps);
-  return pagedformers::add_then_norm_rows(x, residual, weight, [&](const at::BFloat16* xr, const at::BFloat16* w,
-                                                                   int64_t h, at::BFloat16* o) { norm_row(xr, w, h, e, o); });
+  return pagedformers::add_then_norm_rows(
+      x, residual, weight, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t h, at::BFloat16* o) {
+        norm_row(xr, w, h, e, o);
+      });
 }
