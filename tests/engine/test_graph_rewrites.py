@@ -1,6 +1,8 @@
 """Decode-graph rewrites: HF's rotate-half rotary embedding, and a residual add with the norm after it, each
 become one kernel call that rounds bitwise as the ops it replaces do, and only those exact forms are rewritten."""
 
+import warnings
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -39,7 +41,8 @@ def test_rotary_kernel_rounds_as_hf_ops():
 
 def _traced(fn, *inputs: torch.Tensor) -> torch.jit.ScriptFunction:
     """`fn` traced, its shape reads folded into constants as a decode graph's are."""
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, as decode graphs allow them
         run = torch.jit.trace(fn, inputs, check_trace=False)
     fold_shapes(run.graph, inputs, growing=None)
     return run
