@@ -30,16 +30,10 @@ void norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t h, float eps
 }  // namespace
 
 void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
-  const float e = static_cast<float>(eps);
-  pagedformers::for_each_norm_row(x, weight, out, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t h,
-                                                      at::BFloat16* o) { norm_row(xr, w, h, e, o); });
+  pagedformers::norm_rows(x, weight, eps, out, norm_row);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
-  const float e = static_cast<float>(eps);
-  return pagedformers::add_then_norm_rows(
-      x, residual, weight, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t h, at::BFloat16* o) {
-        norm_row(xr, w, h, e, o);
-      });
+  return pagedformers::add_norm_rows(x, residual, weight, eps, norm_row);
 }

@@ -1,4 +1,5 @@
-// The ISA-independent half of the rms_norm kernels (rms_norm.cpp, avx2/rms_norm.cpp): checks and the row loop.
+// The ISA-independent half of the rms_norm kernels (rms_norm.cpp, avx2/rms_norm.cpp): checks, the row loop and
+// both ops around one ISA's row kernel.
 
 #pragma once
 
@@ -12,9 +13,12 @@
 
 namespace pagedformers {
 
-// x, out [rows, h] contiguous bf16; weight [h] bf16; h % 16 == 0. norm_row(x_row, weight, h, out_row).
-template <typename NormRow>
-void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, const NormRow& norm_row) {
+// One ISA's RMSNorm of one row of h values: out = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))).
+using NormRow = void (*)(const at::BFloat16* x, const at::BFloat16* weight, int64_t h, float eps, at::BFloat16* out);
+
+// x, out [rows, h] contiguous bf16; weight [h] bf16; h % 16 == 0. row(x_row, weight, out_row) runs once per row.
+template <typename Row>
+void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, const Row& row) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous() && x.dim() == 2 &&
                   x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0 && weight.numel() == x.size(1),
@@ -25,16 +29,23 @@ void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   auto* op = out.data_ptr<at::BFloat16>();
   // A few rows are not worth waking the second thread for.
   at::parallel_for(0, x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) norm_row(xp + row * h, wp, h, op + row * h);
+    for (int64_t r = begin; r < end; ++r) row(xp + r * h, wp, op + r * h);
+  });
+}
+
+// The rms_norm op on one ISA's row kernel.
+inline void norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out, NormRow norm_row) {
+  const float e = static_cast<float>(eps);
+  for_each_norm_row(x, weight, out, [&](const at::BFloat16* xr, const at::BFloat16* w, at::BFloat16* o) {
+    norm_row(xr, w, x.size(1), e, o);
   });
 }
 
 // HF's residual add and the norm after it, in one call (the decode graphs fuse them, engine/graph_rewrites.py):
 // sum = bf16(x + residual) as ATen's add rounds (the float sum, to nearest even), out = rms_norm(sum), row by
 // row. x and residual [..., h] contiguous bf16. Returns (sum, out).
-template <typename NormRow>
-std::tuple<at::Tensor, at::Tensor> add_then_norm_rows(const at::Tensor& x, const at::Tensor& residual,
-                                                      const at::Tensor& weight, const NormRow& norm_row) {
+inline std::tuple<at::Tensor, at::Tensor> add_norm_rows(const at::Tensor& x, const at::Tensor& residual,
+                                                        const at::Tensor& weight, double eps, NormRow norm_row) {
   TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes() && residual.is_contiguous() &&
                   residual.scalar_type() == at::kBFloat16,
               "add_rms_norm: two bf16 tensors of one shape expected");
@@ -44,11 +55,11 @@ std::tuple<at::Tensor, at::Tensor> add_then_norm_rows(const at::Tensor& x, const
   const auto* xp = x.data_ptr<at::BFloat16>();
   const auto* rp = residual.data_ptr<at::BFloat16>();
   auto* sp = sum.data_ptr<at::BFloat16>();
-  for_each_norm_row(x_rows, weight, out_rows, [&](const at::BFloat16* xr, const at::BFloat16* w, int64_t n,
-                                                  at::BFloat16* o) {
+  const float e = static_cast<float>(eps);
+  for_each_norm_row(x_rows, weight, out_rows, [&](const at::BFloat16* xr, const at::BFloat16* w, at::BFloat16* o) {
     const int64_t first = xr - xp;
-    for (int64_t i = first; i < first + n; ++i) sp[i] = static_cast<float>(xp[i]) + static_cast<float>(rp[i]);
-    norm_row(sp + first, w, n, o);
+    for (int64_t i = first; i < first + h; ++i) sp[i] = static_cast<float>(xp[i]) + static_cast<float>(rp[i]);
+    norm_row(sp + first, w, h, e, o);
   });
   return {sum, out};
 }
