@@ -127,14 +127,14 @@ def _match_residual_norm(norm: torch.Node) -> tuple[torch.Node, torch.Value] | N
 
 def _contiguous_bf16_sizes(value: torch.Value) -> list[int] | None:
     """The sizes of a bf16 tensor value whose type gives every size and a contiguous layout, else None."""
-    kind = value.type()
-    if not isinstance(kind, torch._C.TensorType) or kind.scalarType() != "BFloat16":
+    sizes = _bf16_sizes(value)
+    if sizes is None or None in sizes:
         return None
     try:
-        sizes, strides = kind.sizes(), kind.strides()
-    except RuntimeError:  # a size or stride the trace did not fix
+        strides = value.type().strides()
+    except RuntimeError:  # a stride the trace did not fix
         return None
-    if sizes is None or strides is None or None in sizes or None in strides:
+    if strides is None or None in strides:
         return None
     expected = 1
     for size, stride in reversed(list(zip(sizes, strides))):
