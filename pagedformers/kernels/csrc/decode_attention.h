@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "thread_pool.h"
+
 namespace pagedformers {
 
 struct Options {
@@ -122,7 +124,7 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
   const int64_t* tab = tables.data_ptr<int64_t>();
   const int64_t* len = lens.data_ptr<int64_t>();
   const int64_t max_blocks = tables.size(1);
-  at::parallel_for(0, b * s.h_kv, 1, [&](int64_t begin, int64_t end) {
+  const auto tasks = [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<int64_t> rows;
     for (int64_t task = begin; task < end; ++task) {
@@ -132,7 +134,10 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
       rows_of(tab + i * max_blocks, start, len[i], head, s, rows.data());
       attend_one(Task{q + row * s.d, rows.data(), visible, head, o_ptr + row * s.dv}, kc, vc, sink_ptr, s, o, scratch);
     }
-  });
+  };
+  // A few sequences (a small decode step) on the kernels' pool, as their linears; larger steps on OpenMP.
+  if (b <= kFewSequences) parallel_claims(b * s.h_kv, 1, tasks);
+  else at::parallel_for(0, b * s.h_kv, 1, tasks);
 }
 
 }  // namespace pagedformers

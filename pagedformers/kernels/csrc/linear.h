@@ -11,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "thread_pool.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -151,13 +153,9 @@ std::vector<at::Tensor> linear_tiles(const at::Tensor& input, const at::Tensor& 
     at::parallel_for(0, items, 1, run);
     return outs;
   }
-  // Memory-bound (a few rows): the threads take 4 panels at a time until none are left, so that neither
-  // streams alone at the end while the other waits (+2-3% of bandwidth over the even split, 2 threads).
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t item; (item = next.fetch_add(4, std::memory_order_relaxed)) < items;)
-      run(item, std::min(items, item + 4));
-  });
+  // Memory-bound (a few rows): the threads take 4 panels at a time until none are left, on the kernels' pool
+  // (its worker prefetches the next weight once this one is done).
+  parallel_claims(items, 4, run, Stream{reinterpret_cast<const char*>(wp), packed.nbytes()});
   return outs;
 }
 
