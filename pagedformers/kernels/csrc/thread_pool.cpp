@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -154,11 +155,18 @@ bool pool_run(int64_t items, int64_t grain, ItemRange range, const void* context
     std::lock_guard<std::mutex> lock(p.mutex);
     p.wake.notify_all();
   }
-  for (int64_t item; (item = p.next.fetch_add(grain, std::memory_order_relaxed)) < items;)
-    range(context, item, std::min(items, item + grain));
+  std::exception_ptr failed;  // an item that threw on this thread: the workers still finish theirs first
+  try {
+    for (int64_t item; (item = p.next.fetch_add(grain, std::memory_order_relaxed)) < items;)
+      range(context, item, std::min(items, item + grain));
+  } catch (...) {
+    failed = std::current_exception();
+    p.next.store(items, std::memory_order_relaxed);  // no more claims
+  }
   const uint64_t joined = p.ticket.exchange(job << kJobShift | kClosed, std::memory_order_acq_rel) & kJoined;
   while (p.finished.load(std::memory_order_acquire) < joined) _mm_pause();
   p.busy.store(false, std::memory_order_release);
+  if (failed) std::rethrow_exception(failed);
   return true;
 }
 

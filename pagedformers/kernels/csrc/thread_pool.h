@@ -10,7 +10,8 @@
 // The calling thread never waits for a worker that has not joined: items are claimed a grain at a time by
 // whoever comes, and the caller closes the job when none are left, then waits only for the workers that
 // joined. A worker descheduled by the OS (libgomp's after a prefill, a neighbour) costs speed, never
-// progress. A job's items must not throw.
+// progress. An item that throws on the calling thread is rethrown once the workers are done; on a worker
+// it ends the process, as an exception escaping an OpenMP region does.
 
 #pragma once
 
