@@ -25,7 +25,7 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 
 A small step's linears and attention (a decode of up to 4 sequences) run on the kernels' own threads
 (csrc/thread_pool.cpp, shared by both builds): between jobs its worker prefetches the weight the next linear
-will stream, which OpenMP's worker, idle outside parallel regions, cannot (5-6% off a batch-1 step).
+will stream, which OpenMP's worker, idle outside parallel regions, cannot (4-6% off a batch-1 step).
 
 They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
 decode step (engine/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4

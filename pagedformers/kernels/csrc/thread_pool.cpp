@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -22,7 +23,7 @@ using Clock = std::chrono::steady_clock;
 // The ticket packs the job's number (bits 16 up), a closed bit and the count of workers that joined it.
 constexpr uint64_t kJobShift = 16, kClosed = uint64_t{1} << 15, kJoined = kClosed - 1;
 // How much of the next weight a worker asks for. In-process A/B on the 200M Llama at batch 1 (decode steps
-// interleaved, 12-20 rounds): 4 MiB took 5-6% off the step, 2 MiB and 8 MiB less. Issued as fast as the core
+// interleaved, 12-20 rounds): 4 MiB took 4-6% off the step, 2 MiB and 8 MiB less. Issued as fast as the core
 // takes prefetch instructions, not paced to the memory: pacing (12-30 GB/s) and plain loads gained nothing.
 constexpr int64_t kPrefetchAhead = int64_t{4} << 20;
 constexpr int64_t kPrefetchRun = 64 * 64;                    // bytes asked for between two looks at the ticket
@@ -41,7 +42,7 @@ struct Pool {
   // The callers' side, under `busy`: the workers started, the order buffers were streamed in.
   std::atomic<bool> busy{false};
   int workers = 0;
-  bool usable = true;  // false where the creating thread may run on a single CPU: a worker would share it
+  int cpus = 0;  // the creating thread may run on these many: more workers than cpus - 1 would share a core
   std::unordered_map<const void*, Stream> successor;
   const void* last_streamed = nullptr;
   // Workers asleep, woken by the next job.
@@ -63,7 +64,7 @@ Pool& pool() {
   if (p != nullptr) return *p;
   auto* fresh = new Pool;
   cpu_set_t cpus;
-  fresh->usable = sched_getaffinity(0, sizeof cpus, &cpus) != 0 || CPU_COUNT(&cpus) >= 2;
+  fresh->cpus = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1 << 16;
   if (the_pool.compare_exchange_strong(p, fresh)) return *fresh;
   delete fresh;  // another thread installed one first
   return *p;
@@ -140,11 +141,19 @@ Stream next_to_prefetch(Pool& p, Stream streams) {
 }  // namespace
 
 bool pool_run(int64_t items, int64_t grain, ItemRange range, const void* context, Stream streams) {
-  const int threads = at::get_num_threads();
-  if (threads < 2 || at::in_parallel_region()) return false;
+  if (at::in_parallel_region()) return false;
   Pool& p = pool();
-  if (!p.usable || p.busy.exchange(true, std::memory_order_acquire)) return false;
-  for (; p.workers < threads - 1; ++p.workers) std::thread(work, std::ref(p)).detach();
+  const int threads = std::min(at::get_num_threads(), p.cpus);
+  if (threads < 2 || p.busy.exchange(true, std::memory_order_acquire)) return false;
+  try {
+    for (; p.workers < threads - 1; ++p.workers) std::thread(work, std::ref(p)).detach();
+  } catch (const std::system_error&) {  // no more threads allowed: make do with those there are
+    p.cpus = p.workers + 1;
+    if (p.workers == 0) {
+      p.busy.store(false, std::memory_order_release);
+      return false;
+    }
+  }
   p.range = range, p.context = context, p.items = items, p.grain = grain;
   p.prefetch = next_to_prefetch(p, streams);
   p.next.store(0, std::memory_order_relaxed);

@@ -4,7 +4,7 @@
 // Why: a batch-1 decode step streams ~49 weights from memory with ~60 small ops between them, and the memory
 // sits idle during those ops (~3 of a ~19 ms step on 2 Zen 3 cores). Between jobs a worker prefetches the
 // start of the weight that followed this one the last time round (the same order every decode step), so that
-// the next linear finds it in cache: 5-6% off the 200M Llama's batch-1 step. libgomp's worker cannot, as it
+// the next linear finds it in cache: 4-6% off the 200M Llama's batch-1 step. libgomp's worker cannot, as it
 // only runs inside parallel regions. The pool without the prefetch is as fast as OpenMP, no faster.
 //
 // The calling thread never waits for a worker that has not joined: items are claimed a grain at a time by
@@ -38,8 +38,8 @@ using ItemRange = void (*)(const void* context, int64_t begin, int64_t end);
 // Runs range(context, ...) over [0, items) in runs of `grain` items on this thread and the pool's workers,
 // and returns when all are done. Once done, a worker prefetches the buffer that followed `streams` the last
 // time it was streamed. False (nothing run) where the pool is not for this call: fewer than two threads
-// (at::get_num_threads), inside a parallel region, another thread using the pool, or a process whose first
-// caller could run on one CPU only (a worker would share it).
+// (at::get_num_threads, capped at the CPUs the pool's first caller may run on: a worker must not share the
+// caller's core), inside a parallel region, or another thread using the pool.
 bool pool_run(int64_t items, int64_t grain, ItemRange range, const void* context, Stream streams);
 
 // f(begin, end) over [0, items), claimed `grain` items at a time by the threads as they come free (neither
