@@ -28,7 +28,7 @@ def _weights(count: int, n: int = 300, k: int = 160) -> list[tuple[torch.Tensor,
 
 def _small_linears_match(weights: list[tuple[torch.Tensor, torch.Tensor]], rounds: int) -> None:
     kernels = cpu_kernels()
-    for r in range(rounds):
+    for _ in range(rounds):
         for rows in (1, 2, 4):
             for weight, packed in weights:
                 x = torch.randn(rows, weight.shape[1]).bfloat16()
