@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pagedformers.kernels.cpu import cpu_kernel_isa, cpu_kernels
 from pagedformers.layers.cpu_linear import pack_pairs
+from test_cpu_linear import assert_bf16_close
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None, reason="the kernels need AVX512-BF16 or AVX2")
 
@@ -26,14 +27,17 @@ def _weights(count: int, n: int = 300, k: int = 160) -> list[tuple[torch.Tensor,
                                          for i in range(count))]
 
 
+def _kernel_matches(packed: torch.Tensor, x: torch.Tensor, expected: torch.Tensor) -> None:
+    (out,) = cpu_kernels().linear(x, packed, _NO_BIAS, [expected.shape[-1]])
+    assert_bf16_close(out, expected)
+
+
 def _small_linears_match(weights: list[tuple[torch.Tensor, torch.Tensor]], rounds: int) -> None:
-    kernels = cpu_kernels()
     for _ in range(rounds):
         for rows in (1, 2, 4):
             for weight, packed in weights:
                 x = torch.randn(rows, weight.shape[1]).bfloat16()
-                (out,) = kernels.linear(x, packed, _NO_BIAS, [weight.shape[0]])
-                torch.testing.assert_close(out.float(), F.linear(x, weight).float(), rtol=1.6e-2, atol=1e-3)
+                _kernel_matches(packed, x, F.linear(x, weight))
 
 
 def test_two_threads_share_the_pool():
@@ -62,11 +66,6 @@ def test_an_asleep_worker_is_woken():
     for _ in range(5):
         _small_linears_match(weights, rounds=1)
         time.sleep(0.01)
-
-
-def _kernel_matches(packed: torch.Tensor, x: torch.Tensor, expected: torch.Tensor) -> None:
-    (out,) = cpu_kernels().linear(x, packed, _NO_BIAS, [expected.shape[-1]])
-    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-3)
 
 
 def test_a_forked_child_starts_its_own_pool():
@@ -104,6 +103,5 @@ def test_prefetching_a_weight_that_is_gone_is_harmless():
     del gone, view
     buffer.close()  # munmap
     for _ in range(3):
-        (out,) = kernels.linear(x, other_packed, _NO_BIAS, [other.shape[0]])  # then prefetches the unmapped one
+        _kernel_matches(other_packed, x, F.linear(x, other))  # then prefetches the unmapped one
         time.sleep(0.001)
-    torch.testing.assert_close(out.float(), F.linear(x, other).float(), rtol=1.6e-2, atol=1e-3)
