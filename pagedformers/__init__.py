@@ -1,6 +1,6 @@
 """pagedformers: serve any transformers model with a paged KV cache and continuous batching."""
 
-from pagedformers.config import EngineConfig, PoolerConfig
+from pagedformers.config import EngineArgs, EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
 from pagedformers.outputs import (ClassificationRequestOutput, CompletionOutput, EmbeddingRequestOutput, Logprob,
                                   PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
@@ -9,6 +9,6 @@ from pagedformers.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineConfig",
+__all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineArgs", "EngineConfig",
            "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput", "SamplingParams",
            "ScoringRequestOutput", "__version__"]

@@ -8,6 +8,7 @@ conv / linear-attention hybrids, which cache class carries their per-request sta
 
 from __future__ import annotations
 
+import copy
 import re
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -36,7 +37,7 @@ class TransformersBase(nn.Module):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self.config = config
-        self.hf_config = config.hf_config
+        self.hf_config = copy.deepcopy(config.model.hf_config)  # patched below: the engine's config stays as read
         self.hf_config._attn_implementation = self.attn_implementation()
         self.text_config.use_cache = False
         self.model = self.create_model()
@@ -54,8 +55,8 @@ class TransformersBase(nn.Module):
     def create_model(self) -> nn.Module:
         """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""
         with init_empty_weights(include_buffers=False):
-            return AutoModel.from_config(self.hf_config, dtype=self.config.torch_dtype,
-                                         trust_remote_code=self.config.trust_remote_code)
+            return AutoModel.from_config(self.hf_config, dtype=self.config.model.dtype,
+                                         trust_remote_code=self.config.model.trust_remote_code)
 
     def attn_implementation(self) -> str | dict[str, str | None]:
         """What `config._attn_implementation` is set to (a str reaches every sub-config too)."""
@@ -104,7 +105,7 @@ class TransformersBase(nn.Module):
     def meta_causal_lm(self) -> nn.Module:
         """The checkpoint's own model class, on meta: it names the weights as the checkpoint does."""
         with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.config.trust_remote_code)
+            return AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.config.model.trust_remote_code)
 
     # -- weights ------------------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class TransformersBase(nn.Module):
                 f"missing weights {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
                 f"unexpected weights {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
-        self.to(self.config.device)
+        self.to(self.config.device.device)
 
     def tie_weights(self) -> None:
         """Subclasses with an LM head tie it to the input embeddings here."""
@@ -142,8 +143,8 @@ class TransformersBase(nn.Module):
             raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
-        dtype = self.config.torch_dtype if tensor.is_floating_point() and current.is_floating_point() else current.dtype
-        value = tensor.to(device=self.config.device, dtype=dtype)
+        dtype = self.config.model.dtype if tensor.is_floating_point() and current.is_floating_point() else current.dtype
+        value = tensor.to(device=self.config.device.device, dtype=dtype)
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
@@ -159,7 +160,7 @@ class TransformersBase(nn.Module):
         by hand instead of through `ALL_ATTENTION_FUNCTIONS`), unless its config lists no attention layer
         (a pure state-space model: its state caches are all it keeps).
         """
-        device = self.config.device
+        device = self.config.device.device
         ids = torch.zeros(2, dtype=torch.long, device=device)
         positions = torch.arange(2, device=device)
         meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,

@@ -62,8 +62,8 @@ class TransformersForCausalLM(TransformersBase):
         return self.__dict__["_meta_lm"]
 
     def build_causal_lm(self) -> nn.Module:
-        return AutoModelForCausalLM.from_config(self.hf_config, dtype=self.config.torch_dtype,
-                                                trust_remote_code=self.config.trust_remote_code)
+        return AutoModelForCausalLM.from_config(self.hf_config, dtype=self.config.model.dtype,
+                                                trust_remote_code=self.config.model.trust_remote_code)
 
     def checkpoint_name_map(self, meta_causal_lm: nn.Module) -> dict[str, str]:
         """Checkpoint prefixes (as the HF *ForCausalLM names them) -> ours (`model.`, `lm_head.`)."""

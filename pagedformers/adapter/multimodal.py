@@ -59,8 +59,8 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
 
 class TransformersForMultimodalLM(TransformersForCausalLM):
     def __init__(self, config: EngineConfig) -> None:
-        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
-            raise ValueError(f"{config.hf_config.model_type} is multimodal: the transformers shell runs multimodal "
+        if config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size > 1:
+            raise ValueError(f"{config.model.hf_config.model_type} is multimodal: the transformers shell runs multimodal "
                              "models with tensor_parallel_size=1 and pipeline_parallel_size=1 for now (the plans "
                              "name the language model's modules, not the encoders').")
         super().__init__(config)
@@ -93,7 +93,7 @@ class TransformersForMultimodalLM(TransformersForCausalLM):
             own = AutoModelForImageTextToText._model_mapping[type(self.hf_config)]
         if own is None:
             return super().build_causal_lm()
-        return own._from_config(self.hf_config, dtype=self.config.torch_dtype)
+        return own._from_config(self.hf_config, dtype=self.config.model.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
                 multi_modal: list[MultiModalSlice] | None = None) -> torch.Tensor:
@@ -132,7 +132,7 @@ class TransformersForMultimodalLM(TransformersForCausalLM):
         """One request's media -> features [num_placeholders, hidden], in placeholder order."""
         encoder = getattr(self.model, f"get_{inputs.modality}_features")
         params = inspect.signature(encoder).parameters
-        device, dtype = self.config.device, self.config.torch_dtype
+        device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in inputs.data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)

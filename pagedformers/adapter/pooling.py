@@ -30,7 +30,7 @@ HEAD_TASKS = {
 class TransformersForPooling(TransformersBase):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        self.head_kind = config.pooling_head
+        self.head_kind = config.model.pooling_head
         self.heads = nn.ModuleDict()
         self.base_prefix = AutoModel._model_mapping[type(self.hf_config)].base_model_prefix \
             if type(self.hf_config) in AutoModel._model_mapping else "model"
@@ -41,7 +41,7 @@ class TransformersForPooling(TransformersBase):
         embeddings = getattr(self.model, "embeddings", None)
         self.position_offset = embeddings.padding_idx + 1 if hasattr(
             embeddings, "create_position_ids_from_input_ids") else 0
-        self.pooler_config: PoolerConfig = config.pooler_config
+        self.pooler_config: PoolerConfig = config.model.pooler_config
         self.default_pooling = (self.pooler_config.pooling_type or ("CLS" if self.is_encoder else "LAST")).upper()
         self.eval()  # the harvested head and base come from a fresh module tree: no dropout at inference
 
@@ -52,8 +52,8 @@ class TransformersForPooling(TransformersBase):
     def _harvest_head(self) -> None:
         auto = AutoModelForSequenceClassification if self.head_kind == "classify" else AutoModelForTokenClassification
         with init_empty_weights(include_buffers=False):
-            full = auto.from_config(self.hf_config, dtype=self.config.torch_dtype,
-                                    trust_remote_code=self.config.trust_remote_code)
+            full = auto.from_config(self.hf_config, dtype=self.config.model.dtype,
+                                    trust_remote_code=self.config.model.trust_remote_code)
         self.base_prefix = full.base_model_prefix
         self.model = full.base_model  # the checkpoint's own base (e.g. with or without BERT's pooler)
         for name, child in full.named_children():

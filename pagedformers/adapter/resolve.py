@@ -19,15 +19,15 @@ logger = init_logger(__name__)
 
 def base_model_class(config: EngineConfig) -> type:
     """The class `AutoModel.from_config` would build for this config (remote code included)."""
-    hf_config = config.hf_config
+    hf_config = config.model.hf_config
     auto_map = getattr(hf_config, "auto_map", None) or {}
-    if config.trust_remote_code and "AutoModel" in auto_map:
+    if config.model.trust_remote_code and "AutoModel" in auto_map:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        return get_class_from_dynamic_module(auto_map["AutoModel"], config.model_path)
+        return get_class_from_dynamic_module(auto_map["AutoModel"], config.model.path)
     if auto_map and "AutoModel" not in auto_map and type(hf_config) not in AutoModel._model_mapping:
         raise ValueError(
-            f"The model at {config.model_path!r} is remote code without an `AutoModel` entry in its config's "
+            f"The model at {config.model.path!r} is remote code without an `AutoModel` entry in its config's "
             f"auto_map (it has {sorted(auto_map)}). The transformers shell builds the base model with AutoModel: "
             "add `\"AutoModel\": \"modeling_x.XModel\"` to auto_map."
         )
@@ -41,10 +41,10 @@ def base_model_class(config: EngineConfig) -> type:
 
 
 def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
-    architectures = getattr(config.hf_config, "architectures", None) or []
+    architectures = getattr(config.model.hf_config, "architectures", None) or []
     native = next((NATIVE_MODELS[a] for a in architectures if a in NATIVE_MODELS), None)
-    is_remote = bool(getattr(config.hf_config, "auto_map", None)) and config.trust_remote_code
-    if config.model_impl == "native" or (config.model_impl == "auto" and native and not is_remote):
+    is_remote = bool(getattr(config.model.hf_config, "auto_map", None)) and config.model.trust_remote_code
+    if config.model.model_impl == "native" or (config.model.model_impl == "auto" and native and not is_remote):
         if native is None:
             raise ValueError(
                 f"model_impl='native' was asked for, but no native implementation is registered for "
@@ -57,21 +57,21 @@ def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
     from pagedformers.adapter.multimodal import TransformersForMultimodalLM
     from pagedformers.adapter.pooling import TransformersForPooling
 
-    is_multimodal = config.hf_config.get_text_config() is not config.hf_config
-    if is_multimodal and config.runner == "pooling":
+    is_multimodal = config.model.hf_config.get_text_config() is not config.model.hf_config
+    if is_multimodal and config.model.runner == "pooling":
         raise ValueError(
-            f"{architectures or config.hf_config.model_type} is a multimodal model: the transformers shell serves "
+            f"{architectures or config.model.hf_config.model_type} is a multimodal model: the transformers shell serves "
             "it with runner='generate' only (TransformersForMultimodalLM); pooling needs a text-only checkpoint.")
-    report = is_backend_compatible(base_model_class(config), config.hf_config, config.trust_remote_code)
+    report = is_backend_compatible(base_model_class(config), config.model.hf_config, config.model.trust_remote_code)
     report.raise_if_broken()
     for warning in report.warnings:
         logger.warning("%s: %s", report.model_name, warning)
-    if report.is_encoder_only and config.runner == "generate":
+    if report.is_encoder_only and config.model.runner == "generate":
         raise ValueError(f"{report.model_name} is an encoder-only model (bidirectional attention): it cannot "
                          "generate text. Use runner='pooling' (embed / classify / score).")
-    shell = TransformersForPooling if config.runner == "pooling" else \
+    shell = TransformersForPooling if config.model.runner == "pooling" else \
         TransformersForMultimodalLM if is_multimodal else TransformersForCausalLM
-    reason = "as asked" if config.model_impl == "transformers" else "no native implementation is registered"
-    name = architectures or config.hf_config.model_type
+    reason = "as asked" if config.model.model_impl == "transformers" else "no native implementation is registered"
+    name = architectures or config.model.hf_config.model_type
     logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
     return shell

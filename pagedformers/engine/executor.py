@@ -48,7 +48,7 @@ class WorkerDiedError(RuntimeError):
 
 
 def create_executor(config: EngineConfig) -> Executor:
-    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+    if config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size == 1:
         return InProcessExecutor(config)
     from pagedformers.engine.multiproc_executor import MultiprocExecutor
 

@@ -36,7 +36,7 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
-        if config.data_parallel_size > 1:
+        if config.parallel.data_parallel_size > 1:
             raise ValueError("data_parallel_size > 1 is served by LLM(...), which runs one engine per replica; "
                              "a single LLMEngine (and so the server) runs one replica.")
         self.config = config
@@ -44,14 +44,14 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.executor = executor or create_executor(config)
         self.runner = ModelRunner(config, self.executor)
-        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.block_size, self._prefix_caching())
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.cache.block_size, self._prefix_caching())
+        self.scheduler = Scheduler(self.kv_manager, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.parents: dict[str, _Parent] = {}
         self._arrivals = itertools.count()
 
     def _prefix_caching(self) -> bool:
-        if not self.config.enable_prefix_caching:
+        if not self.config.cache.enable_prefix_caching:
             return False
         if getattr(self.executor.driver_worker.model, "needs_per_request_state", False):
             logger.info("Prefix caching is off: the conv / linear-attention state of this hybrid model cannot be "
@@ -72,8 +72,8 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
-        max_tokens = min(params.max_tokens or self.config.max_model_len,
-                         self.config.max_model_len - len(prompt_token_ids))
+        max_tokens = min(params.max_tokens or self.config.model.max_model_len,
+                         self.config.model.max_model_len - len(prompt_token_ids))
         children = []
         for i in range(params.n):
             child_params = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)

@@ -35,7 +35,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, executor: Executor) -> None:
         self.config = config
         self.executor = executor
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.model.seed)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         order = order_for_step(out.scheduled)

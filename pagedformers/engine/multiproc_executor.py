@@ -26,6 +26,7 @@ from pagedformers.engine.executor import Executor, WorkerDiedError
 from pagedformers.engine.inputs import StepPlan
 from pagedformers.engine.worker import Worker, WorkerOutput
 from pagedformers.loading.gguf_once import gguf_parsed_once
+from pagedformers.loading.model_files import create_engine_config
 from pagedformers.logger import init_logger
 from pagedformers.parallel_plans import check_parallel_config, create_parallel_state
 
@@ -36,16 +37,16 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self.config = config
-        self.world_size = config.tensor_parallel_size * config.pipeline_parallel_size
-        check_parallel_config(config.text_config, config.tensor_parallel_size, config.pipeline_parallel_size,
-                              config.runner)
+        self.world_size = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+        check_parallel_config(config.model.text_config, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size,
+                              config.model.runner)
         # Ranks share the machine's cores (the driver, rank 0, included).
         torch.set_num_threads(_threads_per_rank(self.world_size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         # Workers rebuild the config from its arguments: remote-code config classes do not unpickle
         # in a fresh process, and hf_overrides may be a lambda (hence cloudpickle).
-        blob = cloudpickle.dumps(config.init_kwargs())
+        blob = cloudpickle.dumps(config.local_args())
         self.procs = [ctx.Process(target=_worker_main, args=(blob, rank, self.world_size, init_method),
                                   name=f"pagedformers-rank{rank}", daemon=True)
                       for rank in range(1, self.world_size)]
@@ -103,10 +104,10 @@ class MultiprocExecutor(Executor):
 
 
 def _init_rank(config: EngineConfig, rank: int, world_size: int, init_method: str) -> Worker:
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=config.distributed_timeout_s))
-    state = create_parallel_state(config.tensor_parallel_size, config.pipeline_parallel_size)
+                            timeout=timedelta(seconds=config.parallel.distributed_timeout_s))
+    state = create_parallel_state(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
     worker = Worker(config, state)
     num_blocks = _min_over_ranks(worker.num_blocks)  # every rank's block tables index the same blocks
     worker.allocate_kv_cache(num_blocks)
@@ -122,9 +123,9 @@ def _min_over_ranks(value: int) -> int:
 def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: str) -> None:
     torch.set_num_threads(_threads_per_rank(world_size))
     try:
-        kwargs = cloudpickle.loads(config_blob)
-        with gguf_parsed_once(kwargs["model"], kwargs.get("gguf_file")):
-            config = EngineConfig.from_kwargs(**kwargs)
+        args = cloudpickle.loads(config_blob)
+        with gguf_parsed_once(args.model, args.gguf_file):
+            config = create_engine_config(args)
             worker = _init_rank(config, rank, world_size, init_method)
         while True:
             message = [None]

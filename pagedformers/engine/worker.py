@@ -48,9 +48,9 @@ def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Modul
     model = resolve_model_cls(config)(config)
     apply_parallel_plans(model, state)
     meta_lm = model.meta_causal_lm()
-    weights = iterate_weights(config.model_path, config.gguf_file, meta_lm)
+    weights = iterate_weights(config.model.path, config.model.gguf_file, meta_lm)
     model.load_weights(weights, model.checkpoint_name_map(meta_lm))
-    fuse_rms_norms(model, config.torch_dtype, config.device)  # also builds or loads the CPU kernels, now
+    fuse_rms_norms(model, config.model.dtype, config.device.device)  # also builds or loads the CPU kernels, now
     return model
 
 
@@ -58,12 +58,12 @@ class Worker:
     def __init__(self, config: EngineConfig, state: ParallelState = SINGLE) -> None:
         self.config = config
         self.state = state
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.model.seed)
         self.model = build_model(config, state)
         with record_siblings(self.model) as siblings:
             self.kv_specs = self.model.probe_kv_specs()
-        pack_linears(self.model, config.torch_dtype, config.device, siblings)
-        fuse_gated_mlps(self.model, config.torch_dtype, config.device)
+        pack_linears(self.model, config.model.dtype, config.device.device, siblings)
+        fuse_gated_mlps(self.model, config.model.dtype, config.device.device)
         self.num_blocks = num_kv_blocks(config, self.kv_specs)
         self.per_request_state = getattr(self.model, "needs_per_request_state", False)
         self.request_states: dict[str, Cache] = {}
@@ -80,17 +80,17 @@ class Worker:
 
     def _traces_decodes(self) -> bool:
         """Decode graphs: single-rank CPU models whose layers keep no per-request state of their own."""
-        return (not self.config.enforce_eager and self.config.device == "cpu" and self.state.tp_size == 1
+        return (not self.config.device.enforce_eager and self.config.device.device == "cpu" and self.state.tp_size == 1
                 and self.state.pp_size == 1 and not self.per_request_state)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Called once every rank agreed on num_blocks (the smallest of their budgets)."""
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.block_size,
-                                            self.config.torch_dtype, self.config.device)
+        self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.cache.block_size,
+                                            self.config.model.dtype, self.config.device.device)
         # Only the plain PyTorch decode path reads whole blocks, unwritten rows included (masked).
-        self.zero_fresh_blocks = not all(kernel_attends(s.head_dim, s.v_head_dim, self.config.torch_dtype,
-                                                        self.config.device) for s in self.kv_specs.values())
+        self.zero_fresh_blocks = not all(kernel_attends(s.head_dim, s.v_head_dim, self.config.model.dtype,
+                                                        self.config.device.device) for s in self.kv_specs.values())
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> WorkerOutput:
@@ -104,11 +104,11 @@ class Worker:
             hidden = torch.cat([self._execute_chunk(c) for c in plan.chunks])
             logits = self.model.compute_logits(_take_rows(hidden, plan.logit_rows)) if plan.logit_rows else None
             return WorkerOutput(hidden, logits)
-        step = prepare_inputs(plan.chunks, self.config.block_size, self.config.device)
+        step = prepare_inputs(plan.chunks, self.config.cache.block_size, self.config.device.device)
         extra = step.model_kwargs()
         if not self.state.is_first_stage:
-            self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.text_config.hidden_size),
-                                                   self.config.torch_dtype, self.state.prev_rank)
+            self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.model.text_config.hidden_size),
+                                                   self.config.model.dtype, self.state.prev_rank)
         try:
             hidden = None
             if self.decode_graphs is not None and not extra and step.metadata.num_decodes == len(step.input_ids):
@@ -146,7 +146,7 @@ class Worker:
         return hidden
 
     def _forward(self, chunk: Chunk, state: Cache) -> torch.Tensor:
-        step = prepare_inputs([chunk], self.config.block_size, self.config.device)
+        step = prepare_inputs([chunk], self.config.cache.block_size, self.config.device.device)
         extra = step.model_kwargs()
         with forward_context(ForwardContext(step.metadata, self.kv_caches)):
             return self.model(step.input_ids, step.positions, state=state, **extra)
@@ -156,11 +156,11 @@ class Worker:
         if self.state.rank == last_stage_head:
             dist.send(logits.contiguous(), 0)
         elif self.state.rank == 0:
-            return self._recv((num_rows, self.config.text_config.vocab_size), torch.float32, last_stage_head)
+            return self._recv((num_rows, self.config.model.text_config.vocab_size), torch.float32, last_stage_head)
         return logits
 
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=torch.float32, device=self.config.device)
+        buffer = torch.empty(shape, dtype=torch.float32, device=self.config.device.device)
         dist.recv(buffer, src)
         return buffer.to(dtype)
 
@@ -172,19 +172,19 @@ def _one_token_chunks(chunk: Chunk) -> list[Chunk]:
 
 
 def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec]) -> int:
-    bytes_per_block = config.block_size * sum(s.bytes_per_token(config.torch_dtype) for s in kv_specs.values())
-    budget = config.kv_cache_memory_bytes or _default_kv_bytes(config.device)
+    bytes_per_block = config.cache.block_size * sum(s.bytes_per_token(config.model.dtype) for s in kv_specs.values())
+    budget = config.cache.kv_cache_memory_bytes or _default_kv_bytes(config.device.device)
     # No use holding more than every sequence at full length could fill; pooling keeps
     # nothing between steps, so one step's tokens are enough.
-    most_useful = config.max_num_seqs * -(-config.max_model_len // config.block_size) + 1
-    if config.runner == "pooling":
-        most_useful = -(-max(config.max_num_batched_tokens, config.max_model_len) // config.block_size) + \
-            config.max_num_seqs
+    most_useful = config.scheduler.max_num_seqs * -(-config.model.max_model_len // config.cache.block_size) + 1
+    if config.model.runner == "pooling":
+        most_useful = -(-max(config.scheduler.max_num_batched_tokens, config.model.max_model_len) // config.cache.block_size) + \
+            config.scheduler.max_num_seqs
     # No attention layer (a pure state-space model): blocks cost nothing, the scheduler still counts them.
     num_blocks = min(budget // bytes_per_block, most_useful) if bytes_per_block else most_useful
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory_bytes={budget} cannot hold one KV block of {bytes_per_block} bytes")
-    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, config.block_size,
+    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, config.cache.block_size,
                 num_blocks * bytes_per_block / _GiB)
     return int(num_blocks)
 

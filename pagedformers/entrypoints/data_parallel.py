@@ -6,6 +6,7 @@ the least loaded), run concurrently, and put back in order.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import traceback
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import cloudpickle
 import torch
 
+from pagedformers.config import EngineArgs
 from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
@@ -22,9 +24,9 @@ Item = tuple  # (kind, prompt_token_ids, params, extra), see LLM._run
 
 
 class DataParallelReplicas:
-    def __init__(self, init_kwargs: dict[str, Any], size: int) -> None:
+    def __init__(self, args: EngineArgs, size: int) -> None:
         ctx = mp.get_context("spawn")
-        blob = cloudpickle.dumps({**init_kwargs, "data_parallel_size": 1})
+        blob = cloudpickle.dumps(dataclasses.replace(args, data_parallel_size=1))
         threads = max(1, (os.cpu_count() or 1) // size)
         self.conns, self.procs = [], []
         for i in range(size):
@@ -87,8 +89,8 @@ def _replica_main(blob: bytes, threads: int, conn) -> None:
     from pagedformers.entrypoints.llm import LLM
 
     try:
-        kwargs = cloudpickle.loads(blob)
-        llm = LLM(**kwargs)
+        args = cloudpickle.loads(blob)
+        llm = LLM(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)})
         conn.send(("ok", llm.llm_engine.kv_manager.num_blocks))
     except Exception as e:
         traceback.print_exc()

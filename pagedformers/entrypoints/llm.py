@@ -12,13 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pagedformers.config import EngineConfig
+from pagedformers.config import EngineArgs
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.engine.validation import check_request
 from pagedformers.entrypoints.data_parallel import DataParallelReplicas
 from pagedformers.entrypoints.multimodal import MultiModalProcessor
 from pagedformers.entrypoints.pooling_utils import cross_encoder_inputs, cross_encoder_score, pair_up, supported_tasks
 from pagedformers.loading.gguf_once import gguf_parsed_once
+from pagedformers.loading.model_files import create_engine_config
 from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                   EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
@@ -41,12 +42,12 @@ class LLM:
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         with gguf_parsed_once(model, kwargs.get("gguf_file")):  # config, tokenizer and weights: one parse
-            self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+            self.config = create_engine_config(EngineArgs.from_kwargs(model=model, **kwargs))
             self._ids = itertools.count()
             self._multi_modal_processor = MultiModalProcessor(self.config)
             self._replicas: DataParallelReplicas | None = None
-            if self.config.data_parallel_size > 1:
-                self._replicas = DataParallelReplicas(self.config.init_kwargs(), self.config.data_parallel_size)
+            if self.config.parallel.data_parallel_size > 1:
+                self._replicas = DataParallelReplicas(self.config.local_args(), self.config.parallel.data_parallel_size)
                 self._tokenizer = load_tokenizer(self.config)
                 self.llm_engine = None
             else:

@@ -33,7 +33,7 @@ class MultiModalProcessor:
         unknown = sorted(set(data) - set(MODALITIES))
         if unknown:
             raise ValueError(f"{name}: multi_modal_data has {unknown}; pagedformers takes {list(MODALITIES)}")
-        reason = image_support(self.config.hf_config)
+        reason = image_support(self.config.model.hf_config)
         if reason:
             raise ValueError(f"{name}: {reason}")
         if not isinstance(prompt.get("prompt"), str):
@@ -53,14 +53,14 @@ class MultiModalProcessor:
     @property
     def processor(self) -> ProcessorMixin:
         if self._processor is None:
-            self._processor = AutoProcessor.from_pretrained(self.config.tokenizer_path,
-                                                            trust_remote_code=self.config.trust_remote_code)
+            self._processor = AutoProcessor.from_pretrained(self.config.model.tokenizer_path,
+                                                            trust_remote_code=self.config.model.trust_remote_code)
         return self._processor
 
 
 def _image_token_id(config: EngineConfig) -> int:
     """The token whose embeddings the image features replace (HF's get_placeholder_mask reads the same)."""
-    hf_config = config.hf_config
+    hf_config = config.model.hf_config
     token = next((getattr(hf_config, k) for k in ("image_token_id", "image_token_index")
                   if isinstance(getattr(hf_config, k, None), int)), None)
     if token is None:

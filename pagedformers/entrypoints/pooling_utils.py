@@ -15,9 +15,9 @@ def supported_tasks(config: EngineConfig) -> tuple[str, ...]:
     """("generate",) for a generation model, else the pooling tasks of its head (vLLM's names)."""
     from pagedformers.adapter.pooling import HEAD_TASKS
 
-    if config.runner != "pooling":
+    if config.model.runner != "pooling":
         return ("generate",)
-    return HEAD_TASKS[config.pooling_head]
+    return HEAD_TASKS[config.model.pooling_head]
 
 
 def pair_up(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> tuple[list[str], list[str]]:

@@ -9,9 +9,9 @@ from pagedformers.config import EngineConfig
 
 def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(
-        config.tokenizer_path,
-        trust_remote_code=config.trust_remote_code,
-        gguf_file=config.gguf_file if config.tokenizer is None else None,
+        config.model.tokenizer_path,
+        trust_remote_code=config.model.trust_remote_code,
+        gguf_file=config.model.gguf_file if config.args.tokenizer is None else None,
     )
 
 
@@ -19,9 +19,9 @@ def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> f
     """generation_config.json's eos ids when present (they may list several), else the config's; plus the tokenizer's."""
     ids: set[int] = set()
     try:
-        ids |= _as_set(GenerationConfig.from_pretrained(config.model_path).eos_token_id)
+        ids |= _as_set(GenerationConfig.from_pretrained(config.model.path).eos_token_id)
     except OSError:
-        ids |= _as_set(getattr(config.text_config, "eos_token_id", None))
+        ids |= _as_set(getattr(config.model.text_config, "eos_token_id", None))
     ids |= _as_set(tokenizer.eos_token_id)
     return frozenset(ids)
 

@@ -145,7 +145,7 @@ def pagedformers_greedy(path: str, prompts: list[list[int]]) -> Greedy:
     """All prompts in one batch; a small token budget chunks the longest prompt's prefill."""
     llm = LLM(model=path, model_impl="transformers", runner="generate", dtype="float32",
               kv_cache_memory_bytes=1 << 24, max_num_batched_tokens=32)
-    vocab = llm.config.text_config.vocab_size
+    vocab = llm.config.model.text_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=vocab)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     greedy = []

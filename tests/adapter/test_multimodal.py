@@ -50,7 +50,7 @@ def _hf_greedy(path: str, text: str, images: list[Image.Image]) -> tuple[list[in
 
 
 def _ours(llm: LLM, prompts: list) -> list[tuple[list[int], torch.Tensor]]:
-    vocab = llm.config.text_config.vocab_size
+    vocab = llm.config.model.text_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=vocab)
     greedy = []
     for out in llm.generate(prompts, params, use_tqdm=False):

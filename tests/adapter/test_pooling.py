@@ -48,7 +48,7 @@ def test_minilm_embeddings_match_sentence_transformers():
 
     llm = LLM(model=str(MINILM), dtype="float32")
     assert llm.apply_model(lambda m: type(m).__name__) == ["TransformersForPooling"]
-    assert llm.config.runner == "pooling" and llm.config.pooler_config.pooling_type == "MEAN"
+    assert llm.config.model.runner == "pooling" and llm.config.model.pooler_config.pooling_type == "MEAN"
     ours = torch.tensor([o.outputs.embedding for o in llm.embed(SENTENCES, use_tqdm=False)])
     ref = SentenceTransformer(str(MINILM), device="cpu").encode(SENTENCES, normalize_embeddings=True,
                                                                   convert_to_tensor=True)
@@ -91,7 +91,7 @@ def test_sequence_classification_matches_hf(tmp_path, model_type):
         cls.save_pretrained(path)
     prompts = _ids()
     llm = LLM(model=str(path), dtype="float32")
-    assert llm.config.pooling_head == "classify"
+    assert llm.config.model.pooling_head == "classify"
     probs = [o.outputs.probs for o in llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)]
     hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     for ids, p in zip(prompts, probs):
@@ -118,7 +118,7 @@ def test_cross_encoder_score_matches_hf(tmp_path):
 
 def test_causal_lm_converted_to_embeddings_is_last_token_pooling(tiny_llama):
     llm = LLM(model=tiny_llama, dtype="float32", convert="embed")
-    assert llm.config.runner == "pooling"
+    assert llm.config.model.runner == "pooling"
     prompts = _ids()
     outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
     hf = AutoModel.from_pretrained(tiny_llama, dtype=torch.float32).eval()

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from pagedformers import LLM, PoolingParams
-from pagedformers.config import EngineConfig
+from pagedformers.config import EngineArgs
+from pagedformers.loading.model_files import create_engine_config
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.server import build_app
@@ -32,7 +33,7 @@ DOCS = ["blocks of keys and values", "a recipe for soup", "paged attention", "x 
 
 
 def _serve(path: Path, name: str):
-    engine = AsyncLLM(LLMEngine(EngineConfig.from_kwargs(model=str(path), **KWARGS)))
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=str(path), **KWARGS))))
     try:
         with running_server(build_app(engine, name)) as url:
             yield engine, url

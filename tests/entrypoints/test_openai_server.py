@@ -9,7 +9,8 @@ import openai
 import pytest
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.config import EngineConfig
+from pagedformers.config import EngineArgs
+from pagedformers.loading.model_files import create_engine_config
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
 from pagedformers.entrypoints.openai.server import build_app
@@ -24,7 +25,7 @@ HELLO = "Hello, my name is"
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    engine = AsyncLLM(LLMEngine(EngineConfig.from_kwargs(model=tiny_llama, **ENGINE_KWARGS)))
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))))
     yield engine
     engine.shutdown()
 
@@ -207,7 +208,7 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_keeps_serving(se
 
 
 def test_shutdown_fails_requests_in_flight(tiny_llama):
-    engine = AsyncLLM(LLMEngine(EngineConfig.from_kwargs(model=tiny_llama, **ENGINE_KWARGS)))
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))))
 
     async def run() -> None:
         outputs = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "in flight")

@@ -26,8 +26,8 @@ def test_hub_repo_by_revision_matches_local_dirs(hf_hub, tmp_path):
     hf_hub.add_dir("acme/tiny", v2, revision="main")
     for revision, local, layers in (("main", v2, 2), (None, v2, 2), ("release", v1, 1), (sha1, v1, 1)):
         llm = LLM(model="acme/tiny", revision=revision, dtype="float32", kv_cache_memory_bytes=1 << 22)
-        assert llm.config.hf_config.num_hidden_layers == layers
-        assert llm.config.model_path.startswith(str(hf_hub.cache_dir))
+        assert llm.config.model.hf_config.num_hidden_layers == layers
+        assert llm.config.model.path.startswith(str(hf_hub.cache_dir))
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == _tokens(local)
     (repo,) = scan_cache_dir(hf_hub.cache_dir).repos
     assert repo.repo_id == "acme/tiny" and len(repo.revisions) == 2
@@ -39,7 +39,7 @@ def test_download_dir_and_safetensors_preferred_over_bin(hf_hub, tmp_path):
     (local / "README.md").write_text("not needed at run time")
     hf_hub.add_dir("acme/both", local)
     llm = LLM(model="acme/both", download_dir=str(tmp_path / "dl"), dtype="float32", kv_cache_memory_bytes=1 << 22)
-    assert llm.config.model_path.startswith(str(tmp_path / "dl"))
+    assert llm.config.model.path.startswith(str(tmp_path / "dl"))
     fetched = [r for r in hf_hub.requests if "/resolve/" in r]
     assert any("model.safetensors" in r for r in fetched)
     assert not any("pytorch_model.bin" in r or "README.md" in r for r in fetched)
@@ -51,7 +51,7 @@ def test_separate_tokenizer_repo(hf_hub, tmp_path):
     hf_hub.add_dir("acme/tok", local, revision="tok-v1")
     llm = LLM(model="acme/model", tokenizer="acme/tok", tokenizer_revision="tok-v1", dtype="float32",
               kv_cache_memory_bytes=1 << 22)
-    assert "acme--tok" in llm.config.tokenizer_path
+    assert "acme--tok" in llm.config.model.tokenizer_path
     assert not any("acme/tok/resolve" in r and "safetensors" in r for r in hf_hub.requests)
 
 
@@ -98,12 +98,12 @@ def test_modelscope_by_id_and_revision(hf_hub, tmp_path, monkeypatch, flag):
     cache = tmp_path / "ms-cache"
     llm = LLM(model="acme/tiny", revision="v1", download_dir=str(cache), dtype="float32",
               kv_cache_memory_bytes=1 << 22)
-    assert llm.config.hf_config.num_hidden_layers == 1 and llm.config.model_path.startswith(str(cache))
+    assert llm.config.model.hf_config.num_hidden_layers == 1 and llm.config.model.path.startswith(str(cache))
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == _tokens(v1)
     assert any(r.startswith("/api/v1/models/acme/tiny") for r in hf_hub.requests)
     assert not any("/api/models/" in r for r in hf_hub.requests)  # the HF protocol was not used
     latest = LLM(model="acme/tiny", download_dir=str(cache), dtype="float32", kv_cache_memory_bytes=1 << 22)
-    assert latest.config.hf_config.num_hidden_layers == 2
+    assert latest.config.model.hf_config.num_hidden_layers == 2
 
 
 def test_modelscope_flag_without_the_client(monkeypatch):

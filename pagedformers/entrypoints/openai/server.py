@@ -49,7 +49,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
     if not names:
         raise ValueError("served_model_name needs at least one name")
     config = engine.engine.config
-    ctx = ServingContext(engine, copy.deepcopy(engine.engine.tokenizer), names, chat_template, config.max_model_len)
+    ctx = ServingContext(engine, copy.deepcopy(engine.engine.tokenizer), names, chat_template, config.model.max_model_len)
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
     if api_key:
@@ -71,7 +71,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=n, root=config.model, max_model_len=config.max_model_len) for n in names])
+        return ModelList(data=[ModelCard(id=n, root=config.model.name, max_model_len=config.model.max_model_len) for n in names])
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:
@@ -206,19 +206,20 @@ def run_server(args: argparse.Namespace) -> None:
     import prometheus_client
     import uvicorn
 
-    from pagedformers.config import EngineConfig
+    from pagedformers.config import EngineArgs
     from pagedformers.engine.llm_engine import LLMEngine
     from pagedformers.entrypoints.engine_args import engine_kwargs
     from pagedformers.loading.gguf_once import gguf_parsed_once
+    from pagedformers.loading.model_files import create_engine_config
 
     prometheus_client.disable_created_metrics()  # process-wide: this process is the server
     kwargs = engine_kwargs(args)
     with gguf_parsed_once(kwargs["model"], kwargs.get("gguf_file")):
-        config = EngineConfig.from_kwargs(**kwargs)
+        config = create_engine_config(EngineArgs.from_kwargs(**kwargs))
         engine = AsyncLLM(LLMEngine(config))
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template))
-    logger.info("Serving %s as %s on http://%s:%d/v1", config.model, ", ".join(names), args.host, args.port)
+    logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
     finally:

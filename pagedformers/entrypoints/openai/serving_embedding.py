@@ -32,7 +32,7 @@ async def create_embedding(ctx: ServingContext, request: EmbeddingRequest) -> JS
 
 
 def _pooling_params(ctx: ServingContext, request: EmbeddingRequest) -> PoolingParams:
-    size = getattr(ctx.engine.engine.config.text_config, "hidden_size", None)
+    size = getattr(ctx.engine.engine.config.model.text_config, "hidden_size", None)
     if request.dimensions is not None and size is not None and request.dimensions > size:
         raise OpenAIError(f"dimensions={request.dimensions} is more than the {size} dimensions of this model's "
                           "embeddings", 400, "dimensions")

@@ -1,0 +1,106 @@
+"""EngineConfig: the resolved, frozen configuration of one engine, in sub-configs by concern.
+
+Stage three of three: every value is final ("auto" resolved, defaults applied). Built by
+`resolve()` (config/resolve.py) from `EngineArgs` and the model's files; copied per rank with
+`dataclasses.replace`, never edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import PretrainedConfig
+
+from pagedformers.config.args import EngineArgs, ModelImpl
+from pagedformers.config.pooler import PoolerConfig
+
+PoolingHead = Literal["embed", "classify", "token_classify"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # what the user asked for (a directory, a .gguf file, a Hub id)
+    path: str  # the local directory holding its config, weights and tokenizer files
+    gguf_file: str | None  # a GGUF file inside `path`, when the weights come as GGUF
+    tokenizer_path: str
+    hf_config: PretrainedConfig = field(repr=False)  # NOTE: shared; a model that patches it patches a copy
+    dtype: torch.dtype
+    max_model_len: int
+    runner: Literal["generate", "pooling"]
+    pooling_head: PoolingHead | None  # runner "pooling": what its head computes
+    pooler_config: PoolerConfig | None  # runner "pooling": the user's settings over the checkpoint's
+    model_impl: ModelImpl
+    trust_remote_code: bool
+    seed: int
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.hf_config.get_text_config()
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(getattr(self.hf_config, "architectures", None) or [])
+
+    @property
+    def is_multimodal(self) -> bool:
+        """A checkpoint whose text model has a config of its own (encoders beside it)."""
+        return self.text_config is not self.hf_config
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    kv_cache_memory_bytes: int | None  # None: the platform's share of the free memory
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_timeout_s: float = 60.0
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one engine replica (tensor x pipeline); data-parallel replicas are engines of their own."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str  # "cpu", "cuda" or "cuda:N"
+    enforce_eager: bool  # no captured graphs: every step runs the model's own forward
+
+    @property
+    def type(self) -> str:
+        """"cpu" or "cuda": which platform runs the model."""
+        return torch.device(self.device).type
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+    args: EngineArgs = field(repr=False)  # what the user gave: how another process rebuilds this config
+
+    def local_args(self) -> EngineArgs:
+        """The arguments with every source already on this machine, for worker and replica processes: they
+        rebuild the config themselves (remote-code config classes do not unpickle in a fresh process), without
+        downloading anything again."""
+        model = os.path.join(self.model.path, self.model.gguf_file) if self.model.gguf_file else self.model.path
+        tokenizer = self.model.tokenizer_path if self.args.tokenizer is not None else None
+        return dataclasses.replace(self.args, model=model, gguf_file=None, tokenizer=tokenizer)
