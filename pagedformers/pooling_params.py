@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 PoolingTask = str  # "embed" | "token_embed" | "classify" | "token_classify" | "score" | "reward"
 POOLING_TASKS = ("embed", "token_embed", "classify", "token_classify", "score", "reward")
+# What a pooling model's head serves (config.PoolingHead -> its tasks, the first the default).
+TASKS_BY_HEAD: dict[str, tuple[PoolingTask, ...]] = {
+    "embed": ("embed", "token_embed"),
+    "classify": ("classify", "score", "reward"),
+    "token_classify": ("token_classify", "reward"),
+}
 
 
 @dataclass

@@ -1,31 +1,31 @@
-"""The shell around an unchanged transformers base model.
+"""The shell around an unchanged transformers base model: the part every transformers shell shares.
 
-Steps: point the config at our attention -> build the base model with parameters on
-the meta device (buffers real, so RoPE tables come out right) -> load checkpoint
-tensors into it -> probe one token to learn each attention layer's KV shape (and, for
-conv / linear-attention hybrids, which cache class carries their per-request state).
+Steps: point a copy of the config at our attention -> build the base model with parameters on the meta
+device (buffers real, so RoPE tables come out right) -> split it for this rank (parallel_plans) -> load
+checkpoint tensors into it -> probe two tokens to learn each attention layer's KV shape. Implements
+model/interface.py's `Model`; the shells in causal.py, multimodal.py, pooling.py and hybrid.py add the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import ContextManager, Iterable
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
-from transformers.cache_utils import Cache, DynamicCache
+from transformers import AutoModel, PretrainedConfig
+from transformers.cache_utils import Cache
 
-from pagedformers.adapter.compat import CompatReport, num_attention_layers, state_layers
-from pagedformers.adapter.state_cache import (ModuleAttribute, create_state_cache, paged_cache_class,
-                                              plain_attributes, tensor_attributes_set_since)
-from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
-from pagedformers.attention.kv_cache import LayerKVSpec
+from pagedformers.adapter.compat import num_attention_layers
+from pagedformers.attention import ATTN_IMPLEMENTATION, ForwardContext, forward_context
 from pagedformers.config import EngineConfig
-from pagedformers.loading.weights import materialize
+from pagedformers.loading.source import ModelSource
+from pagedformers.loading.weights import iterate_weights, materialize
+from pagedformers.model.interface import KVCacheSpecs
+from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, apply_parallel_plans
 
 # Checkpoint entries that are derived at init, never loaded.
 _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
@@ -34,7 +34,7 @@ _IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq", ".masked_bias", ".attn.bi
 class TransformersBase(nn.Module):
     """Owns `self.model`, the HF base model (`AutoModel`), run on a flat token batch."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         super().__init__()
         self.config = config
         self.hf_config = copy.deepcopy(config.model.hf_config)  # patched below: the engine's config stays as read
@@ -42,21 +42,18 @@ class TransformersBase(nn.Module):
         self.text_config.use_cache = False
         self.model = self.create_model()
         self.model.eval()
-        # Set by the pipeline plan: checkpoint prefixes this rank does not hold (other stages),
-        # and the hidden states a later stage receives for its first layer.
-        self.skipped_prefixes: tuple[str, ...] = ()
-        self.pp_stage_input: torch.Tensor | None = None
-        # Conv / linear-attention hybrids: each request's layer state lives in a cache of its own (the
-        # model's own cache class, learned by the probe), so the worker runs them one request per forward.
-        self.needs_per_request_state = bool(state_layers(self.hf_config))
-        self.state_cache_cls: type[Cache] | None = None
-        self.state_attributes: list[ModuleAttribute] = []  # where models like RecurrentGemma keep their state
+        self.sharded = self.split_for_rank(parallel)
 
     def create_model(self) -> nn.Module:
         """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""
         with init_empty_weights(include_buffers=False):
             return AutoModel.from_config(self.hf_config, dtype=self.config.model.dtype,
                                          trust_remote_code=self.config.model.trust_remote_code)
+
+    def split_for_rank(self, parallel: ParallelState) -> ShardedModel:
+        """This rank's part of the trunk (tensor shards, pipeline stage); shells with a head split it too."""
+        sharded, _ = apply_parallel_plans(self.model, None, self.text_config, False, parallel)
+        return sharded
 
     def attn_implementation(self) -> str | dict[str, str | None]:
         """What `config._attn_implementation` is set to (a str reaches every sub-config too)."""
@@ -66,61 +63,53 @@ class TransformersBase(nn.Module):
     def text_config(self) -> PretrainedConfig:
         return self.hf_config.get_text_config()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
+                stage_input: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T] (the whole step as one row, or one request's chunk with its `state`)
         -> hidden states [T, hidden]."""
-        with self.module_state(state):
+        with self.feeding_stage(stage_input):
             out = self.model(input_ids=input_ids[None], position_ids=positions[None], return_dict=True,
                              **self.cache_kwargs(state))
         return out.last_hidden_state[0]
+
+    def feeding_stage(self, stage_input: torch.Tensor | None) -> ContextManager[None]:
+        """On a pipeline stage after the first, its first layer takes `stage_input` for one forward."""
+        if self.sharded.stage_input is None:
+            assert stage_input is None, "the first pipeline stage takes token ids, not hidden states"
+            return contextlib.nullcontext()
+        return self.sharded.stage_input.feeding(stage_input)
 
     @staticmethod
     def cache_kwargs(state: Cache | None) -> dict:
         return {"use_cache": False} if state is None else {"use_cache": True, "past_key_values": state}
 
-    @contextmanager
-    def module_state(self, state: Cache | None) -> Iterator[None]:
-        """Put a request's state on the modules that keep it (RecurrentGemma) for one forward, then take it off."""
-        if state is None or not self.state_attributes:
-            yield
-            return
-        for module, name in self.state_attributes:
-            setattr(module, name, state.module_values.get((module, name)))  # None: the layer starts afresh
-        try:
-            yield
-        finally:
-            state.module_values = {(m, name): getattr(m, name) for m, name in self.state_attributes}
+    def checkpoint_model(self) -> nn.Module | None:
+        """The HF model class whose names the checkpoint uses, on meta (the GGUF reader maps names through
+        it), or None where the checkpoint's names are mapped otherwise (pooling heads)."""
+        return None
 
-    @property
-    def resumes_prefill(self) -> bool:
-        """Whether a multi-token chunk can continue a request's state. RecurrentGemma's recurrent blocks treat
-        any multi-token input as a fresh prompt (their convolution restarts), so later chunks go token by token."""
-        return not self.state_attributes
-
-    def create_state(self) -> Cache:
-        """An empty per-request state cache (models with `needs_per_request_state`)."""
-        assert self.state_cache_cls is not None, "probe_kv_specs learns the state cache class first"
-        return create_state_cache(self.state_cache_cls, self.text_config)
-
-    def meta_causal_lm(self) -> nn.Module:
-        """The checkpoint's own model class, on meta: it names the weights as the checkpoint does."""
-        with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=self.config.model.trust_remote_code)
+    def checkpoint_name_map(self) -> dict[str, str]:
+        """Checkpoint name prefixes -> ours (first match wins)."""
+        return {}
 
     # -- weights ------------------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
+    def load_weights(self, source: ModelSource) -> None:
+        self.load_tensors(iterate_weights(source.path, source.gguf_file, self.checkpoint_model()),
+                          self.checkpoint_name_map())
+
+    def load_tensors(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
         """Load checkpoint tensors; `name_map` renames checkpoint prefixes to ours (first match wins)."""
         targets = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers())
         ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
-        loaded, unexpected = set(), []
+        skipped = self.sharded.skipped_prefixes
+        unexpected = []
         for ckpt_name, tensor in weights:
             name = _rename(ckpt_name, name_map, targets)
-            if name.startswith(self.skipped_prefixes) and self.skipped_prefixes:
+            if skipped and name.startswith(skipped):  # another pipeline stage's
                 continue
             if name in targets:
                 self._set_tensor(name, tensor, targets[name])
-                loaded.add(name)
             elif not ckpt_name.endswith(_IGNORED_CHECKPOINT_SUFFIXES) and not any(p.search(ckpt_name) for p in ignored):
                 unexpected.append(ckpt_name)
         self.tie_weights()
@@ -137,7 +126,7 @@ class TransformersBase(nn.Module):
         """Subclasses with an LM head tie it to the input embeddings here."""
 
     def _set_tensor(self, name: str, tensor: torch.Tensor, current: torch.Tensor) -> None:
-        loader = getattr(current, "shard_loader", None)  # tensor-parallel shards read only their slice
+        loader = getattr(current, "shard_loader", None)  # tensor-parallel shards read only their slice (tp.py)
         tensor = loader(tensor) if loader is not None else materialize(tensor)
         if tensor.shape != current.shape:
             raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
@@ -153,28 +142,16 @@ class TransformersBase(nn.Module):
     # -- KV shapes ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def probe_kv_specs(self) -> dict[int, LayerKVSpec]:
-        """Run one token through the model and record every attention layer's K/V shape.
+    def kv_cache_specs(self) -> KVCacheSpecs:
+        """Run two tokens through the model and record every attention layer's K/V shape.
 
         Raises ValueError when no layer called our attention function (the model computes attention
         by hand instead of through `ALL_ATTENTION_FUNCTIONS`), unless its config lists no attention layer
         (a pure state-space model: its state caches are all it keeps).
         """
-        device = self.config.device.device
-        ids = torch.zeros(2, dtype=torch.long, device=device)
-        positions = torch.arange(2, device=device)
-        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,
-                                 prefills=[PrefillSpan(0, 2, 0, None)])
-        ctx = ForwardContext(metadata=meta, kv_caches=None)
-        if self.needs_per_request_state:
-            self._probe_state_cache(ids, positions, meta)
+        ctx = ForwardContext.for_probe(self.config.device.device)
         with forward_context(ctx):
-            state = self.create_state() if self.needs_per_request_state else None
-            self(ids, positions, state=state)
-        if state is not None and not _holds_tensors(state):
-            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers keep no state in the "
-                         f"{type(state).__mro__[1].__name__} the model builds, nor on its modules: the shell cannot "
-                         "tell where they keep it, so per-request states cannot be kept apart")
+            self.probe_forward()
         if not ctx.kv_specs and num_attention_layers(self.hf_config) != 0:
             raise ValueError(
                 f"{type(self.model).__name__} never called the attention function registered for "
@@ -183,35 +160,10 @@ class TransformersBase(nn.Module):
             )
         return dict(sorted(ctx.kv_specs.items()))
 
-    def _probe_state_cache(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Let the model build its own cache, as in `generate`, to learn its class; a model that returns none
-        keeps its state on its modules: learn which attributes."""
-        before = plain_attributes(self.model)
-        with forward_context(ForwardContext(metadata=meta, kv_caches=None)):
-            out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=True, return_dict=True)
-        cache = getattr(out, "past_key_values", None)
-        if isinstance(cache, Cache):
-            self.state_cache_cls = paged_cache_class(type(cache))
-            return
-        self.state_attributes = tensor_attributes_set_since(self.model, before)
-        if not self.state_attributes:
-            self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers need a state across steps, but the "
-                         "model keeps none in a transformers Cache nor on its modules")
-        self.state_cache_cls = paged_cache_class(DynamicCache)  # for the attention layers' pass-through updates
-
-    def _refuse(self, reason: str) -> None:
-        CompatReport(type(self.model).__name__, unsupported=[reason]).raise_if_broken()
-
-
-def _holds_tensors(obj: object, depth: int = 4) -> bool:
-    """Whether a cache holds any tensor, in its attributes, their lists and dicts, and their layers'."""
-    if isinstance(obj, torch.Tensor):
-        return True
-    if depth == 0:
-        return False
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
-        vars(obj).values() if hasattr(obj, "__dict__") else ()
-    return any(_holds_tensors(v, depth - 1) for v in values)
+    def probe_forward(self) -> torch.Tensor:
+        """The probe's forward: the two tokens of ForwardContext.for_probe (hybrids run it with a fresh state)."""
+        ids = torch.zeros(2, dtype=torch.long, device=self.config.device.device)
+        return self(ids, torch.arange(2, device=ids.device))
 
 
 def _rename(name: str, name_map: dict[str, str], targets: dict[str, torch.Tensor]) -> str:

@@ -1,4 +1,5 @@
-"""TransformersForCausalLM: the shell plus the checkpoint's own LM head.
+"""TransformersForCausalLM: the shell plus the checkpoint's own LM head (CausalShell, which the multimodal and
+hybrid shells share).
 
 The HF *ForCausalLM is built once on meta and taken apart: its base model becomes the trunk
 (`self.model`) and its other children, applied in order, the head (`self.lm_head`): a plain
@@ -9,7 +10,7 @@ head (Cohere's and Granite's scaling, Gemma's final soft-capping) is redone in `
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import ClassVar, Iterable, Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -20,14 +21,15 @@ from pagedformers.adapter.base import TransformersBase
 from pagedformers.adapter.conversion import convert_checkpoint
 from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
+from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, apply_parallel_plans
 
 
-class TransformersForCausalLM(TransformersBase):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)  # calls create_model, which sets the head
+class CausalShell(TransformersBase):
+    """The trunk and the checkpoint's head: `SupportsGeneration` (model/interface.py)."""
+
+    def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
+        super().__init__(config, parallel)  # calls create_model, which sets the head
         text_config = self.text_config
-        self.tie_word_embeddings = bool(getattr(self.hf_config, "tie_word_embeddings", False)
-                                        or getattr(text_config, "tie_word_embeddings", False))
         # Head-side logit transforms of some families (Cohere, Granite, Gemma 2/3).
         self.logit_scale = float(getattr(text_config, "logit_scale", None) or 1.0)
         self.logits_scaling = float(getattr(text_config, "logits_scaling", None) or 1.0)
@@ -54,6 +56,19 @@ class TransformersForCausalLM(TransformersBase):
         take_over_query_temperature(base)
         return base
 
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False)
+                    or getattr(self.text_config, "tie_word_embeddings", False))
+
+    def split_for_rank(self, parallel: ParallelState) -> ShardedModel:
+        sharded, self.lm_head = apply_parallel_plans(self.model, self.lm_head, self.text_config,
+                                                     self.tie_word_embeddings, parallel)
+        return sharded
+
+    def checkpoint_model(self) -> nn.Module:
+        return self.meta_causal_lm()
+
     def meta_causal_lm(self) -> nn.Module:
         """The checkpoint's own *ForCausalLM, on meta (built once; its trunk and head are ours)."""
         if "_meta_lm" not in self.__dict__:
@@ -65,12 +80,12 @@ class TransformersForCausalLM(TransformersBase):
         return AutoModelForCausalLM.from_config(self.hf_config, dtype=self.config.model.dtype,
                                                 trust_remote_code=self.config.model.trust_remote_code)
 
-    def checkpoint_name_map(self, meta_causal_lm: nn.Module) -> dict[str, str]:
+    def checkpoint_name_map(self) -> dict[str, str]:
         """Checkpoint prefixes (as the HF *ForCausalLM names them) -> ours (`model.`, `lm_head.`)."""
         return dict(self._name_map)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
-        super().load_weights(convert_checkpoint(weights, self.meta_causal_lm()), name_map)
+    def load_tensors(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
+        super().load_tensors(convert_checkpoint(weights, self.meta_causal_lm()), name_map)
 
     def tie_weights(self) -> None:
         """Tie as the HF model does (`_tied_weights_keys`), towards whichever side the checkpoint held."""
@@ -108,6 +123,10 @@ class TransformersForCausalLM(TransformersBase):
             return None
         param = module._parameters.get(attr)
         return None if param is None else (module, attr, param)
+
+
+class TransformersForCausalLM(CausalShell):
+    supports_pp: ClassVar[Literal[True]] = True
 
 
 def _split_causal_lm(lm: nn.Module) -> tuple[str, list[str]]:

@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from transformers import AutoModel, PretrainedConfig
 
 from pagedformers.adapter.state_cache import STATE_LAYER_TYPES
-from pagedformers.attention import ATTN_IMPLEMENTATION, AttentionMetadata, ForwardContext, PrefillSpan, forward_context
+from pagedformers.attention import ATTN_IMPLEMENTATION, ForwardContext, forward_context
 from pagedformers.attention.context import PROBE_KWARG
 
 RULE_KWARGS = "rule 1 (pass **kwargs down to the attention layers)"
@@ -96,13 +96,9 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
     hf_config._attn_implementation = ATTN_IMPLEMENTATION
     with init_empty_weights(include_buffers=True):
         model = AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
-    meta = torch.device("meta")
-    positions = torch.arange(2, device=meta)
-    metadata = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_seq_lens=None,
-                                 prefills=[PrefillSpan(0, 2, 0, None)])
-    ctx = ForwardContext(metadata=metadata, kv_caches=None)
+    ctx = ForwardContext.for_probe("meta")
     with forward_context(ctx), torch.inference_mode():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=meta), position_ids=positions[None],
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), position_ids=ctx.metadata.slot_mapping[None],
               use_cache=False, **{PROBE_KWARG: True})
     return ctx
 

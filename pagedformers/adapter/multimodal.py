@@ -14,6 +14,7 @@ the placeholder rows, as HF's own merge does, and later chunks of the prompt tak
 from __future__ import annotations
 
 import inspect
+from typing import ClassVar, Literal
 
 import torch
 import transformers
@@ -21,11 +22,12 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, PretrainedConfig
 from transformers.cache_utils import Cache
 
-from pagedformers.adapter.causal import TransformersForCausalLM
+from pagedformers.adapter.causal import CausalShell
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
 from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
+from pagedformers.parallel_plans import SINGLE, ParallelState
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
@@ -57,13 +59,13 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
     return f"image inputs are not supported for {family} yet: {reason}. Text-only prompts work."
 
 
-class TransformersForMultimodalLM(TransformersForCausalLM):
-    def __init__(self, config: EngineConfig) -> None:
-        if config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size > 1:
-            raise ValueError(f"{config.model.hf_config.model_type} is multimodal: the transformers shell runs multimodal "
-                             "models with tensor_parallel_size=1 and pipeline_parallel_size=1 for now (the plans "
-                             "name the language model's modules, not the encoders').")
-        super().__init__(config)
+class TransformersForMultimodalLM(CausalShell):
+    """`SupportsMultiModal` (model/interface.py); single process only (parallel_limits in resolve.py)."""
+
+    supports_multimodal: ClassVar[Literal[True]] = True
+
+    def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
+        super().__init__(config, parallel)
         self.encoder_cache: dict[str, torch.Tensor] = {}  # request id -> its features [num_placeholders, hidden]
 
     def create_model(self) -> nn.Module:

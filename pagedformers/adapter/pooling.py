@@ -9,6 +9,8 @@ as that class's forward does after its base model.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
@@ -18,18 +20,15 @@ from transformers.cache_utils import Cache
 
 from pagedformers.adapter.base import TransformersBase
 from pagedformers.config import EngineConfig, PoolerConfig
-from pagedformers.pooling_params import PoolingParams
-
-HEAD_TASKS = {
-    "embed": ("embed", "token_embed"),
-    "classify": ("classify", "score", "reward"),
-    "token_classify": ("token_classify", "reward"),
-}
+from pagedformers.parallel_plans import SINGLE, ParallelState
+from pagedformers.pooling_params import TASKS_BY_HEAD, PoolingParams, PoolingTask
 
 
 class TransformersForPooling(TransformersBase):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config)
+    """`SupportsPooling` (model/interface.py)."""
+
+    def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
+        super().__init__(config, parallel)
         self.head_kind = config.model.pooling_head
         self.heads = nn.ModuleDict()
         self.base_prefix = AutoModel._model_mapping[type(self.hf_config)].base_model_prefix \
@@ -46,8 +45,8 @@ class TransformersForPooling(TransformersBase):
         self.eval()  # the harvested head and base come from a fresh module tree: no dropout at inference
 
     @property
-    def supported_tasks(self) -> tuple[str, ...]:
-        return HEAD_TASKS[self.head_kind]
+    def supported_tasks(self) -> tuple[PoolingTask, ...]:
+        return TASKS_BY_HEAD[self.head_kind]
 
     def _harvest_head(self) -> None:
         auto = AutoModelForSequenceClassification if self.head_kind == "classify" else AutoModelForTokenClassification
@@ -66,24 +65,21 @@ class TransformersForPooling(TransformersBase):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, state: Cache | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids[None]}
-        with self.module_state(state):
-            out = self.model(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
-                             return_dict=True, **extra, **self.cache_kwargs(state))
+        out = self.model(input_ids=input_ids[None], position_ids=(positions + self.position_offset)[None],
+                         return_dict=True, **extra, **self.cache_kwargs(state))
         return out.last_hidden_state[0]
 
     # -- weights ------------------------------------------------------------------------------------
 
-    def meta_causal_lm(self) -> None:
-        return None  # names come from the base model and the harvested heads
-
-    def checkpoint_name_map(self, meta_model: None) -> dict[str, str]:
+    def checkpoint_name_map(self) -> dict[str, str]:
+        """Names come from the base model and the harvested heads."""
         heads = {f"{name}.": f"heads.{name}." for name in self.heads}
         return {f"{self.base_prefix}.": "model.", **heads}
 
-    def load_weights(self, weights, name_map: dict[str, str]) -> None:
+    def load_tensors(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
         # A checkpoint's other heads (MLM, LM head, a classifier we do not use) are skipped.
         prefixes = tuple(name_map)
-        super().load_weights(((n, t) for n, t in weights if n.startswith(prefixes) or self._is_base_name(n)),
+        super().load_tensors(((n, t) for n, t in weights if n.startswith(prefixes) or self._is_base_name(n)),
                              name_map)
 
     def _is_base_name(self, name: str) -> bool:

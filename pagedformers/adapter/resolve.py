@@ -1,4 +1,4 @@
-"""Which implementation runs a model: a native override or the transformers shell."""
+"""Which transformers shell runs a model, and what the shells cannot run."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoModel
 
-from pagedformers.adapter.compat import is_backend_compatible
+from pagedformers.adapter.compat import is_backend_compatible, state_layers
 from pagedformers.config import EngineConfig
 from pagedformers.logger import init_logger
-from pagedformers.native_overrides import NATIVE_MODELS
 
 if TYPE_CHECKING:
-    from torch import nn
+    from pagedformers.adapter.base import TransformersBase
 
 logger = init_logger(__name__)
 
@@ -40,38 +39,47 @@ def base_model_class(config: EngineConfig) -> type:
         ) from None
 
 
-def resolve_model_cls(config: EngineConfig) -> type[nn.Module]:
-    architectures = getattr(config.model.hf_config, "architectures", None) or []
-    native = next((NATIVE_MODELS[a] for a in architectures if a in NATIVE_MODELS), None)
-    is_remote = bool(getattr(config.model.hf_config, "auto_map", None)) and config.model.trust_remote_code
-    if config.model.model_impl == "native" or (config.model.model_impl == "auto" and native and not is_remote):
-        if native is None:
-            raise ValueError(
-                f"model_impl='native' was asked for, but no native implementation is registered for "
-                f"{architectures or 'this config'} (native: {sorted(NATIVE_MODELS) or 'none yet'}). "
-                "Use model_impl='auto' or 'transformers' to run it through the transformers shell."
-            )
-        logger.info("Using the native implementation %s for %s.", native.__name__, architectures)
-        return native
+def shell_class(config: EngineConfig) -> type[TransformersBase]:
+    """The transformers shell for this checkpoint, once the compatibility check passed (it raises naming every
+    broken rule)."""
     from pagedformers.adapter.causal import TransformersForCausalLM
+    from pagedformers.adapter.hybrid import (TransformersHybridForCausalLM, TransformersHybridForMultimodalLM,
+                                             TransformersHybridForPooling)
     from pagedformers.adapter.multimodal import TransformersForMultimodalLM
     from pagedformers.adapter.pooling import TransformersForPooling
 
-    is_multimodal = config.model.hf_config.get_text_config() is not config.model.hf_config
-    if is_multimodal and config.model.runner == "pooling":
+    model = config.model
+    if model.is_multimodal and model.runner == "pooling":
         raise ValueError(
-            f"{architectures or config.model.hf_config.model_type} is a multimodal model: the transformers shell serves "
-            "it with runner='generate' only (TransformersForMultimodalLM); pooling needs a text-only checkpoint.")
-    report = is_backend_compatible(base_model_class(config), config.model.hf_config, config.model.trust_remote_code)
+            f"{model.architectures or model.hf_config.model_type} is a multimodal model: the transformers shell "
+            "serves it with runner='generate' only (TransformersForMultimodalLM); pooling needs a text-only "
+            "checkpoint.")
+    report = is_backend_compatible(base_model_class(config), model.hf_config, model.trust_remote_code)
     report.raise_if_broken()
     for warning in report.warnings:
         logger.warning("%s: %s", report.model_name, warning)
-    if report.is_encoder_only and config.model.runner == "generate":
+    if report.is_encoder_only and model.runner == "generate":
         raise ValueError(f"{report.model_name} is an encoder-only model (bidirectional attention): it cannot "
                          "generate text. Use runner='pooling' (embed / classify / score).")
-    shell = TransformersForPooling if config.model.runner == "pooling" else \
-        TransformersForMultimodalLM if is_multimodal else TransformersForCausalLM
-    reason = "as asked" if config.model.model_impl == "transformers" else "no native implementation is registered"
-    name = architectures or config.model.hf_config.model_type
-    logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
-    return shell
+    hybrid = bool(state_layers(model.hf_config))
+    if model.runner == "pooling":
+        return TransformersHybridForPooling if hybrid else TransformersForPooling
+    if model.is_multimodal:
+        return TransformersHybridForMultimodalLM if hybrid else TransformersForMultimodalLM
+    return TransformersHybridForCausalLM if hybrid else TransformersForCausalLM
+
+
+def check_shell_parallelism(config: EngineConfig) -> None:
+    """What the transformers shells cannot split across processes, raised before any worker starts."""
+    model, parallel = config.model, config.parallel
+    name = type(model.text_config).__name__.replace("Config", "")
+    if parallel.world_size > 1 and state_layers(model.hf_config):
+        raise ValueError(f"{name} has {', '.join(state_layers(model.hf_config))} layers, whose per-request state the "
+                         "transformers shell keeps in a single process: run it with tensor_parallel_size=1 and "
+                         "pipeline_parallel_size=1.")
+    if parallel.world_size > 1 and model.is_multimodal:
+        raise ValueError(f"{model.hf_config.model_type} is multimodal: the transformers shell runs multimodal models "
+                         "with tensor_parallel_size=1 and pipeline_parallel_size=1 for now (the plans name the "
+                         "language model's modules, not the encoders').")
+    if parallel.pipeline_parallel_size > 1 and model.runner == "pooling":
+        raise ValueError("Pooling models run with pipeline_parallel_size=1 (tensor parallel works).")

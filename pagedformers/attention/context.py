@@ -13,8 +13,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from pagedformers.attention.kv_cache import LayerKVSpec
-from pagedformers.attention.metadata import AttentionMetadata
+from pagedformers.attention.backends import AttentionBackend
+from pagedformers.attention.kv_cache import KVCaches, LayerKVSpec
+from pagedformers.attention.metadata import AttentionMetadata, PrefillSpan
+from pagedformers.attention.torch_backend import TorchAttentionBackend
+
+
+@dataclass
+class AttentionCall:
+    """One attention layer's call, as a graph capture sees it (ForwardContext.capture)."""
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # the layer's paged attention, bound
+    is_shape_static: bool  # run's Python decides from shapes and the step's layout only (AttentionBackend)
 
 
 @dataclass
@@ -27,7 +39,7 @@ class ForwardContext:
 
     metadata: AttentionMetadata
     # call index -> (k_cache, v_cache); None for a probe run, which fills kv_specs instead.
-    kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None
+    kv_caches: KVCaches | None
     kv_specs: dict[int, LayerKVSpec] = field(default_factory=dict)
     causal_layers: dict[int, bool] = field(default_factory=dict)  # probe: call index -> module.is_causal
     kwargs_seen: set[int] = field(default_factory=set)  # probe: calls that received PROBE_KWARG
@@ -35,9 +47,19 @@ class ForwardContext:
     masked_calls: set[int] = field(default_factory=set)  # probe: calls given an attention_mask of the model's own
     num_calls: int = 0
     positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
-    # Decode graphs (engine/decode_graphs.py): while tracing, each attention call's function, bound to its
-    # layer, is appended; while replaying, the traced graph's op calls them by index.
-    traced_calls: list[Callable[..., torch.Tensor]] | None = None
+    backend: AttentionBackend = field(default_factory=TorchAttentionBackend)
+    # A graph capture's hook: each attention call goes through it instead of running (it may run the call, or
+    # record it as one op of its own that runs it on replay).
+    capture: Callable[[AttentionCall], torch.Tensor] | None = None
+
+    @classmethod
+    def for_probe(cls, device: str | torch.device) -> ForwardContext:
+        """A probe run's context: one prompt of two tokens and no KV cache; attention records each layer's K/V
+        shape (and more, for the compatibility check) and attends within the prompt."""
+        positions = torch.arange(2, device=device)
+        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None,
+                                 decode_seq_lens=None, prefills=[PrefillSpan(0, 2, 0, None)])
+        return cls(metadata=meta, kv_caches=None)
 
     def next_call(self) -> int:
         self.num_calls += 1

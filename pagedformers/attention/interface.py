@@ -9,26 +9,18 @@ its own (a learned bias, a sparse pattern) is refused by the compatibility check
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from pagedformers.attention.context import PROBE_KWARG, ForwardContext, get_forward_context
-from pagedformers.attention.kv_cache import LayerKVSpec, write_kv
-from pagedformers.attention.torch_backend import paged_attention
-from pagedformers.kernels.cpu import kernel_fits
+from pagedformers.attention.backends import AttentionParams
+from pagedformers.attention.context import PROBE_KWARG, AttentionCall, ForwardContext, get_forward_context
+from pagedformers.attention.kv_cache import LayerKVSpec
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
-
-# Decode graphs (engine/decode_graphs.py) trace a decode step's forward. An attention call that the compiled
-# kernels handle is recorded as those ops; any other is this op, whose implementation runs the layer's
-# attention (bound while tracing) on the live step's metadata.
-_graphs_lib = torch.library.Library("pagedformers_graphs", "DEF")
-_graphs_lib.define("attention(Tensor query, Tensor key, Tensor value, int call) -> Tensor")
 
 
 def paged_attention_forward(
@@ -45,19 +37,22 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
-    static = (module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
-    if ctx.traced_calls is not None and torch.jit.is_tracing() and not _kernel_attends_step(module, query, ctx):
-        return _record_attention(ctx, functools.partial(_attend, *static), query, key, value), None
-    return _attend(*static, query, key, value), None
+    run = functools.partial(_attend, module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
+    if ctx.capture is not None:
+        call = AttentionCall(query, key, value, run, _is_shape_static(module, query, sliding_window, softcap, ctx))
+        return ctx.capture(call), None
+    return run(query, key, value), None
 
 
-def _kernel_attends_step(module: nn.Module, query: torch.Tensor, ctx: ForwardContext) -> bool:
-    """Whether this call writes its keys and attends every row in the compiled kernels, its Python deciding
-    from shapes and the step's layout only: then a trace may record those ops, the step's slots, block
-    tables and context lengths being inputs of the trace (engine/decode_graphs.py)."""
+def _is_shape_static(module: nn.Module, query: torch.Tensor, window: int | None, softcap: float | None,
+                     ctx: ForwardContext) -> bool:
+    """Whether this call's Python decides from shapes and the step's layout only: its backend's, and ours (the
+    query temperature reads positions recorded by a hook)."""
     caches = ctx.kv_caches.get(ctx.num_calls) if ctx.kv_caches is not None else None
-    return (caches is not None and getattr(module, "is_causal", True) and QUERY_TEMPERATURE not in module.__dict__
-            and ctx.metadata.num_decodes == ctx.metadata.num_tokens and kernel_fits(query, *caches))
+    if caches is None or not getattr(module, "is_causal", True) or QUERY_TEMPERATURE in module.__dict__:
+        return False
+    params = AttentionParams(1.0, window=window or None, softcap=softcap or None, chunk=_attention_chunk(module))
+    return ctx.backend.is_shape_static(query, *caches, ctx.metadata, params)
 
 
 def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: float | None,
@@ -79,29 +74,14 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
     else:
         k_cache, v_cache = ctx.kv_caches[layer]
         if causal:  # encoder-only models attend within the step and keep nothing
-            write_kv(k_cache, v_cache, k, v, ctx.metadata.cache_slots(k_cache.shape[2]))
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            ctx.backend.write_kv(k_cache, v_cache, k, v, ctx.metadata)
     if QUERY_TEMPERATURE in module.__dict__:
         q = _apply_query_temperature(q, module.__dict__[QUERY_TEMPERATURE], ctx.positions)
-    out = paged_attention(q, k, v, k_cache, v_cache, ctx.metadata, scale, causal=causal,
-                          window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
-                          chunk=_attention_chunk(module))
+    params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
+                             window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
+                             chunk=_attention_chunk(module))
+    out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
-
-
-def _replayed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: int) -> torch.Tensor:
-    return get_forward_context().traced_calls[call](query, key, value)
-
-
-_graphs_lib.impl("attention", _replayed_attention, "CPU")
-
-
-def _record_attention(ctx: ForwardContext, attend: Callable[..., torch.Tensor], query: torch.Tensor,
-                     key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """While tracing: keep `attend` (the layer's attention, its static arguments bound) and put one op call
-    in the trace in its place."""
-    ctx.traced_calls.append(attend)
-    return torch.ops.pagedformers_graphs.attention(query, key, value, len(ctx.traced_calls) - 1)
 
 
 def _attention_chunk(module: nn.Module) -> int | None:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedformers.kernels.cpu import cpu_kernels
-
 
 @dataclass(frozen=True)
 class LayerKVSpec:
+    """The shape of one attention layer's K/V per token."""
     num_kv_heads: int
     head_dim: int
     v_head_dim: int
@@ -23,13 +22,15 @@ class LayerKVSpec:
         return self.num_kv_heads * (self.head_dim + self.v_head_dim) * dtype.itemsize
 
 
+KVCaches = dict[int, tuple[torch.Tensor, torch.Tensor]]  # attention call index -> (k_cache, v_cache)
+
+
 def allocate_kv_caches(
     specs: dict[int, LayerKVSpec], num_blocks: int, block_size: int, dtype: torch.dtype, device: str
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    # Uninitialised, so start-up does not pay for touching gigabytes. The plain PyTorch decode path
-    # reads whole blocks, the unwritten tail included (masked), and it must be finite (a masked NaN
-    # still poisons the probabilities @ V product): there each block is zeroed on its first use
-    # (zero_blocks). The compiled kernel reads written rows only, and nothing is zeroed.
+) -> KVCaches:
+    # Uninitialised, so start-up does not pay for touching gigabytes. A backend that reads whole blocks, the
+    # unwritten tail included (masked), needs them finite (a masked NaN still poisons the probabilities @ V
+    # product): there each block is zeroed on its first use (zero_blocks, AttentionBackend.reads_unwritten_rows).
     return {
         layer: (
             torch.empty(num_blocks, s.num_kv_heads, block_size, s.head_dim, dtype=dtype, device=device),
@@ -37,19 +38,6 @@ def allocate_kv_caches(
         )
         for layer, s in specs.items()
     }
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slots: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """key/value: [T, H_kv, D]; slots: ([T] block ids, [T] offsets in the block), see AttentionMetadata.cache_slots."""
-    blocks, offsets = slots
-    kernels = cpu_kernels() if k_cache.device.type == "cpu" else None
-    if (kernels is not None and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype
-            and key.stride(-1) == 1 and value.stride(-1) == 1):
-        kernels.write_kv(k_cache, v_cache, key, value, blocks, offsets)
-        return
-    k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 
 
 def block_rows(block_tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -65,7 +53,7 @@ def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.
     return cache.view(num_blocks * num_heads, block_size, dim).index_select(0, rows).view(batch, num_heads, -1, dim)
 
 
-def zero_blocks(kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]], blocks: list[int]) -> None:
+def zero_blocks(kv_caches: KVCaches, blocks: list[int]) -> None:
     index = torch.tensor(blocks, dtype=torch.long, device=next(iter(kv_caches.values()))[0].device)
     for k_cache, v_cache in kv_caches.values():
         k_cache.index_fill_(0, index, 0)

@@ -1,12 +1,9 @@
-"""Paged attention on CPU: plain PyTorch, and a compiled kernel for bf16 decodes and short prefills.
+"""Paged attention in plain PyTorch: the backend that runs on any device, and the reference for the others.
 
-bf16 decodes run the compiled kernel of kernels/cpu.py where this machine has one (it reads the
-KV blocks in place), and so do the tokens of short causal prefills, each as a query of its own.
-Otherwise decodes are attended together in two batched matmuls over their
-gathered, padded contexts (grouped by KV head: no K/V repeat). SDPA's CPU kernel handles a query length
-of 1 poorly (6 ms against 0.4 ms for 32 decodes x 256 context, bf16, 2 cores). Each
-prefill span goes through SDPA (flash kernel, no scores materialised). No per-token
-Python loop.
+Decodes are attended together in two batched matmuls over their gathered, padded contexts (grouped by KV
+head: no K/V repeat); SDPA's CPU kernel handles a query length of 1 poorly (6 ms against 0.4 ms for 32
+decodes x 256 context, bf16, 2 cores). Each prefill span goes through SDPA (flash kernel, no scores
+materialised). No per-token Python loop.
 """
 
 from __future__ import annotations
@@ -14,49 +11,48 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedformers.attention.kv_cache import gather_blocks
+from pagedformers.attention.backends import AttentionParams, register_attention_backend
+from pagedformers.attention.kv_cache import LayerKVSpec, gather_blocks
 from pagedformers.attention.metadata import AttentionMetadata
-from pagedformers.kernels.cpu import cpu_kernel_isa, cpu_kernels, kernel_fits
-
-# Prefill tokens whose context is at most this long go through the decode kernel as single-token queries;
-# longer ones through SDPA, whose blocked flash kernel reuses keys across queries. 2 cores, 16 query / 4 KV
-# heads of 64, a layer:
-# - AVX512-BF16 (Zen 4): 16 prompts x 128 tokens 5.3 against 14.3 ms in SDPA, 2 x 1024 36 against 52 ms,
-#   1 x 2048 82 against 128 ms: up to 1024;
-# - AVX2 (Zen 3): 16 x 128 18 against 26 ms, 4 x 512 60 against 61, 2 x 1024 94 against 80: up to 512.
-KERNEL_MAX_CONTEXT = 512 if cpu_kernel_isa() == "avx2" else 1024
 
 
-def paged_attention(
-    query: torch.Tensor,  # [T, H, D]
-    key: torch.Tensor,  # [T, H_kv, D] the new tokens' keys (already written to the cache)
-    value: torch.Tensor,  # [T, H_kv, Dv]
-    k_cache: torch.Tensor | None,  # [num_blocks, H_kv, block_size, D]; None when nothing is cached (probe)
-    v_cache: torch.Tensor | None,
-    meta: AttentionMetadata,
-    scale: float,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,  # [H] per-head sink logits
-    chunk: int | None = None,  # chunked attention (Llama 4): keys in the query's own chunk only
-) -> torch.Tensor:  # [T, H, Dv]
-    out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
-    nd = meta.num_decodes
-    kernel = cpu_kernels() if causal and kernel_fits(query, k_cache, v_cache) else None
-    covered: set[int] = set()
-    if kernel is not None:
-        runs, covered = meta.single_token_queries(k_cache.shape[2], KERNEL_MAX_CONTEXT)
-        for start, end, tables, lens in runs:
-            kernel.decode_attention(_rows(query, start, end, contiguous=True), k_cache, v_cache, tables, lens,
-                                    _NO_SINKS if sinks is None else sinks, _rows(out, start, end), scale,
-                                    window or 0, chunk or 0, softcap or 0.0)
-    elif nd:
-        rows = meta.cache_rows(k_cache.shape[1])
-        k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
-        _attend_decodes(query[:nd], k, v, meta.decode_bias(window, chunk), scale, softcap, sinks, out[:nd])
+class TorchAttentionBackend:
+    name = "torch"
+
+    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        blocks, offsets = meta.cache_slots(k_cache.shape[2])
+        k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
+        v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
+                v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
+        nd = meta.num_decodes
+        if nd:
+            rows = meta.cache_rows(k_cache.shape[1])
+            k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
+            attend_decodes(query[:nd], k, v, meta.decode_bias(params.window, params.chunk), params, out[:nd])
+        attend_prefills(query, key, value, k_cache, v_cache, meta, params, out)
+        return out
+
+    def is_shape_static(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, params: AttentionParams) -> bool:
+        return False  # its masks and block rows are built and cached in Python per step
+
+    def reads_unwritten_rows(self, spec: LayerKVSpec, dtype: torch.dtype) -> bool:
+        return True  # decodes read whole gathered blocks, their unwritten tails masked
+
+
+register_attention_backend("torch", TorchAttentionBackend)
+
+
+def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams,
+                    out: torch.Tensor, skip: set[int] = frozenset()) -> None:
+    """Each prefill span but those in `skip` through SDPA, into its rows of out [T, H, Dv]."""
     for i, span in enumerate(meta.prefills):
-        if i in covered:
+        if i in skip:
             continue
         s, e = span.q_start, span.q_end
         q = query[s:e].transpose(0, 1)[None]  # [1, H, n, D]
@@ -66,34 +62,24 @@ def paged_attention(
             rows = meta.cache_rows(k_cache.shape[1], i)
             k = gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len]
             v = gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len]
-        mask = meta.prefill_mask(i, window, causal, chunk)
-        out[s:e] = attend(q, k, v, mask, scale, causal and mask is None, softcap, sinks)[0].transpose(0, 1)
-    return out
+        mask = meta.prefill_mask(i, params.window, params.causal, params.chunk)
+        out[s:e] = attend(q, k, v, mask, params.scale, params.causal and mask is None, params.softcap,
+                          params.sinks)[0].transpose(0, 1)
 
 
-# Decode graphs replay every op of a step, and each costs a few microseconds, more between weight reads that
-# leave the caches cold: where a call needs no slice or no sinks, none is recorded.
-_NO_SINKS = torch.empty(0, dtype=torch.float32)
-
-
-def _rows(t: torch.Tensor, start: int, end: int, contiguous: bool = False) -> torch.Tensor:
-    rows = t if start == 0 and end == t.shape[0] else t[start:end]
-    return rows.contiguous() if contiguous and not rows.is_contiguous() else rows
-
-
-def _attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                    softcap: float | None, sinks: torch.Tensor | None, out: torch.Tensor) -> None:
+def attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, params: AttentionParams,
+                   out: torch.Tensor) -> None:
     """q [B, H, D], k/v [B, H_kv, L, D], bias [B, 1, 1, L] (0 / -inf) -> out [B, H, Dv] (contiguous).
 
     The G = H / H_kv query heads sharing a KV head are the rows of one matmul: no K/V repeat."""
     b, h, d = q.shape
     h_kv = k.shape[1]
-    scores = torch.matmul(q.view(b, h_kv, h // h_kv, d), k.transpose(-1, -2)).float().mul_(scale)  # [B, H_kv, G, L]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.matmul(q.view(b, h_kv, h // h_kv, d), k.transpose(-1, -2)).float().mul_(params.scale)  # [B,H_kv,G,L]
+    if params.softcap is not None:
+        scores = torch.tanh(scores / params.softcap) * params.softcap
     scores = scores.add_(bias)
-    if sinks is not None:
-        sink = sinks.float().view(1, h_kv, h // h_kv, 1).expand(b, -1, -1, 1)
+    if params.sinks is not None:
+        sink = params.sinks.float().view(1, h_kv, h // h_kv, 1).expand(b, -1, -1, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
@@ -110,7 +96,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return _attend_eager(q, k, v, mask, scale, is_causal, softcap, sinks)
 
 
-def _attend_eager(q, k, v, mask, scale, is_causal, softcap, sinks):
+def _attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  is_causal: bool, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, Lq, Lk]

@@ -5,13 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, TypeVar
 
-import torch
 from torch import nn
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan
 from pagedformers.engine.worker import Worker, WorkerOutput
-from pagedformers.pooling_params import PoolingParams
 
 R = TypeVar("R")
 
@@ -20,9 +18,6 @@ class Executor(ABC):
     num_blocks: int
     driver_worker: Worker  # the worker in this process: rank 0
 
-    def __init__(self) -> None:
-        self.finished_request_ids: list[str] = []  # ended since the last plan; the engine adds to it
-
     @abstractmethod
     def execute(self, plan: StepPlan) -> WorkerOutput:
         """Run the plan on every worker; the driver gets the final hidden states and logits."""
@@ -30,14 +25,6 @@ class Executor(ABC):
     @abstractmethod
     def apply_model(self, fn: Callable[[nn.Module], R]) -> list[R]:
         """Run fn on the model of every worker; one result per worker."""
-
-    def with_finished(self, plan: StepPlan) -> StepPlan:
-        """The plan, carrying the requests that ended since the last one: workers drop their states."""
-        plan.finished_request_ids, self.finished_request_ids = plan.finished_request_ids + self.finished_request_ids, []
-        return plan
-
-    def pool(self, hidden: torch.Tensor, token_ids: list[int], params: PoolingParams) -> torch.Tensor:
-        return self.driver_worker.model.pool(hidden, token_ids, params)
 
     def shutdown(self) -> None:
         """Release workers (nothing to do in-process)."""
@@ -48,7 +35,7 @@ class WorkerDiedError(RuntimeError):
 
 
 def create_executor(config: EngineConfig) -> Executor:
-    if config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size == 1:
+    if config.parallel.world_size == 1:
         return InProcessExecutor(config)
     from pagedformers.engine.multiproc_executor import MultiprocExecutor
 
@@ -57,13 +44,12 @@ def create_executor(config: EngineConfig) -> Executor:
 
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        super().__init__()
         self.driver_worker = Worker(config)
         self.driver_worker.allocate_kv_cache(self.driver_worker.num_blocks)
         self.num_blocks = self.driver_worker.num_blocks
 
     def execute(self, plan: StepPlan) -> WorkerOutput:
-        return self.driver_worker.execute(self.with_finished(plan))
+        return self.driver_worker.execute(plan)
 
     def apply_model(self, fn: Callable[[nn.Module], Any]) -> list[Any]:
         return [self.driver_worker.apply_model(fn)]

@@ -1,4 +1,4 @@
-"""A step as workers see it: a picklable plan, flattened into device tensors + attention metadata.
+"""A step as workers see it: a picklable plan, flattened into the model's inputs (tensors + attention metadata).
 
 The driver turns the scheduler's output into a `StepPlan` (no Request objects, so it
 can be broadcast to other ranks); every worker builds the same tensors from it.
@@ -12,6 +12,7 @@ import torch
 
 from pagedformers.attention import AttentionMetadata, PrefillSpan
 from pagedformers.engine.scheduler import ScheduledRequest
+from pagedformers.model.inputs import ModelInputs
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 
 
@@ -39,21 +40,7 @@ class StepPlan:
     fresh_blocks: list[int] = field(default_factory=list)  # blocks used for the first time: zero them
     # Requests finished, aborted or preempted since the last plan: workers drop their per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
-    decode_steps_ahead: int = 0  # the scheduler's SchedulerOutput.decode_steps_ahead
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: AttentionMetadata
-    token_type_ids: torch.Tensor | None = None  # [T], only when a request carries segment ids (pairs)
-    multi_modal: list[MultiModalSlice] | None = None  # placeholder rows and their features, per request
-
-    def model_kwargs(self) -> dict:
-        """The optional inputs of the model's forward that this step has."""
-        extra = {"token_type_ids": self.token_type_ids, "multi_modal": self.multi_modal}
-        return {k: v for k, v in extra.items() if v is not None}
+    stable_steps: int = 0  # SchedulerOutput.stable_steps
 
 
 def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -73,7 +60,7 @@ def make_chunk(s: ScheduledRequest) -> Chunk:
                  types[s.start:end] if types is not None else None, s.request.request_id, media)
 
 
-def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInputs:
+def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_steps: int = 0) -> ModelInputs:
     token_ids, positions, row_starts, slots = [], [], [], []
     for c in chunks:
         row_starts.append(len(token_ids))
@@ -100,8 +87,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str) -> StepInp
         prefills=spans,
         decode_context_len=decode_tables.shape[1] * block_size,
     )
-    return StepInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                      _token_type_ids(chunks, device), _multi_modal(chunks, row_starts))
+    return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
+                       _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps)
 
 
 def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.engine.validation import check_request
 from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
 from pagedformers.logger import init_logger
+from pagedformers.model.interface import SupportsPerRequestState
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import (CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics,
                                   RequestOutput)
@@ -53,7 +54,7 @@ class LLMEngine:
     def _prefix_caching(self) -> bool:
         if not self.config.cache.enable_prefix_caching:
             return False
-        if getattr(self.executor.driver_worker.model, "needs_per_request_state", False):
+        if isinstance(self.executor.driver_worker.model, SupportsPerRequestState):
             logger.info("Prefix caching is off: the conv / linear-attention state of this hybrid model cannot be "
                         "restored from cached KV blocks.")
             return False
@@ -78,7 +79,7 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
             child = Request(f"{request_id}#{i}", prompt_token_ids, child_params, max_tokens, next(self._arrivals),
-                            multi_modal_inputs=multi_modal_inputs)
+                            multi_modal_inputs=multi_modal_inputs, parent_id=request_id)
             children.append(child)
             self.scheduler.add(child)
         self.parents[request_id] = _Parent(request_id, prompt, children)
@@ -92,7 +93,7 @@ class LLMEngine:
             token_type_ids = token_type_ids[-params.truncate_prompt_tokens:] if token_type_ids else None
         self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
         req = Request(f"{request_id}#0", prompt_token_ids, SamplingParams(max_tokens=1), 1, next(self._arrivals),
-                      pooling_params=params, token_type_ids=token_type_ids)
+                      pooling_params=params, token_type_ids=token_type_ids, parent_id=request_id)
         self.scheduler.add(req)
         self.parents[request_id] = _Parent(request_id, None, [req])
 
@@ -111,7 +112,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one model step; return the outputs of every request that advanced (finished ones dropped)."""
         out = self.scheduler.schedule()
-        self.executor.finished_request_ids.extend(out.finished_request_ids)
         if not out.scheduled:
             return []
         scheduled = list(out.scheduled)  # _execute drops the requests that fail
@@ -124,7 +124,7 @@ class LLMEngine:
                 self._process(req, result)
             except Exception as e:  # one request's bad output must not take the batch down
                 self._fail(req, e)
-            touched[req.request_id.rsplit("#", 1)[0]] = None
+            touched[req.parent_id] = None
         return [self._output(pid, pop=True) for pid in touched if pid in self.parents and self._reports(pid)]
 
     def _reports(self, parent_id: str) -> bool:
@@ -149,7 +149,8 @@ class LLMEngine:
         result = ModelRunnerOutput()
         for s in list(out.scheduled):
             try:
-                one = self.runner.execute(SchedulerOutput([s]))
+                # Each retry carries the finished ids too: the failed plan may not have reached the workers.
+                one = self.runner.execute(SchedulerOutput([s], finished_request_ids=out.finished_request_ids))
                 result.sampled.update(one.sampled)
                 result.prompt_logprobs.update(one.prompt_logprobs)
                 result.pooled.update(one.pooled)

@@ -41,15 +41,15 @@ class ModelRunner:
         order = order_for_step(out.scheduled)
         row_starts = _row_starts(order)
         logit_rows, rows = _logit_rows(order, row_starts)
-        plan = StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks,
-                        decode_steps_ahead=out.decode_steps_ahead)
+        plan = StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks, out.finished_request_ids,
+                        out.stable_steps)
         wout = self.executor.execute(plan)
         result = ModelRunnerOutput()
         for i, s in enumerate(order):
             if s.request.pooling_params is not None:
                 hidden = wout.hidden[row_starts[i]:row_starts[i] + s.num_new_tokens]
-                result.pooled[s.request.request_id] = self.executor.pool(hidden, s.request.all_token_ids,
-                                                                         s.request.pooling_params).cpu()
+                result.pooled[s.request.request_id] = self.executor.driver_worker.pool(
+                    hidden, s.request.all_token_ids, s.request.pooling_params).cpu()
         for i, (first, count, start) in rows.prompt.items():
             self._prompt_logprobs(order[i], wout.logits[first:first + count], start, result)
         if rows.sample:

@@ -28,18 +28,17 @@ from pagedformers.engine.worker import Worker, WorkerOutput
 from pagedformers.loading.gguf_once import gguf_parsed_once
 from pagedformers.loading.model_files import create_engine_config
 from pagedformers.logger import init_logger
-from pagedformers.parallel_plans import check_parallel_config, create_parallel_state
+from pagedformers.model.loader import check_parallel
+from pagedformers.parallel_plans import create_parallel_state
 
 logger = init_logger(__name__)
 
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        super().__init__()
         self.config = config
-        self.world_size = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
-        check_parallel_config(config.model.text_config, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size,
-                              config.model.runner)
+        self.world_size = config.parallel.world_size
+        check_parallel(config)
         # Ranks share the machine's cores (the driver, rank 0, included).
         torch.set_num_threads(_threads_per_rank(self.world_size))
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -60,8 +59,6 @@ class MultiprocExecutor(Executor):
         self.num_blocks = self.driver_worker.num_blocks
 
     def execute(self, plan: StepPlan) -> WorkerOutput:
-        plan = self.with_finished(plan)
-
         def run() -> WorkerOutput:
             self._broadcast(("execute", plan))
             return self.driver_worker.execute(plan)

@@ -26,8 +26,9 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival: int, pooling_params: PoolingParams | None = None,
                  token_type_ids: list[int] | None = None,
-                 multi_modal_inputs: MultiModalInputs | None = None) -> None:
+                 multi_modal_inputs: MultiModalInputs | None = None, parent_id: str | None = None) -> None:
         self.request_id = request_id
+        self.parent_id = request_id if parent_id is None else parent_id  # the user's request: n sequences share it
         self.params = params
         self.num_prompt_tokens = len(prompt_token_ids)
         self.all_token_ids = list(prompt_token_ids)

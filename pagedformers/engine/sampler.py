@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pagedformers.engine.request import Request
-from pagedformers.kernels.cpu import argmax_rows
+from pagedformers.platforms import argmax_rows
 from pagedformers.outputs import Logprob
 
 

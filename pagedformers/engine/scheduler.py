@@ -30,7 +30,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     fresh_blocks: list[int] = field(default_factory=list)  # first use: to be zeroed before the step
     finished_request_ids: list[str] = field(default_factory=list)  # finished, aborted or preempted since last step
-    decode_steps_ahead: int = 0  # see Scheduler._decode_steps_ahead
+    stable_steps: int = 0  # see Scheduler._stable_steps
 
     @property
     def num_tokens(self) -> int:
@@ -60,13 +60,15 @@ class Scheduler:
         if not out.preempted:
             self._schedule_waiting(out, budget)
         out.fresh_blocks = self.kv.take_fresh_blocks()
-        out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
-        out.decode_steps_ahead = self._decode_steps_ahead(out)
+        if out.scheduled:  # else they wait for the next step that runs: its plan tells the workers
+            out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
+        out.stable_steps = self._stable_steps(out)
         return out
 
-    def _decode_steps_ahead(self, out: SchedulerOutput) -> int:
-        """How many more steps this decode batch keeps its size unless a request stops before its max_tokens:
-        0 unless every scheduled request decodes and none waits. Decode graphs trace only long-lived sizes."""
+    def _stable_steps(self, out: SchedulerOutput) -> int:
+        """How many more steps this decode batch keeps its requests unless one stops before its max_tokens: 0
+        unless every scheduled request decodes and none waits. A platform that captures a graph per batch size
+        (decode graphs on CPU) weighs the capture against it."""
         if self.waiting or not out.scheduled or any(s.num_new_tokens != 1 or s.start == 0 for s in out.scheduled):
             return 0
         return min(s.request.max_tokens - s.request.num_output_tokens for s in out.scheduled)

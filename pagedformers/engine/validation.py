@@ -42,9 +42,9 @@ def check_request(config: EngineConfig, num_blocks: int, prompt_token_ids: list[
 
 
 def _check_pooling(config: EngineConfig, params: PoolingParams, name: str) -> None:
-    from pagedformers.adapter.pooling import HEAD_TASKS
+    from pagedformers.pooling_params import TASKS_BY_HEAD
 
-    tasks = HEAD_TASKS[config.model.pooling_head]
+    tasks = TASKS_BY_HEAD[config.model.pooling_head]
     if params.task is not None and params.task not in tasks:
         raise ValueError(f"{name}: this model does not support the pooling task {params.task!r}; it supports "
                          f"{list(tasks)}")

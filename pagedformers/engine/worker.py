@@ -1,8 +1,8 @@
 """A worker: one rank's model shard and KV cache, running the forward pass of each step plan.
 
-Conv / linear-attention hybrids (`model.needs_per_request_state`) also keep each request's layer state
-here, keyed by request id: created at position 0, carried across prefill chunks and decodes, dropped when
-the request ends. They run one request per forward, which is slower than one flat batch.
+Models with per-request state (`SupportsPerRequestState`: conv / linear-attention hybrids) also keep each
+request's layer state here, keyed by request id: created at position 0, carried across prefill chunks and
+decodes, dropped when the request ends. They run one request per forward, which is slower than one flat batch.
 """
 
 from __future__ import annotations
@@ -15,19 +15,14 @@ import torch.distributed as dist
 from torch import nn
 from transformers.cache_utils import Cache
 
-from pagedformers.adapter.resolve import resolve_model_cls
-from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
-from pagedformers.engine.decode_graphs import DecodeGraphs
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
-from pagedformers.kernels.cpu import kernel_attends
-from pagedformers.layers.cpu_linear import pack_linears, record_siblings
-from pagedformers.layers.cpu_mlp import fuse_gated_mlps
-from pagedformers.layers.cpu_norm import fuse_rms_norms
-from pagedformers.loading.weights import iterate_weights
 from pagedformers.logger import init_logger
-from pagedformers.parallel_plans import SINGLE, ParallelState, apply_parallel_plans
+from pagedformers.model.interface import SupportsGeneration, SupportsPerRequestState, SupportsPooling
+from pagedformers.model.loader import load_model
+from pagedformers.parallel_plans import SINGLE, ParallelState
+from pagedformers.pooling_params import PoolingParams
 
 logger = init_logger(__name__)
 
@@ -42,55 +37,36 @@ class WorkerOutput:
     logits: torch.Tensor | None  # [len(plan.logit_rows), vocab] float32
 
 
-def build_model(config: EngineConfig, state: ParallelState = SINGLE) -> nn.Module:
-    """Resolve the implementation, build it on meta, split it for this rank, load its weights.
-    Its linears are packed later (Worker.__init__), once a probe forward showed which share an input."""
-    model = resolve_model_cls(config)(config)
-    apply_parallel_plans(model, state)
-    meta_lm = model.meta_causal_lm()
-    weights = iterate_weights(config.model.path, config.model.gguf_file, meta_lm)
-    model.load_weights(weights, model.checkpoint_name_map(meta_lm))
-    fuse_rms_norms(model, config.model.dtype, config.device.device)  # also builds or loads the CPU kernels, now
-    return model
-
-
 class Worker:
     def __init__(self, config: EngineConfig, state: ParallelState = SINGLE) -> None:
         self.config = config
         self.state = state
-        torch.manual_seed(config.model.seed)
-        self.model = build_model(config, state)
-        with record_siblings(self.model) as siblings:
-            self.kv_specs = self.model.probe_kv_specs()
-        pack_linears(self.model, config.model.dtype, config.device.device, siblings)
-        fuse_gated_mlps(self.model, config.model.dtype, config.device.device)
-        self.num_blocks = num_kv_blocks(config, self.kv_specs)
-        self.per_request_state = getattr(self.model, "needs_per_request_state", False)
-        self.request_states: dict[str, Cache] = {}
-        self.decode_graphs = DecodeGraphs(self.model) if self._traces_decodes() else None
-        if self.per_request_state:
+        self.model, self.forward, self.kv_specs, self.platform = load_model(config, state)
+        self.num_blocks = num_kv_blocks(config, self.kv_specs, self.platform.default_kv_cache_bytes)
+        self.request_states: dict[str, Cache] | None = None
+        if isinstance(self.model, SupportsPerRequestState):
+            self.request_states = {}
             logger.info("%s keeps conv / linear-attention state per request: each step runs one forward per "
-                        "request (slower than one flat batch).", type(self.model.model).__name__)
+                        "request (slower than one flat batch).", type(self.model).__name__)
+        self.kv_caches = {}
 
     def apply_model(self, fn: Callable[[nn.Module], R]) -> R:
-        """fn(model); traced decode graphs are dropped, as fn may have changed the modules they recorded."""
-        if self.decode_graphs is not None:
-            self.decode_graphs.clear()
+        """fn(model); what the platform derived from the modules (captured graphs) is dropped, as fn may have
+        changed them."""
+        self.forward.reset()
         return fn(self.model)
-
-    def _traces_decodes(self) -> bool:
-        """Decode graphs: single-rank CPU models whose layers keep no per-request state of their own."""
-        return (not self.config.device.enforce_eager and self.config.device.device == "cpu" and self.state.tp_size == 1
-                and self.state.pp_size == 1 and not self.per_request_state)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Called once every rank agreed on num_blocks (the smallest of their budgets)."""
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.cache.block_size,
                                             self.config.model.dtype, self.config.device.device)
-        # Only the plain PyTorch decode path reads whole blocks, unwritten rows included (masked).
-        self.zero_fresh_blocks = not all(kernel_attends(s.head_dim, s.v_head_dim, self.config.model.dtype,
-                                                        self.config.device.device) for s in self.kv_specs.values())
+        self.zero_fresh_blocks = any(self.forward.attention.reads_unwritten_rows(spec, self.config.model.dtype)
+                                     for spec in self.kv_specs.values())
+
+    def pool(self, hidden: torch.Tensor, token_ids: list[int], params: PoolingParams) -> torch.Tensor:
+        assert isinstance(self.model, SupportsPooling), "pooling requests reach pooling models only"
+        return self.model.pool(hidden, token_ids, params)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> WorkerOutput:
@@ -98,34 +74,31 @@ class Worker:
         the last stage's logits come back to rank 0 (the driver), which returns them."""
         if plan.fresh_blocks and self.kv_caches and self.zero_fresh_blocks:
             zero_blocks(self.kv_caches, plan.fresh_blocks)
-        for request_id in plan.finished_request_ids:
-            self.request_states.pop(request_id, None)
-        if self.per_request_state:
+        if self.request_states is not None:
+            for request_id in plan.finished_request_ids:
+                self.request_states.pop(request_id, None)
             hidden = torch.cat([self._execute_chunk(c) for c in plan.chunks])
-            logits = self.model.compute_logits(_take_rows(hidden, plan.logit_rows)) if plan.logit_rows else None
-            return WorkerOutput(hidden, logits)
-        step = prepare_inputs(plan.chunks, self.config.cache.block_size, self.config.device.device)
-        extra = step.model_kwargs()
+            return WorkerOutput(hidden, self._logits(hidden, plan.logit_rows))
+        inputs = prepare_inputs(plan.chunks, self.config.cache.block_size, self.config.device.device,
+                                plan.stable_steps)
+        stage = {}
         if not self.state.is_first_stage:
-            self.model.pp_stage_input = self._recv((len(step.input_ids), self.config.model.text_config.hidden_size),
-                                                   self.config.model.dtype, self.state.prev_rank)
-        try:
-            hidden = None
-            if self.decode_graphs is not None and not extra and step.metadata.num_decodes == len(step.input_ids):
-                hidden = self.decode_graphs.forward(step, self.kv_caches, plan.decode_steps_ahead)
-            if hidden is None:
-                with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-                    hidden = self.model(step.input_ids, step.positions, **extra)
-        finally:
-            self.model.pp_stage_input = None
+            stage["stage_input"] = self._recv((len(inputs.input_ids), self.config.model.text_config.hidden_size),
+                                              self.config.model.dtype, self.state.prev_rank)
+        hidden = self.forward(inputs, self.kv_caches, **stage)
         if not self.state.is_last_stage:
             dist.send(hidden.float().contiguous(), self.state.next_rank)  # float32 on the wire: gloo-safe
             hidden = None
-        logits = (self.model.compute_logits(_take_rows(hidden, plan.logit_rows))
-                  if plan.logit_rows and hidden is not None else None)
+        logits = self._logits(hidden, plan.logit_rows) if hidden is not None else None
         if self.state.pp_size > 1 and plan.logit_rows:
             logits = self._logits_to_driver(logits, len(plan.logit_rows))
         return WorkerOutput(hidden, logits)
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        if not rows:
+            return None
+        assert isinstance(self.model, SupportsGeneration), "logit rows are planned for generation models only"
+        return self.model.compute_logits(_take_rows(hidden, rows))
 
     def _execute_chunk(self, chunk: Chunk) -> torch.Tensor:
         """One request's chunk as its own [1, n] row, with its own state -> hidden states [n, hidden]."""
@@ -138,18 +111,16 @@ class Worker:
                                "advanced it): it cannot continue.")
         pieces = [chunk] if chunk.start == 0 or self.model.resumes_prefill else _one_token_chunks(chunk)
         try:
-            hidden = torch.cat([self._forward(piece, state) for piece in pieces])
+            hidden = torch.cat([self._forward_with_state(piece, state) for piece in pieces])
         except Exception:
             del self.request_states[chunk.request_id]  # some layers may have advanced it: never reuse it
             raise
         state.num_seen_tokens += len(chunk.token_ids)
         return hidden
 
-    def _forward(self, chunk: Chunk, state: Cache) -> torch.Tensor:
-        step = prepare_inputs([chunk], self.config.cache.block_size, self.config.device.device)
-        extra = step.model_kwargs()
-        with forward_context(ForwardContext(step.metadata, self.kv_caches)):
-            return self.model(step.input_ids, step.positions, state=state, **extra)
+    def _forward_with_state(self, chunk: Chunk, state: Cache) -> torch.Tensor:
+        inputs = prepare_inputs([chunk], self.config.cache.block_size, self.config.device.device)
+        return self.forward(inputs, self.kv_caches, state=state)
 
     def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
         last_stage_head = (self.state.pp_size - 1) * self.state.tp_size
@@ -171,31 +142,24 @@ def _one_token_chunks(chunk: Chunk) -> list[Chunk]:
             for i, token in enumerate(chunk.token_ids)]
 
 
-def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec]) -> int:
-    bytes_per_block = config.cache.block_size * sum(s.bytes_per_token(config.model.dtype) for s in kv_specs.values())
-    budget = config.cache.kv_cache_memory_bytes or _default_kv_bytes(config.device.device)
+def num_kv_blocks(config: EngineConfig, kv_specs: dict[int, LayerKVSpec], default_bytes: Callable[..., int]) -> int:
+    """The blocks this rank's budget holds (`default_bytes(config)`: the platform's budget when none was given)."""
+    block_size, dtype = config.cache.block_size, config.model.dtype
+    bytes_per_block = block_size * sum(s.bytes_per_token(dtype) for s in kv_specs.values())
+    budget = config.cache.kv_cache_memory_bytes or default_bytes(config)
     # No use holding more than every sequence at full length could fill; pooling keeps
     # nothing between steps, so one step's tokens are enough.
-    most_useful = config.scheduler.max_num_seqs * -(-config.model.max_model_len // config.cache.block_size) + 1
+    max_len, max_seqs = config.model.max_model_len, config.scheduler.max_num_seqs
+    most_useful = max_seqs * -(-max_len // block_size) + 1
     if config.model.runner == "pooling":
-        most_useful = -(-max(config.scheduler.max_num_batched_tokens, config.model.max_model_len) // config.cache.block_size) + \
-            config.scheduler.max_num_seqs
+        most_useful = -(-max(config.scheduler.max_num_batched_tokens, max_len) // block_size) + max_seqs
     # No attention layer (a pure state-space model): blocks cost nothing, the scheduler still counts them.
     num_blocks = min(budget // bytes_per_block, most_useful) if bytes_per_block else most_useful
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory_bytes={budget} cannot hold one KV block of {bytes_per_block} bytes")
-    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, config.cache.block_size,
+    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB).", num_blocks, block_size,
                 num_blocks * bytes_per_block / _GiB)
     return int(num_blocks)
-
-
-def _default_kv_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.8)
-    with open("/proc/meminfo") as f:
-        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    return min(int(available * 0.3), 4 * _GiB)
 
 
 def _take_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

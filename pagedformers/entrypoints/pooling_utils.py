@@ -13,11 +13,11 @@ from pagedformers.config import EngineConfig
 
 def supported_tasks(config: EngineConfig) -> tuple[str, ...]:
     """("generate",) for a generation model, else the pooling tasks of its head (vLLM's names)."""
-    from pagedformers.adapter.pooling import HEAD_TASKS
+    from pagedformers.pooling_params import TASKS_BY_HEAD
 
     if config.model.runner != "pooling":
         return ("generate",)
-    return HEAD_TASKS[config.model.pooling_head]
+    return TASKS_BY_HEAD[config.model.pooling_head]
 
 
 def pair_up(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> tuple[list[str], list[str]]:

@@ -14,6 +14,10 @@ learned positions) on the previous stage's output.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 from torch import nn
 
 from pagedformers.parallel_plans.state import ParallelState
@@ -39,10 +43,32 @@ def stage_layers(num_layers: int, pp: ParallelState) -> range:
     return range(start, start + base + (pp.pp_rank < extra))
 
 
-def apply_pp(base_model: nn.Module, plan: dict | None, holder: object, pp: ParallelState) -> list[str]:
-    """Replace what this stage does not run; return the checkpoint prefixes (under `model.`) to skip.
+class StageInput:
+    """What a later stage's first layer receives: the previous stage's hidden states, for one forward."""
 
-    `holder.pp_stage_input` ([T, hidden] or None) is what a later stage's first layer receives."""
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | None = None  # [T, hidden] while a forward runs with it
+
+    @contextmanager
+    def feeding(self, hidden: torch.Tensor | None) -> Iterator[None]:
+        self.hidden = hidden
+        try:
+            yield
+        finally:
+            self.hidden = None
+
+    def swap_in(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook of the stage's first layer: its hidden states become the received ones."""
+        if self.hidden is None:
+            return None
+        if args:
+            return (self.hidden[None].to(args[0].dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.hidden[None]}
+
+
+def apply_pp(base_model: nn.Module, plan: dict | None, pp: ParallelState) -> tuple[list[str], StageInput | None]:
+    """Replace what this stage does not run. Returns the checkpoint prefixes (under `model.`) to skip, and on a
+    stage after the first, where its first layer takes the previous stage's output."""
     if not plan:
         raise ValueError(NO_PLAN_HELP.format(model=type(base_model).__name__))
     lists = [name for name in plan if isinstance(getattr(base_model, name, None), nn.ModuleList)]
@@ -57,21 +83,12 @@ def apply_pp(base_model: nn.Module, plan: dict | None, holder: object, pp: Paral
         if i not in own:
             layers[i] = PPMissingLayer()
             skipped.append(f"model.{lists[0]}.{i}.")
+    stage_input = None
     if not pp.is_first_stage:
-        layers[own.start].register_forward_pre_hook(_stage_input_hook(holder), with_kwargs=True)
+        stage_input = StageInput()
+        layers[own.start].register_forward_pre_hook(stage_input.swap_in, with_kwargs=True)
     names = list(plan)
     for name in names[names.index(lists[0]) + 1:] if not pp.is_last_stage else []:
         setattr(base_model, name, PPMissingLayer())
         skipped.append(f"model.{name}.")
-    return skipped
-
-
-def _stage_input_hook(holder: object):
-    def swap_in(module: nn.Module, args: tuple, kwargs: dict):
-        received = getattr(holder, "pp_stage_input", None)
-        if received is None:
-            return None
-        if args:
-            return (received[None].to(args[0].dtype), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": received[None]}
-    return swap_in
+    return skipped, stage_input

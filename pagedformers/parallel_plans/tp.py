@@ -177,13 +177,15 @@ class VocabParallelHead(nn.Module):
         return self.tp.all_gather_last_dim(F.linear(hidden, self.weight))[..., : self.num_embeddings]
 
 
-def apply_tp_to_vocab(base_model: nn.Module, shell: nn.Module, tied: bool, tp: ParallelState) -> None:
+def apply_tp_to_vocab(base_model: nn.Module, head: nn.Module | None, tied: bool,
+                      tp: ParallelState) -> nn.Module | None:
     """Vocab-parallel input embedding (a plain nn.Embedding; subclasses such as Gemma's scaled
-    embedding stay replicated) and LM head (tied only when the embedding is split the same way)."""
+    embedding stay replicated) and LM head (tied only when the embedding is split the same way).
+    Returns the head to keep."""
     embedding = base_model.get_input_embeddings()
     if type(embedding) is nn.Embedding:
         base_model.set_input_embeddings(VocabParallelEmbedding(embedding, tp))
-    head = getattr(shell, "lm_head", None)
     split_embedding = isinstance(base_model.get_input_embeddings(), VocabParallelEmbedding)
     if isinstance(head, nn.Linear) and head.bias is None and (split_embedding or not tied):
-        shell.lm_head = VocabParallelHead(head, tp)
+        return VocabParallelHead(head, tp)
+    return head

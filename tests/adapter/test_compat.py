@@ -6,7 +6,7 @@ import pytest
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.tiny_models import hf_greedy
-from remote_models import REMOTE_AUTO_MAP, REMOTE_CODE_DIR, save_remote_code_model
+from support.remote_models import REMOTE_AUTO_MAP, REMOTE_CODE_DIR, save_remote_code_model
 
 SOURCE = (REMOTE_CODE_DIR / "modeling_tiny.py").read_text()
 NO_FLAG = SOURCE.replace("    _supports_attention_backend = True\n", "")

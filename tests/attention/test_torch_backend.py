@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from pagedformers.attention.kv_cache import write_kv
-from pagedformers.attention.torch_backend import paged_attention
+from pagedformers.attention import AttentionParams, TorchAttentionBackend
 from pagedformers.engine.inputs import Chunk, prepare_inputs
 
 H, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
+BACKEND = TorchAttentionBackend()
 
 
 def _reference(q, k, v, start, scale, window, softcap, sinks):
@@ -41,8 +41,8 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
         table = [blocks.pop() for _ in range(-(-length // BS))]
         k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
         if cached:  # what earlier steps wrote
-            slots = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata.cache_slots(BS)
-            write_kv(k_cache, v_cache, k[:cached], v[:cached], slots)
+            written = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata
+            BACKEND.write_kv(k_cache, v_cache, k[:cached], v[:cached], written)
         chunks.append(Chunk(cached, [0] * (length - cached), table))
         keys.append(k)
         values.append(v)
@@ -54,10 +54,10 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     q = torch.cat([queries[i] for i in order])
     k_new = torch.cat([keys[i][seqs[i][1]:] for i in order])
     v_new = torch.cat([values[i][seqs[i][1]:] for i in order])
-    write_kv(k_cache, v_cache, k_new, v_new, step.metadata.cache_slots(BS))
+    BACKEND.write_kv(k_cache, v_cache, k_new, v_new, step.metadata)
     sinks = torch.randn(H) if with_sinks else None
-    out = paged_attention(q, k_new, v_new, k_cache, v_cache, step.metadata, 0.3, window=window, softcap=softcap,
-                          sinks=sinks)
+    params = AttentionParams(0.3, window=window, softcap=softcap, sinks=sinks)
+    out = BACKEND.forward(q, k_new, v_new, k_cache, v_cache, step.metadata, params)
     for row_start, i in zip(row_starts, order):
         n = seqs[i][0] - seqs[i][1]
         expected = _reference(queries[i], keys[i], values[i], seqs[i][1], 0.3, window, softcap, sinks)
@@ -69,7 +69,7 @@ def test_bidirectional_for_encoders():
     step = prepare_inputs([Chunk(0, list(range(6)), [0, 1])], BS, "cpu")
     q, k, v = torch.randn(6, H, D), torch.randn(6, H_KV, D), torch.randn(6, H_KV, D)
     cache = torch.zeros(2, BS, H_KV, D)
-    out = paged_attention(q, k, v, cache, cache, step.metadata, 0.5, causal=False)
+    out = BACKEND.forward(q, k, v, cache, cache, step.metadata, AttentionParams(0.5, causal=False))
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, kk) * 0.5, dim=-1)
     torch.testing.assert_close(out, torch.einsum("hqk,khd->qhd", probs, vv), atol=1e-5, rtol=1e-5)

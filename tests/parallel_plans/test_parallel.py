@@ -1,0 +1,92 @@
+"""Tensor and pipeline parallel over 2 gloo processes give what one process gives."""
+
+import threading
+import time
+
+import pytest
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.engine.executor import WorkerDiedError
+from pagedformers.tools.tiny_models import save_tiny_model
+from support.remote_models import save_remote_code_model
+
+PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": list(range(10, 45))},
+           {"prompt_token_ids": [100, 3]}]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=0)
+KW = dict(dtype="float32", kv_cache_memory_bytes=1 << 22)
+
+
+def _run(path, **kwargs):
+    llm = LLM(model=str(path), trust_remote_code=True, **KW, **kwargs)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        counts = llm.apply_model(lambda m: sum(p.numel() for p in m.parameters()))
+    finally:
+        llm.shutdown()
+    return [o.outputs[0] for o in outs], counts
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return {
+        "llama": save_tiny_model(root / "llama", "llama"),
+        "qwen2": save_tiny_model(root / "qwen2", "qwen2"),  # biases on q/k/v: column shards split them too
+        "remote": save_remote_code_model(root / "remote"),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "remote"])
+@pytest.mark.parametrize("mode", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_match_one(models, name, mode):
+    expected, (full,) = _run(models[name])
+    got, counts = _run(models[name], **{mode: 2})
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for a, b in zip(got, expected):  # logprobs of the chosen tokens, i.e. the logits, agree
+        assert [e[t].logprob for e, t in zip(a.logprobs, a.token_ids)] == \
+            pytest.approx([e[t].logprob for e, t in zip(b.logprobs, b.token_ids)], abs=1e-4)
+    assert len(counts) == 2 and all(c < full for c in counts)  # really sharded / split
+    if mode == "pipeline_parallel_size":
+        assert sum(counts) >= full  # each layer lives on one stage (tied embeddings may repeat)
+
+
+def test_fewer_kv_heads_than_ranks_replicates_them(tmp_path):
+    path = save_tiny_model(tmp_path / "mqa", "llama", num_key_value_heads=1)
+    expected, _ = _run(path)
+    got, _ = _run(path, tensor_parallel_size=2)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+def test_model_without_a_tp_plan_is_refused(models):
+    with pytest.raises(ValueError, match="needs a tensor-parallel plan.*base_model_tp_plan = "):
+        LLM(model=str(models["remote"]), trust_remote_code=True, tensor_parallel_size=2,
+            hf_overrides={"base_model_tp_plan": None}, **KW)
+
+
+def test_a_dead_worker_makes_generate_raise_in_bounded_time(models):
+    llm = LLM(model=str(models["llama"]), tensor_parallel_size=2, distributed_timeout_s=20, **KW)
+    try:
+        worker = llm.llm_engine.executor.procs[0]
+        threading.Timer(1.0, worker.kill).start()
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 4,
+                         SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
+
+
+def test_data_parallel_replicas_split_the_work_and_agree(models):
+    prompts = PROMPTS * 3
+    expected, _ = _run(models["llama"])
+    llm = LLM(model=str(models["llama"]), data_parallel_size=2, **KW)
+    try:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in expected] * 3
+        assert len({o.request_id for o in outs}) == len(prompts)
+        assert len(llm.apply_model(lambda m: type(m).__name__)) == 2  # one model per replica
+        with pytest.raises(ValueError, match="Prompt 1 is empty"):
+            llm.generate([PROMPTS[0], {"prompt_token_ids": []}], GREEDY)
+    finally:
+        llm.shutdown()

@@ -1,0 +1,56 @@
+"""The small compiled kernels (write_kv, argmax_rows, silu_and_mul) equal the PyTorch ops they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedformers.attention import AttentionMetadata
+from pagedformers.platforms.cpu.attention import CpuAttentionBackend
+from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernel_isa, cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
+                                reason="the kernels need AVX512-BF16 or AVX2 (this CPU has neither)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_write_kv_kernel_writes_what_index_put_writes(dtype):
+    assert cpu_kernels() is not None
+    torch.manual_seed(0)
+    caches = [torch.randn(9, 2, 4, 8).to(dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    key = torch.randn(2, 5, 8).to(dtype).transpose(0, 1)  # [T, H_kv, D] strided, as the attention hands it over
+    value = torch.randn(5, 2, 8).to(dtype)
+    blocks, offsets = torch.tensor([3, 3, 0, 8, 5]), torch.tensor([0, 3, 1, 2, 3])
+    expected[0][blocks, :, offsets], expected[1][blocks, :, offsets] = key, value
+    meta = AttentionMetadata(slot_mapping=blocks * 4 + offsets, num_decodes=0, decode_block_tables=None,
+                             decode_seq_lens=None, prefills=[])
+    CpuAttentionBackend().write_kv(caches[0], caches[1], key, value, meta)  # the kernel: key and value match
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels().write_kv(caches[0], caches[1], key, value, torch.tensor([0, 0, 0, 0, 9]), offsets)
+
+
+def test_argmax_rows_has_torch_ties_and_nans():
+    torch.manual_seed(0)
+    x = torch.randn(40, 1000)
+    x[1, 10] = x[1, 700] = 50.0  # tie: the first index
+    x[2, 999] = 50.0  # in the scalar tail (1000 % 16 = 8)
+    x[3, 17] = x[3, 3] = float("nan")  # NaN wins, the first one
+    x[4, 998] = float("nan")  # NaN in the tail
+    x[5] = float("-inf")  # all -inf: index 0
+    x[6, 500:] = float("inf")
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    for n in (1, 15, 16, 17, 33):
+        y = torch.randn(7, n)
+        assert torch.equal(argmax_rows(y), y.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:, ::2]), x[:, ::2].argmax(dim=-1))  # strided: torch's own
+    assert argmax_rows(x[:0]).shape == (0,)
+
+
+def test_silu_and_mul_rounds_like_the_two_bf16_ops():
+    torch.manual_seed(0)
+    gate_up = (torch.randn(33, 3 * 64) * 4).bfloat16()
+    gate_up[0, :64] = torch.tensor([0.0, -0.0, 100.0, -100.0] * 16)  # saturating exp both ways
+    out = torch.empty(33, 64, dtype=torch.bfloat16)
+    cpu_kernels().silu_and_mul(gate_up, 128, 0, 64, out)  # gate after up, a third block unused
+    assert torch.equal(out, F.silu(gate_up[:, 128:]) * gate_up[:, :64])
