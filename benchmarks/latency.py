@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
 from transformers import AutoModelForCausalLM
 
 from pagedformers import LLM, SamplingParams
-from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
 
 
 def parse_args() -> argparse.Namespace:

@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pagedformers import LLM, SamplingParams
 from common import add_model_args, save_llama
+
+from pagedformers import LLM, SamplingParams
 
 
 def parse_args() -> argparse.Namespace:

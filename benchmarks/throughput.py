@@ -23,16 +23,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
+from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
-from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
 from pagedformers.tools.tiny_models import hf_greedy
 
 
@@ -324,7 +324,7 @@ def main() -> None:
                 engine.close()
         check = hf_greedy(str(path), [ids for ids, _ in reqs[:2]], max(n for _, n in reqs[:2]),
                           dtype=getattr(torch, args.dtype))
-        for name, r in results.items():  # leading tokens equal to HF greedy (bf16 near-ties may split later)
+        for r in results.values():  # leading tokens equal to HF greedy (bf16 near-ties may split later)
             if "first_tokens" in r:
                 r["checked"] = min(_common_prefix(t, c) for t, c in zip(r["first_tokens"], check))
         ours = results["pagedformers"]["generated"] / results["pagedformers"]["elapsed_s"]

@@ -2,13 +2,20 @@
 
 from pagedformers.config import EngineArgs, EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
-from pagedformers.outputs import (ClassificationRequestOutput, CompletionOutput, EmbeddingRequestOutput, Logprob,
-                                  PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
+from pagedformers.outputs import (
+                                  ClassificationRequestOutput,
+                                  CompletionOutput,
+                                  EmbeddingRequestOutput,
+                                  Logprob,
+                                  PoolingRequestOutput,
+                                  RequestOutput,
+                                  ScoringRequestOutput,
+)
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineArgs", "EngineConfig",
-           "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput", "SamplingParams",
-           "ScoringRequestOutput", "__version__"]
+__all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineArgs",
+           "EngineConfig", "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput",
+           "SamplingParams", "ScoringRequestOutput", "__version__"]

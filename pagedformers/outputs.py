@@ -56,7 +56,7 @@ class RequestOutput:
 
 @dataclass
 class PoolingOutput:
-    data: "torch.Tensor"  # noqa: F821  [dim], [num_labels], or [tokens, dim] for token tasks
+    data: torch.Tensor  # noqa: F821  [dim], [num_labels], or [tokens, dim] for token tasks
 
 
 @dataclass

@@ -5,9 +5,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from pagedformers.tools.tiny_models import save_tiny_model  # noqa: E402
 from support.hub_clients import point_hf_client  # noqa: E402
 from support.hub_server import HubServer  # noqa: E402
-from pagedformers.tools.tiny_models import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

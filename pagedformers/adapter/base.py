@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from typing import ContextManager, Iterable
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import torch
 from accelerate import init_empty_weights
@@ -72,7 +73,7 @@ class TransformersBase(nn.Module):
                              **self.cache_kwargs(state))
         return out.last_hidden_state[0]
 
-    def feeding_stage(self, stage_input: torch.Tensor | None) -> ContextManager[None]:
+    def feeding_stage(self, stage_input: torch.Tensor | None) -> AbstractContextManager[None]:
         """On a pipeline stage after the first, its first layer takes `stage_input` for one forward."""
         if self.sharded.stage_input is None:
             assert stage_input is None, "the first pipeline stage takes token ids, not hidden states"
@@ -129,7 +130,8 @@ class TransformersBase(nn.Module):
         loader = getattr(current, "shard_loader", None)  # tensor-parallel shards read only their slice (tp.py)
         tensor = loader(tensor) if loader is not None else materialize(tensor)
         if tensor.shape != current.shape:
-            raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
+            raise ValueError(f"Weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(current.shape)}")
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name)
         dtype = self.config.model.dtype if tensor.is_floating_point() and current.is_floating_point() else current.dtype

@@ -10,7 +10,8 @@ head (Cohere's and Granite's scaling, Gemma's final soft-capping) is redone in `
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable, Literal
+from collections.abc import Iterable
+from typing import ClassVar, Literal
 
 import torch
 from accelerate import init_empty_weights

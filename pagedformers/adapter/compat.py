@@ -98,8 +98,8 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
         model = AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
     ctx = ForwardContext.for_probe("meta")
     with forward_context(ctx), torch.inference_mode():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"), position_ids=ctx.metadata.slot_mapping[None],
-              use_cache=False, **{PROBE_KWARG: True})
+        positions = ctx.metadata.slot_mapping[None]
+        model(input_ids=torch.zeros_like(positions), position_ids=positions, use_cache=False, **{PROBE_KWARG: True})
     return ctx
 
 

@@ -9,7 +9,7 @@ so it applies the same transforms, with transformers' own machinery (`conversion
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

@@ -8,8 +8,8 @@ state per request and runs each request's chunk as its own forward, without pref
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
@@ -18,8 +18,13 @@ from pagedformers.adapter.causal import CausalShell
 from pagedformers.adapter.compat import CompatReport, state_layers
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
 from pagedformers.adapter.pooling import TransformersForPooling
-from pagedformers.adapter.state_cache import (ModuleAttribute, create_state_cache, paged_cache_class,
-                                              plain_attributes, tensor_attributes_set_since)
+from pagedformers.adapter.state_cache import (
+    ModuleAttribute,
+    create_state_cache,
+    paged_cache_class,
+    plain_attributes,
+    tensor_attributes_set_since,
+)
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import KVCacheSpecs

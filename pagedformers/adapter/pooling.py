@@ -9,7 +9,7 @@ as that class's forward does after its base model.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -43,8 +43,11 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
     """The transformers shell for this checkpoint, once the compatibility check passed (it raises naming every
     broken rule)."""
     from pagedformers.adapter.causal import TransformersForCausalLM
-    from pagedformers.adapter.hybrid import (TransformersHybridForCausalLM, TransformersHybridForMultimodalLM,
-                                             TransformersHybridForPooling)
+    from pagedformers.adapter.hybrid import (
+        TransformersHybridForCausalLM,
+        TransformersHybridForMultimodalLM,
+        TransformersHybridForPooling,
+    )
     from pagedformers.adapter.multimodal import TransformersForMultimodalLM
     from pagedformers.adapter.pooling import TransformersForPooling
 

@@ -7,8 +7,9 @@ one, "torch", runs anywhere and is the reference the others are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

@@ -14,7 +14,6 @@ import torch
 
 from pagedformers.attention.kv_cache import block_rows
 
-
 QueryRun = tuple[int, int, torch.Tensor, torch.Tensor]  # rows [start, end), their block tables and context lengths
 
 

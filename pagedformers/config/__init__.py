@@ -2,8 +2,15 @@
 model's files are read by `loading.model_files`) -> `EngineConfig` (frozen, in sub-configs)."""
 
 from pagedformers.config.args import EngineArgs, ModelImpl
-from pagedformers.config.engine_config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                                               PoolingHead, SchedulerConfig)
+from pagedformers.config.engine_config import (
+                                               CacheConfig,
+                                               DeviceConfig,
+                                               EngineConfig,
+                                               ModelConfig,
+                                               ParallelConfig,
+                                               PoolingHead,
+                                               SchedulerConfig,
+)
 from pagedformers.config.pooler import PoolerConfig
 from pagedformers.config.resolve import ModelFiles, resolve
 

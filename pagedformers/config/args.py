@@ -8,8 +8,9 @@ Each field's `help` is what `pagedformers serve --help` prints for its flag (ent
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PretrainedConfig
@@ -58,8 +59,8 @@ class EngineArgs:
     enforce_eager: bool = _arg(False, "Run every step eagerly (no captured decode graphs).")
     runner: Runner = _arg("auto", "generate or pooling; auto: from the model's architecture.")
     convert: Convert = _arg("auto", "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.")
-    pooler_config: PoolerConfig | dict[str, Any] | None = _arg(None, "JSON object of pooler settings for pooling models "
-                                                      "(pooling_type, normalize, activation, dimensions, ...).")
+    pooler_config: PoolerConfig | dict[str, Any] | None = _arg(
+        None, "JSON object of pooler settings for pooling models (pooling_type, normalize, activation, ...).")
     tensor_parallel_size: int = _arg(1, "Number of tensor-parallel workers.")
     pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.")
     data_parallel_size: int = _arg(1, "Number of data-parallel engine replicas.")

@@ -9,8 +9,15 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedformers.config.args import EngineArgs
-from pagedformers.config.engine_config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                                               PoolingHead, SchedulerConfig)
+from pagedformers.config.engine_config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    PoolingHead,
+    SchedulerConfig,
+)
 from pagedformers.config.pooler import PoolerConfig
 
 _DTYPES = {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -26,8 +27,8 @@ class Executor(ABC):
     def apply_model(self, fn: Callable[[nn.Module], R]) -> list[R]:
         """Run fn on the model of every worker; one result per worker."""
 
-    def shutdown(self) -> None:
-        """Release workers (nothing to do in-process)."""
+    def shutdown(self) -> None:  # noqa: B027 (a hook: in-process, there is nothing to release)
+        """Release workers."""
 
 
 class WorkerDiedError(RuntimeError):

@@ -10,17 +10,15 @@ import traceback
 from pagedformers.config import EngineConfig
 from pagedformers.engine.detokenizer import Detokenizer
 from pagedformers.engine.executor import Executor, WorkerDiedError, create_executor
+from pagedformers.engine.input_processor import EngineRequest, InputProcessor, PromptType
 from pagedformers.engine.kv_cache_manager import KVCacheManager
 from pagedformers.engine.model_runner import ModelRunner, ModelRunnerOutput
 from pagedformers.engine.request import Request
 from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
-from pagedformers.engine.validation import check_request
-from pagedformers.loading.tokenizer import eos_token_ids, load_tokenizer
+from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.logger import init_logger
 from pagedformers.model.interface import SupportsPerRequestState
-from pagedformers.multimodal_inputs import MultiModalInputs
-from pagedformers.outputs import (CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics,
-                                  RequestOutput)
+from pagedformers.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics, RequestOutput
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import RequestOutputKind, SamplingParams
 
@@ -35,21 +33,41 @@ class _Parent:
     children: list[Request]
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """The engine's state for metrics: gauges now, and running totals since it started."""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks held by requests
+    num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int
+
+
 class LLMEngine:
+    """Requests in, one scheduled model step at a time, outputs out. `add_request` takes a prompt as the input
+    processor does (`self.processor`); a front end that checks its requests before queuing any passes them,
+    processed, to `add_processed_request`."""
+
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         if config.parallel.data_parallel_size > 1:
             raise ValueError("data_parallel_size > 1 is served by LLM(...), which runs one engine per replica; "
                              "a single LLMEngine (and so the server) runs one replica.")
         self.config = config
         self.tokenizer = load_tokenizer(config)
-        self.eos_token_ids = eos_token_ids(config, self.tokenizer)
         self.executor = executor or create_executor(config)
+        self.processor = InputProcessor(config, self.tokenizer, self.executor.num_blocks)
         self.runner = ModelRunner(config, self.executor)
         self.kv_manager = KVCacheManager(self.executor.num_blocks, config.cache.block_size, self._prefix_caching())
-        self.scheduler = Scheduler(self.kv_manager, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.parents: dict[str, _Parent] = {}
         self._arrivals = itertools.count()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_manager.num_blocks
 
     def _prefix_caching(self) -> bool:
         if not self.config.cache.enable_prefix_caching:
@@ -62,40 +80,37 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                         name: str = "The prompt") -> None:
-        """Raise ValueError if the request can never run; called before any model work."""
-        check_request(self.config, self.kv_manager.num_blocks, prompt_token_ids, params, name)
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams) -> None:
+        """Raises ValueError (InvalidRequest) for a request that can never run, before it is queued."""
+        self.add_processed_request(self.processor.process(request_id, prompt, params, f"Request {request_id!r}"))
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, multi_modal_inputs: MultiModalInputs | None = None) -> None:
+    def add_processed_request(self, request: EngineRequest) -> None:
+        """Queue a request the input processor made (its sequences: n samples, or one pooled prompt)."""
+        request_id = request.request_id
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use")
-        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
-        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
-        max_tokens = min(params.max_tokens or self.config.model.max_model_len,
-                         self.config.model.max_model_len - len(prompt_token_ids))
+        if request.is_pooling:
+            children = [Request(f"{request_id}#0", request.prompt_token_ids, SamplingParams(max_tokens=1), 1,
+                                next(self._arrivals), pooling_params=request.params,
+                                token_type_ids=request.token_type_ids, parent_id=request_id)]
+        else:
+            children = self._samples(request)
+        for child in children:
+            self.scheduler.add(child)
+        self.parents[request_id] = _Parent(request_id, request.prompt, children)
+
+    def _samples(self, request: EngineRequest) -> list[Request]:
+        params, num_prompt = request.params, len(request.prompt_token_ids)
+        limit = self.config.model.max_model_len
+        max_tokens = min(params.max_tokens or limit, limit - num_prompt)
         children = []
         for i in range(params.n):
-            child_params = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-            child = Request(f"{request_id}#{i}", prompt_token_ids, child_params, max_tokens, next(self._arrivals),
-                            multi_modal_inputs=multi_modal_inputs, parent_id=request_id)
-            children.append(child)
-            self.scheduler.add(child)
-        self.parents[request_id] = _Parent(request_id, prompt, children)
-
-    def add_pooling_request(self, request_id: str, prompt_token_ids: list[int], params: PoolingParams,
-                            token_type_ids: list[int] | None = None) -> None:
-        if request_id in self.parents:
-            raise ValueError(f"Request id {request_id!r} is already in use")
-        if params.truncate_prompt_tokens is not None:
-            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
-            token_type_ids = token_type_ids[-params.truncate_prompt_tokens:] if token_type_ids else None
-        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
-        req = Request(f"{request_id}#0", prompt_token_ids, SamplingParams(max_tokens=1), 1, next(self._arrivals),
-                      pooling_params=params, token_type_ids=token_type_ids, parent_id=request_id)
-        self.scheduler.add(req)
-        self.parents[request_id] = _Parent(request_id, None, [req])
+            seeded = params.seed is not None and i > 0  # each sample its own stream, from the request's seed
+            child_params = dataclasses.replace(params, seed=params.seed + i) if seeded else params
+            children.append(Request(f"{request.request_id}#{i}", request.prompt_token_ids, child_params, max_tokens,
+                                    next(self._arrivals), multi_modal_inputs=request.multi_modal_inputs,
+                                    parent_id=request.request_id))
+        return children
 
     def abort_request(self, request_id: str) -> None:
         parent = self.parents.pop(request_id, None)
@@ -106,6 +121,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
+
+    def get_stats(self) -> EngineStats:
+        prefix = self.kv_manager.stats
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_manager.usage,
+                           self.scheduler.num_preemptions, prefix.queries, prefix.hits)
 
     # -- stepping -----------------------------------------------------------------------------------
 

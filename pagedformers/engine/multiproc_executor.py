@@ -8,13 +8,13 @@ workers are alive before each step, so a dead worker surfaces as WorkerDiedError
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 import torch
@@ -136,7 +136,7 @@ def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: st
                 dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0)
     except Exception:
         traceback.print_exc()
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

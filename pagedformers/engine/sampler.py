@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 
 from pagedformers.engine.request import Request
-from pagedformers.platforms import argmax_rows
 from pagedformers.outputs import Logprob
+from pagedformers.platforms import argmax_rows
 
 
 class SamplerOutput(NamedTuple):

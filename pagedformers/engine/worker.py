@@ -7,8 +7,9 @@ decodes, dropped when the request ends. They run one request per forward, which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

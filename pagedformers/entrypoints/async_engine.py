@@ -1,5 +1,7 @@
 """AsyncLLM: one LLMEngine stepped by one background thread, streaming outputs to asyncio callers
 (`generate` yields a request's outputs as they grow; `encode`, for pooling models, returns its one result).
+It is the server's engine client (engine/client.py): callers shape and check each request with its
+`processor`, on their own thread, before handing it over.
 
 The engine is not thread-safe, so it has exactly one owner: the engine thread. Callers on
 the event loop never touch it; they queue commands (add, abort) and the thread applies
@@ -12,23 +14,27 @@ With nothing to do, the thread sleeps on a Condition until a command arrives.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import copy
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import AsyncIterator, Callable
+from typing import TypeVar
 
+from torch import nn
+
+from pagedformers.engine.input_processor import EngineRequest, InputProcessor
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.metrics import EngineMetrics, RequestStats
 from pagedformers.logger import init_logger
-from pagedformers.entrypoints.pooling_utils import supported_tasks
 from pagedformers.outputs import PoolingRequestOutput, RequestOutput
-from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
 
+R = TypeVar("R")
 
 
 class EngineError(RuntimeError):
@@ -48,7 +54,10 @@ class _Stream:
 
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None) -> None:
-        self.engine = engine
+        self.engine = engine  # NOTE: touched only on the engine thread, once it started
+        self.config = engine.config
+        # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
+        self.processor = InputProcessor(engine.config, copy.deepcopy(engine.tokenizer), engine.num_kv_blocks)
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond
@@ -63,30 +72,18 @@ class AsyncLLM:
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        return supported_tasks(self.engine.config)
+        return self.processor.supported_tasks
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                         name: str = "The prompt") -> None:
-        """Raise ValueError if the request can never run.
-
-        NOTE: called on the caller's thread: LLMEngine.validate_request reads only the config
-        and the size of the block pool, both fixed when the engine is built.
-        """
-        self.engine.validate_request(prompt_token_ids, params, name)
-
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its RequestOutputs as the engine produces them (cumulative,
-        the last one `finished`). Closing or cancelling the iterator early aborts the request.
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Queue a request (from `self.processor`) and yield its RequestOutputs as the engine produces them
+        (cumulative, the last one `finished`). Closing or cancelling the iterator early aborts the request.
 
         Raises:
-            ValueError: the request can never run (checked before it is queued).
             EngineError: the request failed in the engine, or the engine was shut down.
         """
-        self.validate_request(prompt_token_ids, params, f"Request {request_id!r}")
-        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(prompt_token_ids)))
-        add = partial(self.engine.add_request, request_id, list(prompt_token_ids), params, prompt=prompt)
-        self._submit(partial(self._add, request_id, add, stream))
+        request_id = request.request_id
+        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(request.prompt_token_ids)))
+        self._submit(partial(self._add, request, stream))
         finished = False
         try:
             while not finished:
@@ -100,25 +97,16 @@ class AsyncLLM:
             if not finished:  # the caller went away (cancelled, closed, client disconnected)
                 self.abort(request_id)
 
-    async def encode(self, prompt_token_ids: list[int], params: PoolingParams, request_id: str,
-                     token_type_ids: list[int] | None = None) -> PoolingRequestOutput:
-        """Queue a pooling request and return its output (with `error` set if it failed in a step).
-        Cancelling the call aborts the request.
+    async def encode(self, request: EngineRequest) -> PoolingRequestOutput:
+        """Queue a pooling request (from `self.processor`) and return its output (with `error` set if it failed
+        in a step). Cancelling the call aborts the request.
 
         Raises:
-            ValueError: the request can never run (checked before it is queued).
             EngineError: the engine was shut down, or a step failed.
         """
-        if params.task is not None and params.task not in self.supported_tasks:
-            raise ValueError(f"This model does not support the pooling task {params.task!r}; "
-                             f"it supports {list(self.supported_tasks)}")
-        k = params.truncate_prompt_tokens
-        kept = prompt_token_ids[-k:] if k else prompt_token_ids  # what the engine will run
-        self.validate_request(kept, params, f"Request {request_id!r}")
-        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(kept)))
-        add = partial(self.engine.add_pooling_request, request_id, list(prompt_token_ids), params,
-                      list(token_type_ids) if token_type_ids is not None else None)
-        self._submit(partial(self._add, request_id, add, stream))
+        request_id = request.request_id
+        stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(request.prompt_token_ids)))
+        self._submit(partial(self._add, request, stream))
         item: _Item | None = None
         try:
             while item is None or not item.finished:  # NOTE: a prompt pooled over several steps reports each
@@ -137,13 +125,27 @@ class AsyncLLM:
         except EngineError:
             pass  # shut down: every request is gone already
 
+    def apply_model(self, fn: Callable[[nn.Module], R]) -> list[R]:
+        """fn(model) on every worker, run by the engine thread between steps; blocks the caller until it ran."""
+        result: concurrent.futures.Future[list[R]] = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                result.set_result(self.engine.executor.apply_model(fn))
+            except Exception as e:  # noqa: BLE001 (the caller's to handle)
+                result.set_exception(e)
+        self._submit(command)
+        return result.result()
+
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; requests still in flight fail with EngineError."""
+        """Stop the engine thread, then the engine's workers; requests still in flight fail with EngineError."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.executor.shutdown()
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -169,16 +171,16 @@ class AsyncLLM:
                     logger.exception("Engine command %s failed", command)
             if not stopped and self.engine.has_unfinished_requests():
                 self._step()
-            self.metrics.on_engine_state(self.engine)
+            self.metrics.on_engine_state(self.engine.get_stats())
         self._fail_all("The engine was shut down")
 
-    def _add(self, request_id: str, add: Callable[[], None], stream: _Stream) -> None:
+    def _add(self, request: EngineRequest, stream: _Stream) -> None:
         try:
-            add()
+            self.engine.add_processed_request(request)
         except Exception as e:  # e.g. a request id already in use: this request fails alone
             self._deliver([(stream, e)])
             return
-        self._streams[request_id] = stream
+        self._streams[request.request_id] = stream
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
@@ -222,7 +224,7 @@ class AsyncLLM:
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening any more
-                for stream, item in items:
+                for _, item in items:
                     if isinstance(item, RequestOutput) and not item.finished:
                         self._abort(item.request_id)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pagedformers import __version__
 from pagedformers.entrypoints.engine_args import add_engine_args, engine_kwargs

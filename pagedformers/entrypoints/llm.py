@@ -1,36 +1,39 @@
-"""LLM: the offline entry point, with vLLM's names (generate, chat, apply_model, get_tokenizer)."""
+"""LLM: the offline entry point, with vLLM's names (generate, chat, encode, embed, classify, score, apply_model,
+get_tokenizer). Prompts are shaped and checked by the client's input processor, every one before any model
+work; the client runs them (in this process, or on data-parallel replicas)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Sequence, TypeVar, Union
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
-
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from pagedformers.config import EngineArgs
+from pagedformers.engine.client import OfflineClient, Output, create_offline_client
+from pagedformers.engine.input_processor import Conversation, PromptType
 from pagedformers.engine.llm_engine import LLMEngine
-from pagedformers.engine.validation import check_request
-from pagedformers.entrypoints.data_parallel import DataParallelReplicas
-from pagedformers.entrypoints.multimodal import MultiModalProcessor
-from pagedformers.entrypoints.pooling_utils import cross_encoder_inputs, cross_encoder_score, pair_up, supported_tasks
+from pagedformers.entrypoints.scoring import cross_encoder_inputs, cross_encoder_score, pair_up
 from pagedformers.loading.gguf_once import gguf_parsed_once
 from pagedformers.loading.model_files import create_engine_config
-from pagedformers.loading.tokenizer import load_tokenizer
-from pagedformers.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
-                                  EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
-                                  ScoringRequestOutput)
+from pagedformers.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import RequestOutputKind, SamplingParams
+from pagedformers.sampling_params import SamplingParams
 
 R = TypeVar("R")
-TokensPrompt = dict  # {"prompt_token_ids": [...]} (or {"prompt": "..."})
-PromptType = Union[str, TokensPrompt]
-Conversation = list[dict[str, Any]]
 
 
 class LLM:
@@ -43,36 +46,25 @@ class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         with gguf_parsed_once(model, kwargs.get("gguf_file")):  # config, tokenizer and weights: one parse
             self.config = create_engine_config(EngineArgs.from_kwargs(model=model, **kwargs))
-            self._ids = itertools.count()
-            self._multi_modal_processor = MultiModalProcessor(self.config)
-            self._replicas: DataParallelReplicas | None = None
-            if self.config.parallel.data_parallel_size > 1:
-                self._replicas = DataParallelReplicas(self.config.local_args(), self.config.parallel.data_parallel_size)
-                self._tokenizer = load_tokenizer(self.config)
-                self.llm_engine = None
-            else:
-                self.llm_engine = LLMEngine(self.config)
-                self._tokenizer = self.llm_engine.tokenizer
+            self._client: OfflineClient = create_offline_client(self.config)
+        self._processor = self._client.processor
+        self._ids = itertools.count()
+
+    @property
+    def llm_engine(self) -> LLMEngine | None:
+        """The engine, where it runs in this process (None with data-parallel replicas)."""
+        return self._client.llm_engine
 
     def shutdown(self) -> None:
         """Stop worker and replica processes; the LLM is unusable afterwards."""
-        if self._replicas is not None:
-            self._replicas.shutdown()
-        else:
-            self.llm_engine.executor.shutdown()
+        self._client.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._tokenizer
+        return self._processor.tokenizer
 
     def apply_model(self, func: Callable[[nn.Module], R]) -> list[R]:
         """Run func on the model of every worker (of every replica) and return the results, one per worker."""
-        if self._replicas is not None:
-            return self._replicas.apply_model(func)
-        return self.llm_engine.executor.apply_model(func)
-
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, name: str) -> None:
-        num_blocks = self._replicas.num_blocks if self._replicas else self.llm_engine.kv_manager.num_blocks
-        check_request(self.config, num_blocks, prompt_token_ids, params, name)
+        return self._client.apply_model(func)
 
     def generate(
         self,
@@ -80,21 +72,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Prompts are text, {"prompt_token_ids": [...]}, or {"prompt": text with image placeholders,
+        """Prompts are text, token ids, {"prompt_token_ids": [...]}, or {"prompt": text with image placeholders,
         "multi_modal_data": {"image": PIL image or a list of them}} (the model's processor expands them)."""
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams)
-        requests = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):  # every request is checked before any model work
-            media = None
-            if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-                ids, media = self._multi_modal_processor(prompt, f"Prompt {i}")
-                text = prompt["prompt"]
-            else:
-                ids, text = self._encode(prompt, i)
-            self._validate(ids, p, f"Prompt {i}")
-            requests.append(("generate", ids, p, {"prompt": text, "multi_modal_inputs": media}))
-        return self._run(requests, use_tqdm)
+        return self._run(prompts, params, use_tqdm)
 
     def chat(
         self,
@@ -105,25 +87,16 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tokenizer = self.get_tokenizer()
-        texts = [
-            tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                          chat_template=chat_template)
-            for conv in conversations
-        ]
-        # The template already holds the special tokens (BOS etc.): do not add them twice.
-        prompts = [{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False)} for t in texts]
+        prompts = [self._processor.chat_prompt(conv, chat_template, add_generation_prompt, name=f"Conversation {i}")
+                   for i, conv in enumerate(conversations)]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _encode(self, prompt: PromptType, index: int) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            return self.get_tokenizer().encode(prompt), prompt
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.get_tokenizer().encode(prompt["prompt"]), prompt["prompt"]
-        raise TypeError(f"Prompt {index} must be a str or a dict with 'prompt_token_ids' or 'prompt', "
-                        f"got {type(prompt).__name__}")
+    def _run(self, prompts: list[PromptType], params: Sequence[SamplingParams | PoolingParams],
+             use_tqdm: bool) -> list[Output]:
+        """Every prompt processed (and so checked) first, then all run together."""
+        requests = [self._processor.process(str(next(self._ids)), prompt, p, f"Prompt {i}")
+                    for i, (prompt, p) in enumerate(zip(prompts, params))]
+        return self._client.run(requests, use_tqdm)
 
     # -- pooling --------------------------------------------------------------------------------------
 
@@ -139,16 +112,10 @@ class LLM:
         task = pooling_task or supported[0]
         if task not in supported:
             raise ValueError(f"This model does not support the pooling task {task!r}; it supports {list(supported)}")
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = _as_list(prompts)
         params = [dataclasses.replace(p, task=task)
                   for p in _per_prompt(pooling_params, len(prompts), PoolingParams)]
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        types = [p.get("token_type_ids") if isinstance(p, dict) else None for p in prompts]
-        for i, ((ids, _), p) in enumerate(zip(encoded, params)):
-            kept = ids[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else ids
-            self._validate(kept, p, f"Prompt {i}")
-        return self._run([("pool", ids, p, {"token_type_ids": t}) for (ids, _), p, t in zip(encoded, params, types)],
-                         use_tqdm)
+        return self._run(prompts, params, use_tqdm)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -195,39 +162,14 @@ class LLM:
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        return supported_tasks(self.config)
+        return self._processor.supported_tasks
 
-    def _run(self, items: list[tuple], use_tqdm: bool) -> list[Any]:
-        """Add every request, then step the engine until all finish (or hand them to the replicas).
 
-        An item is ("generate" | "pool", token_ids, SamplingParams | PoolingParams, keyword arguments of
-        the engine's add_request | add_pooling_request)."""
-        if self._replicas is not None:
-            outs = self._replicas.run(items)
-            for out in outs:  # each replica numbers its own requests
-                out.request_id = str(next(self._ids))
-            return outs
-        engine = self.llm_engine
-        ids = [str(next(self._ids)) for _ in items]
-        for request_id, (kind, token_ids, params, extra) in zip(ids, items):
-            if kind == "generate":  # only final outputs are returned: no text decoded along the way
-                final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(request_id, token_ids, final_only, **extra)
-            else:
-                engine.add_pooling_request(request_id, token_ids, params, **extra)
-        done: dict[str, Any] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
-            try:
-                while len(done) < len(ids):
-                    for out in engine.step():
-                        if out.finished:
-                            done[out.request_id] = out
-                            bar.update(1)
-            finally:  # e.g. KeyboardInterrupt: leave the engine clean for the next call
-                for request_id in ids:
-                    if request_id not in done:
-                        engine.abort_request(request_id)
-        return [done[i] for i in ids]
+def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text, a dict, or a flat list of token ids) or a sequence of them."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def _per_prompt(params: Any, n: int, kind: type) -> list:

@@ -8,14 +8,11 @@ EngineMetrics has its own registry, so several engines can live in one process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pagedformers.engine.llm_engine import EngineStats
 from pagedformers.outputs import PoolingRequestOutput, RequestOutput
-
-if TYPE_CHECKING:
-    from pagedformers.engine.llm_engine import LLMEngine
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
@@ -66,20 +63,17 @@ class EngineMetrics:
         """The Prometheus text exposition format."""
         return generate_latest(self.registry)
 
-    def on_engine_state(self, engine: LLMEngine) -> None:
+    def on_engine_state(self, stats: EngineStats) -> None:
         """Refresh the gauges (and the counters the engine keeps as running totals)."""
-        scheduler = engine.scheduler
-        running = len(scheduler.running)
-        self.num_running.set(running)
-        self.num_waiting.set(len(scheduler.waiting))
-        self.kv_cache_usage.set(engine.kv_manager.usage)
-        if running > self._max_running:
-            self._max_running = running
-            self.max_num_running.set(running)
-        stats = engine.kv_manager.stats
-        self._add_delta(self.num_preemptions, "preemptions", getattr(scheduler, "num_preemptions", 0))
-        self._add_delta(self.prefix_cache_queries, "queries", stats.queries)
-        self._add_delta(self.prefix_cache_hits, "hits", stats.hits)
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        if stats.num_running > self._max_running:
+            self._max_running = stats.num_running
+            self.max_num_running.set(stats.num_running)
+        self._add_delta(self.num_preemptions, "preemptions", stats.num_preemptions)
+        self._add_delta(self.prefix_cache_queries, "queries", stats.prefix_cache_queries)
+        self._add_delta(self.prefix_cache_hits, "hits", stats.prefix_cache_hits)
 
     def on_output(self, stats: RequestStats, out: RequestOutput | PoolingRequestOutput, now: float) -> None:
         if isinstance(out, PoolingRequestOutput):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 _lock = threading.Lock()
 _depth = 0  # nested or concurrent loads share one patch; the last to leave restores gguf

@@ -25,8 +25,12 @@ def download_model(repo_id: str, revision: str | None, download_dir: str | None,
 def _hf_download(repo_id: str, revision: str | None, cache_dir: str | None, gguf_file: str | None,
                  weights: bool) -> str:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = envs.hf_hub_offline()
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")

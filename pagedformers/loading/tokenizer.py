@@ -16,7 +16,8 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
 
 
 def eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """generation_config.json's eos ids when present (they may list several), else the config's; plus the tokenizer's."""
+    """generation_config.json's eos ids when present (they may list several), else the config's; plus the
+    tokenizer's."""
     ids: set[int] = set()
     try:
         ids |= _as_set(GenerationConfig.from_pretrained(config.model.path).eos_token_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class LazyTensor:
         return self._handle.get_tensor(self._name)
 
 
-def materialize(tensor: "torch.Tensor | LazyTensor") -> torch.Tensor:
+def materialize(tensor: torch.Tensor | LazyTensor) -> torch.Tensor:
     return tensor.read() if isinstance(tensor, LazyTensor) else tensor
 
 

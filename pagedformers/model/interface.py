@@ -18,7 +18,8 @@ AttentionInterface (attention/), which reads the step's metadata and KV cache fr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Literal, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn

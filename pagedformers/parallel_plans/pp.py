@@ -14,8 +14,8 @@ learned positions) on the previous stage's output.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ local head count from the sharded projection (`view(..., -1, head_dim)`).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -21,14 +21,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import transformers
 
-from pagedformers.tools.family_check import (MAX_NEW_TOKENS, NOT_TEXT_DECODER, PROMPT_LENGTHS, TOLERANCE,
-                                             FamilyResult, enumerate_families, run_family)
+from pagedformers.tools.family_check import (
+    MAX_NEW_TOKENS,
+    NOT_TEXT_DECODER,
+    PROMPT_LENGTHS,
+    TOLERANCE,
+    FamilyResult,
+    enumerate_families,
+    run_family,
+)
 
 RESULT_PREFIX = "CONFORMANCE_RESULT "
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy, save_tiny_model
-from support.remote_models import save_remote_code_model
 from pagedformers import LLM, SamplingParams
 from pagedformers.platforms.cpu.decode_graphs import MIN_STABLE_STEPS
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy, save_tiny_model
+from support.remote_models import save_remote_code_model
 
 PROMPTS = [
     "Hello, my name is",

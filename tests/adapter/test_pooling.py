@@ -149,4 +149,4 @@ def test_pooling_params_checked_against_the_model(tmp_path):
     with pytest.raises(ValueError, match="dimensions=100 exceeds the embedding size 64"):
         llm.embed(["hello"], PoolingParams(dimensions=100))
     with pytest.raises(ValueError, match="does not support the pooling task 'classify'"):
-        llm.llm_engine.add_pooling_request("x", [5, 6], PoolingParams(task="classify"))
+        llm.llm_engine.add_request("x", [5, 6], PoolingParams(task="classify"))  # the engine checks its requests too

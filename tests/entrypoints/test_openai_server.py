@@ -10,11 +10,10 @@ import pytest
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.config import EngineArgs
-from pagedformers.loading.model_files import create_engine_config
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
 from pagedformers.entrypoints.openai.server import build_app
-
+from pagedformers.loading.model_files import create_engine_config
 from support.openai_server import assert_openai_error, metric, running_server, wait_until_idle
 
 MODEL = "tiny"
@@ -171,14 +170,16 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 
 def test_async_llm_streams_outputs_and_aborts_when_closed(server, engine):
+    with pytest.raises(ValueError, match="is empty"):  # checked before anything is queued
+        engine.processor.process("empty", [], SamplingParams())
+
     async def run() -> None:
-        with pytest.raises(ValueError, match="is empty"):  # checked before anything is queued
-            await anext(engine.generate([], SamplingParams(), "empty"))
         params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-        outputs = [out async for out in engine.generate([5, 6, 7], params, "whole")]
+        outputs = [out async for out in engine.generate(engine.processor.process("whole", [5, 6, 7], params))]
         assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5]
         assert [o.finished for o in outputs] == [False] * 4 + [True]
-        long = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "closed early")
+        long = engine.generate(engine.processor.process("closed early", [5, 6, 7],
+                                                        SamplingParams(max_tokens=200, ignore_eos=True)))
         await anext(long)
         await long.aclose()
 
@@ -199,7 +200,7 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_keeps_serving(se
     monkeypatch.setattr(engine.engine, "step", failing_step)
     with pytest.raises(openai.InternalServerError, match="boom"):
         client.completions.create(model=MODEL, prompt=HELLO, max_tokens=4, **GREEDY)
-    monkeypatch.setattr(engine, "validate_request", lambda *args: {}["a bug"])
+    monkeypatch.setattr(engine.processor, "process", lambda *args, **kwargs: {}["a bug"])
     with pytest.raises(openai.InternalServerError, match="KeyError"):
         client.completions.create(model=MODEL, prompt=HELLO, max_tokens=4, **GREEDY)
     monkeypatch.undo()
@@ -211,14 +212,15 @@ def test_shutdown_fails_requests_in_flight(tiny_llama):
     engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))))
 
     async def run() -> None:
-        outputs = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "in flight")
+        outputs = engine.generate(engine.processor.process("in flight", [5, 6, 7],
+                                                           SamplingParams(max_tokens=200, ignore_eos=True)))
         await anext(outputs)
         await asyncio.to_thread(engine.shutdown)
         with pytest.raises(EngineError, match="shut down"):
             async for _ in outputs:
                 pass
         with pytest.raises(EngineError, match="shut down"):
-            await anext(engine.generate([5, 6, 7], SamplingParams(), "too late"))
+            await anext(engine.generate(engine.processor.process("too late", [5, 6, 7], SamplingParams())))
 
     asyncio.run(run())
     assert not engine.is_running and not engine.engine.has_unfinished_requests()

@@ -7,8 +7,8 @@ import gguf
 import pytest
 import torch
 
-from pagedformers.tools.tiny_models import hf_greedy
 from pagedformers import LLM, SamplingParams
+from pagedformers.tools.tiny_models import hf_greedy
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 from quickstart import smollm2_gguf  # noqa: E402

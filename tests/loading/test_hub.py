@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,

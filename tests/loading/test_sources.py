@@ -5,9 +5,9 @@
 import pytest
 from huggingface_hub import scan_cache_dir
 
-from support.hub_clients import point_modelscope_client, set_hf_offline
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.tiny_models import save_tiny_model
+from support.hub_clients import point_modelscope_client, set_hf_offline
 from support.remote_models import save_remote_code_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -6,6 +6,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
+from pagedformers.engine.input_processor import InvalidRequest
 from pagedformers.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {
@@ -23,10 +24,13 @@ class OpenAIError(Exception):
         self.message, self.status, self.param = message, status, param
 
     @classmethod
-    def from_value_error(cls, error: ValueError) -> "OpenAIError":
-        """A ValueError from SamplingParams, PoolingParams or validate_request: the user's mistake, so a 400."""
+    def from_value_error(cls, error: ValueError, param: str | None = None) -> OpenAIError:
+        """A ValueError from SamplingParams, PoolingParams or the input processor: the user's mistake, so a 400,
+        naming the field at fault (the error's own, else the one its message names, else `param`)."""
         match = _PARAM.search(str(error))
-        return cls(str(error), 400, match.group(1) if match else None)
+        own = error.param if isinstance(error, InvalidRequest) else None
+        field = own or (match.group(1) if match else None) or param
+        return cls(str(error), 400, field)
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "Error"),

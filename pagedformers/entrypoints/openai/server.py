@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import secrets
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,8 +48,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name needs at least one name")
-    config = engine.engine.config
-    ctx = ServingContext(engine, copy.deepcopy(engine.engine.tokenizer), names, chat_template, config.model.max_model_len)
+    config = engine.config
+    ctx = ServingContext(engine, names, chat_template)
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
     if api_key:
@@ -71,7 +71,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=n, root=config.model.name, max_model_len=config.model.max_model_len) for n in names])
+        cards = [ModelCard(id=n, root=config.model.name, max_model_len=config.model.max_model_len) for n in names]
+        return ModelList(data=cards)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:

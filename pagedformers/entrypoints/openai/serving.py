@@ -1,16 +1,18 @@
-"""What the endpoints share: the served model and its tasks, sampling params, prompt checks, stream
-deltas, logprobs, usage, and pooling many prompts at once."""
+"""What the endpoints share: the served model and its tasks, sampling params, requests through the input
+processor, stream deltas, logprobs, usage, and pooling many prompts at once."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from pagedformers.engine.input_processor import EngineRequest, InputProcessor, PromptType
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.errors import OpenAIError
 from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
@@ -28,10 +30,17 @@ _ENDPOINTS = {"generate": ("/v1/completions", "/v1/chat/completions"),
 @dataclass
 class ServingContext:
     engine: AsyncLLM
-    tokenizer: PreTrainedTokenizerBase  # the event loop's own copy: HF fast tokenizers are not thread-safe
     served_model_names: list[str]
     chat_template: str | None
-    max_model_len: int
+
+    @property
+    def processor(self) -> InputProcessor:
+        """The engine client's input processor: the event loop's own (its tokenizer is not the engine thread's)."""
+        return self.engine.processor
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.processor.tokenizer
 
     def check_model(self, name: str | None) -> str:
         """The model name to answer with; 404 (as vLLM) for a model this server does not serve."""
@@ -44,7 +53,7 @@ class ServingContext:
 
     def check_task(self, model: str, tasks: tuple[str, ...], what: str) -> None:
         """400 (as vLLM) when the model serves none of `tasks`, naming the tasks and endpoints it does serve."""
-        supported = self.engine.supported_tasks
+        supported = self.processor.supported_tasks
         if set(tasks) & set(supported):
             return
         endpoints = list(dict.fromkeys(e for t in supported for e in _ENDPOINTS.get(t, ())))
@@ -52,32 +61,15 @@ class ServingContext:
         raise OpenAIError(f"The model `{model}` does not support {what}: it supports the tasks {list(supported)}. "
                           f"{hint}", 400, "model")
 
-    def check_pooling_prompt(self, prompt_token_ids: list[int], params: PoolingParams, name: str,
-                             param: str) -> None:
-        """400 for an input that can never be pooled, before anything is queued."""
-        k = params.truncate_prompt_tokens
-        kept = prompt_token_ids[-k:] if k else prompt_token_ids
-        if len(kept) > self.max_model_len:
-            raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(kept)} tokens in {name}. Please reduce the length of the input.", 400, param)
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams, name: str,
+                param: str | None = None) -> EngineRequest:
+        """The request shaped and checked by the input processor, with OpenAI's context-length rule (a prompt
+        and max_tokens that do not fit max_model_len are refused); 400 naming `param` for one that can never run.
+        Endpoints process every prompt of a call before queuing any."""
         try:
-            self.engine.validate_request(kept, params, name)
+            return self.processor.process(request_id, prompt, params, name, strict_context=True)
         except ValueError as e:
-            raise OpenAIError(str(e), 400, param) from None
-
-    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams, name: str) -> None:
-        """400 for a request that can never run: all checks happen before anything is queued."""
-        num_prompt, max_tokens, limit = len(prompt_token_ids), params.max_tokens, self.max_model_len
-        if max_tokens is not None and num_prompt + max_tokens > limit:
-            raise OpenAIError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
-                "Please reduce the length of the prompt or of max_tokens.", 400, "max_tokens")
-        try:
-            self.engine.validate_request(prompt_token_ids, params, name)
-        except ValueError as e:
-            raise OpenAIError.from_value_error(e) from None
+            raise OpenAIError.from_value_error(e, param) from None
 
 
 def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -146,13 +138,10 @@ def check_output(out: RequestOutput | PoolingRequestOutput) -> None:
         raise OpenAIError(f"The request failed in the engine: {out.error}", 500)
 
 
-async def encode_all(ctx: ServingContext, prompts: list[list[int]], params: PoolingParams, request_id: str,
-                     token_type_ids: list[list[int] | None] | None = None) -> list[PoolingRequestOutput]:
+async def encode_all(ctx: ServingContext, requests: list[EngineRequest]) -> list[PoolingRequestOutput]:
     """Pool each prompt as its own request, all queued at once so the engine batches them. One failing,
     or the caller going away, aborts the others."""
-    types = token_type_ids or [None] * len(prompts)
-    tasks = [asyncio.ensure_future(ctx.engine.encode(ids, params, f"{request_id}-{i}", t))
-             for i, (ids, t) in enumerate(zip(prompts, types))]
+    tasks = [asyncio.ensure_future(ctx.engine.encode(request)) for request in requests]
     try:
         outputs = await asyncio.gather(*tasks)
     finally:

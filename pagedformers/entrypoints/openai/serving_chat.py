@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -19,7 +20,6 @@ from pagedformers.entrypoints.openai.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
-    ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
 )
@@ -48,13 +48,13 @@ async def create_chat_completion(ctx: ServingContext,
         raise OpenAIError("top_logprobs needs logprobs=true", 400, "top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = to_sampling_params(request, request.max_completion_tokens or request.max_tokens, logprobs)
-    prompt, token_ids = _chat_prompt(ctx, request)
-    ctx.check_prompt(token_ids, params, "The conversation")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = ctx.engine.generate(token_ids, params, request_id, prompt)
+    engine_request = ctx.process(request_id, _chat_prompt(ctx, request), params, "The conversation")
+    num_prompt_tokens = len(engine_request.prompt_token_ids)
+    outputs = ctx.engine.generate(engine_request)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return StreamingResponse(_stream(request_id, model, params, outputs, len(token_ids), include_usage),
+        return StreamingResponse(_stream(request_id, model, params, outputs, num_prompt_tokens, include_usage),
                                  media_type="text/event-stream")
     final = None
     async with aclosing(outputs):
@@ -71,37 +71,18 @@ async def create_chat_completion(ctx: ServingContext,
         for o in final.outputs
     ]
     response = ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=usage([len(token_ids)], {0: final}))
+                                      usage=usage([num_prompt_tokens], {0: final}))
     return JSONResponse(response.model_dump())
 
 
-def _chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-    template = request.chat_template or ctx.chat_template
-    if template is None and not getattr(ctx.tokenizer, "chat_template", None):
-        raise OpenAIError("The model's tokenizer has no chat template: start the server with --chat-template "
-                          "(a file or the template itself), or use /v1/completions.", 400)
-    messages = [_message(m, i) for i, m in enumerate(request.messages)]
+def _chat_prompt(ctx: ServingContext, request: ChatCompletionRequest) -> dict[str, Any]:
+    """The conversation through the chat template (the request's, the server's, else the tokenizer's)."""
+    messages = [m.model_dump(exclude_none=True) for m in request.messages]
     try:
-        text = ctx.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=request.add_generation_prompt, chat_template=template,
-            **(request.chat_template_kwargs or {}),
-        )
-    except Exception as e:  # a template error is about this request's messages or template
-        raise OpenAIError(f"Could not apply the chat template: {type(e).__name__}: {e}", 400, "messages") from None
-    # The template already holds the special tokens (BOS etc.): do not add them twice.
-    return text, ctx.tokenizer.encode(text, add_special_tokens=False)
-
-
-def _message(message: ChatMessage, index: int) -> dict[str, Any]:
-    """A message as chat templates expect it: content parts of type text joined into one string."""
-    result = message.model_dump(exclude_none=True)
-    if isinstance(message.content, list):
-        kinds = {part.get("type") for part in message.content} - {"text"}
-        if kinds:
-            raise OpenAIError(f"messages[{index}] has content of type {sorted(map(str, kinds))}; only text "
-                              "is supported yet", 400, "messages")
-        result["content"] = "\n".join(part.get("text", "") for part in message.content)
-    return result
+        return ctx.processor.chat_prompt(messages, request.chat_template or ctx.chat_template,
+                                         request.add_generation_prompt, request.chat_template_kwargs)
+    except ValueError as e:
+        raise OpenAIError.from_value_error(e, "messages") from None
 
 
 async def _stream(request_id: str, model: str, params: SamplingParams, outputs: AsyncIterator[RequestOutput],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -34,8 +34,6 @@ from pagedformers.entrypoints.openai.serving import (
 from pagedformers.outputs import CompletionOutput, RequestOutput
 from pagedformers.sampling_params import SamplingParams
 
-Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
-
 
 async def create_completion(ctx: ServingContext, request: CompletionRequest) -> JSONResponse | StreamingResponse:
     model = ctx.check_model(request.model)
@@ -43,12 +41,12 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest) -> 
     if request.echo:
         raise OpenAIError("echo is not supported yet", 400, "echo")
     params = to_sampling_params(request, request.max_tokens, request.logprobs)
-    prompts = _prompts(ctx, request.prompt)
-    for i, (_, token_ids) in enumerate(prompts):
-        ctx.check_prompt(token_ids, params, f"Prompt {i}" if len(prompts) > 1 else "The prompt")
+    prompts = _prompts(request.prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generators = [ctx.engine.generate(ids, params, f"{request_id}-{i}", text) for i, (text, ids) in enumerate(prompts)]
-    prompt_lens = [len(ids) for _, ids in prompts]
+    requests = [ctx.process(f"{request_id}-{i}", prompt, params, f"Prompt {i}" if len(prompts) > 1 else "The prompt")
+                for i, prompt in enumerate(prompts)]  # every prompt checked before any is queued
+    generators = [ctx.engine.generate(r) for r in requests]
+    prompt_lens = [len(r.prompt_token_ids) for r in requests]
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         stream = _stream(request_id, model, params, merge(generators), prompt_lens, include_usage)
@@ -66,14 +64,15 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest) -> 
     return JSONResponse(response.model_dump())
 
 
-def _prompts(ctx: ServingContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The request's prompts, each a text or token ids."""
     if isinstance(prompt, str):
-        return [(prompt, ctx.tokenizer.encode(prompt))]
+        return [prompt]
     if not prompt:
         raise OpenAIError("prompt is empty: pass a string, a list of strings or token ids", 400, "prompt")
     if isinstance(prompt[0], int):
-        return [(None, list(prompt))]
-    return [(p, ctx.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
 async def _stream(request_id: str, model: str, params: SamplingParams,

@@ -19,23 +19,19 @@ Input = str | list[str] | list[int] | list[list[int]]
 async def create_embedding(ctx: ServingContext, request: EmbeddingRequest) -> JSONResponse:
     model = ctx.check_model(request.model)
     ctx.check_task(model, ("embed",), "embeddings")
-    params = _pooling_params(ctx, request)
-    prompts = _inputs(ctx, request.input)
-    for i, ids in enumerate(prompts):
-        ctx.check_pooling_prompt(ids, params, f"input {i}" if len(prompts) > 1 else "the input", "input")
+    params = _pooling_params(request)
+    inputs = _inputs(request.input)
     request_id = f"embd-{uuid.uuid4().hex}"
-    outputs = await encode_all(ctx, prompts, params, request_id)
+    requests = [ctx.process(f"{request_id}-{i}", x, params, f"input {i}" if len(inputs) > 1 else "the input", "input")
+                for i, x in enumerate(inputs)]
+    outputs = await encode_all(ctx, requests)
     data = [EmbeddingResponseData(index=i, embedding=_encode(out.outputs.data, request.encoding_format))
             for i, out in enumerate(outputs)]
     response = EmbeddingResponse(id=request_id, model=model, data=data, usage=pooling_usage(outputs))
     return JSONResponse(response.model_dump())
 
 
-def _pooling_params(ctx: ServingContext, request: EmbeddingRequest) -> PoolingParams:
-    size = getattr(ctx.engine.engine.config.model.text_config, "hidden_size", None)
-    if request.dimensions is not None and size is not None and request.dimensions > size:
-        raise OpenAIError(f"dimensions={request.dimensions} is more than the {size} dimensions of this model's "
-                          "embeddings", 400, "dimensions")
+def _pooling_params(request: EmbeddingRequest) -> PoolingParams:
     try:
         return PoolingParams(dimensions=request.dimensions, truncate_prompt_tokens=request.truncate_prompt_tokens,
                              task="embed")
@@ -43,14 +39,15 @@ def _pooling_params(ctx: ServingContext, request: EmbeddingRequest) -> PoolingPa
         raise OpenAIError.from_value_error(e) from None
 
 
-def _inputs(ctx: ServingContext, value: Input) -> list[list[int]]:
+def _inputs(value: Input) -> list[str | list[int]]:
+    """The request's inputs, each a text or token ids."""
     if isinstance(value, str):
-        return [ctx.tokenizer.encode(value)]
+        return [value]
     if not value:
         raise OpenAIError("input is empty: pass a string, a list of strings or token ids", 400, "input")
     if isinstance(value[0], int):
         return [list(value)]
-    return [ctx.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in value]
+    return [x if isinstance(x, str) else list(x) for x in value]
 
 
 def _encode(data: torch.Tensor, encoding_format: str) -> list[float] | str:

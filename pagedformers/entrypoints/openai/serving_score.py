@@ -21,7 +21,7 @@ from pagedformers.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from pagedformers.entrypoints.openai.serving import ServingContext, encode_all, pooling_usage
-from pagedformers.entrypoints.pooling_utils import cross_encoder_inputs, cross_encoder_score, pair_up
+from pagedformers.entrypoints.scoring import cross_encoder_inputs, cross_encoder_score, pair_up
 from pagedformers.pooling_params import PoolingParams
 
 _SCORE_TASKS = ("score", "embed")
@@ -68,7 +68,7 @@ def _pairs(text_1: str | list[str] | None, text_2: str | list[str] | None) -> tu
 
 async def _score(ctx: ServingContext, firsts: list[str], seconds: list[str], request_id: str,
                  param: str) -> tuple[list[float], UsageInfo]:
-    if "score" in ctx.engine.supported_tasks:
+    if "score" in ctx.processor.supported_tasks:
         return await _cross_encode(ctx, firsts, seconds, request_id, param)
     return await _cosine(ctx, firsts, seconds, request_id, param)
 
@@ -77,20 +77,18 @@ async def _cross_encode(ctx: ServingContext, firsts: list[str], seconds: list[st
                         param: str) -> tuple[list[float], UsageInfo]:
     inputs = [cross_encoder_inputs(ctx.tokenizer, a, b) for a, b in zip(firsts, seconds)]
     params = PoolingParams(task="score")
-    for i, (ids, _) in enumerate(inputs):
-        ctx.check_pooling_prompt(ids, params, f"pair {i}", param)
-    outputs = await encode_all(ctx, [ids for ids, _ in inputs], params, request_id, [t for _, t in inputs])
+    requests = [ctx.process(f"{request_id}-{i}", {"prompt_token_ids": ids, "token_type_ids": types}, params,
+                            f"pair {i}", param) for i, (ids, types) in enumerate(inputs)]
+    outputs = await encode_all(ctx, requests)
     return [cross_encoder_score(out.outputs.data) for out in outputs], pooling_usage(outputs)
 
 
 async def _cosine(ctx: ServingContext, firsts: list[str], seconds: list[str], request_id: str,
                   param: str) -> tuple[list[float], UsageInfo]:
     texts = list(dict.fromkeys(firsts + seconds))  # each text embedded once (a rerank's query too)
-    prompts = [ctx.tokenizer.encode(text) for text in texts]
     params = PoolingParams(task="embed", normalize=True)
-    for i, ids in enumerate(prompts):
-        ctx.check_pooling_prompt(ids, params, f"text {i}", param)
-    outputs = await encode_all(ctx, prompts, params, request_id)
+    requests = [ctx.process(f"{request_id}-{i}", text, params, f"text {i}", param) for i, text in enumerate(texts)]
+    outputs = await encode_all(ctx, requests)
     embeddings = {text: out.outputs.data for text, out in zip(texts, outputs)}
     scores = [float(torch.dot(embeddings[a], embeddings[b])) for a, b in zip(firsts, seconds)]
     return scores, pooling_usage(outputs)

@@ -35,8 +35,9 @@ import functools
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,15 +10,16 @@ sees the model's class and its projections), only its forward is swapped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MethodType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
-from pagedformers.platforms.cpu.module_swap import swap_forward_if_same
 from pagedformers.platforms.cpu.linear import SiblingGroup, SiblingLinear
+from pagedformers.platforms.cpu.module_swap import swap_forward_if_same
 
 
 class FusedGatedMLP:

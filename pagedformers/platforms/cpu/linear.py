@@ -3,16 +3,12 @@
 bf16 on a CPU with AVX512-BF16 or AVX2 runs the compiled `linear` kernel (kernels/csrc/linear.cpp, or
 csrc/avx2/linear.cpp) on a weight packed in column blocks of 16 x position pairs; elsewhere (fp16, or no
 kernels) oneDNN runs on a weight reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise
-`F.linear`'s result; `F.linear` re-lays the weight out on every call). Measured on 2 Zen 4 cores, the seven
-projections of the 200M Llama's 12 layers plus its LM head: 8.5 (kernel) / 13.6 (oneDNN, reordered) ms at
-1 token, 27 / 30.4 ms at 32 tokens, the same at 512 and 2048. On 2 Zen 3 cores (AVX2), where ATen's bf16
-matmul is a slow fallback: 14.5 ms at 1 token, 118 ms at 32 tokens (the kernel). The kernel sums in fp32 in another order than oneDNN: the
-outputs agree within bf16 rounding, not bitwise.
+`F.linear`'s result; `F.linear` re-lays the weight out on every call). The kernel sums in fp32 in another
+order than oneDNN: the outputs agree within bf16 rounding, not bitwise (docs/performance.md: how they compare).
 
 Siblings that a probe forward saw called on one same tensor (q/k/v, gate/up) share one packed
 matmul: the first member called computes all their outputs, the others take their slice. One
-wider matmul keeps both cores busier than three narrow ones (32 tokens, 12 layers of the 200M
-Llama: 24.1 against 25.7 ms).
+wider matmul keeps both cores busier than three narrow ones.
 """
 
 from __future__ import annotations
@@ -27,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedformers.logger import init_logger
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
-from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
 

@@ -16,14 +16,15 @@ on a Llama decode graph).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MethodType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
 from pagedformers.platforms.cpu.graph_ops import constant, contiguous_bf16_sizes, replace_with_kernel
+from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
 from pagedformers.platforms.cpu.module_swap import swap_forward_if_same
 
 

@@ -6,9 +6,9 @@ from transformers import GemmaConfig, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from pagedformers.platforms.cpu.gated_mlp import FusedGatedMLP, fuse_gated_mlps
 from pagedformers.platforms.cpu.kernels import cpu_kernel_isa
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings
-from pagedformers.platforms.cpu.gated_mlp import FusedGatedMLP, fuse_gated_mlps
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernel needs AVX512-BF16 or AVX2")

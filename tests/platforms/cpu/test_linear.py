@@ -5,15 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedformers import LLM, SamplingParams
 from pagedformers.platforms.cpu.kernels import cpu_kernel_isa
-from support.tensors import assert_bf16_close
 from pagedformers.platforms.cpu.linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
-from pagedformers import LLM, SamplingParams
+from support.tensors import assert_bf16_close
 
 
 @pytest.mark.skipif(cpu_kernel_isa() is None, reason="the linear kernel needs AVX512-BF16 or AVX2")
-@pytest.mark.parametrize("n, k, bias", [(48, 64, True), (37, 33, True), (100, 7, False), (1, 1, True), (200, 130, False)])
+@pytest.mark.parametrize("n, k, bias", [(48, 64, True), (37, 33, True), (100, 7, False), (1, 1, True),
+                                        (200, 130, False)])
 def test_linear_kernel_matches_f_linear(n, k, bias):
     """Ragged N (masked last block), odd K (the lone last position), tiles of 1-8 rows, row chunks of
     256, strided and 3-D inputs."""

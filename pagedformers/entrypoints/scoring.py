@@ -1,23 +1,12 @@
-"""What the offline LLM and the server share about pooling models: the tasks a model serves, and how
-two texts are paired and scored (vLLM's score_utils)."""
+"""What the offline LLM and the server share about scoring: how two texts are paired and scored (vLLM's
+score_utils)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
-
-from pagedformers.config import EngineConfig
-
-
-def supported_tasks(config: EngineConfig) -> tuple[str, ...]:
-    """("generate",) for a generation model, else the pooling tasks of its head (vLLM's names)."""
-    from pagedformers.pooling_params import TASKS_BY_HEAD
-
-    if config.model.runner != "pooling":
-        return ("generate",)
-    return TASKS_BY_HEAD[config.model.pooling_head]
 
 
 def pair_up(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`), through the HF processor.
+"""Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`), through the HF processor
+(for the input processor, input_processor.py).
 
 The checkpoint's own processor (AutoProcessor) expands each placeholder in the prompt into the
 model's number of image tokens and prepares the encoder's tensors, exactly as for HF `generate`.
