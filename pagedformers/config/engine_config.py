@@ -27,6 +27,7 @@ class ModelConfig:
     path: str  # the local directory holding its config, weights and tokenizer files
     gguf_file: str | None  # a GGUF file inside `path`, when the weights come as GGUF
     tokenizer_path: str
+    tokenizer_gguf_file: str | None  # the GGUF file holding the tokenizer (the model's, unless one was given)
     hf_config: PretrainedConfig = field(repr=False)  # NOTE: shared; a model that patches it patches a copy
     dtype: torch.dtype
     max_model_len: int

@@ -52,6 +52,7 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
             max_model_len = st["max_seq_length"]
     model = ModelConfig(
         name=args.model, path=files.path, gguf_file=files.gguf_file, tokenizer_path=files.tokenizer_path,
+        tokenizer_gguf_file=files.gguf_file if args.tokenizer is None else None,
         hf_config=files.hf_config, dtype=_resolve_dtype(args.dtype, files.hf_config, device),
         max_model_len=_resolve_max_model_len(max_model_len, files.hf_config), runner=runner, pooling_head=head,
         pooler_config=pooler, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code, seed=args.seed)

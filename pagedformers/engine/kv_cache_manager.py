@@ -9,9 +9,8 @@ Free blocks are handed out in three tiers:
 1. blocks freed without a hash (prefix caching off, or a request's unfilled last block), the most
    recently freed first. Their pages are in memory already, so the pool's working set (and the
    process's RSS) stays as large as the load, not the pool: the KV cache is allocated uninitialised,
-   and each page faults on its first write. The fixed throughput benchmark (prefix caching off)
-   took ~24.6K page faults and 0.12-0.23 s of system time a run when each run walked on to fresh
-   blocks, and ~0 and 0.03 s reusing them; its throughput did not change beyond noise;
+   and each page faults on its first write (a run of the fixed throughput benchmark that walked on to
+   fresh blocks took ~25K page faults);
 2. blocks never used, in order;
 3. freed blocks that hold a cached prefix, least recently freed first.
 """

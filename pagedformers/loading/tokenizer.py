@@ -11,7 +11,7 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(
         config.model.tokenizer_path,
         trust_remote_code=config.model.trust_remote_code,
-        gguf_file=config.model.gguf_file if config.args.tokenizer is None else None,
+        gguf_file=config.model.tokenizer_gguf_file,
     )
 
 

@@ -13,7 +13,7 @@ PROMPTS = [
     "What is",
     "Continuous batching keeps every core busy while requests come and go, and the scheduler",
 ]
-MAX_TOKENS = MIN_STABLE_STEPS + 8  # the later decode steps replay a traced forward (engine/decode_graphs.py)
+MAX_TOKENS = MIN_STABLE_STEPS + 8  # the later decode steps replay a traced forward (platforms/cpu/decode_graphs.py)
 
 ARCHS = {
     "llama": dict(model_type="llama"),

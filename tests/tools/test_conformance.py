@@ -42,7 +42,7 @@ def test_greedy_parity_with_transformers(family, tmp_path):
 
 
 def test_sparse_indexed_attention_is_refused_at_load(tmp_path):
-    """Conv / linear-attention hybrids run (tests/adapter/test_state_cache.py); indexers do not."""
+    """Conv / linear-attention hybrids run (tests/adapter/test_hybrid.py); indexers do not."""
     path = save_tiny_family("deepseek_v32", tmp_path / "deepseek_v32")
     with pytest.raises(ValueError, match=r"not compatible with the transformers shell:\n  - layers \[.*\] are "
                                          r"'indexed_attention' layers \(layer_types\): sparse attention whose indexer"):

@@ -13,7 +13,7 @@ from pagedformers.model.interface import Model, SupportsPerRequestState
 from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (registers the "cpu" backend)
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
-from pagedformers.platforms.cpu.kernels import argmax_rows
+from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernels
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward
@@ -31,7 +31,8 @@ class CpuPlatform:
         """Norms, then linears (packed once, siblings that a probe saw take one input sharing one matmul), then
         SwiGLU MLPs on the kernels; decode steps on traced graphs where they can be."""
         dtype = config.model.dtype
-        fuse_rms_norms(model, dtype)  # also builds or loads the kernels, now rather than on the first step
+        cpu_kernels()  # built (once, ~1 min) or loaded now, at load, rather than within the first step
+        fuse_rms_norms(model, dtype)
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
         pack_linears(model, dtype, "cpu", siblings)

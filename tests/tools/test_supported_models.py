@@ -1,0 +1,35 @@
+"""docs/supported_models.md says what the shells do: its rows for families that stand for each case are what the
+generator derives now. (What LLM does with them is checked where each case is tested: test_hybrid.py,
+test_multimodal.py, tools/test_conformance.py.)"""
+
+from pathlib import Path
+
+import pytest
+
+from pagedformers.tools.supported_models import describe, families, read_conformance
+
+DOC = Path(__file__).parents[2] / "docs" / "supported_models.md"
+ANCHORS = {  # family: what its row must say
+    "llama": ("TransformersForCausalLM (LlamaForCausalLM)", "", "embed, classify, token_classify"),
+    "lfm2": ("TransformersHybridForCausalLM (Lfm2ForCausalLM)", "", "embed"),
+    "llava": ("TransformersForMultimodalLM (LlavaForConditionalGeneration)", "yes", ""),
+    "gemma3": ("TransformersForMultimodalLM (Gemma3ForConditionalGeneration)",
+               "text only: bidirectional image attention", ""),
+    "deepseek_v32": ("refused: indexed_attention layers", "", ""),
+    "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ANCHORS))
+def test_the_doc_row_is_what_the_generator_derives(family):
+    row = describe(family, read_conformance(DOC.with_name("conformance.md")).get(family, ""))
+    assert (row.generation, row.images, row.pooling) == ANCHORS[family]
+    assert row.row() in DOC.read_text().splitlines()
+
+
+def test_families_without_attention_backends_are_listed_as_refused():
+    served, refused = families({})
+    assert {"bloom", "falcon", "gptj", "mamba"} <= set(refused)
+    assert not {f.family for f in served} & set(refused)
+    refused_line = DOC.read_text().split("## Refused")[1]
+    assert all(f"`{family}`" in refused_line for family in ("bloom", "falcon", "gptj", "mamba"))
