@@ -3,13 +3,13 @@
 from pagedformers.config import EngineArgs, EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
 from pagedformers.outputs import (
-                                  ClassificationRequestOutput,
-                                  CompletionOutput,
-                                  EmbeddingRequestOutput,
-                                  Logprob,
-                                  PoolingRequestOutput,
-                                  RequestOutput,
-                                  ScoringRequestOutput,
+    ClassificationRequestOutput,
+    CompletionOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringRequestOutput,
 )
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams

@@ -153,7 +153,7 @@ class TransformersBase(nn.Module):
         """
         ctx = ForwardContext.for_probe(self.config.device.device)
         with forward_context(ctx):
-            self.probe_forward()
+            self.probe_forward(ctx.metadata.slot_mapping)
         if not ctx.kv_specs and num_attention_layers(self.hf_config) != 0:
             raise ValueError(
                 f"{type(self.model).__name__} never called the attention function registered for "
@@ -162,10 +162,9 @@ class TransformersBase(nn.Module):
             )
         return dict(sorted(ctx.kv_specs.items()))
 
-    def probe_forward(self) -> torch.Tensor:
-        """The probe's forward: the two tokens of ForwardContext.for_probe (hybrids run it with a fresh state)."""
-        ids = torch.zeros(2, dtype=torch.long, device=self.config.device.device)
-        return self(ids, torch.arange(2, device=ids.device))
+    def probe_forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """The probe's forward over the prompt of ForwardContext.for_probe (hybrids run it with a fresh state)."""
+        return self(torch.zeros_like(positions), positions)
 
 
 def _rename(name: str, name_map: dict[str, str], targets: dict[str, torch.Tensor]) -> str:

@@ -60,10 +60,9 @@ class PerRequestState:
         self._learn_state_cache()
         return super().kv_cache_specs()
 
-    def probe_forward(self) -> torch.Tensor:
+    def probe_forward(self, positions: torch.Tensor) -> torch.Tensor:
         state = self.create_state()
-        ids = torch.zeros(2, dtype=torch.long, device=self.config.device.device)
-        hidden = self(ids, torch.arange(2, device=ids.device), state=state)
+        hidden = self(torch.zeros_like(positions), positions, state=state)
         if not _holds_tensors(state):
             self._refuse(f"its {', '.join(state_layers(self.hf_config))} layers keep no state in the "
                          f"{type(state).__mro__[1].__name__} the model builds, nor on its modules: the shell cannot "
@@ -88,9 +87,10 @@ class PerRequestState:
         keeps its state on its modules: learn which attributes."""
         before = plain_attributes(self.model)
         ctx = ForwardContext.for_probe(self.config.device.device)
+        positions = ctx.metadata.slot_mapping[None]  # the probe prompt's slots are its positions
         with forward_context(ctx):
-            out = self.model(input_ids=torch.zeros_like(ctx.metadata.slot_mapping)[None],
-                             position_ids=ctx.metadata.slot_mapping[None], use_cache=True, return_dict=True)
+            out = self.model(input_ids=torch.zeros_like(positions), position_ids=positions, use_cache=True,
+                             return_dict=True)
         cache = getattr(out, "past_key_values", None)
         if isinstance(cache, Cache):
             self.state_cache_cls = paged_cache_class(type(cache))

@@ -2,10 +2,10 @@
 per-step metadata, the KV cache layout, and the backends that attend (a registry the platforms fill)."""
 
 from pagedformers.attention.backends import (
-                                             AttentionBackend,
-                                             AttentionParams,
-                                             create_attention_backend,
-                                             register_attention_backend,
+    AttentionBackend,
+    AttentionParams,
+    create_attention_backend,
+    register_attention_backend,
 )
 from pagedformers.attention.context import AttentionCall, ForwardContext, forward_context, get_forward_context
 from pagedformers.attention.interface import ATTN_IMPLEMENTATION, register

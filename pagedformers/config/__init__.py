@@ -3,13 +3,13 @@ model's files are read by `loading.model_files`) -> `EngineConfig` (frozen, in s
 
 from pagedformers.config.args import EngineArgs, ModelImpl
 from pagedformers.config.engine_config import (
-                                               CacheConfig,
-                                               DeviceConfig,
-                                               EngineConfig,
-                                               ModelConfig,
-                                               ParallelConfig,
-                                               PoolingHead,
-                                               SchedulerConfig,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    PoolingHead,
+    SchedulerConfig,
 )
 from pagedformers.config.pooler import PoolerConfig
 from pagedformers.config.resolve import ModelFiles, resolve

@@ -71,6 +71,7 @@ class InputProcessor:
         """Raises InvalidRequest naming `name` for a request that can never run. `strict_context`: the OpenAI
         server's rule and wording, where a max_tokens past max_model_len is refused rather than capped."""
         request = self._tokenize(request_id, prompt, params, name)
+        self._check_runner(request)
         if request.is_pooling:
             self._shape_pooling(request, name)
         else:
@@ -140,14 +141,16 @@ class InputProcessor:
 
     # -- checks -------------------------------------------------------------------------------------
 
-    def _check_length(self, request: EngineRequest, name: str, strict_context: bool) -> None:
-        ids, params = request.prompt_token_ids, request.params
-        n, limit = len(ids), self.config.model.max_model_len
+    def _check_runner(self, request: EngineRequest) -> None:
         if request.is_pooling != (self.config.model.runner == "pooling"):
             raise InvalidRequest(
                 "This model runs with runner='pooling': use embed / classify / score / encode, not generate."
                 if not request.is_pooling else
                 "This model runs with runner='generate': pooling needs runner='pooling' (or convert='embed').")
+
+    def _check_length(self, request: EngineRequest, name: str, strict_context: bool) -> None:
+        ids, params = request.prompt_token_ids, request.params
+        n, limit = len(ids), self.config.model.max_model_len
         if n == 0:
             raise InvalidRequest(f"{name} is empty: it needs at least one token")
         if request.is_pooling and n > limit:

@@ -107,11 +107,9 @@ class LLM:
         use_tqdm: bool = True,
         pooling_task: str | None = None,
     ) -> list[PoolingRequestOutput]:
-        """Run a pooling task over prompts; `pooling_task` defaults to the model's first one."""
-        supported = self.supported_tasks
-        task = pooling_task or supported[0]
-        if task not in supported:
-            raise ValueError(f"This model does not support the pooling task {task!r}; it supports {list(supported)}")
+        """Run a pooling task over prompts; `pooling_task` defaults to the model's first one. The input processor
+        refuses, by name, a task the model does not serve (and pooling on a generation model)."""
+        task = pooling_task or (self.supported_tasks[0] if self.config.model.runner == "pooling" else "embed")
         prompts = _as_list(prompts)
         params = [dataclasses.replace(p, task=task)
                   for p in _per_prompt(pooling_params, len(prompts), PoolingParams)]

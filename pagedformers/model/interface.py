@@ -1,8 +1,10 @@
 """The model contract: everything the engine, its workers and the platforms use of a model, and nothing else.
 
 A model is an `nn.Module` (the parallel plans, the platforms' layer swaps and `LLM.apply_model` walk its
-modules) that implements `Model`. What only some models can do is declared by implementing one of the
-capability protocols below; the engine asks `isinstance(model, SupportsX)`, never for a member by name.
+modules) that implements `Model`. It is built on the meta device as `cls(config: EngineConfig, parallel:
+ParallelState)`, already split for its rank (tensor shards, pipeline stage), then given its weights by
+`load_weights`. What only some models can do is declared by implementing one of the capability protocols below;
+the engine asks `isinstance(model, SupportsX)`, never for a member by name.
 
     Model                     every model: forward over a flat batch, KV-cache shapes, weight loading
     SupportsGeneration        runner "generate": next-token logits

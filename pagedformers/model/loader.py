@@ -35,6 +35,8 @@ class LoadedModel(NamedTuple):
 def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> LoadedModel:
     torch.manual_seed(config.model.seed)  # anything initialised rather than loaded comes out the same on every rank
     model = select_model_class(config)(config, parallel)
+    if not isinstance(model, Model):
+        raise TypeError(f"{type(model).__name__} does not implement the model contract (model/interface.py's Model)")
     if parallel.pp_size > 1 and not isinstance(model, SupportsPP):
         raise ValueError(f"{type(model).__name__} does not split into pipeline stages: use pipeline_parallel_size=1.")
     model.load_weights(ModelSource(config.model.path, config.model.gguf_file))
