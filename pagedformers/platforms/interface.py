@@ -51,8 +51,12 @@ class EagerForward:
         self.model, self.attention = model, attention
 
     def __call__(self, inputs: ModelInputs, kv_caches: KVCaches | None, **model_kwargs: Any) -> torch.Tensor:
-        with forward_context(ForwardContext(inputs.metadata, kv_caches, backend=self.attention)):
+        with forward_context(self.context(inputs, kv_caches)):
             return self.model(inputs.input_ids, inputs.positions, **inputs.model_kwargs(), **model_kwargs)
+
+    def context(self, inputs: ModelInputs, kv_caches: KVCaches | None) -> ForwardContext:
+        """What the model's attention layers read during this step's forward."""
+        return ForwardContext(inputs.metadata, kv_caches, backend=self.attention)
 
     def reset(self) -> None:
         pass

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import pagedformers.attention
-from pagedformers.attention import AttentionBackend, AttentionCall, ForwardContext, KVCaches, forward_context
+from pagedformers.attention import AttentionBackend, AttentionCall, KVCaches, forward_context
 from pagedformers.logger import init_logger
 from pagedformers.model.inputs import ModelInputs
 from pagedformers.platforms.cpu.graph_rewrites import rewrite
@@ -112,15 +112,12 @@ class DecodeGraphs(EagerForward):
             return self._check(graph, inputs, kv_caches)
         return self._replay(graph, inputs, kv_caches)
 
-    def _context(self, inputs: ModelInputs, kv_caches: KVCaches) -> ForwardContext:
-        return ForwardContext(inputs.metadata, kv_caches, backend=self.attention)
-
     def _replay(self, graph: DecodeGraph, inputs: ModelInputs, kv_caches: KVCaches) -> torch.Tensor | None:
         """The graph's output, or None where the replay raised: the graph is dropped and the step runs eagerly
         (which raises again if the step itself is at fault)."""
         calls = _replaying.set(graph.calls)
         try:
-            with forward_context(self._context(inputs, kv_caches)), torch.jit.optimized_execution(False):
+            with forward_context(self.context(inputs, kv_caches)), torch.jit.optimized_execution(False):
                 return graph.run(*_trace_inputs(inputs))
         except Exception as e:  # noqa: BLE001
             n = len(inputs.input_ids)
@@ -137,7 +134,7 @@ class DecodeGraphs(EagerForward):
         if hooked:  # a hook's Python side effects (Llama 4 records positions) would not be replayed
             self._give_up(n, f"module {hooked[0]!r} has forward hooks")
             return None
-        ctx, calls = self._context(inputs, kv_caches), []
+        ctx, calls = self.context(inputs, kv_caches), []
         ctx.capture = functools.partial(_capture, calls)
         outputs = []
 
