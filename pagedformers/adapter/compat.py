@@ -51,7 +51,7 @@ class CompatReport:
         if self.broken or self.unsupported:
             reasons = "\n".join(f"  - {b}" for b in self.unsupported + self.broken)
             advice = f"See {DOCS} for how to write a compatible model." if self.broken else \
-                "Such a model needs a native implementation (model_impl='native')."
+                "Such a model needs a native implementation (pagedformers.native_overrides)."
             raise ValueError(f"{self.model_name} is not compatible with the transformers shell:\n{reasons}\n{advice}")
 
 

@@ -48,26 +48,57 @@ def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> Loaded
 def select_model_class(config: EngineConfig) -> type[Model]:
     """The native override when one is registered (model_impl "auto" or "native"), else the transformers shell."""
     model = config.model
-    native = native_model_class(model.architectures)
-    is_remote = bool(getattr(model.hf_config, "auto_map", None)) and model.trust_remote_code
     name = model.architectures or model.hf_config.model_type
-    if model.model_impl == "native" or (model.model_impl == "auto" and native and not is_remote):
+    native = native_model_class(model.architectures, model.hf_config.model_type)
+    if uses_native(config):
+        logger.info("Using the native implementation %s for %s (%s).", native.__name__, name,
+                    "as asked" if model.model_impl == "native" else "registered for it, and preferred by 'auto'")
+        return native
+    try:
+        shell = shell_class(config)
+    except ValueError as e:
+        if native is None or native.unsupported(config):
+            raise
+        raise ValueError(f"{e}\nA native implementation is registered for {name}: use model_impl='auto' or "
+                         "'native'.") from None
+    reason = "as asked" if model.model_impl == "transformers" else "no native implementation is registered"
+    if native is not None and model.model_impl == "auto":
+        reason = native.unsupported(config) or "remote code: the checkpoint's own modeling code runs"
+        reason = f"not the native {native.__name__}: {reason}"
+    logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
+    return shell
+
+
+def uses_native(config: EngineConfig) -> bool:
+    """model_impl "native", or "auto" where a native implementation is registered, can run this config, and no
+    remote code would run instead.
+
+    Raises:
+        ValueError: "native" was asked for and cannot be (none registered, naming those that are; or why the one
+            registered cannot run this config).
+    """
+    model = config.model
+    native = native_model_class(model.architectures, model.hf_config.model_type)
+    reason = native.unsupported(config) if native is not None else None
+    if model.model_impl == "native":
+        name = model.architectures or model.hf_config.model_type
         if native is None:
             raise ValueError(
                 f"model_impl='native' was asked for, but no native implementation is registered for {name} "
-                f"(native: {sorted(NATIVE_MODELS) or 'none yet'}). Use model_impl='auto' or 'transformers' to run "
+                f"(registered: {', '.join(sorted(NATIVE_MODELS))}). Use model_impl='auto' or 'transformers' to run "
                 "it through the transformers shell.")
-        logger.info("Using the native implementation %s for %s.", native.__name__, name)
-        return native
-    shell = shell_class(config)
-    reason = "as asked" if model.model_impl == "transformers" else "no native implementation is registered"
-    logger.info("Using %s for %s (%s).", shell.__name__, name, reason)
-    return shell
+        if reason:
+            raise ValueError(f"The native {native.__name__} cannot run this model: {reason}. Use model_impl='auto' "
+                             "or 'transformers' to run it through the transformers shell.")
+        return True
+    is_remote = bool(getattr(model.hf_config, "auto_map", None)) and model.trust_remote_code
+    return model.model_impl == "auto" and native is not None and not reason and not is_remote
 
 
 def check_parallel(config: EngineConfig) -> None:
     """The parallel setups that cannot work, raised before any worker process starts."""
     parallel = config.parallel
-    if native_model_class(config.model.architectures) is None or config.model.model_impl == "transformers":
+    if not uses_native(config):
         check_shell_parallelism(config)
-    check_parallel_config(config.model.text_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        check_parallel_config(config.model.text_config, parallel.tensor_parallel_size,
+                              parallel.pipeline_parallel_size)

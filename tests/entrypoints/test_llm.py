@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.sampling_params import RequestOutputKind
-from pagedformers.tools.tiny_models import hf_greedy
+from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -29,7 +29,9 @@ def _random_prompts(n, seed=0, lo=3, hi=60):
 
 
 def test_apply_model_and_tokenizer(llm):
-    assert llm.apply_model(lambda m: type(m).__name__) == ["TransformersForCausalLM"]
+    # model_impl="auto" prefers the native Llama; apply_model sees it
+    assert llm.apply_model(lambda m: f"{type(m).__module__}.{type(m).__name__}") == [
+        "pagedformers.native_overrides.llama.LlamaForCausalLM"]
     assert llm.get_tokenizer().eos_token == "</s>"
 
 
@@ -172,8 +174,10 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(tiny_llama):
 def test_configuration_errors(tiny_llama, tmp_path):
     with pytest.raises(TypeError, match="Unknown engine argument.*max_num_seq.*Valid arguments:.*max_num_seqs"):
         LLM(model=tiny_llama, max_num_seq=4)
-    with pytest.raises(ValueError, match="model_impl='native'.*no native implementation"):
-        LLM(model=tiny_llama, model_impl="native")
+    gpt2 = save_tiny_model(tmp_path / "gpt2", "gpt2", n_embd=64, n_layer=2, n_head=4)
+    with pytest.raises(ValueError, match="model_impl='native'.*no native implementation.*registered: .*"
+                                         "LlamaForCausalLM.*Qwen3MoeForCausalLM"):
+        LLM(model=str(gpt2), model_impl="native")
     with pytest.raises(ValueError, match="model_impl="):
         LLM(model=tiny_llama, model_impl="vllm")
     with pytest.raises(ValueError, match="neither a model directory nor a .gguf file"):

@@ -16,9 +16,10 @@ from quickstart import smollm2_gguf  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """(the file, the LLM, the files its load parsed: gguf.GGUFReader counted, not replaced)"""
+@pytest.fixture(scope="module", params=["transformers", "native"])
+def smollm2(request):
+    """(the file, the LLM, the files its load parsed: gguf.GGUFReader counted, not replaced), through the shell and
+    through the native Llama."""
     path, parsed, reader = smollm2_gguf(), [], gguf.GGUFReader
 
     def counting_reader(file, *args, **kwargs):
@@ -27,7 +28,7 @@ def smollm2():
 
     gguf.GGUFReader = counting_reader
     try:
-        llm = LLM(model=path, model_impl="transformers", dtype="float32", max_model_len=1024,
+        llm = LLM(model=path, model_impl=request.param, dtype="float32", max_model_len=1024,
                   kv_cache_memory_bytes=1 << 28)
     finally:
         gguf.GGUFReader = reader

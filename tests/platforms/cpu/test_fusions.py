@@ -1,6 +1,6 @@
-"""Every CPU fusion still matches on a real Llama decode graph: a renamed wrapper or a changed pattern that turns
-one off silently would change these counts (platforms/cpu/rotary.py, rms_norm.py, gated_mlp.py, linear.py,
-attention.py)."""
+"""Every CPU fusion still matches on a real Llama decode graph, native or in the transformers shell: a renamed
+wrapper or a changed pattern that turns one off silently would change these counts (platforms/cpu/rotary.py,
+rms_norm.py, gated_mlp.py, linear.py, attention.py)."""
 
 from collections import Counter
 
@@ -17,17 +17,19 @@ pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
 LAYERS = 3
 
 
-def test_each_fusion_matches_every_layer_of_a_llama_decode_graph(tmp_path):
+@pytest.mark.parametrize("model_impl", ["native", "transformers"])
+def test_each_fusion_matches_every_layer_of_a_llama_decode_graph(tmp_path, model_impl):
     # head_dim 32: the decode-attention kernel takes it, so attention is traced inline as kernel calls
     path = save_tiny_model(tmp_path, "llama", hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS)
-    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False)
+    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 22, enable_prefix_caching=False,
+              model_impl=model_impl)
     params = SamplingParams(temperature=0.0, max_tokens=MIN_STABLE_STEPS + 8, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], params, use_tqdm=False)
     forward = llm.llm_engine.executor.driver_worker.forward
     assert isinstance(forward, DecodeGraphs) and forward.graphs[1].checked
     kinds = Counter(node.kind() for node in forward.graphs[1].run.graph.nodes())
     assert {kind: n for kind, n in kinds.items() if kind.startswith("pagedformers")} == {
-        "pagedformers::linear": 4 * LAYERS,  # q/k/v as one sibling matmul, o, gate/up as one, down
+        "pagedformers::linear": 4 * LAYERS,  # q/k/v as one matmul, o, gate/up as one, down
         "pagedformers::rotary_embed": 2 * LAYERS,  # q and k
         "pagedformers::add_rms_norm": 2 * LAYERS,  # every norm after a residual add: 2 a layer, less the first, + final
         "pagedformers::rms_norm": 1,  # the first layer's input norm: no residual before it

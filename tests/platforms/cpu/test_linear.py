@@ -136,16 +136,21 @@ def test_input_changed_in_place_keeps_siblings_apart():
     assert siblings == []
 
 
-def test_bf16_engine_logprobs_match_hf(tmp_path):
-    """The bf16 path (packed linears on CPUs that have them) against HF's bf16 forward."""
+@pytest.mark.parametrize("model_impl", ["transformers", "native"])
+def test_bf16_engine_logprobs_match_hf(tmp_path, model_impl):
+    """The bf16 path (packed linears on CPUs that have them) against HF's bf16 forward, with one tolerance for the
+    transformers shell and the native Llama."""
     from transformers import AutoModelForCausalLM
 
     path = save_tiny_model(tmp_path, "llama")
     ids = build_tokenizer().encode("The quick brown fox jumps over the lazy dog while the paged cache fills")
-    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24)
+    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24, model_impl=model_impl)
     kinds = llm.apply_model(lambda m: [type(x).__name__ for x in m.modules() if isinstance(x, nn.Linear)])[0]
-    if can_pack(torch.bfloat16, "cpu"):  # per layer: q/k/v and gate/up share an input; o and down alone
+    if can_pack(torch.bfloat16, "cpu") and model_impl == "transformers":
+        # per layer: q/k/v and gate/up share an input; o and down alone
         assert kinds.count("SiblingLinear") == 2 * 5 and kinds.count("PackedLinear") == 2 * 2 + 1  # + LM head
+    elif can_pack(torch.bfloat16, "cpu"):  # per layer: qkv_proj, o_proj, gate_up_proj, down_proj; + LM head
+        assert kinds == ["PackedLinear"] * (2 * 4 + 1)
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     ours = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

@@ -1,0 +1,93 @@
+"""The native models against transformers: greedy tokens equal HF generate (float32) for every registered family,
+two ranks (tensor or pipeline parallel) give one rank's tokens, experts are split under tensor parallelism, and
+a checkpoint missing a weight is refused naming it."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.platforms.cpu.decode_graphs import MIN_STABLE_STEPS
+from pagedformers.tools.tiny_configs import tiny_config
+from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
+
+PROMPTS = ["Hello, my name is", "What is",
+           "The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in fixed-size blocks."]
+MAX_TOKENS = MIN_STABLE_STEPS + 8  # the later decode steps replay a traced forward
+# model type -> the native class apply_model shows
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def save_family(path, model_type: str, **overrides) -> str:
+    """A tiny random-weight checkpoint of the family (tools/tiny_configs.py keeps its distinctive features)."""
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(model_type, len(tok), **overrides)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native")
+    return {t: save_family(root / t, t) for t in FAMILIES}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_greedy_parity(families, model_type):
+    path, tok = families[model_type], build_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS]
+    llm = LLM(model=path, dtype="float32", model_impl="native", kv_cache_memory_bytes=1 << 24)
+    assert llm.apply_model(lambda m: f"{type(m).__module__}.{type(m).__name__}") == [
+        f"pagedformers.native_overrides.llama.{FAMILIES[model_type]}"]
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ids, MAX_TOKENS)
+
+
+def _run(path, **kwargs):
+    llm = LLM(model=path, dtype="float32", model_impl="native", kv_cache_memory_bytes=1 << 22, **kwargs)
+    try:
+        outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": list(range(10, 45))}],
+                            SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+        counts = llm.apply_model(lambda m: (sum(p.numel() for p in m.parameters()),
+                                            sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)))
+    finally:
+        llm.shutdown()
+    return [o.outputs[0].token_ids for o in outs], counts
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("mode", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_ranks_match_one(families, model_type, mode):
+    expected, [(full, experts)] = _run(families[model_type])
+    got, counts = _run(families[model_type], **{mode: 2})
+    assert got == expected
+    assert len(counts) == 2 and all(total < full for total, _ in counts)
+    if mode == "tensor_parallel_size":  # experts split across ranks (expert parallel), not replicated
+        assert [e for _, e in counts] == [experts // 2] * 2
+    else:
+        assert sum(e for _, e in counts) == experts
+
+
+def test_a_missing_weight_is_named(tmp_path):
+    path = save_family(tmp_path, "qwen3_moe")
+    weights = load_file(f"{path}/model.safetensors")
+    for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.experts.3.up_proj.weight"):
+        del weights[name]
+    save_file(weights, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing weights \[.*'model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight'"
+                                         r".*'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        LLM(model=path, model_impl="native")
+
+
+def test_auto_prefers_native_and_falls_back_to_the_shell_where_native_cannot_run(families):
+    llm = LLM(model=families["llama"], dtype="float32", kv_cache_memory_bytes=1 << 22)
+    assert llm.apply_model(lambda m: type(m).__name__) == ["LlamaForCausalLM"]
+    pooling = LLM(model=families["llama"], dtype="float32", kv_cache_memory_bytes=1 << 22, convert="embed")
+    assert pooling.apply_model(lambda m: type(m).__name__) == ["TransformersForPooling"]
+    with pytest.raises(ValueError, match="native LlamaForCausalLM cannot run this model: it generates text only"):
+        LLM(model=families["llama"], model_impl="native", convert="embed")
