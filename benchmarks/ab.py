@@ -1,4 +1,5 @@
-"""A/B: this working tree against another git revision of pagedformers, measured in the same run.
+"""A/B: this working tree against another git revision of pagedformers, or two model implementations of this tree
+(the native Llama against the transformers shell), measured in the same run.
 
 Each side runs in a process of its own, from its own source tree (a `git worktree` of the base) with its own
 kernel cache, kept loaded; the sides then take turns, round after round, on the same workloads: the fixed
@@ -8,6 +9,7 @@ tokens (a refactor must not change what is computed).
 
     python benchmarks/ab.py --base 7b861e0                 # ~200M Llama, bf16, 32 x 128 -> 128, 3 rounds
     python benchmarks/ab.py --base HEAD~3 --rounds 5 --steps 128
+    python benchmarks/ab.py --model-impls native,transformers   # the shell's speed as a ratio of native's
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pagedformers import LLM, SamplingParams
 import pagedformers
 
 job = json.loads(sys.stdin.readline())
-llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=4096, enable_prefix_caching=False)
+impl = {"model_impl": job["model_impl"]} if job.get("model_impl") else {}  # older revisions: their default
+llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=4096, enable_prefix_caching=False, **impl)
 prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
 fixed = SamplingParams(temperature=0.0, max_tokens=job["output_len"], ignore_eos=True)
 one = [{"prompt_token_ids": job["prompts"][0][:32]}]
@@ -92,7 +95,10 @@ class Side:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--base", required=True, help="git revision to compare this working tree against")
+    side = p.add_mutually_exclusive_group(required=True)
+    side.add_argument("--base", help="git revision to compare this working tree against")
+    side.add_argument("--model-impls", metavar="A,B",
+                      help="compare model implementations of this tree instead (B's speed-up over A is printed)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -106,24 +112,31 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="pagedformers-ab-") as tmp:
         tmp = Path(tmp)
+        save_llama(tmp / "model", args)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(4, args.vocab) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
+        job = {"model": str(tmp / "model"), "dtype": args.dtype, "prompts": prompts, "output_len": args.output_len,
+               "steps": args.steps}
+        if args.model_impls:
+            impls = args.model_impls.split(",")
+            compare([(f"model_impl={i}", REPO, {**job, "model_impl": i}, tmp / "cache") for i in impls], args)
+            return
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tmp / "base"), args.base],
                        check=True, capture_output=True)
         try:
-            save_llama(tmp / "model", args)
-            rng = random.Random(0)
-            prompts = [[rng.randrange(4, args.vocab) for _ in range(args.prompt_len)]
-                       for _ in range(args.num_requests)]
-            job = {"model": str(tmp / "model"), "dtype": args.dtype, "prompts": prompts,
-                   "output_len": args.output_len, "steps": args.steps}
-            sides = [Side(f"base {args.base}", tmp / "base", job, tmp / "cache-base"),
-                     Side("this tree", REPO, job, tmp / "cache-head")]
-            try:
-                report(sides, args.rounds, args.workloads.split(","))
-            finally:
-                for side in sides:
-                    side.close()
+            compare([(f"base {args.base}", tmp / "base", job, tmp / "cache-base"),
+                     ("this tree", REPO, job, tmp / "cache-head")], args)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "base")], check=True)
+
+
+def compare(specs: list[tuple[str, Path, dict, Path]], args: argparse.Namespace) -> None:
+    sides = [Side(*spec) for spec in specs]
+    try:
+        report(sides, args.rounds, args.workloads.split(","))
+    finally:
+        for side in sides:
+            side.close()
 
 
 # workload -> (the side's measure, its unit, whether more is faster)
@@ -145,8 +158,8 @@ def report(sides: list[Side], rounds: int, workloads: list[str]) -> None:
             base, head = (results[s.name][workload][-1] for s in sides)
             line.append(f"{workload} {head:.2f} vs {base:.2f} {unit} ({_speedup(workload, head, base):.3f}x)")
         print(f"round {r + 1}: " + "; ".join(line), flush=True)
-    print(f"\nthis tree against {sides[0].name}, {rounds} rounds, tokens identical in every one (speed-ups > 1: "
-          "this tree is faster):")
+    print(f"\n{sides[1].name} against {sides[0].name}, {rounds} rounds, tokens identical in every one (speed-ups > 1: "
+          f"{sides[1].name} is faster):")
     for workload in workloads:
         base, head = (results[s.name][workload] for s in sides)
         ratios = [_speedup(workload, h, b) for h, b in zip(head, base)]

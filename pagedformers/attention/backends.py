@@ -26,6 +26,7 @@ class AttentionParams:
     softcap: float | None = None
     sinks: torch.Tensor | None = None  # [H] per-head sink logits
     chunk: int | None = None  # chunked attention (Llama 4): keys in the query's own chunk only
+    alibi: torch.Tensor | None = None  # [H] ALiBi slopes (Bloom): each score gains slope * the key's position
 
 
 class AttentionBackend(Protocol):

@@ -21,6 +21,7 @@ from pagedformers.attention.kv_cache import LayerKVSpec
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
+ALIBI_SLOPES = "pagedformers_alibi_slopes"  # module attribute of a native ALiBi layer: [H] its heads' slopes
 
 
 def paged_attention_forward(
@@ -51,7 +52,8 @@ def _is_shape_static(module: nn.Module, query: torch.Tensor, window: int | None,
     caches = ctx.kv_caches.get(ctx.num_calls) if ctx.kv_caches is not None else None
     if caches is None or not getattr(module, "is_causal", True) or QUERY_TEMPERATURE in module.__dict__:
         return False
-    params = AttentionParams(1.0, window=window or None, softcap=softcap or None, chunk=_attention_chunk(module))
+    params = AttentionParams(1.0, window=window or None, softcap=softcap or None, chunk=_attention_chunk(module),
+                             alibi=getattr(module, ALIBI_SLOPES, None))
     return ctx.backend.is_shape_static(query, *caches, ctx.metadata, params)
 
 
@@ -79,7 +81,7 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
         q = _apply_query_temperature(q, module.__dict__[QUERY_TEMPERATURE], ctx.positions)
     params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
                              window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
-                             chunk=_attention_chunk(module))
+                             chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
     out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
 

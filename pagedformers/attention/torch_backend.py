@@ -63,8 +63,23 @@ def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             k = gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len]
             v = gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len]
         mask = meta.prefill_mask(i, params.window, params.causal, params.chunk)
+        if params.alibi is not None:
+            mask = alibi_bias(params.alibi, mask, span.num_cached, span.q_len, params.causal)
         out[s:e] = attend(q, k, v, mask, params.scale, params.causal and mask is None, params.softcap,
                           params.sinks)[0].transpose(0, 1)
+
+
+def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor | None, num_cached: int, q_len: int,
+               causal: bool) -> torch.Tensor:
+    """[1, H, q_len, kv_len] float32: slope * key position where visible (`mask`, else causal), -inf elsewhere."""
+    kv_len = num_cached + q_len
+    if mask is None:
+        q_pos = torch.arange(num_cached, kv_len, device=slopes.device)[:, None]
+        k_pos = torch.arange(kv_len, device=slopes.device)[None, :]
+        mask = (q_pos >= k_pos if causal else torch.ones_like(k_pos, dtype=torch.bool))[None, None]
+    positions = torch.arange(kv_len, dtype=torch.float32, device=slopes.device)
+    bias = slopes.float()[None, :, None, None] * positions
+    return bias.masked_fill(~mask, float("-inf")).expand(1, -1, q_len, -1)
 
 
 def attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, params: AttentionParams,
@@ -77,6 +92,9 @@ def attend_decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     scores = torch.matmul(q.view(b, h_kv, h // h_kv, d), k.transpose(-1, -2)).float().mul_(params.scale)  # [B,H_kv,G,L]
     if params.softcap is not None:
         scores = torch.tanh(scores / params.softcap) * params.softcap
+    if params.alibi is not None:  # slope * key position, per query head
+        positions = torch.arange(scores.shape[-1], dtype=torch.float32, device=scores.device)
+        scores = scores + params.alibi.float().view(1, h_kv, h // h_kv, 1) * positions
     scores = scores.add_(bias)
     if params.sinks is not None:
         sink = params.sinks.float().view(1, h_kv, h // h_kv, 1).expand(b, -1, -1, 1)
@@ -106,8 +124,10 @@ def _attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if is_causal:
         lq, lk = scores.shape[-2:]
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive bias (ALiBi), -inf where hidden
+        scores = scores + mask
     if sinks is not None:
         sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]

@@ -57,10 +57,12 @@ def select_model_class(config: EngineConfig) -> type[Model]:
     try:
         shell = shell_class(config)
     except ValueError as e:
-        if native is None or native.unsupported(config):
+        if native is None:
             raise
-        raise ValueError(f"{e}\nA native implementation is registered for {name}: use model_impl='auto' or "
-                         "'native'.") from None
+        reason = native.unsupported(config)
+        advice = f"The native {native.__name__} cannot run it either: {reason}." if reason else \
+            f"A native implementation is registered for {name}: use model_impl='auto' or 'native'."
+        raise ValueError(f"{e}\n{advice}") from None
     reason = "as asked" if model.model_impl == "transformers" else "no native implementation is registered"
     if native is not None and model.model_impl == "auto":
         reason = native.unsupported(config) or "remote code: the checkpoint's own modeling code runs"
@@ -99,6 +101,7 @@ def check_parallel(config: EngineConfig) -> None:
     """The parallel setups that cannot work, raised before any worker process starts."""
     parallel = config.parallel
     if not uses_native(config):
+        select_model_class(config)  # the shell's refusal, or why neither implementation can run it
         check_shell_parallelism(config)
         check_parallel_config(config.model.text_config, parallel.tensor_parallel_size,
                               parallel.pipeline_parallel_size)

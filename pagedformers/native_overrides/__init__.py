@@ -6,16 +6,28 @@ Each implements model/interface.py's `Model` (and the capabilities it declares) 
 `"transformers"` forces the shell, `"native"` requires one (model/loader.py).
 
     llama.py   Llama, Mistral, Qwen2, Qwen3, SmolLM3; Mixtral and Qwen3-MoE with moe.py's experts
+    gptj.py    GPT-J
+    stablelm.py  StableLM
+    falcon.py  Falcon (RW)
+    mamba.py   Mamba, Falcon-Mamba (per-request state, no KV cache)
+    jamba.py   Jamba: attention and Mamba layers, MoE
+    bloom.py   BLOOM (ALiBi)
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from pagedformers.native_overrides import llama
+from pagedformers.native_overrides import bloom, falcon, gptj, jamba, llama, mamba, stablelm
 
 NATIVE_MODELS: dict[str, type[nn.Module]] = {
     **llama.MODELS,
+    **gptj.MODELS,
+    **stablelm.MODELS,
+    **falcon.MODELS,
+    **mamba.MODELS,
+    **jamba.MODELS,
+    **bloom.MODELS,
 }
 
 

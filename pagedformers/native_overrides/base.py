@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from accelerate import init_empty_weights
@@ -44,9 +44,9 @@ class Fused:
 
 
 class NativeCausalLM(nn.Module):
-    """A hand-written decoder: `Model`, `SupportsGeneration` and `SupportsPP` (model/interface.py)."""
+    """A hand-written decoder: `Model` and `SupportsGeneration` (model/interface.py); the families whose layers
+    split into pipeline stages declare `SupportsPP` (`supports_pp`)."""
 
-    supports_pp: ClassVar[Literal[True]] = True
     fused: ClassVar[tuple[Fused, ...]] = ()
     # Module names, as the checkpoint has them.
     embedding_name: ClassVar[str] = "model.embed_tokens"

@@ -10,6 +10,7 @@ very function the transformers shells register, so paged KV, backends and graph 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,6 +170,19 @@ def interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     x1, x2 = x[..., ::2], x[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return x * cos + rotated * sin
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """The ALiBi paper's per-head slopes (geometric from 2^-8/n; interleaved extras when n is not a power of
+    two), computed in float32 as transformers' build_alibi_tensor does."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        extra = torch.arange(1, 1 + 2 * min(closest, heads - closest), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra)])
+    return slopes
 
 
 class AttentionLayer(nn.Module):

@@ -7,7 +7,9 @@ adjacent, as in transformers, so the CPU platform fuses them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -122,6 +124,7 @@ class Trunk(nn.Module):
 
 
 class LlamaForCausalLM(NativeCausalLM):
+    supports_pp: ClassVar[Literal[True]] = True
     fused = (Fused(".q_proj.", ".qkv_proj.", "q"), Fused(".k_proj.", ".qkv_proj.", "k"),
              Fused(".v_proj.", ".qkv_proj.", "v"), Fused(".gate_proj.", ".gate_up_proj.", 0),
              Fused(".up_proj.", ".gate_up_proj.", 1))
@@ -129,12 +132,18 @@ class LlamaForCausalLM(NativeCausalLM):
     def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         super().__init__(config, parallel)
         c, variant = self.hf_config, Variant.of(self.hf_config)
+        self.build_trunk(lambda i: LlamaDecoderLayer(c, i, variant, parallel),
+                         lambda: RMSNorm(c.hidden_size, c.rms_norm_eps), head_dim(c))
+
+    def build_trunk(self, make_layer: Callable[[int], nn.Module], make_norm: Callable[[], nn.Module],
+                    rotary_dim: int) -> None:
+        """`model.` (embeddings, rotary, this stage's layers, final norm on the last stage) and `lm_head`."""
         embed, head = self.build_embedding()
         self.model = Trunk()
         self.model.embed_tokens = embed or PPMissingLayer()
-        self.model.rotary_emb = RotaryEmbedding(c, head_dim(c))
-        self.model.layers = self.build_layers(lambda i: LlamaDecoderLayer(c, i, variant, parallel))
-        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps) if parallel.is_last_stage else PPMissingLayer()
+        self.model.rotary_emb = RotaryEmbedding(self.hf_config, rotary_dim)
+        self.model.layers = self.build_layers(make_layer)
+        self.model.norm = make_norm() if self.parallel.is_last_stage else PPMissingLayer()
         self.lm_head = head or PPMissingLayer()
 
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -78,12 +78,14 @@ class Experts(nn.Module):
 
 class SparseMoe(nn.Module):
     """transformers' top-k router (softmax in float32, then top-k, renormalised where the family does) and the
-    experts."""
+    experts. The router is `gate` in the checkpoint, `router` in Jamba's."""
 
     def __init__(self, c: PretrainedConfig, tp: ParallelState) -> None:
         super().__init__()
         self.top_k = c.num_experts_per_tok
-        self.gate = replicated(nn.Linear(c.hidden_size, num_experts(c), bias=False, device="meta"))
+        self.router_name = "router" if c.model_type == "jamba" else "gate"
+        self.add_module(self.router_name, replicated(nn.Linear(c.hidden_size, num_experts(c), bias=False,
+                                                               device="meta")))
         intermediate = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
         self.experts = Experts(c, intermediate, self.top_k, tp)
         mixtral = c.model_type == "mixtral"
@@ -91,7 +93,7 @@ class SparseMoe(nn.Module):
         self.weights_in_input_dtype = not mixtral  # Mixtral weighs its experts' outputs in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)
+        logits = self._modules[self.router_name](x)
         weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
         if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)

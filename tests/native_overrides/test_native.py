@@ -15,10 +15,32 @@ from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
 PROMPTS = ["Hello, my name is", "What is",
            "The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in fixed-size blocks."]
 MAX_TOKENS = MIN_STABLE_STEPS + 8  # the later decode steps replay a traced forward
-# model type -> the native class apply_model shows
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM"}
+# name -> (model type, config overrides, the native class apply_model shows)
+FAMILIES = {
+    "llama": ("llama", {}, "llama.LlamaForCausalLM"),
+    "mistral": ("mistral", {}, "llama.MistralForCausalLM"),  # a window of 8: shorter than the prompts
+    "qwen2": ("qwen2", {}, "llama.Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", {}, "llama.Qwen3ForCausalLM"),
+    "smollm3": ("smollm3", {}, "llama.SmolLM3ForCausalLM"),
+    "mixtral": ("mixtral", {}, "llama.MixtralForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", {}, "llama.Qwen3MoeForCausalLM"),
+    "gptj": ("gptj", {}, "gptj.GPTJForCausalLM"),
+    "stablelm": ("stablelm", {}, "stablelm.StableLmForCausalLM"),
+    "stablelm_qk_norm_parallel": ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True, use_qkv_bias=True,
+                                                   num_key_value_heads=2), "stablelm.StableLmForCausalLM"),
+    "falcon": ("falcon", {}, "falcon.FalconForCausalLM"),  # multi-query, parallel attention
+    "falcon_new_arch": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2), "falcon.FalconForCausalLM"),
+    "falcon_alibi": ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False, bias=True),
+                     "falcon.FalconForCausalLM"),
+    "bloom": ("bloom", {}, "bloom.BloomForCausalLM"),
+    "bloom_6_heads": ("bloom", dict(n_head=6, hidden_size=96, apply_residual_connection_post_layernorm=True),
+                      "bloom.BloomForCausalLM"),  # ALiBi slopes for a head count that is not a power of 2
+    "mamba": ("mamba", {}, "mamba.MambaForCausalLM"),
+    "falcon_mamba": ("falcon_mamba", {}, "mamba.FalconMambaForCausalLM"),
+    # attention at layers 1 and 3, experts at layers 0 and 2
+    "jamba": ("jamba", dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                            expert_layer_offset=0), "jamba.JambaForCausalLM"),
+}
 
 
 def save_family(path, model_type: str, **overrides) -> str:
@@ -33,19 +55,31 @@ def save_family(path, model_type: str, **overrides) -> str:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
-    return {t: save_family(root / t, t) for t in FAMILIES}
+    return {name: save_family(root / name, model_type, **overrides)
+            for name, (model_type, overrides, _) in FAMILIES.items()}
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_greedy_parity(families, model_type):
-    path, tok = families[model_type], build_tokenizer()
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_greedy_parity(families, name):
+    path, tok = families[name], build_tokenizer()
     ids = [tok.encode(p) for p in PROMPTS]
     llm = LLM(model=path, dtype="float32", model_impl="native", kv_cache_memory_bytes=1 << 24)
     assert llm.apply_model(lambda m: f"{type(m).__module__}.{type(m).__name__}") == [
-        f"pagedformers.native_overrides.llama.{FAMILIES[model_type]}"]
+        f"pagedformers.native_overrides.{FAMILIES[name][2]}"]
     outs = llm.generate([{"prompt_token_ids": i} for i in ids],
                         SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ids, MAX_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_state_space_models_resume_a_chunked_prompt(families, name):
+    """A prompt split over steps by the token budget: its Mamba state carries from chunk to chunk."""
+    path, tok = families[name], build_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS]
+    llm = LLM(model=path, dtype="float32", kv_cache_memory_bytes=1 << 24, max_num_batched_tokens=7)
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ids, 12)
 
 
 def _run(path, **kwargs):
@@ -60,11 +94,12 @@ def _run(path, **kwargs):
     return [o.outputs[0].token_ids for o in outs], counts
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
-@pytest.mark.parametrize("mode", ["tensor_parallel_size", "pipeline_parallel_size"])
-def test_two_ranks_match_one(families, model_type, mode):
-    expected, [(full, experts)] = _run(families[model_type])
-    got, counts = _run(families[model_type], **{mode: 2})
+@pytest.mark.parametrize("name, mode", [(n, m) for n in ("llama", "qwen3_moe")
+                                        for m in ("tensor_parallel_size", "pipeline_parallel_size")]
+                         + [("falcon_new_arch", "tensor_parallel_size"), ("bloom", "tensor_parallel_size")])
+def test_two_ranks_match_one(families, name, mode):
+    expected, [(full, experts)] = _run(families[name])
+    got, counts = _run(families[name], **{mode: 2})
     assert got == expected
     assert len(counts) == 2 and all(total < full for total, _ in counts)
     if mode == "tensor_parallel_size":  # experts split across ranks (expert parallel), not replicated
@@ -82,6 +117,15 @@ def test_a_missing_weight_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"missing weights \[.*'model\.layers\.0\.mlp\.experts\.3\.up_proj\.weight'"
                                          r".*'model\.layers\.1\.self_attn\.k_proj\.weight'"):
         LLM(model=path, model_impl="native")
+
+
+def test_the_shell_refuses_what_native_runs_and_says_so(families):
+    with pytest.raises(ValueError, match=r"(?s)rule 3.*A native implementation is registered for "
+                                         r"\['GPTJForCausalLM'\]"):
+        LLM(model=families["gptj"], model_impl="transformers")
+    with pytest.raises(ValueError, match="native MambaForCausalLM cannot run it either: its state-space layers do not "
+                                         "split over ranks"):
+        LLM(model=families["mamba"], tensor_parallel_size=2)
 
 
 def test_auto_prefers_native_and_falls_back_to_the_shell_where_native_cannot_run(families):
