@@ -10,6 +10,11 @@ tokens (a refactor must not change what is computed).
     python benchmarks/ab.py --base 7b861e0                 # ~200M Llama, bf16, 32 x 128 -> 128, 3 rounds
     python benchmarks/ab.py --base HEAD~3 --rounds 5 --steps 128
     python benchmarks/ab.py --model-impls native,transformers   # the shell's speed as a ratio of native's
+    python benchmarks/ab.py --model-impls transformers,native --experts 8 --hidden 512 --intermediate 1024 \
+        --layers 8 --heads 8 --kv-heads 2 --workloads fixed          # a small MoE: native's experts vs HF's loop
+
+Two revisions must generate the same tokens (a refactor must not change what is computed); two implementations
+may part at near-ties in bf16, so their agreement is reported instead.
 """
 
 from __future__ import annotations
@@ -119,21 +124,22 @@ def main() -> None:
                "steps": args.steps}
         if args.model_impls:
             impls = args.model_impls.split(",")
-            compare([(f"model_impl={i}", REPO, {**job, "model_impl": i}, tmp / "cache") for i in impls], args)
+            compare([(f"model_impl={i}", REPO, {**job, "model_impl": i}, tmp / "cache") for i in impls], args,
+                    same_tokens=False)
             return
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tmp / "base"), args.base],
                        check=True, capture_output=True)
         try:
             compare([(f"base {args.base}", tmp / "base", job, tmp / "cache-base"),
-                     ("this tree", REPO, job, tmp / "cache-head")], args)
+                     ("this tree", REPO, job, tmp / "cache-head")], args, same_tokens=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "base")], check=True)
 
 
-def compare(specs: list[tuple[str, Path, dict, Path]], args: argparse.Namespace) -> None:
+def compare(specs: list[tuple[str, Path, dict, Path]], args: argparse.Namespace, same_tokens: bool) -> None:
     sides = [Side(*spec) for spec in specs]
     try:
-        report(sides, args.rounds, args.workloads.split(","))
+        report(sides, args.rounds, args.workloads.split(","), same_tokens)
     finally:
         for side in sides:
             side.close()
@@ -143,22 +149,27 @@ def compare(specs: list[tuple[str, Path, dict, Path]], args: argparse.Namespace)
 _MEASURES = {"fixed": ("tok_s", "gen tok/s", True), "batch1": ("step_ms", "ms/step", False)}
 
 
-def report(sides: list[Side], rounds: int, workloads: list[str]) -> None:
+def report(sides: list[Side], rounds: int, workloads: list[str], same_tokens: bool) -> None:
     results: dict[str, dict[str, list[float]]] = {s.name: {w: [] for w in workloads} for s in sides}
+    agreement = []  # per run: the share of generated tokens the two sides agree on
     for r in range(rounds):
         order = sides if r % 2 == 0 else sides[::-1]  # who goes first alternates
         line = []
         for workload in workloads:
             key, unit, _ = _MEASURES[workload]
             outs = [side.run(workload) for side in order]
-            if len({json.dumps(o["tokens"]) for o in outs}) != 1:
+            pairs = [(a, b) for x, y in zip(outs[0]["tokens"], outs[1]["tokens"]) for a, b in zip(x, y)]
+            agreement.append(sum(a == b for a, b in pairs) / max(len(pairs), 1))
+            if same_tokens and agreement[-1] != 1.0:
                 raise SystemExit(f"round {r + 1}, {workload}: the two sides generated different tokens")
             for side, out in zip(order, outs):
                 results[side.name][workload].append(out[key])
             base, head = (results[s.name][workload][-1] for s in sides)
             line.append(f"{workload} {head:.2f} vs {base:.2f} {unit} ({_speedup(workload, head, base):.3f}x)")
         print(f"round {r + 1}: " + "; ".join(line), flush=True)
-    print(f"\n{sides[1].name} against {sides[0].name}, {rounds} rounds, tokens identical in every one (speed-ups > 1: "
+    same = "tokens identical in every one" if min(agreement) == 1.0 else \
+        f"{min(agreement):.1%} to {max(agreement):.1%} of the generated tokens the same"
+    print(f"\n{sides[1].name} against {sides[0].name}, {rounds} rounds, {same} (speed-ups > 1: "
           f"{sides[1].name} is faster):")
     for workload in workloads:
         base, head = (results[s.name][workload] for s in sides)

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the random Llama they build, its command-line knobs, and the
-physical floors (bytes a decode step must read, the machine's read bandwidth)."""
+"""What the benchmark scripts share: the random Llama (or Mixtral-style MoE) they build, its command-line knobs, and
+the physical floors (bytes a decode step must read, the machine's read bandwidth)."""
 
 from __future__ import annotations
 
@@ -25,15 +25,18 @@ def add_model_args(p: argparse.ArgumentParser, hidden: int = 1024, layers: int =
     p.add_argument("--intermediate", type=int, default=intermediate)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default=dtype, choices=["bfloat16", "float32"])
+    p.add_argument("--experts", type=int, default=0,
+                   help="a Mixtral-style MoE with this many experts a layer (top-2, each of --intermediate)")
 
 
 def save_llama(path: Path, args: argparse.Namespace) -> None:
-    """A random-weight Llama of the requested size (std 0.02, like a real initialisation), saved in the
-    benchmark's dtype as a real checkpoint is: loading it converts nothing."""
-    save_tiny_model(path, "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
+    """A random-weight Llama (Mixtral with --experts) of the requested size (std 0.02, like a real
+    initialisation), saved in the benchmark's dtype as a real checkpoint is: loading it converts nothing."""
+    moe = dict(num_local_experts=args.experts, num_experts_per_tok=2) if getattr(args, "experts", 0) else {}
+    save_tiny_model(path, "mixtral" if moe else "llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
                     num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                     intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
-                    initializer_range=0.02, dtype=getattr(torch, args.dtype))
+                    initializer_range=0.02, dtype=getattr(torch, args.dtype), **moe)
 
 
 def weights_read_per_step(model: nn.Module) -> tuple[int, int]:

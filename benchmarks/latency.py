@@ -26,6 +26,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5, help="our runs (each --steps decode steps), fastest kept")
+    p.add_argument("--model-impl", default="auto", choices=["auto", "native", "transformers"])
     return p.parse_args()
 
 
@@ -34,7 +35,7 @@ def ours_steps_and_bandwidths(path: Path, args: argparse.Namespace, prompt: list
     measurements just before and just after), `--repeat` runs, so that this VM's drift over minutes reaches
     both alike."""
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
-              kv_cache_memory_bytes=1 << 28)
+              kv_cache_memory_bytes=1 << 28, model_impl=args.model_impl)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)  # warm-up; traces the decode graph
@@ -85,7 +86,8 @@ def main() -> None:
     print(f"\nmodel {num_params / 1e6:.0f}M params {args.dtype}, batch 1, {args.steps} decode steps")
     print(f"bandwidth floor {floor:.1f} ms/step ({weight_bytes / 1e6:.0f} MB of weights read per step, the input "
           f"embedding excluded, / {bandwidth / 1e9:.1f} GB/s, the highest read bandwidth measured)")
-    print(f"pagedformers    {ours:.1f} ms/step = {ours / floor:.2f}x that floor (fastest of {args.repeat} runs)")
+    print(f"pagedformers ({args.model_impl}) {ours:.1f} ms/step = {ours / floor:.2f}x that floor "
+          f"(fastest of {args.repeat} runs)")
     print("  run by run     " + ", ".join(f"{step:.1f} ms at {bw / 1e9:.0f} GB/s: {ratio:.2f}x"
                                            for (step, bw), ratio in zip(runs, paired)))
     print(f"  median        {statistics.median(paired):.2f}x the floor of its own minutes (the bandwidth measured "

@@ -1,5 +1,6 @@
-"""Sparse mixture-of-experts blocks (Mixtral, Qwen3-MoE): the router, then all experts' tokens in two grouped
-matmuls (`torch._grouped_mm`), with no loop over experts and no host sync, so a decode step still traces.
+"""Sparse mixture-of-experts blocks (Mixtral, Qwen3-MoE, Jamba): the router, then all experts' tokens in two
+grouped matmuls (`GroupedLinear`: `torch._grouped_mm`, which a platform may swap for a kernel of its own), with no
+loop over experts and no host sync, so a decode step still traces.
 
 Experts are stacked as transformers keeps them in memory (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) and
 split by expert over the tensor-parallel group (expert parallel): each rank runs the assignments to its own experts,
@@ -15,7 +16,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedformers.native_overrides.layers import activation, narrow_tensor, read_tensor, replicated, with_loader
+from pagedformers.native_overrides.layers import (
+    ShardLoader,
+    activation,
+    narrow_tensor,
+    read_tensor,
+    replicated,
+    with_loader,
+)
 from pagedformers.parallel_plans import ParallelState
 
 
@@ -31,6 +39,19 @@ def is_moe_layer(c: PretrainedConfig, i: int) -> bool:
     return True
 
 
+class GroupedLinear(nn.Module):
+    """Each expert's [N, K] weight, stacked [E, N, K]: x's rows come sorted by expert, expert e's ending at ends[e]
+    (int32), and each goes through its expert's weight; rows past the last end come out unspecified."""
+
+    def __init__(self, experts: int, n: int, k: int, loader: ShardLoader, shards: tuple) -> None:
+        super().__init__()
+        self.weight = with_loader(nn.Parameter(torch.empty(experts, n, k, device="meta"), requires_grad=False),
+                                  loader, shards)
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, self.weight.transpose(1, 2), offs=ends)
+
+
 class Experts(nn.Module):
     """This rank's experts: [T, H] tokens, their top-k expert ids and weights -> the weighted sum of their
     experts' outputs that live here [T, H]."""
@@ -44,12 +65,10 @@ class Experts(nn.Module):
         self.local, self.top_k, self.intermediate = total // tp.tp_size, top_k, intermediate
         self.start = tp.tp_rank * self.local
         local = range(self.start, self.start + self.local)
-        self.gate_up_proj = with_loader(
-            nn.Parameter(torch.empty(self.local, 2 * intermediate, c.hidden_size, device="meta"), requires_grad=False),
-            self._load, tuple((e, j) for e in local for j in (0, 1)))
-        self.down_proj = with_loader(
-            nn.Parameter(torch.empty(self.local, c.hidden_size, intermediate, device="meta"), requires_grad=False),
-            self._load, tuple((e, None) for e in local))
+        self.gate_up_proj = GroupedLinear(self.local, 2 * intermediate, c.hidden_size, self._load,
+                                          tuple((e, j) for e in local for j in (0, 1)))
+        self.down_proj = GroupedLinear(self.local, c.hidden_size, intermediate, self._load,
+                                       tuple((e, None) for e in local))
         self.act_fn = activation(c.hidden_act)
 
     def _load(self, dst: torch.Tensor, src: object, shard: tuple[int, int | None] | None) -> None:
@@ -69,8 +88,8 @@ class Experts(nn.Module):
         order = ids.argsort(stable=True)
         ends = torch.bincount(ids, minlength=self.local + 1)[: self.local].cumsum(0).to(torch.int32)
         token = order // self.top_k
-        gate, up = torch._grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-        out = torch._grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+        gate, up = self.gate_up_proj(x[token], ends).chunk(2, dim=-1)
+        out = self.down_proj(self.act_fn(gate) * up, ends)
         # Rows past the last expert's end are left unwritten (not zeroed) by the grouped matmul: drop, not weigh.
         weighted = (out * top_weights.flatten()[order, None]).masked_fill(elsewhere.flatten()[order, None], 0)
         return torch.zeros_like(x).index_add_(0, token, weighted.to(x.dtype))
@@ -109,14 +128,18 @@ class ExpertNames:
     up: str
     down: str
 
-    def target(self, name: str) -> tuple[str, tuple[int, int | None]] | None:
-        """(stacked parameter, (expert, half)) for a per-expert checkpoint tensor, else None."""
+    def target(self, name: str) -> tuple[str, tuple[int, int | None] | None] | None:
+        """(stacked parameter, (expert, half)) for a per-expert checkpoint tensor, (stacked parameter, None) for
+        all experts stacked as in memory, else None."""
+        stacked = re.fullmatch(r"(.*\.experts\.(?:gate_up_proj|down_proj))", name)
+        if stacked is not None:
+            return f"{stacked[1]}.weight", None
         m = re.fullmatch(r"(.*)\.experts\.(\d+)\.(\w+)\.weight", name)
         if m is None or m[3] not in (self.gate, self.up, self.down):
             return None
         if m[3] == self.down:
-            return f"{m[1]}.experts.down_proj", (int(m[2]), None)
-        return f"{m[1]}.experts.gate_up_proj", (int(m[2]), 0 if m[3] == self.gate else 1)
+            return f"{m[1]}.experts.down_proj.weight", (int(m[2]), None)
+        return f"{m[1]}.experts.gate_up_proj.weight", (int(m[2]), 0 if m[3] == self.gate else 1)
 
     def checkpoint_name(self, param: str, shard: object) -> str | None:
         block, _, kind = param.rpartition(".experts.")

@@ -1,7 +1,8 @@
-"""One family through the transformers shell and through HF, compared (the unit of the conformance sweep).
+"""One family through the transformers shell (or its native implementation) and through HF, compared (the unit of
+the conformance sweep).
 
 Builds a tiny random model of the family (tools/tiny_configs.py), greedy-decodes a few prompts of
-different lengths through `LLM(model_impl="transformers")` in one batch and through HF `generate`
+different lengths through `LLM(model_impl=...)` in one batch and through HF `generate`
 (eager attention, one prompt at a time), and compares the tokens and the full-vocabulary logprobs
 of every generated position.
 """
@@ -22,6 +23,7 @@ from transformers.models.auto import modeling_auto as auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pagedformers import LLM, SamplingParams
+from pagedformers.native_overrides import NATIVE_MODELS
 from pagedformers.tools.tiny_configs import tiny_config
 from pagedformers.tools.tiny_models import build_tokenizer
 
@@ -47,6 +49,7 @@ class FamilyResult:
     max_logprob_diff: float | None = None
     reason: str = ""
     seconds: float = 0.0
+    model_impl: str = "transformers"
 
 
 # -- which families -----------------------------------------------------------------------------------
@@ -54,14 +57,17 @@ class FamilyResult:
 
 def enumerate_families() -> dict[str, str]:
     """model_type -> the class its checkpoints run, for every family with a causal-LM class whose base model
-    supports attention backends: the multimodal class where the family has one (what Hub checkpoints are,
-    e.g. Llama4ForConditionalGeneration rather than the text-only Llama4ForCausalLM), else the causal LM."""
+    supports attention backends (the multimodal class where the family has one: what Hub checkpoints are,
+    e.g. Llama4ForConditionalGeneration rather than the text-only Llama4ForCausalLM, else the causal LM), or
+    whose causal LM has a native implementation."""
     families = {}
     for model_type, lm_name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         base_name = auto.MODEL_MAPPING_NAMES.get(model_type)
         base_name = base_name[0] if isinstance(base_name, (list, tuple)) else base_name
         base = getattr(transformers, base_name, None) if base_name else None
-        if getattr(base, "_supports_attention_backend", False):
+        if lm_name in NATIVE_MODELS and not getattr(base, "_supports_attention_backend", False):
+            families[model_type] = lm_name
+        elif getattr(base, "_supports_attention_backend", False):
             lm_name = auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.get(model_type, lm_name)
             families[model_type] = lm_name if isinstance(lm_name, str) else lm_name[0]
     return families
@@ -85,11 +91,15 @@ def prompt_token_ids() -> list[list[int]]:
     return [tok.encode(text)[:n] for text, n in zip(PROMPT_TEXTS, PROMPT_LENGTHS)]
 
 
-def run_family(family: str, workdir: str | Path | None = None) -> FamilyResult:
+def has_native(family: str) -> bool:
+    return enumerate_families().get(family) in NATIVE_MODELS
+
+
+def run_family(family: str, workdir: str | Path | None = None, model_impl: str = "transformers") -> FamilyResult:
     """Build, save and run one family; every outcome is a FamilyResult (exceptions become `fail`)."""
     start = time.perf_counter()
     architecture = enumerate_families().get(family, "?")
-    result = FamilyResult(family, architecture, "fail")
+    result = FamilyResult(family, architecture, "fail", model_impl=model_impl)
     try:
         reason = unsupported_reason(family)
         if reason:
@@ -97,7 +107,7 @@ def run_family(family: str, workdir: str | Path | None = None) -> FamilyResult:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_tiny_family(family, Path(workdir or tmp) / family)
-                _check(path, result)
+                _check(path, result, model_impl)
     except Exception as e:  # noqa: BLE001 - a sweep records every failure
         result.status, result.reason = "fail", _one_line(e)
     result.seconds = round(time.perf_counter() - start, 1)
@@ -119,10 +129,10 @@ def save_tiny_family(family: str, path: Path, seed: int = 0) -> str:
     return str(path)
 
 
-def _check(path: str, result: FamilyResult) -> None:
+def _check(path: str, result: FamilyResult, model_impl: str) -> None:
     prompts = prompt_token_ids()
     try:
-        ours = pagedformers_greedy(path, prompts)
+        ours = pagedformers_greedy(path, prompts, model_impl)
     except ValueError as e:
         if "not compatible with the transformers shell" not in str(e):
             raise
@@ -141,9 +151,9 @@ def _check(path: str, result: FamilyResult) -> None:
 Greedy = list[tuple[list[int], torch.Tensor]]  # per prompt: tokens, [steps, vocab] logprobs
 
 
-def pagedformers_greedy(path: str, prompts: list[list[int]]) -> Greedy:
+def pagedformers_greedy(path: str, prompts: list[list[int]], model_impl: str = "transformers") -> Greedy:
     """All prompts in one batch; a small token budget chunks the longest prompt's prefill."""
-    llm = LLM(model=path, model_impl="transformers", runner="generate", dtype="float32",
+    llm = LLM(model=path, model_impl=model_impl, runner="generate", dtype="float32",
               kv_cache_memory_bytes=1 << 24, max_num_batched_tokens=32)
     vocab = llm.config.model.text_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=vocab)

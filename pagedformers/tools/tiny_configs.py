@@ -96,6 +96,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Its layers attend over all past tokens (create_causal_mask), but generate's cache keeps the last
     # `sliding_window` only: keep the default (3000), longer than any prompt here, as in real use.
     "moshi": dict(sliding_window=3000),
+    # Its heads must tile hidden_size * expand (128), in 2 groups of B and C; scan chunks shorter than the prompts.
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=2, chunk_size=8),
+    # The default places one attention layer in 8 (HF generate cannot run a Jamba without one, 5.23): attention
+    # at layers 1 and 3, experts at 0 and 2.
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=0),
     # Multimodal: encoder shapes that must agree with each other or with the language model.
     "emu3": dict(vq_config=dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
                                 attn_resolutions=[]),

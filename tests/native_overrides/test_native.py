@@ -37,9 +37,7 @@ FAMILIES = {
                       "bloom.BloomForCausalLM"),  # ALiBi slopes for a head count that is not a power of 2
     "mamba": ("mamba", {}, "mamba.MambaForCausalLM"),
     "falcon_mamba": ("falcon_mamba", {}, "mamba.FalconMambaForCausalLM"),
-    # attention at layers 1 and 3, experts at layers 0 and 2
-    "jamba": ("jamba", dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                            expert_layer_offset=0), "jamba.JambaForCausalLM"),
+    "jamba": ("jamba", {}, "jamba.JambaForCausalLM"),  # attention at layers 1 and 3, experts at 0 and 2
 }
 
 
@@ -135,3 +133,19 @@ def test_auto_prefers_native_and_falls_back_to_the_shell_where_native_cannot_run
     assert pooling.apply_model(lambda m: type(m).__name__) == ["TransformersForPooling"]
     with pytest.raises(ValueError, match="native LlamaForCausalLM cannot run this model: it generates text only"):
         LLM(model=families["llama"], model_impl="native", convert="embed")
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "falcon_new_arch", "bloom", "gptj", "mamba", "jamba"])
+def test_bf16_prompt_logprobs_match_hf(families, name):
+    """bf16 (the CPU platform's packed linears, fused norms and kernels) against HF's bf16 forward, with the tolerance
+    the transformers shell is held to (tests/platforms/cpu/test_linear.py)."""
+    path = families[name]
+    ids = build_tokenizer().encode("The quick brown fox jumps over the lazy dog while the paged cache fills")
+    llm = LLM(model=path, dtype="bfloat16", model_impl="native", kv_cache_memory_bytes=1 << 24)
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ours = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(ours, expected, atol=0.05), (ours - expected).abs().max()

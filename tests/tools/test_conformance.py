@@ -68,20 +68,34 @@ def test_enumeration_covers_the_decoder_families():
     families = enumerate_families()
     assert {"llama", "gemma2", "deepseek_v3", "gpt_oss"} <= set(families)
     assert families["llama"] == "LlamaForCausalLM"
-    assert "bamba" not in families  # its base model does not support attention backends
+    assert "bamba" not in families  # its base model does not support attention backends, and no native one
+    assert families["gptj"] == "GPTJForCausalLM"  # neither does GPT-J's, but a native one is registered
 
 
 def test_a_failing_family_does_not_stop_the_sweep():
-    results = sweep(["llama"], timeout_s=0.5)  # far too short: the worker is killed
-    assert [(r.family, r.status) for r in results] == [("llama", "fail")]
-    assert "timed out" in results[0].reason
+    results = sweep(["llama"], timeout_s=0.5)  # far too short: the workers are killed
+    assert [(r.family, r.model_impl, r.status) for r in results] == [("llama", "transformers", "fail"),
+                                                                      ("llama", "native", "fail")]
+    assert all("timed out" in r.reason for r in results)
 
 
 def test_report_counts_and_reasons():
     results = [FamilyResult("a", "AForCausalLM", "pass", 1e-6), FamilyResult("b", "B", "fail", None, "x | y"),
-               FamilyResult("c", "C", "unsupported", None, "hybrid"),
+               FamilyResult("c", "C", "unsupported", None, "rule 3"),
+               FamilyResult("c", "C", "pass", 2e-6, model_impl="native"),
                FamilyResult("d", "D", "unsupported", None, "encoder-decoder model: ...")]
     text = render_markdown(results)
-    assert "**1 pass, 1 fail, 2 unsupported, of 4 families** (25% pass). Unsupported: 1 encoder-decoder" in text
-    assert "Of the 3 decoder families, 1 pass (33%)" in text
-    assert "| b | B | fail |  | x \\| y |" in text
+    assert "**Shell: 1 pass, 1 fail, 2 unsupported, of 4 families** (25% pass). Unsupported: 1 encoder-decoder" in text
+    assert "**Native: 1 pass of 1** families" in text
+    assert "Of the 3 decoder families, 2 pass through at least one (67%)" in text
+    assert "| b | B | fail |  |  |  | x \\| y |" in text
+    assert "| c | C | unsupported |  | pass | 2.0e-06 | rule 3 |" in text
+
+
+@pytest.mark.parametrize("family", ["bloom", "mamba"])
+def test_families_the_shell_refuses_pass_through_their_native_implementation(family, tmp_path):
+    assert family in enumerate_families()
+    shell = run_family(family, tmp_path / "shell")
+    assert shell.status == "unsupported" and "rule 3" in shell.reason
+    native = run_family(family, tmp_path / "native", model_impl="native")
+    assert native.status == "pass", native.reason

@@ -10,7 +10,8 @@ from pagedformers.tools.supported_models import describe, families, read_conform
 
 DOC = Path(__file__).parents[2] / "docs" / "supported_models.md"
 ANCHORS = {  # family: what its row must say
-    "llama": ("TransformersForCausalLM (LlamaForCausalLM)", "", "embed, classify, token_classify"),
+    "llama": ("TransformersForCausalLM (LlamaForCausalLM); native LlamaForCausalLM (preferred by model_impl='auto')",
+              "", "embed, classify, token_classify"),
     "lfm2": ("TransformersHybridForCausalLM (Lfm2ForCausalLM)", "", "embed"),
     "llava": ("TransformersForMultimodalLM (LlavaForConditionalGeneration)", "yes", ""),
     "gemma3": ("TransformersForMultimodalLM (Gemma3ForConditionalGeneration)",
@@ -27,9 +28,13 @@ def test_the_doc_row_is_what_the_generator_derives(family):
     assert row.row() in DOC.read_text().splitlines()
 
 
-def test_families_without_attention_backends_are_listed_as_refused():
+def test_families_without_attention_backends_are_listed_as_refused_unless_native():
     served, refused = families({})
-    assert {"bloom", "falcon", "gptj", "mamba"} <= set(refused)
+    assert {"bamba", "codegen", "rwkv"} <= set(refused)
     assert not {f.family for f in served} & set(refused)
+    natives = {f.family: f.generation for f in served if f.generation.startswith("native ")}
+    assert natives["gptj"] == "native GPTJForCausalLM (the shell refuses it: rule 3)"
+    assert {"bloom", "falcon", "gptj", "mamba", "mamba2", "falcon_mamba", "jamba", "stablelm"} <= set(natives)
     refused_line = DOC.read_text().split("## Refused")[1]
-    assert all(f"`{family}`" in refused_line for family in ("bloom", "falcon", "gptj", "mamba"))
+    assert all(f"`{family}`" in refused_line for family in ("bamba", "codegen"))
+    assert not any(f"`{family}`" in refused_line for family in natives)

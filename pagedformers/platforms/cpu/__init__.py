@@ -1,5 +1,5 @@
 """The CPU platform: compiled kernels (kernels/), layers swapped for them after loading (linear.py, rms_norm.py,
-gated_mlp.py), their weights on huge pages (huge_pages.py), an attention backend on the kernels
+gated_mlp.py, experts.py), their weights on huge pages (huge_pages.py), an attention backend on the kernels
 (attention.py), and decode steps replayed from traced graphs (decode_graphs.py, graph_rewrites.py)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pagedformers.logger import init_logger
 from pagedformers.model.interface import Model, SupportsPerRequestState
 from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (registers the "cpu" backend)
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
+from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
 from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernels
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings
@@ -36,6 +37,7 @@ class CpuPlatform:
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
         pack_linears(model, dtype, "cpu", siblings)
+        pack_grouped_linears(model, dtype, "cpu")
         fuse_gated_mlps(model, dtype, "cpu")
         attention = create_attention_backend("cpu")
         if self._traces_decodes(model, config):

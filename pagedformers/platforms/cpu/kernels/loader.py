@@ -20,6 +20,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 - `write_kv` (csrc/write_kv.cpp, no vector code: one source for both builds): the step's keys and values
   into their cache slots, a row copy each.
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
+- `grouped_linear` (csrc/grouped_linear.cpp, one source for both builds): an MoE layer's experts, each expert's
+  rows through `linear`; `torch._grouped_mm` runs oneDNN per expert, 2-2.5x slower at decode's few rows.
 - `rotary_embed` (csrc/rotary.cpp): HF's rotate-half rotary embedding in one call, bitwise as HF's eight ops
   round; decode graphs put it in their place (platforms/cpu/graph_rewrites.py).
 
@@ -52,7 +54,7 @@ logger = init_logger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _KERNELS = ("decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "argmax.cpp", "linear.cpp", "rotary.cpp")
-_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp")
+_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp")
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_kernel_isa` decides at run time which build this machine may load (the other one would crash it
 # with an illegal instruction).

@@ -17,6 +17,7 @@ at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor rotary_embed(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths);
+at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& ends, int64_t n);
 
 TORCH_LIBRARY(pagedformers, m) {
   // bf16 paged decode attention (AVX512-BF16)
@@ -33,6 +34,8 @@ TORCH_LIBRARY(pagedformers, m) {
         "Tensor offsets) -> ()");
   // bf16 x W^T + b on a weight packed for AVX512-BF16, split by output widths
   m.def("linear(Tensor x, Tensor packed, Tensor bias, int[] widths) -> Tensor[]");
+  // an MoE layer's experts: rows sorted by expert, each expert's through `linear` on its packed weight
+  m.def("grouped_linear(Tensor x, Tensor packed, Tensor ends, int n) -> Tensor");
   // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
   m.def("argmax_rows(Tensor logits) -> Tensor");
   // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
@@ -46,6 +49,7 @@ TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("write_kv", &write_kv);
   m.impl("linear", &linear);
+  m.impl("grouped_linear", &grouped_linear);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("rotary_embed", &rotary_embed);
 }
