@@ -70,14 +70,6 @@ class JambaForCausalLM(StateSpaceModel):
         self.model.final_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = head or PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: MambaState | None = None,
-                stage_input: torch.Tensor | None = None) -> torch.Tensor:
-        state = MambaState() if state is None else state  # the probe's
-        hidden = self.embed(input_ids)
-        for i in self.own_layers:
-            hidden = self.model.layers[i](hidden, state)
-        return self.model.final_layernorm(hidden)
-
     def checkpoint_targets(self, name: str) -> list[tuple[str, object]]:
         target = QWEN_EXPERTS.target(name)
         return [target] if target is not None else super().checkpoint_targets(name)

@@ -196,6 +196,17 @@ class StateSpaceModel(NativeCausalLM):
     def create_state(self) -> MambaState:
         return MambaState()
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: MambaState | None = None,
+                stage_input: torch.Tensor | None = None) -> torch.Tensor:
+        """One request's chunk (or the probe's prompt, with a state of its own); positions are implied by the
+        state: no layer of these models reads them."""
+        state = MambaState() if state is None else state
+        hidden = self.embed(input_ids)
+        layers = self.get_submodule(self.layers_name)
+        for i in self.own_layers:
+            hidden = layers[i](hidden, state)
+        return self.get_submodule(self.last_stage_modules[0])(hidden).to(self.config.model.dtype)
+
 
 class MambaForCausalLM(StateSpaceModel):
     embedding_name, layers_name, last_stage_modules = "backbone.embeddings", "backbone.layers", ("backbone.norm_f",)
@@ -210,14 +221,6 @@ class MambaForCausalLM(StateSpaceModel):
         self.backbone.layers = self.build_layers(lambda i: MambaBlock(c, i, self.inner_norm))
         self.backbone.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
         self.lm_head = head or PPMissingLayer()
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: MambaState | None = None,
-                stage_input: torch.Tensor | None = None) -> torch.Tensor:
-        state = MambaState() if state is None else state  # the probe's
-        hidden = self.embed(input_ids)
-        for i in self.own_layers:
-            hidden = self.backbone.layers[i](hidden, state)
-        return self.backbone.norm_f(hidden).to(self.config.model.dtype)
 
 
 class FalconMambaForCausalLM(MambaForCausalLM):

@@ -11,6 +11,7 @@ from pagedformers import LLM, SamplingParams
 from pagedformers.platforms.cpu.decode_graphs import MIN_STABLE_STEPS
 from pagedformers.tools.tiny_configs import tiny_config
 from pagedformers.tools.tiny_models import build_tokenizer, hf_greedy
+from support.tensors import BF16_LOGPROB_TOLERANCE, bf16_prompt_logprob_error
 
 PROMPTS = ["Hello, my name is", "What is",
            "The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in fixed-size blocks."]
@@ -139,13 +140,4 @@ def test_auto_prefers_native_and_falls_back_to_the_shell_where_native_cannot_run
 def test_bf16_prompt_logprobs_match_hf(families, name):
     """bf16 (the CPU platform's packed linears, fused norms and kernels) against HF's bf16 forward, with the tolerance
     the transformers shell is held to (tests/platforms/cpu/test_linear.py)."""
-    path = families[name]
-    ids = build_tokenizer().encode("The quick brown fox jumps over the lazy dog while the paged cache fills")
-    llm = LLM(model=path, dtype="bfloat16", model_impl="native", kv_cache_memory_bytes=1 << 24)
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    ours = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0, :-1].float()
-    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    assert torch.allclose(ours, expected, atol=0.05), (ours - expected).abs().max()
+    assert bf16_prompt_logprob_error(families[name], model_impl="native") < BF16_LOGPROB_TOLERANCE

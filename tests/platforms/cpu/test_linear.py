@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedformers import LLM, SamplingParams
+from pagedformers import LLM
 from pagedformers.platforms.cpu.kernels import cpu_kernel_isa
 from pagedformers.platforms.cpu.linear import PackedLinear, SiblingLinear, can_pack, pack_linears, record_siblings
-from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
-from support.tensors import assert_bf16_close
+from pagedformers.tools.tiny_models import save_tiny_model
+from support.tensors import BF16_LOGPROB_TOLERANCE, assert_bf16_close, bf16_prompt_logprob_error
 
 
 @pytest.mark.skipif(cpu_kernel_isa() is None, reason="the linear kernel needs AVX512-BF16 or AVX2")
@@ -140,22 +140,12 @@ def test_input_changed_in_place_keeps_siblings_apart():
 def test_bf16_engine_logprobs_match_hf(tmp_path, model_impl):
     """The bf16 path (packed linears on CPUs that have them) against HF's bf16 forward, with one tolerance for the
     transformers shell and the native Llama."""
-    from transformers import AutoModelForCausalLM
-
-    path = save_tiny_model(tmp_path, "llama")
-    ids = build_tokenizer().encode("The quick brown fox jumps over the lazy dog while the paged cache fills")
-    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 24, model_impl=model_impl)
+    path = str(save_tiny_model(tmp_path, "llama"))
+    llm = LLM(model=path, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, model_impl=model_impl)
     kinds = llm.apply_model(lambda m: [type(x).__name__ for x in m.modules() if isinstance(x, nn.Linear)])[0]
     if can_pack(torch.bfloat16, "cpu") and model_impl == "transformers":
         # per layer: q/k/v and gate/up share an input; o and down alone
         assert kinds.count("SiblingLinear") == 2 * 5 and kinds.count("PackedLinear") == 2 * 2 + 1  # + LM head
     elif can_pack(torch.bfloat16, "cpu"):  # per layer: qkv_proj, o_proj, gate_up_proj, down_proj; + LM head
         assert kinds == ["PackedLinear"] * (2 * 4 + 1)
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    ours = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0, :-1].float()
-    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    assert torch.allclose(ours, expected, atol=0.05), (ours - expected).abs().max()
-
+    assert bf16_prompt_logprob_error(path, model_impl=model_impl) < BF16_LOGPROB_TOLERANCE
