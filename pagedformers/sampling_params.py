@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+_INT64_MAX = 2**63 - 1  # what the engine's tensors (top-k, seeds, token ids) hold
+_INTS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "seed")
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -59,6 +63,15 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     def _verify(self) -> None:
+        for name in _INTS:  # first: the range checks below compare them
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)), name, value,
+                   "must be an integer")
+            _check(value is None or abs(value) <= _INT64_MAX, name, value, f"must be within +-{_INT64_MAX} (int64)")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), name,
+                   value, "must be a finite number")
         _check(self.n >= 1, "n", self.n, "must be >= 1")
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
@@ -76,8 +89,9 @@ class SamplingParams:
                "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "must be > 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "must be non-negative token ids")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX
+                   for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+               "must be non-negative token ids")
         _check(self.output_kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY), "output_kind",
                self.output_kind, "must be CUMULATIVE or FINAL_ONLY (DELTA is not supported)")
 

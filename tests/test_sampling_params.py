@@ -9,6 +9,9 @@ from pagedformers.sampling_params import RequestOutputKind
     ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -1), ("prompt_logprobs", -3),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("stop", [""]),
     ("stop_token_ids", [-1]), ("output_kind", RequestOutputKind.DELTA),
+    # out of the engine's integer range, not finite, not the type asked for
+    ("top_k", 10**20), ("seed", -(2**70)), ("max_tokens", 2**63), ("stop_token_ids", [2**64]), ("n", 2.0),
+    ("logprobs", True), ("temperature", float("inf")), ("top_p", float("nan")), ("repetition_penalty", float("inf")),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}="):

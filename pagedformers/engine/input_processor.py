@@ -172,6 +172,12 @@ class InputProcessor:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if not request.is_pooling:
+            for field in ("logprobs", "prompt_logprobs"):
+                value = getattr(params, field)
+                if value is not None and value > vocab:
+                    raise InvalidRequest(f"SamplingParams.{field}={value} asks for more alternatives than the "
+                                         f"vocabulary has ({vocab})", field)
 
     def _check_kv_fit(self, request: EngineRequest, name: str) -> None:
         limit, block_size = self.config.model.max_model_len, self.config.cache.block_size
