@@ -4,14 +4,22 @@ The driver process is rank 0; ranks 1.. are spawned (not forked: torch has start
 threads by then). Each step, rank 0 broadcasts the step plan; every rank runs its part;
 the logits come back to rank 0. Collectives carry a timeout, and the driver checks its
 workers are alive before each step, so a dead worker surfaces as WorkerDiedError, not a hang.
+
+Rendezvous goes through a TCP store the driver hosts: each worker marks itself there once it runs, and the driver
+waits for the marks while watching the processes, so a worker that dies on the way (most often: a script without
+an `if __name__ == "__main__":` guard, which every spawned worker re-runs) fails the start within seconds. The
+workers and the process group are released by `shutdown`, or when the executor is garbage-collected.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
-import socket
+import sys
+import time
 import traceback
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -34,25 +42,37 @@ from pagedformers.parallel_plans import create_parallel_state
 logger = init_logger(__name__)
 
 
+UNGUARDED_SCRIPT_HELP = (
+    "Parallel workers are spawned processes that re-import the script that started them: a script that builds a "
+    "parallel LLM must do so under `if __name__ == \"__main__\":` (or in a function it calls from there).")
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
+        if _is_spawned_worker_importing_main():
+            raise RuntimeError(UNGUARDED_SCRIPT_HELP)
+        _release_process_group_of_dead_engines()
         self.config = config
         self.world_size = config.parallel.world_size
         check_parallel(config)
         # Ranks share the machine's cores (the driver, rank 0, included).
         torch.set_num_threads(_threads_per_rank(self.world_size))
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
+        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
         ctx = mp.get_context("spawn")
         # Workers rebuild the config from its arguments: remote-code config classes do not unpickle
         # in a fresh process, and hf_overrides may be a lambda (hence cloudpickle).
         blob = cloudpickle.dumps(config.local_args())
-        self.procs = [ctx.Process(target=_worker_main, args=(blob, rank, self.world_size, init_method),
+        self.procs = [ctx.Process(target=_worker_main, args=(blob, rank, self.world_size, store.port),
                                   name=f"pagedformers-rank{rank}", daemon=True)
                       for rank in range(1, self.world_size)]
         for p in self.procs:
             p.start()
+        self._release = weakref.finalize(self, _stop_workers, self.procs)
         try:
-            self.driver_worker = _init_rank(config, 0, self.world_size, init_method)
+            _wait_for_workers(store, self.procs, config.parallel.distributed_timeout_s)
+            self.driver_worker = _init_rank(config, 0, self.world_size, store)
         except Exception:
             self.shutdown(graceful=False)
             raise
@@ -73,18 +93,12 @@ class MultiprocExecutor(Executor):
         return self._collective(run)
 
     def shutdown(self, graceful: bool = True) -> None:
-        if dist.is_initialized():
+        if graceful and self._release.alive and dist.is_initialized() and all(p.is_alive() for p in self.procs):
             try:
-                if graceful and all(p.is_alive() for p in self.procs):
-                    self._broadcast(("shutdown", None))
+                self._broadcast(("shutdown", None))
             except RuntimeError:
                 pass  # a worker is already gone: the kill below cleans up
-            finally:
-                dist.destroy_process_group()
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        self._release()  # once: the process group, then the workers
 
     def _broadcast(self, message: tuple[str, Any]) -> None:
         dist.broadcast_object_list([message], src=0)
@@ -100,9 +114,52 @@ class MultiprocExecutor(Executor):
             raise WorkerDiedError(f"A collective with the workers failed ({e}); a worker died or hung.") from e
 
 
-def _init_rank(config: EngineConfig, rank: int, world_size: int, init_method: str) -> Worker:
+def _stop_workers(procs: list[mp.Process]) -> None:
+    """Release the process group and end the workers (who leave their broadcast wait when the group goes)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+
+
+def _release_process_group_of_dead_engines() -> None:
+    """A parallel LLM that was dropped without shutdown() holds the process group until it is collected: collect
+    it now, so that a new one can start; one still alive is a clear error, not torch's "initialize the default
+    process group twice"."""
+    if dist.is_initialized():
+        gc.collect()
+    if dist.is_initialized():
+        raise RuntimeError("Another parallel LLM is alive in this process (a process holds one process group): "
+                           "call its shutdown(), or use `with LLM(...) as llm:`, before building a new one.")
+
+
+def _is_spawned_worker_importing_main() -> bool:
+    """Whether this process is a spawned child still importing the parent's script (multiprocessing runs it as
+    `__mp_main__`): an LLM built there comes from a script without a main guard."""
+    main = sys.modules.get("__main__")
+    return mp.parent_process() is not None and getattr(main, "__name__", None) == "__mp_main__" \
+        and getattr(mp.current_process(), "_inheriting", False)
+
+
+def _wait_for_workers(store: dist.TCPStore, procs: list[mp.Process], timeout_s: float) -> None:
+    """Until every worker marked itself in the store; a worker that exits first fails the start at once."""
+    keys = [f"started/{rank}" for rank in range(1, len(procs) + 1)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        dead = next((p for p in procs if not p.is_alive()), None)
+        if dead is not None:
+            raise RuntimeError(f"Worker {dead.name} exited (code {dead.exitcode}) before joining the process group; "
+                               f"its error is above. {UNGUARDED_SCRIPT_HELP}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"The workers did not start within distributed_timeout_s={timeout_s:g} s.")
+        time.sleep(0.05)
+
+
+def _init_rank(config: EngineConfig, rank: int, world_size: int, store: dist.Store) -> Worker:
     backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=config.parallel.distributed_timeout_s))
     state = create_parallel_state(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
     worker = Worker(config, state)
@@ -117,13 +174,16 @@ def _min_over_ranks(value: int) -> int:
     return int(t)
 
 
-def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: str) -> None:
+def _worker_main(config_blob: bytes, rank: int, world_size: int, store_port: int) -> None:
     torch.set_num_threads(_threads_per_rank(world_size))
     try:
         args = cloudpickle.loads(config_blob)
+        timeout = timedelta(seconds=args.distributed_timeout_s)
+        store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+        store.set(f"started/{rank}", "1")
         with gguf_parsed_once(args.model, args.gguf_file):
             config = create_engine_config(args)
-            worker = _init_rank(config, rank, world_size, init_method)
+            worker = _init_rank(config, rank, world_size, store)
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
@@ -145,8 +205,3 @@ def _worker_main(config_blob: bytes, rank: int, world_size: int, init_method: st
 def _threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -56,8 +56,15 @@ class LLM:
         return self._client.llm_engine
 
     def shutdown(self) -> None:
-        """Stop worker and replica processes; the LLM is unusable afterwards."""
+        """Stop worker and replica processes; the LLM is unusable afterwards. Also done when the LLM is
+        garbage-collected, and on leaving `with LLM(...) as llm:`."""
         self._client.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self._processor.tokenizer

@@ -1,5 +1,7 @@
 """Tensor and pipeline parallel over 2 gloo processes give what one process gives."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -90,3 +92,30 @@ def test_data_parallel_replicas_split_the_work_and_agree(models):
             llm.generate([PROMPTS[0], {"prompt_token_ids": []}], GREEDY)
     finally:
         llm.shutdown()
+
+
+def test_a_dropped_parallel_llm_releases_its_workers_and_a_second_one_starts(models):
+    """`del llm` (garbage collection) and `with` release the workers and the process group."""
+    path = str(models["llama"])
+    llm = LLM(model=path, tensor_parallel_size=2, **KW)
+    workers = list(llm.llm_engine.executor.procs)
+    expected = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm
+    with LLM(model=path, pipeline_parallel_size=2, **KW) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == \
+            [o.outputs[0].token_ids for o in expected]
+        assert not any(p.is_alive() for p in workers)
+        with pytest.raises(RuntimeError, match="Another parallel LLM is alive in this process"):
+            LLM(model=path, tensor_parallel_size=2, **KW)
+        workers = list(llm.llm_engine.executor.procs)
+    assert not any(p.is_alive() for p in workers)
+
+
+def test_a_script_without_a_main_guard_fails_fast_naming_the_fix(models, tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from pagedformers import LLM\nLLM(model={str(models['llama'])!r}, tensor_parallel_size=2, "
+                      "dtype='float32', kv_cache_memory_bytes=1 << 22)\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 45  # the store's timeout is 60 s
+    assert 'if __name__ == "__main__":' in done.stderr and "before joining the process group" in done.stderr
