@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pagedformers import __version__
 from pagedformers.entrypoints.engine_args import add_engine_args, engine_kwargs
+from pagedformers.entrypoints.openai import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS
 
 _UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -49,6 +50,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="Jinja chat template, as a file path or inline; by default the tokenizer's.")
     server.add_argument("--uvicorn-log-level", default="info", choices=_UVICORN_LOG_LEVELS,
                         help="Log level of uvicorn (default: info).")
+    server.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS, metavar="N",
+                        help="Requests in flight beyond --max-num-seqs; past them a request gets 503 with "
+                             f"Retry-After (default: {DEFAULT_MAX_WAITING_REQUESTS}).")
+    server.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                        help=f"Larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).")
     add_engine_args(serve)
 
 

@@ -317,3 +317,31 @@ def test_metrics_in_prometheus_text_format(server, client):
         assert re.search(rf"^pagedformers:{name}[{{ ]", text, re.MULTILINE), name
     assert metric(server, "pagedformers:prompt_tokens_total") > 0
     assert metric(server, "pagedformers:time_to_first_token_seconds_count") > 0
+
+
+def test_overload_is_answered_503_with_retry_after_and_big_bodies_413(tiny_llama, monkeypatch):
+    """max_num_seqs + max_waiting_requests requests in flight at most; the rest are turned away, not queued."""
+    config = create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, max_num_seqs=2, **ENGINE_KWARGS))
+    engine = AsyncLLM(LLMEngine(config))
+    step = engine.engine.step
+    monkeypatch.setattr(engine.engine, "step", lambda: (time.sleep(0.01), step())[1])  # requests overlap
+    app = build_app(engine, MODEL, max_waiting_requests=2, max_body_bytes=4096)
+    body = {"model": MODEL, "prompt": HELLO, "max_tokens": 20, "temperature": 0.0, "ignore_eos": True}
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(16)))
+
+    try:
+        with running_server(app) as url:
+            responses = asyncio.run(burst(url))
+            codes = [r.status_code for r in responses]
+            assert 4 <= codes.count(200) < 16 and set(codes) == {200, 503}, codes  # 2 running + 2 waiting
+            turned_away = next(r for r in responses if r.status_code == 503)
+            assert turned_away.headers["Retry-After"] == "1"
+            assert "at capacity" in assert_openai_error(turned_away, 503)["message"]
+            assert_openai_error(httpx.post(f"{url}/v1/completions", json={**body, "prompt": "x" * 5000}), 413)
+            assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+            wait_until_idle(url, engine)
+    finally:
+        engine.shutdown()

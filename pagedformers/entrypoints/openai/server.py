@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedformers import __version__
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
+from pagedformers.entrypoints.openai import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS
 from pagedformers.entrypoints.openai.errors import OpenAIError, error_json
 from pagedformers.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -38,12 +39,16 @@ logger = init_logger(__name__)
 
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
 
     Args:
         api_key: when set, every /v1/* request needs `Authorization: Bearer <api_key>`.
         chat_template: Jinja template used instead of the tokenizer's (the text, not a path).
+        max_waiting_requests: requests in flight beyond the engine's max_num_seqs; past them a request is answered
+            503 with Retry-After, never queued without bound.
+        max_body_bytes: larger request bodies are answered 413.
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
@@ -52,6 +57,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
     ctx = ServingContext(engine, names, chat_template)
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
+    app.add_middleware(_AdmissionMiddleware, max_in_flight=config.scheduler.max_num_seqs + max_waiting_requests,
+                       max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
 
@@ -190,6 +197,40 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _AdmissionMiddleware:
+    """Bounds what the server holds: a POST body larger than `max_body_bytes` (by its Content-Length) is answered
+    413; a POST to /v1/* beyond `max_in_flight` requests in flight (the engine's max_num_seqs plus the waiting
+    bound) is answered 503 with `Retry-After`. A request counts until its response is fully sent, streams included.
+
+    Plain ASGI, like _ApiKeyMiddleware: it runs on the event loop's one thread, so the count needs no lock.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, max_body_bytes: int) -> None:
+        self.app, self.max_in_flight, self.max_body_bytes = app, max_in_flight, max_body_bytes
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            await error_json(f"The request body is larger than the server's limit of {self.max_body_bytes} bytes",
+                             413)(scope, receive, send)
+            return
+        if scope["path"].startswith("/v1") and self.in_flight >= self.max_in_flight:
+            response = error_json(f"The server is at capacity ({self.in_flight} requests in flight): retry later",
+                                  503)
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def load_chat_template(value: str | None) -> str | None:
     """--chat-template: a file's path or the template itself."""
     if value is None:
@@ -219,7 +260,8 @@ def run_server(args: argparse.Namespace) -> None:
         config = create_engine_config(EngineArgs.from_kwargs(**kwargs))
         engine = AsyncLLM(LLMEngine(config))
     names = args.served_model_name or [args.model]
-    app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template))
+    app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
+                    args.max_request_body_bytes)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
