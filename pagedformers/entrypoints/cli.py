@@ -53,6 +53,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS, metavar="N",
                         help="Requests in flight beyond --max-num-seqs; past them a request gets 503 with "
                              f"Retry-After (default: {DEFAULT_MAX_WAITING_REQUESTS}).")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                        help="On SIGTERM or SIGINT: stop accepting, let requests in flight finish for up to this "
+                             "many seconds, then abort the rest and exit 0 (default: 30).")
     server.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                         help=f"Larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).")
     add_engine_args(serve)

@@ -95,8 +95,18 @@ def test_python_m_pagedformers_serve_answers_openai_clients(tiny_llama):
         response = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0.0,
                                              extra_body={"ignore_eos": True})
         assert response.usage.completion_tokens == 4
+        # SIGTERM while a stream runs: the stream still ends whole, then the server exits 0
+        long = dict(model="tiny", prompt="Hello", max_tokens=100, temperature=0.0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**long).choices[0].text
+        stream = client.completions.create(**long, stream=True)
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
 

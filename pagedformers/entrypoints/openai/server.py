@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 from collections.abc import Awaitable
 from typing import Any
 
@@ -264,7 +265,12 @@ def run_server(args: argparse.Namespace) -> None:
                     args.max_request_body_bytes)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+        # uvicorn's graceful shutdown on SIGTERM / SIGINT: no new connections, requests in flight finish within the
+        # timeout; then their tasks are cancelled, which aborts their engine requests and frees their blocks.
+        # uvicorn re-raises the signal once done: a SIGTERM handled that way is a clean exit (0), not a kill.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
     finally:
         engine.shutdown()
 
