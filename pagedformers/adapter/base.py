@@ -160,7 +160,25 @@ class TransformersBase(nn.Module):
                 f"config._attn_implementation: its attention must go through transformers' "
                 "ALL_ATTENTION_FUNCTIONS (rule 2 of 'transformers as a backend')."
             )
+        self._check_window_semantics(ctx)
         return dict(sorted(ctx.kv_specs.items()))
+
+    def _check_window_semantics(self, ctx: ForwardContext) -> None:
+        """A config with `sliding_window` and no `layer_types` makes transformers' generate cache keep the last
+        window of keys in every layer; a layer that passes no window to attention then attends over a whole prompt
+        but over the last window while generating. The paged cache cannot reproduce both: past the window, such a
+        model is refused (within it, both agree)."""
+        window = getattr(self.text_config, "sliding_window", None)
+        if not window or getattr(self.text_config, "layer_types", None) or self.config.model.runner != "generate":
+            return
+        unwindowed = sorted(ctx.layer_ids.get(c, c) for c, w in ctx.windows.items() if w is None)
+        limit = self.config.model.max_model_len
+        if unwindowed and limit > window:
+            raise ValueError(
+                f"{type(self.model).__name__}: layers {unwindowed} attend over all past tokens, but transformers' "
+                f"generate keeps only the last sliding_window={window} of them (its cache follows "
+                f"config.sliding_window): past {window} tokens the two disagree and no paged attention matches both. "
+                f"Set max_model_len <= {window} (it is {limit}).")
 
     def probe_forward(self, positions: torch.Tensor) -> torch.Tensor:
         """The probe's forward over the prompt of ForwardContext.for_probe (hybrids run it with a fresh state)."""

@@ -45,6 +45,7 @@ class ForwardContext:
     kwargs_seen: set[int] = field(default_factory=set)  # probe: calls that received PROBE_KWARG
     layer_ids: dict[int, int | None] = field(default_factory=dict)  # probe: call index -> module.layer_idx
     masked_calls: set[int] = field(default_factory=set)  # probe: calls given an attention_mask of the model's own
+    windows: dict[int, int | None] = field(default_factory=dict)  # probe: call index -> the sliding window passed
     num_calls: int = 0
     positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
     backend: AttentionBackend = field(default_factory=TorchAttentionBackend)

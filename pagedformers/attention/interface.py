@@ -68,6 +68,7 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
         ctx.kv_specs[layer] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
         ctx.causal_layers[layer] = bool(causal)
         ctx.layer_ids[layer] = getattr(module, "layer_idx", None)
+        ctx.windows[layer] = sliding_window or None
         if attention_mask is not None:  # transformers builds none for us: the model made its own
             ctx.masked_calls.add(layer)
         if kwargs.get(PROBE_KWARG):

@@ -99,3 +99,17 @@ def test_families_the_shell_refuses_pass_through_their_native_implementation(fam
     assert shell.status == "unsupported" and "rule 3" in shell.reason
     native = run_family(family, tmp_path / "native", model_impl="native")
     assert native.status == "pass", native.reason
+
+
+def test_a_window_transformers_applies_only_while_generating_is_refused_past_it(tmp_path):
+    """Moshi's layers attend over every past token, but HF generate's cache (from config.sliding_window) keeps the
+    last window: past it HF disagrees with itself, and the shell refuses rather than answer differently."""
+    path = save_tiny_family("moshi", tmp_path / "moshi")  # sliding_window 3000: longer than max_model_len, served
+    config = tiny_config("moshi", 300)
+    config.sliding_window = 8
+    config.save_pretrained(path)
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] attend over all past tokens, but transformers' generate "
+                                         r"keeps only the last sliding_window=8 .* Set max_model_len <= 8"):
+        LLM(model=path, model_impl="transformers", dtype="float32")
+    assert LLM(model=path, model_impl="transformers", dtype="float32", max_model_len=8).generate(
+        [{"prompt_token_ids": [5, 6, 7]}], use_tqdm=False)[0].outputs[0].token_ids
