@@ -173,6 +173,10 @@ class InputProcessor:
         if bad:
             raise InvalidRequest(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         if not request.is_pooling:
+            most = self.config.scheduler.max_num_seqs
+            if params.n > most:
+                raise InvalidRequest(f"SamplingParams.n={params.n} exceeds max_num_seqs={most}: a request's samples "
+                                     "run side by side", "n")
             for field in ("logprobs", "prompt_logprobs"):
                 value = getattr(params, field)
                 if value is not None and value > vocab:

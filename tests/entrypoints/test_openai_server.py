@@ -158,7 +158,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     assert_openai_error(post("chat/completions", json={**chat, "top_logprobs": 2}), 400, "top_logprobs")
     assert_openai_error(post("chat/completions", json={**chat, "top_p": 0}), 400, "top_p")
-    for field, value in (("top_k", 10**20), ("seed", 2**64), ("max_tokens", 10**30), ("logprobs", 10**6)):
+    for field, value in (("top_k", 10**20), ("seed", 2**64), ("max_tokens", 10**30), ("logprobs", 10**6),
+                         ("n", 10**6)):
         assert_openai_error(post("completions", json={**ok, field: value}), 400, field)  # was a 500: int64 overflow
     assert_openai_error(httpx.get(f"{server}/v1/nothing-here"), 404)
     with pytest.raises(openai.NotFoundError):
