@@ -346,3 +346,38 @@ def test_overload_is_answered_503_with_retry_after_and_big_bodies_413(tiny_llama
             wait_until_idle(url, engine)
     finally:
         engine.shutdown()
+
+
+def test_soak_256_streams_a_third_hanging_up_midway(server, client, engine):
+    """256 concurrent streaming clients, every third closing its stream after a random number of chunks: every
+    stream that stays equals its solo answer, and the engine ends idle with every KV block free."""
+    import random
+
+    prompts = [f"Soak {i}: a paged KV cache stores keys" for i in range(8)]
+    kwargs = dict(model=MODEL, max_tokens=24, **GREEDY)
+    alone = {p: client.completions.create(prompt=p, **kwargs).choices[0].text for p in prompts}
+    rng = random.Random(0)
+    hang_up_after = [rng.randrange(1, 12) if i % 3 == 0 else None for i in range(256)]
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> str | None:
+        stream = await aclient.completions.create(prompt=prompts[i % 8], stream=True, **kwargs)
+        text, chunks = "", 0
+        async for chunk in stream:
+            text, chunks = text + chunk.choices[0].text, chunks + 1
+            if hang_up_after[i] is not None and chunks == hang_up_after[i]:
+                await stream.close()  # the client goes away mid-stream
+                return None
+        return text
+
+    async def all_clients() -> list:
+        limits = httpx.Limits(max_connections=256)
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
+                                      http_client=httpx.AsyncClient(limits=limits, timeout=120)) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(256)))
+
+    results = asyncio.run(all_clients())
+    kept = [(i, text) for i, text in enumerate(results) if text is not None]
+    assert 256 - len(kept) > 70  # a stream with fewer chunks than its client waited for ended first
+    assert [text for _, text in kept] == [alone[prompts[i % 8]] for i, _ in kept]
+    wait_until_idle(server, engine)
+    assert engine.engine.kv_manager.num_free_blocks == engine.engine.kv_manager.num_blocks
