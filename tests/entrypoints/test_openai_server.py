@@ -381,3 +381,19 @@ def test_soak_256_streams_a_third_hanging_up_midway(server, client, engine):
     assert [text for _, text in kept] == [alone[prompts[i % 8]] for i, _ in kept]
     wait_until_idle(server, engine)
     assert engine.engine.kv_manager.num_free_blocks == engine.engine.kv_manager.num_blocks
+
+
+def test_the_watchdog_stops_the_server_when_the_engine_thread_dies(tiny_llama):
+    from types import SimpleNamespace
+
+    from pagedformers.entrypoints.openai.server import EngineWatchdog
+
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))))
+    server = SimpleNamespace(should_exit=False)  # what the watchdog reads and sets of uvicorn's Server
+    watchdog = EngineWatchdog(engine, server, interval_s=0.01)
+    watchdog.start()
+    time.sleep(0.1)
+    assert watchdog.is_alive() and not server.should_exit  # a running engine: nothing to do
+    engine.shutdown()  # the engine thread ends, as a crashed one would
+    watchdog.join(5)
+    assert server.should_exit and watchdog.engine_died

@@ -7,6 +7,8 @@ import asyncio
 import os
 import secrets
 import signal
+import threading
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -264,13 +266,36 @@ def run_server(args: argparse.Namespace) -> None:
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
                     args.max_request_body_bytes)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    watchdog = EngineWatchdog(engine, server)
     try:
         # uvicorn's graceful shutdown on SIGTERM / SIGINT: no new connections, requests in flight finish within the
         # timeout; then their tasks are cancelled, which aborts their engine requests and frees their blocks.
         # uvicorn re-raises the signal once done: a SIGTERM handled that way is a clean exit (0), not a kill.
         signal.signal(signal.SIGTERM, lambda *_: None)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        watchdog.start()
+        server.run()
     finally:
         engine.shutdown()
+    if watchdog.engine_died:
+        raise SystemExit(1)  # a supervisor restarts the server
+
+
+class EngineWatchdog(threading.Thread):
+    """Stops the server when the engine thread has died (/health already answers 503 then), so that the process
+    exits non-zero and its supervisor restarts it, instead of serving 500s forever."""
+
+    def __init__(self, engine: AsyncLLM, server: Any, interval_s: float = 0.5) -> None:
+        super().__init__(name="pagedformers-watchdog", daemon=True)
+        self.engine, self.server, self.interval_s = engine, server, interval_s
+        self.engine_died = False
+
+    def run(self) -> None:
+        while not self.server.should_exit:
+            if not self.engine.is_running:
+                logger.error("The engine thread has died: stopping the server (exit code 1).")
+                self.engine_died, self.server.should_exit = True, True
+                return
+            time.sleep(self.interval_s)
 
