@@ -104,10 +104,10 @@ def test_python_m_pagedformers_serve_answers_openai_clients(tiny_llama):
         chunks += list(stream)
         assert chunks[-1].choices[0].finish_reason == "length"
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+        output = proc.communicate(timeout=30)[0]  # the SIGTERM's shutdown
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=30)[0]
+            proc.kill()
     assert proc.returncode == 0, output
 
 
