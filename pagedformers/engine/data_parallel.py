@@ -11,6 +11,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ class DataParallelClient:
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
+        self._release = weakref.finalize(self, _stop_replicas, self.conns, self.procs)  # also on garbage collection
         num_blocks = min(self._receive(conn) for conn in self.conns)
         self.processor = InputProcessor(config, load_tokenizer(config), num_blocks)
 
@@ -62,12 +64,7 @@ class DataParallelClient:
         return [r for conn in self.conns for r in self._receive(conn)]
 
     def shutdown(self) -> None:
-        for conn, proc in zip(self.conns, self.procs):
-            if proc.is_alive():
-                conn.send(("shutdown", None))
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        self._release()  # once
 
     def _receive(self, conn) -> Any:
         try:
@@ -91,6 +88,18 @@ def _balance(requests: list[EngineRequest], n: int) -> list[list[int]]:
         shares[r].append(i)
         loads[r] += work(requests[i])
     return [sorted(s) for s in shares]
+
+
+def _stop_replicas(conns: list, procs: list[mp.Process]) -> None:
+    for conn, proc in zip(conns, procs):
+        if proc.is_alive():
+            try:
+                conn.send(("shutdown", None))
+            except OSError:  # its end of the pipe is gone already
+                pass
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _replica_main(blob: bytes, threads: int, conn) -> None:

@@ -91,7 +91,11 @@ def test_data_parallel_replicas_split_the_work_and_agree(models):
         with pytest.raises(ValueError, match="Prompt 1 is empty"):
             llm.generate([PROMPTS[0], {"prompt_token_ids": []}], GREEDY)
     finally:
-        llm.shutdown()
+        replicas = list(llm._client.procs)
+        del llm  # garbage collection stops the replicas, as shutdown() does
+    for p in replicas:
+        p.join(15)
+    assert not any(p.is_alive() for p in replicas)
 
 
 def test_a_dropped_parallel_llm_releases_its_workers_and_a_second_one_starts(models):
