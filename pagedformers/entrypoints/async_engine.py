@@ -40,6 +40,14 @@ R = TypeVar("R")
 class EngineError(RuntimeError):
     """The engine could not serve a request: a step failed, or the engine is shut down."""
 
+    status = 500  # the HTTP status the server answers it with
+
+
+class RequestTimeoutError(EngineError):
+    """The request ran past its time limit: it has been aborted, its KV blocks freed."""
+
+    status = 504
+
 
 _Item = RequestOutput | PoolingRequestOutput | BaseException
 
@@ -74,20 +82,22 @@ class AsyncLLM:
     def supported_tasks(self) -> tuple[str, ...]:
         return self.processor.supported_tasks
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineRequest, timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request (from `self.processor`) and yield its RequestOutputs as the engine produces them
         (cumulative, the last one `finished`). Closing or cancelling the iterator early aborts the request.
 
         Raises:
             EngineError: the request failed in the engine, or the engine was shut down.
+            RequestTimeoutError: it ran longer than `timeout_s` seconds (then it is aborted).
         """
         request_id = request.request_id
         stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(request.prompt_token_ids)))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._submit(partial(self._add, request, stream))
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = await _next_item(stream, deadline)
                 if isinstance(item, BaseException):
                     finished = True  # the engine thread has already dropped the request
                     raise item
@@ -97,23 +107,25 @@ class AsyncLLM:
             if not finished:  # the caller went away (cancelled, closed, client disconnected)
                 self.abort(request_id)
 
-    async def encode(self, request: EngineRequest) -> PoolingRequestOutput:
+    async def encode(self, request: EngineRequest, timeout_s: float | None = None) -> PoolingRequestOutput:
         """Queue a pooling request (from `self.processor`) and return its output (with `error` set if it failed
         in a step). Cancelling the call aborts the request.
 
         Raises:
             EngineError: the engine was shut down, or a step failed.
+            RequestTimeoutError: it ran longer than `timeout_s` seconds (then it is aborted).
         """
         request_id = request.request_id
         stream = _Stream(asyncio.get_running_loop(), RequestStats(time.monotonic(), len(request.prompt_token_ids)))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._submit(partial(self._add, request, stream))
         item: _Item | None = None
         try:
             while item is None or not item.finished:  # NOTE: a prompt pooled over several steps reports each
-                item = await stream.queue.get()
+                item = await _next_item(stream, deadline)
                 if isinstance(item, BaseException):
                     raise item  # the engine thread has already dropped the request
-        except asyncio.CancelledError:  # the caller went away before the engine answered
+        except (asyncio.CancelledError, RequestTimeoutError):  # the caller went away, or the time is up
             self.abort(request_id)
             raise
         return item
@@ -232,3 +244,13 @@ class AsyncLLM:
 def _put_all(items: list[tuple[_Stream, _Item]]) -> None:
     for stream, item in items:
         stream.queue.put_nowait(item)
+
+
+async def _next_item(stream: _Stream, deadline: float | None) -> _Item:
+    """The stream's next item, or RequestTimeoutError once `deadline` (time.monotonic()) has passed."""
+    if deadline is None:
+        return await stream.queue.get()
+    try:
+        return await asyncio.wait_for(stream.queue.get(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise RequestTimeoutError("The request ran past the server's --request-timeout and was aborted") from None

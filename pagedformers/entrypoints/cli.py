@@ -56,6 +56,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                         help="On SIGTERM or SIGINT: stop accepting, let requests in flight finish for up to this "
                              "many seconds, then abort the rest and exit 0 (default: 30).")
+    server.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                        help="Abort a request that runs longer than this many seconds and answer 504 (default: none).")
     server.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                         help=f"Larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).")
     add_engine_args(serve)

@@ -397,3 +397,16 @@ def test_the_watchdog_stops_the_server_when_the_engine_thread_dies(tiny_llama):
     engine.shutdown()  # the engine thread ends, as a crashed one would
     watchdog.join(5)
     assert server.should_exit and watchdog.engine_died
+
+
+def test_a_request_past_the_timeout_is_aborted_with_a_504(slow_engine):
+    """Steps of 20 ms: 200 tokens take 4 s, the limit is 0.3 s; the aborted requests free their blocks."""
+    app = build_app(slow_engine, MODEL, request_timeout_s=0.3)
+    body = {"model": MODEL, "prompt": HELLO, "max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+    with running_server(app) as url:
+        error = assert_openai_error(httpx.post(f"{url}/v1/completions", json=body, timeout=30), 504)
+        assert "--request-timeout" in error["message"]
+        streamed = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=30).text
+        assert '"code":504' in streamed.replace(" ", "") and streamed.rstrip().endswith("data: [DONE]")
+        assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, timeout=30).status_code == 200
+        wait_until_idle(url, slow_engine)

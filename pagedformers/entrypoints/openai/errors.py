@@ -11,7 +11,7 @@ from pagedformers.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowedError",
-    500: "InternalServerError", 503: "ServiceUnavailableError",
+    413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError", 504: "TimeoutError",
 }
 _PARAM = re.compile(r"(?:Sampling|Pooling)Params\.(\w+)=")
 

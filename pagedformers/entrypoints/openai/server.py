@@ -43,7 +43,7 @@ logger = init_logger(__name__)
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
               chat_template: str | None = None, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
 
     Args:
@@ -52,12 +52,13 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
         max_waiting_requests: requests in flight beyond the engine's max_num_seqs; past them a request is answered
             503 with Retry-After, never queued without bound.
         max_body_bytes: larger request bodies are answered 413.
+        request_timeout_s: a request running longer is aborted and answered 504 (None: no limit).
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name needs at least one name")
     config = engine.config
-    ctx = ServingContext(engine, names, chat_template)
+    ctx = ServingContext(engine, names, chat_template, request_timeout_s)
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
     app.add_middleware(_AdmissionMiddleware, max_in_flight=config.scheduler.max_num_seqs + max_waiting_requests,
@@ -121,7 +122,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, e: EngineError) -> JSONResponse:
-        return error_json(str(e), 500)
+        return error_json(str(e), e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -264,7 +265,7 @@ def run_server(args: argparse.Namespace) -> None:
         engine = AsyncLLM(LLMEngine(config))
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
-                    args.max_request_body_bytes)
+                    args.max_request_body_bytes, args.request_timeout)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))

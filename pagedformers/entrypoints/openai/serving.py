@@ -32,6 +32,7 @@ class ServingContext:
     engine: AsyncLLM
     served_model_names: list[str]
     chat_template: str | None
+    request_timeout_s: float | None = None  # a request running longer is aborted (504)
 
     @property
     def processor(self) -> InputProcessor:
@@ -141,7 +142,7 @@ def check_output(out: RequestOutput | PoolingRequestOutput) -> None:
 async def encode_all(ctx: ServingContext, requests: list[EngineRequest]) -> list[PoolingRequestOutput]:
     """Pool each prompt as its own request, all queued at once so the engine batches them. One failing,
     or the caller going away, aborts the others."""
-    tasks = [asyncio.ensure_future(ctx.engine.encode(request)) for request in requests]
+    tasks = [asyncio.ensure_future(ctx.engine.encode(request, ctx.request_timeout_s)) for request in requests]
     try:
         outputs = await asyncio.gather(*tasks)
     finally:

@@ -51,7 +51,7 @@ async def create_chat_completion(ctx: ServingContext,
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     engine_request = ctx.process(request_id, _chat_prompt(ctx, request), params, "The conversation")
     num_prompt_tokens = len(engine_request.prompt_token_ids)
-    outputs = ctx.engine.generate(engine_request)
+    outputs = ctx.engine.generate(engine_request, ctx.request_timeout_s)
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(_stream(request_id, model, params, outputs, num_prompt_tokens, include_usage),
@@ -109,7 +109,7 @@ async def _stream(request_id: str, model: str, params: SamplingParams, outputs: 
     except OpenAIError as e:
         yield sse_error(e)
     except EngineError as e:
-        yield sse_error(OpenAIError(str(e), 500))
+        yield sse_error(OpenAIError(str(e), e.status))
     yield DONE
 
 

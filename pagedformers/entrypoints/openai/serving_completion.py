@@ -45,7 +45,7 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest) -> 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     requests = [ctx.process(f"{request_id}-{i}", prompt, params, f"Prompt {i}" if len(prompts) > 1 else "The prompt")
                 for i, prompt in enumerate(prompts)]  # every prompt checked before any is queued
-    generators = [ctx.engine.generate(r) for r in requests]
+    generators = [ctx.engine.generate(r, ctx.request_timeout_s) for r in requests]
     prompt_lens = [len(r.prompt_token_ids) for r in requests]
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -96,7 +96,7 @@ async def _stream(request_id: str, model: str, params: SamplingParams,
     except OpenAIError as e:
         yield sse_error(e)
     except EngineError as e:
-        yield sse_error(OpenAIError(str(e), 500))
+        yield sse_error(OpenAIError(str(e), e.status))
     yield DONE
 
 
