@@ -9,6 +9,10 @@ Rendezvous goes through a TCP store the driver hosts: each worker marks itself t
 waits for the marks while watching the processes, so a worker that dies on the way (most often: a script without
 an `if __name__ == "__main__":` guard, which every spawned worker re-runs) fails the start within seconds. The
 workers and the process group are released by `shutdown`, or when the executor is garbage-collected.
+
+Across machines, a launcher starts every rank instead (`torchrun --nnodes N ...`, or RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set by hand): every process runs the same script; rank 0's LLM drives, and every other
+rank's LLM() serves as a worker until rank 0 shuts down, then ends its process.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ class MultiprocExecutor(Executor):
         self.config = config
         self.world_size = config.parallel.world_size
         check_parallel(config)
+        timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
+        launched = launched_rank(self.world_size)
+        if launched is not None:
+            self._join_launched_ranks(config, launched, timeout)
+            return
         # Ranks share the machine's cores (the driver, rank 0, included).
         torch.set_num_threads(_threads_per_rank(self.world_size))
-        timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
         store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         ctx = mp.get_context("spawn")
@@ -76,6 +84,21 @@ class MultiprocExecutor(Executor):
         except Exception:
             self.shutdown(graceful=False)
             raise
+        self.num_blocks = self.driver_worker.num_blocks
+
+    def _join_launched_ranks(self, config: EngineConfig, rank: int, timeout: timedelta) -> None:
+        """Every rank was started by a launcher (torchrun, across machines too): rank 0 drives, as usual; any other
+        rank serves as a worker here, inside LLM(), and its process exits once rank 0 shuts down."""
+        master_hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # torchrun's agent may
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                              is_master=master_hosts, timeout=timeout, wait_for_workers=False)
+        if rank != 0:
+            _serve(_init_rank(config, rank, self.world_size, store))
+            dist.destroy_process_group()
+            raise SystemExit(0)
+        self.procs = []  # started by the launcher: not ours to watch or stop
+        self._release = weakref.finalize(self, _stop_workers, self.procs)
+        self.driver_worker = _init_rank(config, 0, self.world_size, store)
         self.num_blocks = self.driver_worker.num_blocks
 
     def execute(self, plan: StepPlan) -> WorkerOutput:
@@ -184,22 +207,42 @@ def _worker_main(config_blob: bytes, rank: int, world_size: int, store_port: int
         with gguf_parsed_once(args.model, args.gguf_file):
             config = create_engine_config(args)
             worker = _init_rank(config, rank, world_size, store)
-        while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0)
-            kind, payload = message[0]
-            if kind == "shutdown":
-                break
-            if kind == "execute":
-                worker.execute(payload)
-            elif kind == "apply":
-                dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0)
+        _serve(worker)
     except Exception:
         traceback.print_exc()
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _serve(worker: Worker) -> None:
+    """A worker rank's loop: run what rank 0 broadcasts until it says shutdown."""
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        kind, payload = message[0]
+        if kind == "shutdown":
+            return
+        if kind == "execute":
+            worker.execute(payload)
+        elif kind == "apply":
+            dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0)
+
+
+def launched_rank(world_size: int) -> int | None:
+    """This process's rank where a launcher started every rank (torchrun; or RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT set by hand, one process a rank, on one machine or several); None where this process spawns them.
+
+    Raises:
+        ValueError: the launcher's WORLD_SIZE is not the engine's tensor x pipeline size.
+    """
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        raise ValueError(f"The launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} processes, but "
+                         f"tensor_parallel_size x pipeline_parallel_size = {world_size}: launch one process a rank.")
+    return int(os.environ["RANK"])
 
 
 def _threads_per_rank(world_size: int) -> int:

@@ -123,3 +123,35 @@ def test_a_script_without_a_main_guard_fails_fast_naming_the_fix(models, tmp_pat
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and time.monotonic() - start < 45  # the store's timeout is 60 s
     assert 'if __name__ == "__main__":' in done.stderr and "before joining the process group" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_ranks_started_by_a_launcher_match_one_process(models, tmp_path, mode):
+    """As torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; one process a rank, here two local
+    launches): rank 0 drives, rank 1 serves inside LLM() and exits 0 once rank 0 is done."""
+    import json
+    import os
+    import socket
+
+    expected, _ = _run(models["llama"])
+    script = tmp_path / "launched.py"
+    script.write_text(
+        "import json\nfrom pagedformers import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    with LLM(model={str(models['llama'])!r}, {mode}=2, dtype='float32',\n"
+        "             kv_cache_memory_bytes=1 << 22) as llm:\n"
+        f"        outs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),\n"
+        "                            use_tqdm=False)\n"
+        "    print('TOKENS', json.dumps([o.outputs[0].token_ids for o in outs]))\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    line = next(ln for ln in outputs[0].splitlines() if ln.startswith("TOKENS "))
+    assert json.loads(line[len("TOKENS "):]) == [o.token_ids for o in expected]
+    assert "TOKENS" not in outputs[1]  # rank 1's script never got past LLM()
