@@ -64,6 +64,9 @@ class EngineArgs:
     tensor_parallel_size: int = _arg(1, "Number of tensor-parallel workers.")
     pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.")
     data_parallel_size: int = _arg(1, "Number of data-parallel engine replicas.")
+    distributed_executor_backend: str = _arg("mp", "How an engine's ranks start: mp (processes on this machine) or "
+                                                   "ray (actors of a Ray cluster, across its nodes; pip install "
+                                                   "'pagedformers[ray]').")
     distributed_timeout_s: float = _arg(60.0, "Seconds to wait for the other workers before giving up (a collective "
                                               "waiting longer means a worker is gone).")
 
@@ -80,6 +83,7 @@ class EngineArgs:
         _check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         _check_choice("runner", self.runner, RUNNERS)
         _check_choice("convert", self.convert, CONVERTS)
+        _check_choice("distributed_executor_backend", self.distributed_executor_backend, ("mp", "ray"))
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES} (or cuda:N)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",

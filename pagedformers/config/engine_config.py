@@ -71,6 +71,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_timeout_s: float = 60.0
+    distributed_executor_backend: str = "mp"  # how ranks start: processes here (mp) or Ray actors (ray)
 
     @property
     def world_size(self) -> int:

@@ -38,6 +38,10 @@ class WorkerDiedError(RuntimeError):
 def create_executor(config: EngineConfig) -> Executor:
     if config.parallel.world_size == 1:
         return InProcessExecutor(config)
+    if config.parallel.distributed_executor_backend == "ray":
+        from pagedformers.engine.ray_executor import RayExecutor
+
+        return RayExecutor(config)
     from pagedformers.engine.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config)

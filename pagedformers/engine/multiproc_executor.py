@@ -66,17 +66,12 @@ class MultiprocExecutor(Executor):
             return
         # Ranks share the machine's cores (the driver, rank 0, included).
         torch.set_num_threads(_threads_per_rank(self.world_size))
-        store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
-        ctx = mp.get_context("spawn")
+        host = self.store_host()
+        store = dist.TCPStore(host, 0, self.world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         # Workers rebuild the config from its arguments: remote-code config classes do not unpickle
         # in a fresh process, and hf_overrides may be a lambda (hence cloudpickle).
         blob = cloudpickle.dumps(config.local_args())
-        self.procs = [ctx.Process(target=_worker_main, args=(blob, rank, self.world_size, store.port),
-                                  name=f"pagedformers-rank{rank}", daemon=True)
-                      for rank in range(1, self.world_size)]
-        for p in self.procs:
-            p.start()
+        self.procs = self.start_workers(blob, host, store.port)
         self._release = weakref.finalize(self, _stop_workers, self.procs)
         try:
             _wait_for_workers(store, self.procs, config.parallel.distributed_timeout_s)
@@ -85,6 +80,20 @@ class MultiprocExecutor(Executor):
             self.shutdown(graceful=False)
             raise
         self.num_blocks = self.driver_worker.num_blocks
+
+    def store_host(self) -> str:
+        """Where the workers reach the driver's rendezvous store."""
+        return "127.0.0.1"
+
+    def start_workers(self, blob: bytes, host: str, port: int) -> list[Any]:
+        """Ranks 1.. started, each running `worker_main`; returned as handles with multiprocessing.Process's
+        `name`, `is_alive`, `exitcode`, `join` and `kill`."""
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker_main, args=(blob, rank, self.world_size, host, port),
+                             name=f"pagedformers-rank{rank}", daemon=True) for rank in range(1, self.world_size)]
+        for p in procs:
+            p.start()
+        return procs
 
     def _join_launched_ranks(self, config: EngineConfig, rank: int, timeout: timedelta) -> None:
         """Every rank was started by a launcher (torchrun, across machines too): rank 0 drives, as usual; any other
@@ -197,12 +206,12 @@ def _min_over_ranks(value: int) -> int:
     return int(t)
 
 
-def _worker_main(config_blob: bytes, rank: int, world_size: int, store_port: int) -> None:
+def worker_main(config_blob: bytes, rank: int, world_size: int, store_host: str, store_port: int) -> None:
     torch.set_num_threads(_threads_per_rank(world_size))
     try:
         args = cloudpickle.loads(config_blob)
         timeout = timedelta(seconds=args.distributed_timeout_s)
-        store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+        store = dist.TCPStore(store_host, store_port, world_size, is_master=False, timeout=timeout)
         store.set(f"started/{rank}", "1")
         with gguf_parsed_once(args.model, args.gguf_file):
             config = create_engine_config(args)

@@ -155,3 +155,24 @@ def test_ranks_started_by_a_launcher_match_one_process(models, tmp_path, mode):
     line = next(ln for ln in outputs[0].splitlines() if ln.startswith("TOKENS "))
     assert json.loads(line[len("TOKENS "):]) == [o.token_ids for o in expected]
     assert "TOKENS" not in outputs[1]  # rank 1's script never got past LLM()
+
+
+@pytest.mark.parametrize("mode", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_ray_ranks_on_another_node_match_one_process(models, mode):
+    """A two-node Ray cluster on this machine: the driver on the head (no CPU for actors), rank 1 an actor on the
+    other node; the tokens are one process's."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    expected, _ = _run(models["llama"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker_node = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    try:
+        got, _ = _run(models["llama"], distributed_executor_backend="ray", **{mode: 2})
+        placed = [b for g in ray.util.placement_group_table().values() for b in g["bundles_to_node_id"].values()]
+        assert placed and set(placed) == {worker_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
