@@ -37,6 +37,7 @@ FAMILIES = {
     "bloom_6_heads": ("bloom", dict(n_head=6, hidden_size=96, apply_residual_connection_post_layernorm=True),
                       "bloom.BloomForCausalLM"),  # ALiBi slopes for a head count that is not a power of 2
     "mamba": ("mamba", {}, "mamba.MambaForCausalLM"),
+    "mamba2": ("mamba2", {}, "mamba.Mamba2ForCausalLM"),  # 8 heads in 2 groups of B and C
     "falcon_mamba": ("falcon_mamba", {}, "mamba.FalconMambaForCausalLM"),
     "jamba": ("jamba", {}, "jamba.JambaForCausalLM"),  # attention at layers 1 and 3, experts at 0 and 2
 }
@@ -70,7 +71,7 @@ def test_greedy_parity(families, name):
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ids, MAX_TOKENS)
 
 
-@pytest.mark.parametrize("name", ["mamba", "jamba"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "jamba"])
 def test_state_space_models_resume_a_chunked_prompt(families, name):
     """A prompt split over steps by the token budget: its Mamba state carries from chunk to chunk."""
     path, tok = families[name], build_tokenizer()
