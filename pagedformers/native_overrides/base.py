@@ -3,8 +3,9 @@ stages, the LM head.
 
 A subclass builds, on the meta device and at this rank's size, `self.model` (embeddings, `layers`, final norm, named
 as the checkpoint names them) and sets `fused`: the checkpoint name fragments that load into a fused parameter
-(`.q_proj.` -> `.qkv_proj.` shard "q"). It implements `run_layers` over this stage's layers. Everything a
-parameter needs to load is on the parameter itself (layers.py's loaders).
+(`.q_proj.` -> `.qkv_proj.` shard "q"). Each layer takes the hidden states and what `layer_inputs` computes once a
+step (rotary cos and sin); `run_layers` runs this stage's. Everything a parameter needs to load is on the parameter
+itself (layers.py's loaders).
 """
 
 from __future__ import annotations
@@ -94,9 +95,18 @@ class NativeCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.get_submodule(self.embedding_name)(input_ids)
 
+    def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """What every layer takes besides the hidden states, computed once a step (rotary cos and sin): none here."""
+        return ()
+
     def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """This stage's layers (and the final norm on the last stage): [T, hidden] -> [T, hidden]."""
-        raise NotImplementedError
+        """This stage's layers, then what follows them on the last stage (the final norm; a placeholder that passes
+        the hidden states through on the others): [T, hidden] -> [T, hidden]."""
+        extra = self.layer_inputs(positions, hidden.dtype)
+        layers = self.get_submodule(self.layers_name)
+        for i in self.own_layers:
+            hidden = layers[i](hidden, *extra)
+        return self.get_submodule(self.last_stage_modules[0])(hidden)
 
     # -- the model contract -------------------------------------------------------------------------
 

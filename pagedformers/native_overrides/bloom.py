@@ -85,10 +85,6 @@ class BloomForCausalLM(NativeCausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.word_embeddings_layernorm(self.transformer.word_embeddings(input_ids))
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        for i in self.own_layers:
-            hidden = self.transformer.h[i](hidden)
-        return self.transformer.ln_f(hidden)
 
 
 MODELS = {"BloomForCausalLM": BloomForCausalLM}

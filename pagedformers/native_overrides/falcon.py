@@ -146,11 +146,8 @@ class FalconForCausalLM(NativeCausalLM):
             else PPMissingLayer()
         self.lm_head = head or PPMissingLayer()
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.transformer.rotary_emb(positions, hidden.dtype)
-        for i in self.own_layers:
-            hidden = self.transformer.h[i](hidden, cos, sin)
-        return self.transformer.ln_f(hidden)
+    def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return self.transformer.rotary_emb(positions, dtype)
 
 
 MODELS = {"FalconForCausalLM": FalconForCausalLM,

@@ -77,14 +77,11 @@ class GPTJForCausalLM(NativeCausalLM):
     def num_layers(self) -> int:
         return self.hf_config.n_layer
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         # transformers' table: float32 angles, sin and cos cast to the activations' dtype, then each repeated for
         # the pair it rotates
         angles = positions[:, None].float() * self.inv_freq
-        cos, sin = (f(angles).to(hidden.dtype).repeat_interleave(2, dim=-1)[:, None] for f in (torch.cos, torch.sin))
-        for i in self.own_layers:
-            hidden = self.transformer.h[i](hidden, cos, sin)
-        return self.transformer.ln_f(hidden)
+        return tuple(f(angles).to(dtype).repeat_interleave(2, dim=-1)[:, None] for f in (torch.cos, torch.sin))
 
 
 MODELS = {"GPTJForCausalLM": GPTJForCausalLM}

@@ -146,11 +146,8 @@ class LlamaForCausalLM(NativeCausalLM):
         self.model.norm = make_norm() if self.parallel.is_last_stage else PPMissingLayer()
         self.lm_head = head or PPMissingLayer()
 
-    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
-        for i in self.own_layers:
-            hidden = self.model.layers[i](hidden, cos, sin)
-        return self.model.norm(hidden)
+    def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return self.model.rotary_emb(positions, dtype)
 
     def checkpoint_targets(self, name: str) -> list[tuple[str, object]]:
         target = self.expert_names.target(name)
