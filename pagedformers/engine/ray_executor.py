@@ -75,8 +75,3 @@ class RayExecutor(MultiprocExecutor):
 class _RankActor:
     def run(self, blob: bytes, rank: int, world_size: int, host: str, port: int) -> None:
         worker_main(blob, rank, world_size, host, port)
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()

@@ -48,9 +48,7 @@ def narrow_tensor(src: object, dim: int, start: int, length: int) -> torch.Tenso
 
 @dataclass(frozen=True)
 class Part:
-    """One checkpoint tensor's share of a fused column-split weight: `size` output rows in the checkpoint, of
-    which this rank keeps [start, start + local)."""
-    size: int
+    """One checkpoint tensor's share of a fused column-split weight: this rank keeps its rows [start, start + local)."""
     start: int
     local: int
 
@@ -61,11 +59,11 @@ def split_part(size: int, tp: ParallelState, unit: int = 1) -> Part:
     units = size // unit
     if units < tp.tp_size and tp.tp_size % units == 0:
         head = tp.tp_rank * units // tp.tp_size
-        return Part(size, head * unit, unit)
+        return Part(head * unit, unit)
     if size % (tp.tp_size * unit):
         raise ValueError(f"A dimension of {size} cannot be split over tensor_parallel_size={tp.tp_size}")
     local = size // tp.tp_size
-    return Part(size, tp.tp_rank * local, local)
+    return Part(tp.tp_rank * local, local)
 
 
 def column_linear(in_features: int, parts: dict[object, Part], bias: bool) -> nn.Linear:
