@@ -12,10 +12,10 @@ from pagedformers.outputs import (
     ScoringRequestOutput,
 )
 from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineArgs",
            "EngineConfig", "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput",
-           "SamplingParams", "ScoringRequestOutput", "__version__"]
+           "SamplingParams", "ScoringRequestOutput", "StructuredOutputsParams", "__version__"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 _INT64_MAX = 2**63 - 1  # what the engine's tensors (top-k, seeds, token ids) hold
@@ -19,6 +21,55 @@ class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0
     DELTA = 1  # vLLM's name, kept so that code naming it gets a clear error: not supported here
     FINAL_ONLY = 2
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output to a JSON schema, a regex, one of some choices, an EBNF grammar, or any JSON
+    object (vLLM's names; exactly one of them). The engine masks, at every step, the tokens that would leave
+    the language, so the finished output parses (unless max_tokens cuts it short: finish_reason "length")."""
+
+    json: str | dict[str, Any] | None = None  # a JSON schema, as a dict or its text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF-style: `root ::= ...`)
+    json_object: bool | None = None  # any JSON object
+    disable_any_whitespace: bool = False  # JSON without free whitespace: compact, and fewer tokens to sample
+
+    def __post_init__(self) -> None:
+        kinds = self.kinds
+        _check(len(kinds) == 1, "structured_outputs", self, "must set exactly one of json, regex, choice, grammar "
+               f"and json_object (it sets {kinds or 'none'})")
+        if self.choice is not None:
+            _check(isinstance(self.choice, (list, tuple)) and bool(self.choice)
+                   and all(isinstance(c, str) and c for c in self.choice), "structured_outputs.choice",
+                   self.choice, "must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", list(self.choice))
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                _check(False, "structured_outputs.json", self.json, f"must be a JSON schema: {e}")
+        else:
+            _check(self.json is None or isinstance(self.json, dict), "structured_outputs.json", self.json,
+                   "must be a JSON schema (a dict or its text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), f"structured_outputs.{name}", value, "must be a string")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None] + (
+            ["json_object"] if self.json_object else [])
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """What the compiled grammar depends on: (kind, spec, compact), hashable."""
+        kind = self.kinds[0]
+        spec = getattr(self, kind)
+        if kind == "json" and isinstance(spec, dict) or kind == "choice":
+            spec = json.dumps(spec)  # keys in their order: a schema's property order is the output's
+        return kind, str(spec), self.disable_any_whitespace
 
 
 @dataclass
@@ -42,6 +93,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the model's end-of-sequence ids (generation_config.json).
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -92,6 +144,8 @@ class SamplingParams:
         _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX
                    for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
                "must be non-negative token ids")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams")
         _check(self.output_kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY), "output_kind",
                self.output_kind, "must be CUMULATIVE or FINAL_ONLY (DELTA is not supported)")
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.multimodal_processor import MultiModalProcessor
+from pagedformers.engine.structured_outputs import StructuredOutputs
 from pagedformers.loading.tokenizer import eos_token_ids
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.pooling_params import TASKS_BY_HEAD, PoolingParams
@@ -55,10 +56,14 @@ class EngineRequest:
 class InputProcessor:
     """NOTE: not thread-safe (HF fast tokenizers are not): each thread that processes prompts has its own."""
 
-    def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase, num_kv_blocks: int,
+                 structured: StructuredOutputs | None = None) -> None:
+        """`structured`: another processor's grammar compiler to share (its cache), as the engine's is."""
         self.config, self.tokenizer, self.num_kv_blocks = config, tokenizer, num_kv_blocks
         self.eos_token_ids = eos_token_ids(config, tokenizer)
         self.multi_modal = MultiModalProcessor(config)
+        self.structured = structured or StructuredOutputs(tokenizer, config.model.text_config.vocab_size,
+                                                          self.eos_token_ids)
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
@@ -76,6 +81,11 @@ class InputProcessor:
             self._shape_pooling(request, name)
         else:
             request.params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+            if params.structured_outputs is not None:  # compiled now (cached), so a bad spec is refused here
+                try:
+                    self.structured.compile(params.structured_outputs)
+                except ValueError as e:
+                    raise InvalidRequest(f"{name}: {e}", "structured_outputs") from None
         self._check_length(request, name, strict_context)
         if not request.is_pooling:
             self._check_kv_fit(request, name)
@@ -83,21 +93,29 @@ class InputProcessor:
 
     def chat_prompt(self, conversation: Conversation, chat_template: str | None = None,
                     add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
-                    name: str = "The conversation") -> dict[str, Any]:
-        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}."""
+                    name: str = "The conversation", tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}. `tools`
+        (OpenAI's function definitions) are the template's to render; one that ignores them is refused."""
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("The model's tokenizer has no chat template: pass one (--chat-template on the "
                                  "server, chat_template= offline), or send the prompt as text.")
         messages = [_text_message(m, f"{name}: messages[{i}]") for i, m in enumerate(conversation)]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      **(template_kwargs or {}))
+            text = self._render(messages, chat_template, add_generation_prompt, template_kwargs, tools)
         except Exception as e:  # a template error is about this request's messages or template
             raise InvalidRequest(f"{name}: could not apply the chat template: {type(e).__name__}: {e}",
                                  "messages") from None
+        if tools and text == self._render(messages, chat_template, add_generation_prompt, template_kwargs, None):
+            raise InvalidRequest(f"{name}: the chat template does not render tools, so the model would never see "
+                                 "them: pass a template that does (chat_template)", "tools")
         # The template already holds the special tokens (BOS etc.): do not add them twice.
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def _render(self, messages: Conversation, chat_template: str | None, add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tools=tools or None,
+                                                  **(template_kwargs or {}))
 
     # -- shaping ------------------------------------------------------------------------------------
 

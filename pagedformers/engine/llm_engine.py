@@ -107,9 +107,12 @@ class LLMEngine:
         for i in range(params.n):
             seeded = params.seed is not None and i > 0  # each sample its own stream, from the request's seed
             child_params = dataclasses.replace(params, seed=params.seed + i) if seeded else params
-            children.append(Request(f"{request.request_id}#{i}", request.prompt_token_ids, child_params, max_tokens,
-                                    next(self._arrivals), multi_modal_inputs=request.multi_modal_inputs,
-                                    parent_id=request.request_id))
+            child = Request(f"{request.request_id}#{i}", request.prompt_token_ids, child_params, max_tokens,
+                            next(self._arrivals), multi_modal_inputs=request.multi_modal_inputs,
+                            parent_id=request.request_id)
+            if params.structured_outputs is not None:
+                child.grammar = self.processor.structured.matcher(params.structured_outputs)
+            children.append(child)
         return children
 
     def abort_request(self, request_id: str) -> None:
@@ -200,6 +203,9 @@ class LLMEngine:
         if req.request_id not in result.sampled:
             return  # a prefill chunk that does not reach the end of the prompt
         token, logprob = result.sampled[req.request_id]
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            # The mask allowed only tokens the grammar takes; none was left (min_tokens banned the end).
+            raise RuntimeError(f"token {token} is outside the request's structured-output grammar")
         req.all_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
@@ -221,6 +227,8 @@ class LLMEngine:
             stop = self.detokenizer.update(req)
             if stop is not None:
                 req.finish("stop", stop)
+        if not req.is_finished and req.grammar is not None and req.grammar.is_terminated():
+            req.finish("stop")  # the grammar is complete and took its end token (even with ignore_eos)
         if not req.is_finished and req.num_output_tokens >= req.max_tokens:
             req.finish("length")
 

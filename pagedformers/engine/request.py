@@ -6,6 +6,7 @@ import enum
 import time
 
 import torch
+from xgrammar import GrammarMatcher
 
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import Logprob
@@ -55,6 +56,7 @@ class Request:
         self.token_type_ids = token_type_ids
         self.multi_modal_inputs = multi_modal_inputs  # media whose features replace placeholder embeddings
         self.pooled: torch.Tensor | None = None
+        self.grammar: GrammarMatcher | None = None  # structured outputs: where this sequence is in its grammar
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """Batched sampling: one pass over the [N, vocab] logits of every request that samples this step.
 
 Order: logprobs are taken from the raw logits (as vLLM does); then min_tokens masking,
-penalties, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. Draws use
+penalties, structured-output grammar masks, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. Draws use
 the exponential-race trick (argmax p / Exp(1)), with each seeded request's own
 generator, so a seeded request samples the same tokens whatever else is in the batch.
 """
@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pagedformers.engine.request import Request
+from pagedformers.engine.structured_outputs import GrammarMasks
 from pagedformers.outputs import Logprob
 from pagedformers.platforms import argmax_rows
 
@@ -26,15 +27,19 @@ class Sampler:
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        self.grammar_masks = GrammarMasks()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         logits = logits.float().cpu()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        if any(r.num_output_tokens < r.params.min_tokens or r.params.has_penalties for r in reqs):
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if constrained or any(r.num_output_tokens < r.params.min_tokens or r.params.has_penalties for r in reqs):
             logits = logits.clone()  # edited in place below; a 4 MB copy per step that greedy skips
             _mask_eos_before_min_tokens(logits, reqs)
             _apply_penalties(logits, reqs)
+            if constrained:
+                self.grammar_masks.apply(logits, constrained, [reqs[i].grammar for i in constrained])
         token_ids = self._pick(logits, reqs).tolist()
         logprobs = [
             logprob_entries(raw_logprobs[i], token_ids[i], r.params.logprobs) if r.params.logprobs is not None

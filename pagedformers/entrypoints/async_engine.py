@@ -65,7 +65,8 @@ class AsyncLLM:
         self.engine = engine  # NOTE: touched only on the engine thread, once it started
         self.config = engine.config
         # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
-        self.processor = InputProcessor(engine.config, copy.deepcopy(engine.tokenizer), engine.num_kv_blocks)
+        self.processor = InputProcessor(engine.config, copy.deepcopy(engine.tokenizer), engine.num_kv_blocks,
+                                        engine.processor.structured)
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond

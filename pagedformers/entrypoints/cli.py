@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pagedformers import __version__
 from pagedformers.entrypoints.engine_args import add_engine_args, engine_kwargs
-from pagedformers.entrypoints.openai import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS
+from pagedformers.entrypoints.openai import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS, TOOL_CALL_PARSERS
 
 _UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -60,6 +60,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                         help="Abort a request that runs longer than this many seconds and answer 504 (default: none).")
     server.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                         help=f"Larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='Let chat requests with tools use tool_choice "auto" (the default): the model may '
+                             "answer or call, and --tool-call-parser finds its calls.")
+    server.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                        help="The model family's tool-call format, for tool_choice \"auto\": hermes (Qwen, "
+                             "Hermes), llama3_json (Llama 3.x), mistral.")
     add_engine_args(serve)
 
 

@@ -1,7 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API (OpenAI's fields plus vLLM's extensions).
 
-Unknown request fields are ignored, as OpenAI clients send fields a server may not know.
-Sampling fields are checked by SamplingParams, whose errors name the bad value.
+Unknown request fields are ignored, as OpenAI clients send fields a server may not know; the fields whose
+meaning this server does not implement (`logit_bias`, the old `functions`, vLLM's removed `guided_*`) are
+refused by name when set, never dropped. Sampling fields are checked by SamplingParams, whose errors name the
+bad value.
 """
 
 from __future__ import annotations
@@ -9,7 +11,19 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Set to anything but null, these get a 400 naming them: ignoring them would change the answer silently.
+_REFUSED_FIELDS = {
+    "logit_bias": "logit_bias is not supported",
+    "functions": "`functions` is deprecated by OpenAI: send `tools`",
+    "function_call": "`function_call` is deprecated by OpenAI: send `tool_choice`",
+    "guided_json": "vLLM's guided_json is now structured_outputs={'json': ...}",
+    "guided_regex": "vLLM's guided_regex is now structured_outputs={'regex': ...}",
+    "guided_choice": "vLLM's guided_choice is now structured_outputs={'choice': [...]}",
+    "guided_grammar": "vLLM's guided_grammar is now structured_outputs={'grammar': ...}",
+    "guided_json_object": "send response_format={'type': 'json_object'}",
+}
 
 
 class OpenAIBaseModel(BaseModel):
@@ -57,6 +71,29 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` shadows BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs` body field: exactly one constraint (SamplingParams checks that)."""
+    model_config = ConfigDict(extra="forbid")
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 # -- requests ---------------------------------------------------------------------------------------
 
 class SamplingRequest(OpenAIBaseModel):
@@ -81,6 +118,17 @@ class SamplingRequest(OpenAIBaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, why in _REFUSED_FIELDS.items():
+                if data.get(name) is not None:
+                    raise ValueError(f"{name}: {why}")
+        return data
 
 
 class CompletionRequest(SamplingRequest):
@@ -97,8 +145,32 @@ class ChatMessage(OpenAIBaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -182,9 +254,25 @@ class ChatCompletionLogProbs(OpenAIBaseModel):
     content: list[ChatCompletionLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -207,6 +295,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

@@ -36,6 +36,7 @@ from pagedformers.entrypoints.openai.serving_chat import create_chat_completion
 from pagedformers.entrypoints.openai.serving_completion import create_completion
 from pagedformers.entrypoints.openai.serving_embedding import create_embedding
 from pagedformers.entrypoints.openai.serving_score import create_rerank, create_score
+from pagedformers.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
@@ -43,7 +44,8 @@ logger = init_logger(__name__)
 
 def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
               chat_template: str | None = None, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float | None = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float | None = None,
+              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
 
     Args:
@@ -53,12 +55,16 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
             503 with Retry-After, never queued without bound.
         max_body_bytes: larger request bodies are answered 413.
         request_timeout_s: a request running longer is aborted and answered 504 (None: no limit).
+        tool_call_parser, enable_auto_tool_choice: tool_choice "auto" parses calls in this format (tool_calls.py).
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name needs at least one name")
     config = engine.config
-    ctx = ServingContext(engine, names, chat_template, request_timeout_s)
+    if enable_auto_tool_choice and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"enable_auto_tool_choice needs a tool_call_parser, one of {sorted(TOOL_PARSERS)}; got "
+                         f"{tool_call_parser!r}")
+    ctx = ServingContext(engine, names, chat_template, request_timeout_s, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
     app.add_middleware(_AdmissionMiddleware, max_in_flight=config.scheduler.max_num_seqs + max_waiting_requests,
@@ -265,7 +271,8 @@ def run_server(args: argparse.Namespace) -> None:
         engine = AsyncLLM(LLMEngine(config))
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
-                    args.max_request_body_bytes, args.request_timeout)
+                    args.max_request_body_bytes, args.request_timeout, args.tool_call_parser,
+                    args.enable_auto_tool_choice)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))

@@ -18,7 +18,7 @@ from pagedformers.entrypoints.openai.errors import OpenAIError
 from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from pagedformers.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from pagedformers.pooling_params import PoolingParams
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.sampling_params import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
@@ -33,6 +33,8 @@ class ServingContext:
     served_model_names: list[str]
     chat_template: str | None
     request_timeout_s: float | None = None  # a request running longer is aborted (504)
+    tool_call_parser: str | None = None  # how "auto" tool choice finds calls in the output (tool_calls.py)
+    enable_auto_tool_choice: bool = False
 
     @property
     def processor(self) -> InputProcessor:
@@ -73,12 +75,16 @@ class ServingContext:
             raise OpenAIError.from_value_error(e, param) from None
 
 
-def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                       structured: StructuredOutputsParams | None = None) -> SamplingParams:
+    """`structured`: the endpoint's own constraint (a forced tool call), else the request's response_format or
+    structured_outputs."""
     def value(v: T | None, default: T) -> T:
         return default if v is None else v
 
     try:
         return SamplingParams(
+            structured_outputs=structured or _structured_outputs(request),
             n=request.n, temperature=value(request.temperature, 1.0), top_p=value(request.top_p, 1.0),
             top_k=value(request.top_k, 0), min_p=value(request.min_p, 0.0), seed=request.seed,
             max_tokens=max_tokens, min_tokens=request.min_tokens, stop=request.stop,
@@ -91,6 +97,21 @@ def to_sampling_params(request: SamplingRequest, max_tokens: int | None, logprob
         )
     except ValueError as e:
         raise OpenAIError.from_value_error(e) from None
+
+
+def _structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | None:
+    fmt, spec = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and spec is not None:
+        raise OpenAIError("Send one of response_format and structured_outputs, not both", 400, "response_format")
+    if spec is not None:
+        return StructuredOutputsParams(**spec.model_dump(by_alias=True, exclude_none=True))
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+        raise OpenAIError("response_format of type json_schema needs json_schema.schema", 400, "response_format")
+    return StructuredOutputsParams(json=fmt.json_schema.json_schema)
 
 
 class ChoiceStream:
