@@ -2,6 +2,7 @@
 
 from pagedformers.config import EngineArgs, EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
+from pagedformers.lora import LoRARequest
 from pagedformers.outputs import (
     ClassificationRequestOutput,
     CompletionOutput,
@@ -17,5 +18,5 @@ from pagedformers.sampling_params import SamplingParams, StructuredOutputsParams
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "ClassificationRequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EngineArgs",
-           "EngineConfig", "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput", "RequestOutput",
-           "SamplingParams", "ScoringRequestOutput", "StructuredOutputsParams", "__version__"]
+           "EngineConfig", "LoRARequest", "Logprob", "PoolerConfig", "PoolingParams", "PoolingRequestOutput",
+           "RequestOutput", "SamplingParams", "ScoringRequestOutput", "StructuredOutputsParams", "__version__"]

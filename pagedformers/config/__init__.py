@@ -6,6 +6,7 @@ from pagedformers.config.engine_config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     PoolingHead,
@@ -14,5 +15,5 @@ from pagedformers.config.engine_config import (
 from pagedformers.config.pooler import PoolerConfig
 from pagedformers.config.resolve import ModelFiles, resolve
 
-__all__ = ["CacheConfig", "DeviceConfig", "EngineArgs", "EngineConfig", "ModelConfig", "ModelFiles", "ModelImpl",
-           "ParallelConfig", "PoolerConfig", "PoolingHead", "SchedulerConfig", "resolve"]
+__all__ = ["CacheConfig", "DeviceConfig", "EngineArgs", "EngineConfig", "LoRAConfig", "ModelConfig", "ModelFiles",
+           "ModelImpl", "ParallelConfig", "PoolerConfig", "PoolingHead", "SchedulerConfig", "resolve"]

@@ -67,6 +67,9 @@ class EngineArgs:
     distributed_executor_backend: str = _arg("mp", "How an engine's ranks start: mp (processes on this machine) or "
                                                    "ray (actors of a Ray cluster, across its nodes; pip install "
                                                    "'pagedformers[ray]').")
+    enable_lora: bool = _arg(False, "Serve LoRA adapters (PEFT) on top of the model, per request.")
+    max_loras: int = _arg(1, "Most LoRA adapters in one batch (each holds a slot in every linear layer).")
+    max_lora_rank: int = _arg(16, "Highest LoRA rank an adapter may have.")
     distributed_timeout_s: float = _arg(60.0, "Seconds to wait for the other workers before giving up (a collective "
                                               "waiting longer means a worker is gone).")
 
@@ -87,7 +90,8 @@ class EngineArgs:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES} (or cuda:N)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
-                     "pipeline_parallel_size", "data_parallel_size", "max_model_len", "kv_cache_memory_bytes"):
+                     "pipeline_parallel_size", "data_parallel_size", "max_model_len", "kv_cache_memory_bytes",
+                     "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -91,6 +91,13 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    enabled: bool = False
+    max_loras: int = 1  # adapter slots: most distinct adapters among the running requests
+    max_lora_rank: int = 16
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -98,6 +105,7 @@ class EngineConfig:
     parallel: ParallelConfig
     device: DeviceConfig
     args: EngineArgs = field(repr=False)  # what the user gave: how another process rebuilds this config
+    lora: LoRAConfig = LoRAConfig()
 
     def local_args(self) -> EngineArgs:
         """The arguments with every source already on this machine, for worker and replica processes: they

@@ -13,6 +13,7 @@ from pagedformers.config.engine_config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     PoolingHead,
@@ -64,7 +65,18 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
                                 args.distributed_timeout_s, args.distributed_executor_backend),
         device=DeviceConfig(device, args.enforce_eager),
         args=args,
+        lora=_resolve_lora(args, runner, files.hf_config),
     )
+
+
+def _resolve_lora(args: EngineArgs, runner: str, hf_config: PretrainedConfig) -> LoRAConfig:
+    if not args.enable_lora:
+        return LoRAConfig()
+    if runner == "pooling" or hf_config.get_text_config() is not hf_config:
+        raise ValueError("enable_lora=True runs text generation models only (not pooling or multimodal ones) yet")
+    if args.data_parallel_size > 1:
+        raise ValueError("enable_lora=True with data_parallel_size > 1 is not supported yet")
+    return LoRAConfig(True, args.max_loras, args.max_lora_rank)
 
 
 def _resolve_runner(args: EngineArgs, hf_config: PretrainedConfig) -> tuple[str, PoolingHead | None]:

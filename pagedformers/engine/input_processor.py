@@ -10,6 +10,7 @@ any model work.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from pagedformers.config import EngineConfig
 from pagedformers.engine.multimodal_processor import MultiModalProcessor
 from pagedformers.engine.structured_outputs import StructuredOutputs
 from pagedformers.loading.tokenizer import eos_token_ids
+from pagedformers.lora import LoRARequest
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.pooling_params import TASKS_BY_HEAD, PoolingParams
 from pagedformers.sampling_params import SamplingParams
@@ -47,6 +49,7 @@ class EngineRequest:
     prompt: str | None = None  # the text, where the request came as text
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair
     multi_modal_inputs: MultiModalInputs | None = None
+    lora_request: LoRARequest | None = None
 
     @property
     def is_pooling(self) -> bool:
@@ -57,13 +60,16 @@ class InputProcessor:
     """NOTE: not thread-safe (HF fast tokenizers are not): each thread that processes prompts has its own."""
 
     def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase, num_kv_blocks: int,
-                 structured: StructuredOutputs | None = None) -> None:
-        """`structured`: another processor's grammar compiler to share (its cache), as the engine's is."""
+                 structured: StructuredOutputs | None = None,
+                 lora_check: Callable[[LoRARequest], None] | None = None) -> None:
+        """`structured`: another processor's grammar compiler to share (its cache), as the engine's is.
+        `lora_check`: the engine's check of an adapter (raises ValueError); None where LoRA is off."""
         self.config, self.tokenizer, self.num_kv_blocks = config, tokenizer, num_kv_blocks
         self.eos_token_ids = eos_token_ids(config, tokenizer)
         self.multi_modal = MultiModalProcessor(config)
         self.structured = structured or StructuredOutputs(tokenizer, config.model.text_config.vocab_size,
                                                           self.eos_token_ids)
+        self.lora_check = lora_check
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
@@ -72,10 +78,13 @@ class InputProcessor:
         return ("generate",) if model.runner != "pooling" else TASKS_BY_HEAD[model.pooling_head]
 
     def process(self, request_id: str, prompt: PromptType, params: Params, name: str = "The prompt",
-                strict_context: bool = False) -> EngineRequest:
+                strict_context: bool = False, lora_request: LoRARequest | None = None) -> EngineRequest:
         """Raises InvalidRequest naming `name` for a request that can never run. `strict_context`: the OpenAI
         server's rule and wording, where a max_tokens past max_model_len is refused rather than capped."""
         request = self._tokenize(request_id, prompt, params, name)
+        if lora_request is not None:
+            self._check_lora(lora_request, name)
+            request.lora_request = lora_request
         self._check_runner(request)
         if request.is_pooling:
             self._shape_pooling(request, name)
@@ -200,6 +209,17 @@ class InputProcessor:
                 if value is not None and value > vocab:
                     raise InvalidRequest(f"SamplingParams.{field}={value} asks for more alternatives than the "
                                          f"vocabulary has ({vocab})", field)
+
+    def _check_lora(self, lora_request: LoRARequest, name: str) -> None:
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"{name}: lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora_check is None:
+            raise InvalidRequest(f"{name} asks for the LoRA adapter {lora_request.lora_name!r}, but this engine runs "
+                                 "without LoRA: start it with enable_lora=True (--enable-lora)", "lora_request")
+        try:
+            self.lora_check(lora_request)
+        except ValueError as e:
+            raise InvalidRequest(f"{name}: {e}", "lora_request") from None
 
     def _check_kv_fit(self, request: EngineRequest, name: str) -> None:
         limit, block_size = self.config.model.max_model_len, self.config.cache.block_size

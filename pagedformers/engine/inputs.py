@@ -12,6 +12,7 @@ import torch
 
 from pagedformers.attention import AttentionMetadata, PrefillSpan
 from pagedformers.engine.scheduler import ScheduledRequest
+from pagedformers.lora import LoRARequest
 from pagedformers.model.inputs import ModelInputs
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 
@@ -25,6 +26,7 @@ class Chunk:
     token_type_ids: list[int] | None = None
     request_id: str = ""  # keys the request's state in workers of conv / linear-attention hybrids
     multi_modal: MultiModalInputs | None = None  # the request's media, on chunks that hold its placeholders
+    lora_slot: int = -1  # the LoRA slot its adapter sits in (-1: the base model)
 
     @property
     def is_decode(self) -> bool:
@@ -41,6 +43,7 @@ class StepPlan:
     # Requests finished, aborted or preempted since the last plan: workers drop their per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
     stable_steps: int = 0  # SchedulerOutput.stable_steps
+    lora_loads: list[tuple[int, LoRARequest]] = field(default_factory=list)  # adapters to put in slots first
 
 
 def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -49,7 +52,7 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
     return [s for s, d in zip(scheduled, is_decode) if d] + [s for s, d in zip(scheduled, is_decode) if not d]
 
 
-def make_chunk(s: ScheduledRequest) -> Chunk:
+def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
     end = s.start + s.num_new_tokens
     types = s.request.token_type_ids
     media = s.request.multi_modal_inputs
@@ -57,7 +60,7 @@ def make_chunk(s: ScheduledRequest) -> Chunk:
         first, last = media.feature_range(s.start, end)
         media = media if first < last else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
-                 types[s.start:end] if types is not None else None, s.request.request_id, media)
+                 types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot)
 
 
 def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_steps: int = 0) -> ModelInputs:

@@ -143,6 +143,8 @@ class KVCacheManager:
             # Placeholder tokens are equal for every image: the block's K/V depend on the media too
             # (and so, through the chained parent hash, do all later blocks).
             return hash((parent, tokens, media.content_hash))
+        if parent is None and req.lora_request is not None:  # K/V under an adapter are its own (and so, chained,
+            return hash((tokens, req.lora_request.lora_int_id))  # are every later block's)
         return hash((parent, tokens))
 
     def take_fresh_blocks(self) -> list[int]:

@@ -17,6 +17,8 @@ from pagedformers.engine.request import Request
 from pagedformers.engine.scheduler import Scheduler, SchedulerOutput
 from pagedformers.loading.tokenizer import load_tokenizer
 from pagedformers.logger import init_logger
+from pagedformers.lora import LoRARequest
+from pagedformers.lora.adapter import read_adapter
 from pagedformers.model.interface import SupportsPerRequestState
 from pagedformers.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics, RequestOutput
 from pagedformers.pooling_params import PoolingParams
@@ -56,11 +58,13 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.executor = executor or create_executor(config)
-        self.processor = InputProcessor(config, self.tokenizer, self.executor.num_blocks)
+        self.processor = InputProcessor(config, self.tokenizer, self.executor.num_blocks,
+                                        lora_check=self._check_lora if config.lora.enabled else None)
+        self._lora_checked: dict[int, LoRARequest] = {}
         self.runner = ModelRunner(config, self.executor)
         self.kv_manager = KVCacheManager(self.executor.num_blocks, config.cache.block_size, self._prefix_caching())
         self.scheduler = Scheduler(self.kv_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens)
+                                   config.scheduler.max_num_batched_tokens, config.lora.max_loras)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.parents: dict[str, _Parent] = {}
         self._arrivals = itertools.count()
@@ -109,11 +113,24 @@ class LLMEngine:
             child_params = dataclasses.replace(params, seed=params.seed + i) if seeded else params
             child = Request(f"{request.request_id}#{i}", request.prompt_token_ids, child_params, max_tokens,
                             next(self._arrivals), multi_modal_inputs=request.multi_modal_inputs,
-                            parent_id=request.request_id)
+                            parent_id=request.request_id, lora_request=request.lora_request)
             if params.structured_outputs is not None:
                 child.grammar = self.processor.structured.matcher(params.structured_outputs)
             children.append(child)
         return children
+
+    def _check_lora(self, adapter: LoRARequest) -> None:
+        """Raises ValueError for an adapter this model cannot run, before its request is queued: read once per
+        adapter id and checked against the driver rank's layers (any thread: it reads, never writes, them)."""
+        known = self._lora_checked.get(adapter.lora_int_id)
+        if known == adapter:
+            return
+        if known is not None:
+            raise ValueError(f"LoRA adapter id {adapter.lora_int_id} is already {known.lora_name!r} at "
+                             f"{known.lora_path!r}: give {adapter.lora_name!r} an id of its own")
+        lora = self.executor.driver_worker.lora
+        lora.check(read_adapter(adapter.lora_path, self.config.lora.max_lora_rank), adapter)
+        self._lora_checked[adapter.lora_int_id] = adapter
 
     def abort_request(self, request_id: str) -> None:
         parent = self.parents.pop(request_id, None)

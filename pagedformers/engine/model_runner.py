@@ -9,6 +9,7 @@ import torch
 
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan, make_chunk, order_for_step
+from pagedformers.engine.lora_slots import LoRASlots
 from pagedformers.engine.sampler import Sampler, logprob_entries
 from pagedformers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedformers.outputs import Logprob
@@ -36,14 +37,23 @@ class ModelRunner:
         self.config = config
         self.executor = executor
         self.sampler = Sampler(config.model.seed)
+        self.lora_slots = LoRASlots(config.lora.max_loras) if config.lora.enabled else None
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         order = order_for_step(out.scheduled)
         row_starts = _row_starts(order)
         logit_rows, rows = _logit_rows(order, row_starts)
-        plan = StepPlan([make_chunk(s) for s in order], logit_rows, out.fresh_blocks, out.finished_request_ids,
-                        out.stable_steps)
-        wout = self.executor.execute(plan)
+        loads = self.lora_slots.assign([s.request.lora_request for s in order if s.request.lora_request]) \
+            if self.lora_slots else []
+        slots = [self.lora_slots.slot(s.request.lora_request) if self.lora_slots else -1 for s in order]
+        plan = StepPlan([make_chunk(s, slot) for s, slot in zip(order, slots)], logit_rows, out.fresh_blocks,
+                        out.finished_request_ids, out.stable_steps, loads)
+        try:
+            wout = self.executor.execute(plan)
+        except Exception:
+            if self.lora_slots:
+                self.lora_slots.forget(loads)
+            raise
         result = ModelRunnerOutput()
         for i, s in enumerate(order):
             if s.request.pooling_params is not None:

@@ -8,6 +8,7 @@ import time
 import torch
 from xgrammar import GrammarMatcher
 
+from pagedformers.lora import LoRARequest
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.outputs import Logprob
 from pagedformers.pooling_params import PoolingParams
@@ -27,7 +28,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival: int, pooling_params: PoolingParams | None = None,
                  token_type_ids: list[int] | None = None,
-                 multi_modal_inputs: MultiModalInputs | None = None, parent_id: str | None = None) -> None:
+                 multi_modal_inputs: MultiModalInputs | None = None, parent_id: str | None = None,
+                 lora_request: LoRARequest | None = None) -> None:
         self.request_id = request_id
         self.parent_id = request_id if parent_id is None else parent_id  # the user's request: n sequences share it
         self.params = params
@@ -56,6 +58,7 @@ class Request:
         self.token_type_ids = token_type_ids
         self.multi_modal_inputs = multi_modal_inputs  # media whose features replace placeholder embeddings
         self.pooled: torch.Tensor | None = None
+        self.lora_request = lora_request  # the adapter it runs with (None: the base model)
         self.grammar: GrammarMatcher | None = None  # structured outputs: where this sequence is in its grammar
 
     @property

@@ -38,10 +38,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int = 0) -> None:
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras  # LoRA slots: most distinct adapters among running requests
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -91,6 +93,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.lora_request is not None and not self._adapter_fits(req.lora_request.lora_int_id):
+                break  # its adapter needs a slot that running requests hold: it waits (first come, first served)
             if req.pooling_params is not None:  # whole prompts only (bidirectional encoders need them)
                 if req.num_tokens > budget and out.scheduled:
                     break
@@ -109,6 +113,11 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _adapter_fits(self, lora_id: int) -> bool:
+        """Whether running it keeps the running requests' distinct LoRA adapters within the slots (max_loras)."""
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        return lora_id in running or len(running) < self.max_loras
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens

@@ -42,7 +42,7 @@ class Worker:
     def __init__(self, config: EngineConfig, state: ParallelState = SINGLE) -> None:
         self.config = config
         self.state = state
-        self.model, self.forward, self.kv_specs, self.platform = load_model(config, state)
+        self.model, self.forward, self.kv_specs, self.platform, self.lora = load_model(config, state)
         self.num_blocks = num_kv_blocks(config, self.kv_specs, self.platform.default_kv_cache_bytes)
         self.request_states: dict[str, Cache] | None = None
         if isinstance(self.model, SupportsPerRequestState):
@@ -75,6 +75,10 @@ class Worker:
         the last stage's logits come back to rank 0 (the driver), which returns them."""
         if plan.fresh_blocks and self.kv_caches and self.zero_fresh_blocks:
             zero_blocks(self.kv_caches, plan.fresh_blocks)
+        if self.lora is not None:
+            for slot, adapter in plan.lora_loads:
+                self.lora.load(slot, adapter)
+            self.lora.set_batch([c.lora_slot for c in plan.chunks], [len(c.token_ids) for c in plan.chunks])
         if self.request_states is not None:
             for request_id in plan.finished_request_ids:
                 self.request_states.pop(request_id, None)
@@ -121,6 +125,8 @@ class Worker:
 
     def _forward_with_state(self, chunk: Chunk, state: Cache) -> torch.Tensor:
         inputs = prepare_inputs([chunk], self.config.cache.block_size, self.config.device.device)
+        if self.lora is not None:
+            self.lora.set_batch([chunk.lora_slot], [len(chunk.token_ids)])
         return self.forward(inputs, self.kv_caches, state=state)
 
     def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:

@@ -66,7 +66,7 @@ class AsyncLLM:
         self.config = engine.config
         # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
         self.processor = InputProcessor(engine.config, copy.deepcopy(engine.tokenizer), engine.num_kv_blocks,
-                                        engine.processor.structured)
+                                        engine.processor.structured, engine.processor.lora_check)
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond

@@ -20,6 +20,7 @@ from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.scoring import cross_encoder_inputs, cross_encoder_score, pair_up
 from pagedformers.loading.gguf_once import gguf_parsed_once
 from pagedformers.loading.model_files import create_engine_config
+from pagedformers.lora import LoRARequest
 from pagedformers.outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
@@ -78,12 +79,16 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Prompts are text, token ids, {"prompt_token_ids": [...]}, or {"prompt": text with image placeholders,
-        "multi_modal_data": {"image": PIL image or a list of them}} (the model's processor expands them)."""
+        "multi_modal_data": {"image": PIL image or a list of them}} (the model's processor expands them).
+        `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt."""
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams)
-        return self._run(prompts, params, use_tqdm)
+        loras = [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else _per_prompt(lora_request, len(prompts), LoRARequest)
+        return self._run(prompts, params, use_tqdm, loras)
 
     def chat(
         self,
@@ -92,17 +97,22 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """`tools`: OpenAI-style function definitions for the chat template to render (no parsing offline)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self._processor.chat_prompt(conv, chat_template, add_generation_prompt, name=f"Conversation {i}")
+        prompts = [self._processor.chat_prompt(conv, chat_template, add_generation_prompt, name=f"Conversation {i}",
+                                               tools=tools)
                    for i, conv in enumerate(conversations)]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, prompts: list[PromptType], params: Sequence[SamplingParams | PoolingParams],
-             use_tqdm: bool) -> list[Output]:
+             use_tqdm: bool, loras: Sequence[LoRARequest | None] | None = None) -> list[Output]:
         """Every prompt processed (and so checked) first, then all run together."""
-        requests = [self._processor.process(str(next(self._ids)), prompt, p, f"Prompt {i}")
-                    for i, (prompt, p) in enumerate(zip(prompts, params))]
+        loras = loras or [None] * len(prompts)
+        requests = [self._processor.process(str(next(self._ids)), prompt, p, f"Prompt {i}", lora_request=lora)
+                    for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras))]
         return self._client.run(requests, use_tqdm)
 
     # -- pooling --------------------------------------------------------------------------------------

@@ -110,3 +110,14 @@ class SupportsPP(Protocol):
     `stage_input: [T, hidden]`, the previous stage's output, in place of the embeddings."""
 
     supports_pp: ClassVar[Literal[True]]
+
+
+@runtime_checkable
+class MapsCheckpointNames(Protocol):
+    """Parameters that are not named as the checkpoint names them (fused q/k/v, gate/up): LoRA adapters, written
+    against the checkpoint's modules, find the part of which parameter each of their tensors updates. A model
+    without it names its parameters as its checkpoint does."""
+
+    def checkpoint_targets(self, name: str) -> list[tuple[str, object]]:
+        """The (parameter name, shard) pairs one checkpoint tensor fills; the shard is what the parameter's
+        `native_loader` takes."""

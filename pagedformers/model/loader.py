@@ -2,7 +2,7 @@
 
     select_model_class   a native override (native_overrides/) or a transformers shell (adapter/)
     cls(config, parallel) the model on the meta device, split for this rank (tensor shards, pipeline stage)
-    load_weights         this rank's tensors from the checkpoint
+    load_weights         this rank's tensors from the checkpoint (with enable_lora: then linears wrapped in LoRA layers)
     platform.specialize  the device's fast path: layer swaps, kernels, graph capture (platforms/)
     kv_cache_specs       every attention layer's K/V shape, from a probe forward
 """
@@ -17,6 +17,7 @@ from pagedformers.adapter.resolve import check_shell_parallelism, shell_class
 from pagedformers.config import EngineConfig
 from pagedformers.loading.source import ModelSource
 from pagedformers.logger import init_logger
+from pagedformers.lora.model import LoRAModel, record_loaders
 from pagedformers.model.interface import KVCacheSpecs, Model, SupportsPP
 from pagedformers.native_overrides import NATIVE_MODELS, native_model_class
 from pagedformers.parallel_plans import SINGLE, ParallelState, check_parallel_config
@@ -30,6 +31,7 @@ class LoadedModel(NamedTuple):
     forward: StepForward  # how a worker runs it (the platform's fast path)
     kv_specs: KVCacheSpecs
     platform: Platform
+    lora: LoRAModel | None  # the adapter slots, with enable_lora
 
 
 def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> LoadedModel:
@@ -39,10 +41,14 @@ def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> Loaded
         raise TypeError(f"{type(model).__name__} does not implement the model contract (model/interface.py's Model)")
     if parallel.pp_size > 1 and not isinstance(model, SupportsPP):
         raise ValueError(f"{type(model).__name__} does not split into pipeline stages: use pipeline_parallel_size=1.")
+    loaders = record_loaders(model) if config.lora.enabled else None
     model.load_weights(ModelSource(config.model.path, config.model.gguf_file))
+    lora = None
+    if loaders is not None:  # before the platform: it then packs the base linears inside the LoRA layers
+        lora = LoRAModel(model, loaders, config.lora.max_loras, config.lora.max_lora_rank, parallel.pp_size > 1)
     platform = get_platform(config.device.type)
     forward = platform.specialize(model, config)
-    return LoadedModel(model, forward, model.kv_cache_specs(), platform)
+    return LoadedModel(model, forward, model.kv_cache_specs(), platform, lora)
 
 
 def select_model_class(config: EngineConfig) -> type[Model]:

@@ -110,13 +110,19 @@ class ParallelLinear(nn.Module):
             bias_ranges = self.ranges if self.is_column else [(0, linear.out_features)]
             self.bias = _meta_param((sum(e - s for s, e in bias_ranges),), lambda t: read_rows(t, 0, bias_ranges))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_update = True  # LoRA layers add their update to this rank's output before the collective
+
+    def forward(self, x: torch.Tensor, update: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`update(x, y)`: this rank's input and output before any gather or all-reduce -> the output to use."""
         if self.is_column:
             y = F.linear(x, self.weight, self.bias)
+            y = update(x, y) if update is not None else y
             return self.tp.all_gather_last_dim(y) if self.style == "colwise_gather" else y
         if self.style == "rowwise_split":
             x = read_rows(x, x.dim() - 1, self.ranges)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(update(x, y) if update is not None else y)
         return y + self.bias if self.bias is not None else y
 
 

@@ -54,9 +54,10 @@ class CpuPlatform:
 
     @staticmethod
     def _traces_decodes(model: Model, config: EngineConfig) -> bool:
-        """Single-rank models whose layers keep no per-request state of their own, unless told to stay eager."""
+        """Single-rank models whose layers keep no per-request state of their own, unless told to stay eager. Not
+        with LoRA: which rows run which adapter changes the computation's shape from step to step."""
         return (not config.device.enforce_eager and config.parallel.world_size == 1
-                and not isinstance(model, SupportsPerRequestState))
+                and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)
 
 
 PLATFORM = CpuPlatform()

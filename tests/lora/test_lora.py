@@ -1,0 +1,124 @@
+"""LoRA adapters: greedy tokens equal HF + PEFT `generate` with the same adapter, in the shell and in native models,
+alone, mixed in one batch with another adapter and the base, and split over two tensor-parallel ranks."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from pagedformers import LLM, LoRARequest, SamplingParams
+from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_model
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "Numbers: 0 1 2 3"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+WITH_MLP = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_adapter(base: str, path, rank: int, targets: list[str], seed: int, **kwargs) -> str:
+    """A PEFT adapter with random A and B (B non-zero: PEFT's default init would make it a no-op)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                            init_lora_weights=False, **kwargs))
+    peft.save_pretrained(str(path))
+    return str(path)
+
+
+def hf_tokens(base: str, adapter: str | None) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    tok = build_tokenizer()
+    outs = []
+    for prompt in PROMPTS:
+        x = torch.tensor([tok.encode(prompt)])
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+        outs.append(y[0, x.shape[1]:].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The tiny Llama, an attention adapter of rank 8 and an MLP one of rank 16, and HF + PEFT's tokens."""
+    root = tmp_path_factory.mktemp("lora")
+    base = str(save_tiny_model(root / "base", "llama"))
+    adapters = {"attn": save_adapter(base, root / "attn", 8, ATTENTION, 1),
+                "mlp": save_adapter(base, root / "mlp", 16, WITH_MLP, 2, use_rslora=True)}
+    expected = {name: hf_tokens(base, path) for name, path in adapters.items()} | {None: hf_tokens(base, None)}
+    assert expected["attn"] != expected[None] and expected["mlp"] != expected[None]  # the adapters change tokens
+    return base, adapters, expected
+
+
+def _generate(llm, loras) -> list[list[int]]:
+    prompts = PROMPTS * (len(loras) // len(PROMPTS))
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=loras)]
+
+
+@pytest.mark.parametrize("impl", ["transformers", "native"])
+def test_adapters_alone_and_mixed_match_hf_peft(llama, impl):
+    base, adapters, expected = llama
+    attn, mlp = LoRARequest("attn", 1, adapters["attn"]), LoRARequest("mlp", 2, adapters["mlp"])
+    llm = LLM(base, model_impl=impl, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16)
+    assert _generate(llm, [attn] * 3) == expected["attn"]
+    assert _generate(llm, [mlp] * 3) == expected["mlp"]
+    mixed = [attn, None, mlp] * 3  # request i: prompt i % 3, adapters interleaved with the base
+    want = [expected[k][i % 3] for i, k in enumerate(["attn", None, "mlp"] * 3)]
+    assert _generate(llm, mixed) == want
+    assert _generate(llm, [None] * 3) == expected[None]
+
+
+def test_more_adapters_than_slots_wait_and_evict(llama):
+    """max_loras=1: three adapters take turns in the one slot (LRU), each request still gets its own tokens; the
+    prefix cache keys blocks by adapter, so equal prompts under different adapters never share K/V."""
+    base, adapters, expected = llama
+    loras = [LoRARequest("attn", 1, adapters["attn"]), LoRARequest("mlp", 2, adapters["mlp"]), None]
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=16, enable_prefix_caching=True)
+    for _ in range(2):
+        got = _generate(llm, [lora for lora in loras for _ in range(3)][:9])
+        assert got == [expected[k][i] for k in ("attn", "mlp", None) for i in range(3)]
+
+
+def test_two_tensor_parallel_ranks_give_one_process_tokens(llama):
+    base, adapters, expected = llama
+    mixed = [LoRARequest("attn", 1, adapters["attn"]), LoRARequest("mlp", 2, adapters["mlp"]), None]
+    want = [expected["attn"][0], expected["mlp"][1], expected[None][2]]
+    for impl in ("transformers", "native"):
+        with LLM(base, model_impl=impl, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+                 tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22) as llm:
+            assert _generate(llm, mixed) == want, impl
+
+
+def test_mixtral_shell_with_an_attention_adapter(tmp_path):
+    base = str(save_tiny_model(tmp_path / "mixtral", "mixtral", num_local_experts=4, num_experts_per_tok=2))
+    adapter = save_adapter(base, tmp_path / "attn", 8, ATTENTION, 3)
+    expected = hf_tokens(base, adapter)
+    llm = LLM(base, model_impl="transformers", dtype="float32", enable_lora=True, max_lora_rank=8)
+    assert _generate(llm, [LoRARequest("attn", 1, adapter)] * 3) == expected
+
+
+def test_bad_adapters_are_refused_by_name_and_the_engine_keeps_serving(llama, tmp_path):
+    base, adapters, expected = llama
+    llm = LLM(base, dtype="float32", enable_lora=True, max_lora_rank=8)
+    with pytest.raises(ValueError, match="rank 16, above max_lora_rank=8"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("mlp", 2, adapters["mlp"]))
+    other = str(save_tiny_model(tmp_path / "wide", "llama", hidden_size=96, intermediate_size=192))
+    with pytest.raises(ValueError, match=r"does not fit model.layers.0.self_attn.[qkvo]_proj.*another base model"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("wide", 3, save_adapter(other, tmp_path / "w", 8,
+                                                                                           ATTENTION, 4)))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("missing", 4, str(tmp_path / "nowhere")))
+    dora = save_adapter(base, tmp_path / "dora", 8, ATTENTION, 5, use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("dora", 5, dora))
+    with pytest.raises(ValueError, match="already 'attn'"):
+        llm.generate(PROMPTS[0], GREEDY, lora_request=[LoRARequest("attn", 1, adapters["attn"])])
+        llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("other", 1, adapters["mlp"]))
+    with pytest.raises(ValueError, match="lora_int_id"):
+        LoRARequest("zero", 0, adapters["attn"])
+    assert _generate(llm, [LoRARequest("attn", 1, adapters["attn"])] * 3) == expected["attn"]
+    plain = LLM(base, dtype="float32")
+    with pytest.raises(ValueError, match="without LoRA: start it with enable_lora=True"):
+        plain.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("attn", 1, adapters["attn"]))
