@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pagedformers import SamplingParams
+from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.tools.tiny_models import save_tiny_model
 
@@ -116,3 +119,21 @@ def _panel_reader():
     except Exception as e:  # noqa: BLE001 (no compiler: the floor falls back to sum() alone)
         print(f"(panel read unavailable, the bandwidth is sum()'s alone: {e})")
         return None
+
+
+def full_batch_step_ms(engine: LLMEngine, prompt: list[int], params: SamplingParams, rows: int,
+                       loras: list | None = None) -> tuple[float, int]:
+    """(median ms of the decode steps that run all `rows` requests, how many such steps); request i runs
+    loras[i % len(loras)] when given. Stepping the engine directly times the steps alone."""
+    for i in range(rows):
+        engine.add_processed_request(engine.processor.process(
+            f"r{time.monotonic_ns()}-{i}", {"prompt_token_ids": prompt}, params,
+            lora_request=loras[i % len(loras)] if loras else None))
+    times = []
+    while engine.has_unfinished_requests():
+        full = len(engine.scheduler.running) == rows and not engine.scheduler.waiting
+        start = time.perf_counter()
+        engine.step()
+        if full:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:]), len(times) - 1  # the first full step may still hold prefill

@@ -9,16 +9,15 @@ whose size is what the grammar masks cost), in the same run. Also the schema's c
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from common import full_batch_step_ms  # noqa: E402
 from quickstart import smollm2_gguf  # noqa: E402
 
 from pagedformers import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
-from pagedformers.engine.llm_engine import LLMEngine  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string"}, "country": {"enum": ["France", "Italy", "Spain"]},
@@ -34,20 +33,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeat", type=int, default=3, help="runs of each kind, alternating")
     return p.parse_args()
-
-
-def full_batch_step_ms(engine: LLMEngine, prompt: list[int], params: SamplingParams, rows: int) -> tuple[float, int]:
-    """(median ms of the decode steps that run all `rows` requests, how many such steps)."""
-    for i in range(rows):
-        engine.add_request(f"r{time.monotonic_ns()}-{i}", {"prompt_token_ids": prompt}, params)
-    times = []
-    while engine.has_unfinished_requests():
-        full = len(engine.scheduler.running) == rows and not engine.scheduler.waiting
-        start = time.perf_counter()
-        engine.step()
-        if full:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:]), len(times) - 1  # the first full step may still hold prefill
 
 
 def main() -> None:

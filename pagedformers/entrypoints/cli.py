@@ -66,6 +66,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="The model family's tool-call format, for tool_choice \"auto\": hermes (Qwen, "
                              "Hermes), llama3_json (Llama 3.x), mistral.")
+    server.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters to serve (with --enable-lora): a request's model field picks one by name. "
+                             "NAME=PATH or vLLM's JSON form '{\"name\": ..., \"path\": ...}'.")
+    server.add_argument("--enable-lora-runtime-updates", action="store_true",
+                        help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default: anyone "
+                             "who can reach the server could then load files from its disk).")
     add_engine_args(serve)
 
 

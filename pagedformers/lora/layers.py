@@ -1,8 +1,11 @@
 """LoRALinear: a base linear plus each row's low-rank update, for a batch that mixes adapters and the base.
 
-The base matmul runs once for the whole batch; then, for each adapter present, its rows get (x A^T) B^T (B
-pre-scaled): a segmented computation over the step's few adapters, never a forward per adapter. Each layer
-holds `num_slots` adapters' matrices, zero where a slot is empty or an adapter does not target it.
+The base matmul runs once for the whole batch; then every slot's A at once, x [T, in] @ A_all^T [in, S*W], the
+columns of slots other than each row's own zeroed by a mask built once a step for all layers, and @ B_all^T
+[S*W, out] (B pre-scaled) adds each row's own update. Three small ops a layer whatever the mix of adapters:
+with ranks of 8-64 the extra S*W columns cost a few percent of the base matmul, where one pair of matmuls per
+adapter present cost ~10 us of op overhead each (measured: a 4-adapter batch at 1.65x the base step that way).
+Each layer holds `num_slots` adapters' matrices, zero where a slot is empty or an adapter does not target it.
 
 A fused linear (q/k/v, gate/up as one weight) holds one A and one B column block per part: A stacks the
 parts' A matrices, B places each part's rows in its own columns, so one pair of matmuls serves all parts. Under
@@ -28,7 +31,21 @@ ShardLoader = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class LoRABatch:
     """Which rows of the step's flat batch run which slot: shared by every LoRA layer of a model."""
-    groups: list[tuple[int, torch.Tensor | slice]] = field(default_factory=list)  # (slot, row indices)
+    num_slots: int
+    dtype: torch.dtype
+    row_slots: torch.Tensor | None = None  # [T] each row's slot, -1 for the base; None: no row has an adapter
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def set(self, row_slots: torch.Tensor | None) -> None:
+        self.row_slots, self._masks = row_slots, {}
+
+    def mask(self, width: int) -> torch.Tensor:
+        """[T, num_slots * width]: ones in the `width` columns of each row's own slot."""
+        mask = self._masks.get(width)
+        if mask is None:
+            own = self.row_slots[:, None] == torch.arange(self.num_slots, device=self.row_slots.device)[None, :]
+            mask = self._masks[width] = own.to(self.dtype).repeat_interleave(width, dim=1)
+        return mask
 
 
 @dataclass(frozen=True)
@@ -46,14 +63,21 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.loader, self.batch, self.max_rank = base, loader, batch, max_rank
         out_local, in_local = weight.shape
-        parts = len(loader.shards)
-        self.register_buffer("lora_a", torch.zeros(num_slots, parts * max_rank, in_local, dtype=weight.dtype,
+        self.width = len(loader.shards) * max_rank  # a slot's columns: one rank block per fused part
+        self.register_buffer("lora_a", torch.zeros(num_slots * self.width, in_local, dtype=weight.dtype,
                                                    device=weight.device))
-        self.register_buffer("lora_b", torch.zeros(num_slots, out_local, parts * max_rank, dtype=weight.dtype,
+        self.register_buffer("lora_b", torch.zeros(out_local, num_slots * self.width, dtype=weight.dtype,
                                                    device=weight.device))
+        # The two matmuls as linears over the buffers, rebuilt when a slot changes. A platform may set
+        # `linear_factory` to build its own fast linears (the CPU's packed kernel: 2.3x ATen's at these shapes).
+        self.linear_factory: Callable[[torch.Tensor], nn.Module] = plain_linear
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.a_proj, self.b_proj = self.linear_factory(self.lora_a), self.linear_factory(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.batch.groups:
+        if self.batch.row_slots is None:
             return self.base(x)
         if getattr(self.base, "takes_update", False):  # a tensor-parallel linear: add before its collective
             return self.base(x, update=self._add_updates)
@@ -63,21 +87,16 @@ class LoRALinear(nn.Module):
         """y + each row's adapter update (x, y: [..., T, features]; the shell's carry a batch dim of 1). Out of
         place: y may be a view of a sibling group's shared output."""
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        for slot, rows in self.batch.groups:
-            if isinstance(rows, slice):
-                flat_y = flat_y + (flat_x @ self.lora_a[slot].T) @ self.lora_b[slot].T
-            else:
-                update = (flat_x.index_select(0, rows) @ self.lora_a[slot].T) @ self.lora_b[slot].T
-                flat_y = flat_y.index_add(0, rows, update)
-        return flat_y.view(y.shape)
+        own = self.a_proj(flat_x) * self.batch.mask(self.width)
+        return (flat_y + self.b_proj(own)).view(y.shape)
 
     def place(self, a: torch.Tensor, b: torch.Tensor, shard: object) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (A rows, B columns) of one part, at full slot size, from an adapter's A [r, in] and scaled
         B [out, r]. Raises ValueError when they do not fit this layer (an adapter for another base model)."""
         part = self.loader.shards.index(shard)
         r, cols = a.shape[0], slice(part * self.max_rank, part * self.max_rank + a.shape[0])
-        full_a = torch.zeros_like(self.lora_a[0])
-        full_b = torch.zeros_like(self.lora_b[0])
+        full_a = torch.zeros(self.width, self.lora_a.shape[1], dtype=torch.float32)
+        full_b = torch.zeros(self.lora_b.shape[0], self.width, dtype=torch.float32)
         in_local = full_a.shape[1]
         try:
             if a.shape[1] == in_local:  # the base splits its output, or nothing: B's rows are cut where needed
@@ -101,8 +120,15 @@ class LoRALinear(nn.Module):
 
     def set_slot(self, slot: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Slot `slot` holds the sum of the parts' placed matrices (zero for parts the adapter skips)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        for a, b in parts:
-            self.lora_a[slot] += a.to(self.lora_a.dtype)
-            self.lora_b[slot] += b.to(self.lora_b.dtype)
+        cols = slice(slot * self.width, (slot + 1) * self.width)
+        a = sum((p[0] for p in parts), torch.zeros(self.width, self.lora_a.shape[1]))
+        b = sum((p[1] for p in parts), torch.zeros(self.lora_b.shape[0], self.width))
+        self.lora_a[cols] = a.to(self.lora_a.dtype)
+        self.lora_b[:, cols] = b.to(self.lora_b.dtype)
+        self.refresh()
+
+
+def plain_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)  # shares the buffer
+    return linear

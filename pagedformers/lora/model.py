@@ -40,7 +40,7 @@ class LoRAModel:
                  partial_model: bool) -> None:
         """`partial_model`: this rank holds some layers only (pipeline stages): targets elsewhere are skipped."""
         self.model, self.max_rank, self.partial = model, max_rank, partial_model
-        self.batch = LoRABatch()
+        self.batch = LoRABatch(num_slots, next(model.parameters()).dtype)
         self.layers: dict[str, LoRALinear] = {}
         for name, module in _linears(model):
             layer = LoRALinear(module, module.weight, loaders[name], num_slots, max_rank, self.batch)
@@ -59,16 +59,10 @@ class LoRAModel:
 
     def set_batch(self, slots: Sequence[int], num_rows: Sequence[int]) -> None:
         """This step's rows: request i has num_rows[i] consecutive rows running slot slots[i] (-1: the base)."""
-        rows: dict[int, list[int]] = {}
-        start = 0
-        for slot, n in zip(slots, num_rows):
-            if slot >= 0:
-                rows.setdefault(slot, []).extend(range(start, start + n))
-            start += n
-        if len(rows) == 1 and len(next(iter(rows.values()))) == start:
-            self.batch.groups = [(next(iter(rows)), slice(None))]
+        if all(slot < 0 for slot in slots):
+            self.batch.set(None)
         else:
-            self.batch.groups = [(slot, torch.tensor(r)) for slot, r in rows.items()]
+            self.batch.set(torch.repeat_interleave(torch.tensor(slots), torch.tensor(num_rows)))
 
     def _place(self, adapter: LoRAAdapter, request: LoRARequest) -> dict[str, list]:
         placed: dict[str, list] = {}

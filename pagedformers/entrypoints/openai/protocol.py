@@ -53,6 +53,7 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "pagedformers"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 
@@ -194,6 +195,16 @@ class ScoreRequest(OpenAIBaseModel):
     model: str | None = None
     text_1: str | list[str] | None = None
     text_2: str | list[str] | None = None
+
+
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class RerankRequest(OpenAIBaseModel):

@@ -35,6 +35,7 @@ from pagedformers.entrypoints.openai.serving import ServingContext
 from pagedformers.entrypoints.openai.serving_chat import create_chat_completion
 from pagedformers.entrypoints.openai.serving_completion import create_completion
 from pagedformers.entrypoints.openai.serving_embedding import create_embedding
+from pagedformers.entrypoints.openai.serving_lora import LoRAModules, add_lora_update_routes, parse_lora_modules
 from pagedformers.entrypoints.openai.serving_score import create_rerank, create_score
 from pagedformers.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedformers.logger import init_logger
@@ -45,7 +46,8 @@ logger = init_logger(__name__)
 def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None,
               chat_template: str | None = None, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float | None = None,
-              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> FastAPI:
+              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+              lora_modules: list[tuple[str, str]] | None = None, enable_lora_runtime_updates: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
 
     Args:
@@ -56,6 +58,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
         max_body_bytes: larger request bodies are answered 413.
         request_timeout_s: a request running longer is aborted and answered 504 (None: no limit).
         tool_call_parser, enable_auto_tool_choice: tool_choice "auto" parses calls in this format (tool_calls.py).
+        lora_modules: (name, path) adapters a request's `model` picks (the engine needs enable_lora).
+        enable_lora_runtime_updates: serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
@@ -65,6 +69,12 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
         raise ValueError(f"enable_auto_tool_choice needs a tool_call_parser, one of {sorted(TOOL_PARSERS)}; got "
                          f"{tool_call_parser!r}")
     ctx = ServingContext(engine, names, chat_template, request_timeout_s, tool_call_parser, enable_auto_tool_choice)
+    adapters = LoRAModules(ctx)
+    for name, path in lora_modules or []:
+        try:
+            adapters.add(name, path)
+        except OpenAIError as e:
+            raise ValueError(f"--lora-modules {name}={path}: {e.message}") from None
     app = FastAPI(title="pagedformers OpenAI-compatible server", version=__version__)
     _add_error_handlers(app)
     app.add_middleware(_AdmissionMiddleware, max_in_flight=config.scheduler.max_num_seqs + max_waiting_requests,
@@ -89,7 +99,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
     @app.get("/v1/models")
     async def models() -> ModelList:
         cards = [ModelCard(id=n, root=config.model.name, max_model_len=config.model.max_model_len) for n in names]
-        return ModelList(data=cards)
+        return ModelList(data=cards + adapters.cards(config.model.max_model_len))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:
@@ -100,6 +110,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
         return await _unless_disconnected(raw, create_chat_completion(ctx, request))
 
     _add_pooling_routes(app, ctx)
+    if enable_lora_runtime_updates:
+        add_lora_update_routes(app, adapters)
     return app
 
 
@@ -272,7 +284,8 @@ def run_server(args: argparse.Namespace) -> None:
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
                     args.max_request_body_bytes, args.request_timeout, args.tool_call_parser,
-                    args.enable_auto_tool_choice)
+                    args.enable_auto_tool_choice, parse_lora_modules(args.lora_modules or []),
+                    args.enable_lora_runtime_updates)
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))

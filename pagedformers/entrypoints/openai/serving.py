@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -16,6 +16,7 @@ from pagedformers.engine.input_processor import EngineRequest, InputProcessor, P
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.errors import OpenAIError
 from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
+from pagedformers.lora import LoRARequest
 from pagedformers.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from pagedformers.pooling_params import PoolingParams
 from pagedformers.sampling_params import SamplingParams, StructuredOutputsParams
@@ -35,6 +36,7 @@ class ServingContext:
     request_timeout_s: float | None = None  # a request running longer is aborted (504)
     tool_call_parser: str | None = None  # how "auto" tool choice finds calls in the output (tool_calls.py)
     enable_auto_tool_choice: bool = False
+    lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # adapters served by name (serving_lora.py)
 
     @property
     def processor(self) -> InputProcessor:
@@ -49,7 +51,7 @@ class ServingContext:
         """The model name to answer with; 404 (as vLLM) for a model this server does not serve."""
         if name is None:
             return self.served_model_names[0]
-        if name not in self.served_model_names:
+        if name not in self.served_model_names and name not in self.lora_modules:
             raise OpenAIError(f"The model `{name}` does not exist. This server serves: "
                               f"{', '.join(self.served_model_names)}.", 404, "model")
         return name
@@ -65,12 +67,14 @@ class ServingContext:
                           f"{hint}", 400, "model")
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams, name: str,
-                param: str | None = None) -> EngineRequest:
+                param: str | None = None, model: str | None = None) -> EngineRequest:
         """The request shaped and checked by the input processor, with OpenAI's context-length rule (a prompt
         and max_tokens that do not fit max_model_len are refused); 400 naming `param` for one that can never run.
-        Endpoints process every prompt of a call before queuing any."""
+        `model`: the checked model name, which may name a LoRA adapter. Endpoints process every prompt of a call
+        before queuing any."""
         try:
-            return self.processor.process(request_id, prompt, params, name, strict_context=True)
+            return self.processor.process(request_id, prompt, params, name, strict_context=True,
+                                          lora_request=self.lora_modules.get(model))
         except ValueError as e:
             raise OpenAIError.from_value_error(e, param) from None
 

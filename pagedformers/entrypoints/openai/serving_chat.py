@@ -56,7 +56,8 @@ async def create_chat_completion(ctx: ServingContext,
     params = to_sampling_params(request, request.max_completion_tokens or request.max_tokens, logprobs,
                                 tools.structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools), params, "The conversation")
+    engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools), params, "The conversation",
+                                 model=model)
     num_prompt_tokens = len(engine_request.prompt_token_ids)
     outputs = ctx.engine.generate(engine_request, ctx.request_timeout_s)
     if request.stream:

@@ -15,7 +15,7 @@ from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
 from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernels
-from pagedformers.platforms.cpu.linear import pack_linears, record_siblings
+from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward
 
@@ -36,6 +36,7 @@ class CpuPlatform:
         fuse_rms_norms(model, dtype)
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
+        set_linear_factories(model, dtype, "cpu")
         pack_linears(model, dtype, "cpu", siblings)
         pack_grouped_linears(model, dtype, "cpu")
         fuse_gated_mlps(model, dtype, "cpu")

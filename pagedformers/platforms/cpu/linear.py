@@ -190,6 +190,20 @@ def pack_linears(model: nn.Module, dtype: torch.dtype, device: str, siblings: Se
     return swapped + len(packed)
 
 
+def set_linear_factories(model: nn.Module, dtype: torch.dtype, device: str) -> None:
+    """Modules that rebuild linears at run time (LoRA layers when an adapter loads: `linear_factory`) build
+    packed ones; pack_linears packs the ones they hold now."""
+    if not can_pack(dtype, device):
+        return
+    for m in model.modules():
+        if hasattr(m, "linear_factory"):
+            m.linear_factory = _packed_linear
+
+
+def _packed_linear(weight: torch.Tensor) -> PackedLinear:
+    return PackedLinear(weight.detach(), None)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
