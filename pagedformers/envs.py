@@ -24,3 +24,8 @@ def hf_hub_offline() -> bool:
 
 def log_level() -> str:
     return os.environ.get("PAGEDFORMERS_LOGGING_LEVEL", "INFO").upper()
+
+
+def triton_interpret() -> bool:
+    """`TRITON_INTERPRET=1`: Triton runs its kernels in its interpreter (on a CPU), as Triton itself reads it."""
+    return _flag("TRITON_INTERPRET")

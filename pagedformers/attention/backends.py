@@ -2,11 +2,13 @@
 
 The attention function (attention/interface.py) is device-free: it calls the backend of its forward
 context. Each platform registers the backends it has (platforms/cpu registers "cpu"); the plain PyTorch
-one, "torch", runs anywhere and is the reference the others are tested against.
+one, "torch", runs anywhere and is the reference the others are tested against; "triton" (triton_backend.py)
+is portable Triton, for GPUs, and for CPUs in Triton's interpreter.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,6 +54,8 @@ class AttentionBackend(Protocol):
 
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {}
+# Backends whose module is imported when first asked for: Triton decides at import whether it interprets.
+_LAZY = {"triton": "pagedformers.attention.triton_backend"}
 
 
 def register_attention_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
@@ -59,6 +63,8 @@ def register_attention_backend(name: str, factory: Callable[[], AttentionBackend
 
 
 def create_attention_backend(name: str) -> AttentionBackend:
+    if name not in _FACTORIES and name in _LAZY:
+        importlib.import_module(_LAZY[name])  # registers itself
     if name not in _FACTORIES:
         raise ValueError(f"Unknown attention backend {name!r}; registered: {sorted(_FACTORIES)}")
     return _FACTORIES[name]()

@@ -22,6 +22,7 @@ Runner = Literal["auto", "generate", "pooling"]
 Convert = Literal["auto", "none", "embed", "classify", "reward"]
 MODEL_IMPLS = ("auto", "transformers", "native")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify", "reward")
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig]
@@ -57,6 +58,9 @@ class EngineArgs:
     hf_overrides: HfOverrides | None = _arg(None, "JSON object of config attributes to override, e.g. "
                                                   "'{\"rope_theta\": 10000}'.")
     enforce_eager: bool = _arg(False, "Run every step eagerly (no captured decode graphs).")
+    attention_backend: str = _arg("auto", "Which kernels attend: auto (the device's best), cpu (the compiled CPU "
+                                          "kernels), torch (plain PyTorch, any device), triton (the Triton kernels; "
+                                          "on a CPU in Triton's interpreter: set TRITON_INTERPRET=1, float32).")
     runner: Runner = _arg("auto", "generate or pooling; auto: from the model's architecture.")
     convert: Convert = _arg("auto", "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.")
     pooler_config: PoolerConfig | dict[str, Any] | None = _arg(
@@ -87,6 +91,7 @@ class EngineArgs:
         _check_choice("runner", self.runner, RUNNERS)
         _check_choice("convert", self.convert, CONVERTS)
         _check_choice("distributed_executor_backend", self.distributed_executor_backend, ("mp", "ray"))
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES} (or cuda:N)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",

@@ -83,6 +83,7 @@ class ParallelConfig:
 class DeviceConfig:
     device: str  # "cpu", "cuda" or "cuda:N"
     enforce_eager: bool  # no captured graphs: every step runs the model's own forward
+    attention_backend: str = "auto"  # which kernels attend; "auto": the platform's choice
 
     @property
     def type(self) -> str:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -151,10 +151,11 @@ def _check(path: str, result: FamilyResult, model_impl: str) -> None:
 Greedy = list[tuple[list[int], torch.Tensor]]  # per prompt: tokens, [steps, vocab] logprobs
 
 
-def pagedformers_greedy(path: str, prompts: list[list[int]], model_impl: str = "transformers") -> Greedy:
+def pagedformers_greedy(path: str, prompts: list[list[int]], model_impl: str = "transformers",
+                        **engine_kwargs: Any) -> Greedy:
     """All prompts in one batch; a small token budget chunks the longest prompt's prefill."""
     llm = LLM(model=path, model_impl=model_impl, runner="generate", dtype="float32",
-              kv_cache_memory_bytes=1 << 24, max_num_batched_tokens=32)
+              **{"kv_cache_memory_bytes": 1 << 24, "max_num_batched_tokens": 32, **engine_kwargs})
     vocab = llm.config.model.text_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=vocab)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

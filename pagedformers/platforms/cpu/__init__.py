@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from pagedformers import envs
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.logger import init_logger
@@ -40,8 +41,9 @@ class CpuPlatform:
         pack_linears(model, dtype, "cpu", siblings)
         pack_grouped_linears(model, dtype, "cpu")
         fuse_gated_mlps(model, dtype, "cpu")
-        attention = create_attention_backend("cpu")
-        if self._traces_decodes(model, config):
+        backend = _attention_backend(config)
+        attention = create_attention_backend(backend)
+        if backend == "cpu" and self._traces_decodes(model, config):
             return DecodeGraphs(model, attention)
         return EagerForward(model, attention)
 
@@ -59,6 +61,18 @@ class CpuPlatform:
         with LoRA: which rows run which adapter changes the computation's shape from step to step."""
         return (not config.device.enforce_eager and config.parallel.world_size == 1
                 and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)
+
+
+def _attention_backend(config: EngineConfig) -> str:
+    backend = config.device.attention_backend
+    if backend == "triton":
+        if not envs.triton_interpret():
+            raise ValueError("attention_backend='triton' on a CPU runs the Triton kernels in Triton's interpreter: set "
+                             "TRITON_INTERPRET=1 before starting (slow: for checking the kernels, not for speed)")
+        if config.model.dtype != torch.float32:
+            raise ValueError("attention_backend='triton' on a CPU needs dtype='float32': Triton's interpreter "
+                             "computes bfloat16 dots wrongly")
+    return "cpu" if backend == "auto" else backend
 
 
 PLATFORM = CpuPlatform()

@@ -1,0 +1,103 @@
+"""The Triton kernels, run in Triton's interpreter on this CPU (float32): against the plain PyTorch backend on small
+shapes, then the whole engine on attention_backend="triton" against HF generate."""
+
+import os
+
+import pytest
+import torch
+
+from pagedformers import LLM, SamplingParams
+from pagedformers.attention import AttentionParams, create_attention_backend
+from pagedformers.engine.inputs import Chunk, prepare_inputs
+from pagedformers.tools.family_check import (
+    compare,
+    hf_greedy_logprobs,
+    pagedformers_greedy,
+    prompt_token_ids,
+    save_tiny_family,
+)
+from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted():
+    """TRITON_INTERPRET=1 while this module runs: Triton reads it when the kernels' module is imported (on the
+    first use of the backend), and the CPU platform checks it."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+def _attend(backend_name, chunks, params, q, k, v, caches, block_size):
+    backend = create_attention_backend(backend_name)
+    meta = prepare_inputs(chunks, block_size, "cpu").metadata
+    k_cache, v_cache = (c.clone() for c in caches)
+    backend.write_kv(k_cache, v_cache, k, v, meta)
+    return backend.forward(q, k, v, k_cache, v_cache, meta, params), k_cache, v_cache
+
+
+# (block size, query heads, KV heads, head dim, value dim): GQA 1, 2, 4 and MQA; head dims off the powers of 2
+SHAPES = [(16, 4, 4, 32, 32), (16, 4, 2, 24, 24), (8, 8, 2, 40, 40), (32, 6, 1, 16, 16), (16, 4, 2, 32, 16)]
+PARAMS = {"plain": {}, "window": {"window": 7}, "softcap": {"softcap": 3.0}, "sinks": {"sinks": True},
+          "alibi": {"alibi": True}, "window+softcap": {"window": 20, "softcap": 8.0}}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}-dv{}".format(*s))
+@pytest.mark.parametrize("case", list(PARAMS))
+def test_kernels_match_the_torch_backend(shape, case):
+    """A step mixing decodes (one at a block boundary), a fresh prefill and a chunked prefill over a cached prefix,
+    every length odd; the cache rows the kernel wrote and the attention output both agree."""
+    block_size, heads, kv_heads, dim, v_dim = shape
+    torch.manual_seed(hash((shape, case)) % 1000)
+    chunks = [Chunk(block_size * 2, [1], [5, 2, 9]), Chunk(36, [1], [0, 1, 3, 4, 6]), Chunk(0, [1] * 5, [7]),
+              Chunk(block_size + 3, [1] * 7, [8, 10, 11])]
+    n = sum(len(c.token_ids) for c in chunks)
+    spec = PARAMS[case]
+    params = AttentionParams(0.3, window=spec.get("window"), softcap=spec.get("softcap"),
+                             sinks=torch.randn(heads) if spec.get("sinks") else None,
+                             alibi=torch.rand(heads) * 0.1 if spec.get("alibi") else None)
+    caches = (torch.randn(12, kv_heads, block_size, dim), torch.randn(12, kv_heads, block_size, v_dim))
+    q, k, v = torch.randn(n, heads, dim), torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, v_dim)
+    ours, k_ours, v_ours = _attend("triton", chunks, params, q, k, v, caches, block_size)
+    ref, k_ref, v_ref = _attend("torch", chunks, params, q, k, v, caches, block_size)
+    assert torch.equal(k_ours, k_ref) and torch.equal(v_ours, v_ref)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_the_engine_on_triton_matches_hf_with_chunked_prefill_prefix_caching_and_preemption(tmp_path):
+    path = str(save_tiny_model(tmp_path / "llama", "llama"))
+    prompts = [list(range(5, 12)), list(range(20, 61)), list(range(20, 50)) + [7, 8, 9]]  # 3 shares 2's prefix
+    expected = hf_greedy(path, prompts, 12)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    # 16-token budget: the 41-token prompt prefills in chunks. 9 blocks of 8 tokens (2 layers x 2 KV heads x
+    # (16 + 16) float32 = 512 bytes a token): the three (19, 53 and 45 tokens at the end) cannot all stay resident.
+    llm = LLM(path, attention_backend="triton", dtype="float32", max_num_batched_tokens=16, block_size=8,
+              kv_cache_memory_bytes=9 * 8 * 512, enable_prefix_caching=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    again = llm.generate([{"prompt_token_ids": prompts[2]}], greedy, use_tqdm=False)  # its prefix is cached now
+    assert again[0].outputs[0].token_ids == expected[2]
+    assert llm.llm_engine.get_stats().prefix_cache_hits > 0
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])  # sliding + soft-capping; attention sinks
+def test_families_with_windows_softcaps_and_sinks_match_hf(family, tmp_path):
+    path = save_tiny_family(family, tmp_path / family)
+    prompts = prompt_token_ids()
+    worst, mismatch = compare(pagedformers_greedy(path, prompts, attention_backend="triton"),
+                              hf_greedy_logprobs(path, prompts))
+    assert mismatch is None and worst < 1e-3, (mismatch, worst)
+
+
+def test_triton_on_cpu_needs_the_interpreter_and_float32(tmp_path, monkeypatch):
+    path = str(save_tiny_model(tmp_path / "llama", "llama"))
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        LLM(path, attention_backend="triton", dtype="bfloat16")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        LLM(path, attention_backend="triton", dtype="float32")
