@@ -53,6 +53,8 @@ class EngineArgs:
                                                     "chunks); by default 2048 on CPU, 4096 on GPU.")
     block_size: int = _arg(16, "Tokens per KV-cache block.")
     kv_cache_memory_bytes: int | None = _arg(None, "Bytes to give the KV cache; by default a share of free memory.")
+    gpu_memory_utilization: float = _arg(0.9, "On a GPU, the share of its memory this engine may use (weights, "
+                                              "activations and KV cache); the KV cache gets what the rest leaves.")
     enable_prefix_caching: bool = _arg(True, "Reuse KV blocks of prompts that share a prefix.")
     device: str = _arg("auto", "auto, cpu, cuda or cuda:N.")
     hf_overrides: HfOverrides | None = _arg(None, "JSON object of config attributes to override, e.g. "
@@ -100,6 +102,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 

@@ -84,6 +84,7 @@ class DeviceConfig:
     device: str  # "cpu", "cuda" or "cuda:N"
     enforce_eager: bool  # no captured graphs: every step runs the model's own forward
     attention_backend: str = "auto"  # which kernels attend; "auto": the platform's choice
+    gpu_memory_utilization: float = 0.9  # on a GPU: the share of its memory the engine may use
 
     @property
     def type(self) -> str:

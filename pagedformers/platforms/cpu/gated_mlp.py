@@ -20,7 +20,7 @@ from torch import nn
 
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
 from pagedformers.platforms.cpu.linear import PackedLinear, SiblingGroup, SiblingLinear
-from pagedformers.platforms.cpu.module_swap import swap_forward_if_same
+from pagedformers.platforms.module_swap import swap_forward_if_same
 
 
 class FusedGatedMLP:

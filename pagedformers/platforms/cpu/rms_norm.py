@@ -25,7 +25,7 @@ from torch import nn
 
 from pagedformers.platforms.cpu.graph_ops import constant, contiguous_bf16_sizes, replace_with_kernel
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
-from pagedformers.platforms.cpu.module_swap import swap_forward_if_same
+from pagedformers.platforms.module_swap import swap_forward_if_same
 
 
 class FusedRMSNorm:

@@ -1,6 +1,7 @@
-"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, the rest plain PyTorch;
-CUDA graphs and more kernels are still to come. Never run on a GPU in CI: the kernels are checked on CPU in
-Triton's interpreter, and benchmarks/gpu_check.py checks this path where a GPU is."""
+"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, RMSNorm and SwiGLU
+MLPs swapped for Triton kernels (layers.py), the rest plain PyTorch; CUDA graphs are still to come. Never run
+on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and benchmarks/gpu_check.py checks this
+path where a GPU is."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
+from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward
-
-KV_CACHE_SHARE = 0.8  # of the memory free once the weights are loaded
 
 
 class CudaPlatform:
@@ -21,14 +21,26 @@ class CudaPlatform:
         backend = config.device.attention_backend
         if backend == "cpu":
             raise ValueError("attention_backend='cpu' is the CPU's kernels: on CUDA use auto, triton or torch")
+        swap_rms_norms(model)
+        swap_gated_mlps(model)
         return EagerForward(model, create_attention_backend("triton" if backend == "auto" else backend))
 
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:
-        free, _ = torch.cuda.mem_get_info(torch.device(config.device.device))
-        return int(free * KV_CACHE_SHARE)
+        free, total = torch.cuda.mem_get_info(torch.device(config.device.device))
+        return kv_cache_budget(free, total, config.device.gpu_memory_utilization)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
+
+
+def kv_cache_budget(free: int, total: int, utilization: float) -> int:
+    """vLLM's rule: the engine may hold `utilization` of the device's memory; the KV cache gets what the weights
+    and everything else in use (this process's and others') leave of it."""
+    budget = int(total * utilization) - (total - free)
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={utilization} leaves no room for the KV cache: {total - free} of "
+                         f"{total} bytes are in use already (raise it, or free the device)")
+    return budget
 
 
 PLATFORM = CudaPlatform()

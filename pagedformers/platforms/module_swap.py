@@ -1,4 +1,4 @@
-"""Swapping a module's forward for a faster one, kept only where both agree on a sample input."""
+"""Swapping a module's forward for a faster one, kept only where both agree on a sample input (any platform)."""
 
 from __future__ import annotations
 
