@@ -43,6 +43,12 @@ class EngineError(RuntimeError):
     status = 500  # the HTTP status the server answers it with
 
 
+class ShuttingDownError(EngineError):
+    """The server is stopping and its grace period is over: the request was aborted, its KV blocks freed."""
+
+    status = 503
+
+
 class RequestTimeoutError(EngineError):
     """The request ran past its time limit: it has been aborted, its KV blocks freed."""
 
@@ -138,6 +144,14 @@ class AsyncLLM:
         except EngineError:
             pass  # shut down: every request is gone already
 
+    def fail_in_flight(self, message: str) -> None:
+        """End every request in flight with ShuttingDownError (503): their callers answer it (a stream with a last
+        error event) while their connections are still open, and their KV blocks are freed."""
+        try:
+            self._submit(partial(self._fail_all, message, ShuttingDownError))
+        except EngineError:
+            pass  # shut down already: every request is gone
+
     def apply_model(self, fn: Callable[[nn.Module], R]) -> list[R]:
         """fn(model) on every worker, run by the engine thread between steps; blocks the caller until it ran."""
         result: concurrent.futures.Future[list[R]] = concurrent.futures.Future()
@@ -219,7 +233,7 @@ class AsyncLLM:
             deliveries.append((stream, out))
         self._deliver(deliveries)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, error: type[EngineError] = EngineError) -> None:
         streams, self._streams = self._streams, {}
         for request_id in streams:
             try:
@@ -227,7 +241,7 @@ class AsyncLLM:
             except Exception:
                 logger.exception("Could not abort request %s", request_id)
             self.metrics.on_finished("error")
-        self._deliver([(stream, EngineError(message)) for stream in streams.values()])
+        self._deliver([(stream, error(message)) for stream in streams.values()])
 
     def _deliver(self, deliveries: list[tuple[_Stream, _Item]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = defaultdict(list)

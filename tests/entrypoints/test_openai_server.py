@@ -3,6 +3,7 @@
 import asyncio
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -409,4 +410,28 @@ def test_a_request_past_the_timeout_is_aborted_with_a_504(slow_engine):
         streamed = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=30).text
         assert '"code":504' in streamed.replace(" ", "") and streamed.rstrip().endswith("data: [DONE]")
         assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}, timeout=30).status_code == 200
+        wait_until_idle(url, slow_engine)
+
+
+def test_requests_past_the_shutdown_grace_period_end_with_a_503(tiny_llama, slow_engine):
+    """What the watchdog does at the end of --shutdown-timeout: streams get a last error event and [DONE], plain
+    requests a 503, and their blocks are freed."""
+    from types import SimpleNamespace
+
+    from pagedformers.entrypoints.openai.server import EngineWatchdog
+
+    body = {"model": MODEL, "prompt": HELLO, "max_tokens": 200, "temperature": 0.0, "ignore_eos": True}
+    with running_server(build_app(slow_engine, MODEL)) as url:
+        server = SimpleNamespace(should_exit=True)  # uvicorn stopping: the grace period runs
+        watchdog = EngineWatchdog(slow_engine, server, interval_s=0.01, drain_s=0.6)  # fails them at 0.45 s
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=30)
+            streamed = pool.submit(httpx.post, f"{url}/v1/completions", json={**body, "stream": True}, timeout=30)
+            time.sleep(0.1)
+            watchdog.start()
+            error = assert_openai_error(plain.result(), 503)
+            events = streamed.result().text
+        assert "--shutdown-timeout" in error["message"]
+        assert '"code":503' in events.replace(" ", "") and events.rstrip().endswith("data: [DONE]")
+        assert '"text":' in events  # tokens went out before the error
         wait_until_idle(url, slow_engine)

@@ -289,10 +289,11 @@ def run_server(args: argparse.Namespace) -> None:
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
-    watchdog = EngineWatchdog(engine, server)
+    watchdog = EngineWatchdog(engine, server, drain_s=args.shutdown_timeout)
     try:
         # uvicorn's graceful shutdown on SIGTERM / SIGINT: no new connections, requests in flight finish within the
-        # timeout; then their tasks are cancelled, which aborts their engine requests and frees their blocks.
+        # timeout. Just before it ends, the watchdog fails the requests still running (503: a stream gets a last
+        # error event and [DONE]); then uvicorn cancels what is left, which aborts it and frees its blocks.
         # uvicorn re-raises the signal once done: a SIGTERM handled that way is a clean exit (0), not a kill.
         signal.signal(signal.SIGTERM, lambda *_: None)
         watchdog.start()
@@ -305,11 +306,13 @@ def run_server(args: argparse.Namespace) -> None:
 
 class EngineWatchdog(threading.Thread):
     """Stops the server when the engine thread has died (/health already answers 503 then), so that the process
-    exits non-zero and its supervisor restarts it, instead of serving 500s forever."""
+    exits non-zero and its supervisor restarts it, instead of serving 500s forever. Once the server is stopping,
+    fails the requests still in flight shortly before its `drain_s` grace period ends, so that their clients get
+    an answer (a 503, a stream's last error event) rather than a cut connection."""
 
-    def __init__(self, engine: AsyncLLM, server: Any, interval_s: float = 0.5) -> None:
+    def __init__(self, engine: AsyncLLM, server: Any, interval_s: float = 0.5, drain_s: float | None = None) -> None:
         super().__init__(name="pagedformers-watchdog", daemon=True)
-        self.engine, self.server, self.interval_s = engine, server, interval_s
+        self.engine, self.server, self.interval_s, self.drain_s = engine, server, interval_s, drain_s
         self.engine_died = False
 
     def run(self) -> None:
@@ -319,4 +322,9 @@ class EngineWatchdog(threading.Thread):
                 self.engine_died, self.server.should_exit = True, True
                 return
             time.sleep(self.interval_s)
+        if self.drain_s is not None:
+            # The grace period started about now; leave the last quarter of it (at most 1 s) to send the answers.
+            time.sleep(max(0.0, self.drain_s - min(1.0, self.drain_s / 4)))
+            self.engine.fail_in_flight(f"The server is shutting down: the request ran past its {self.drain_s:g} s "
+                                       "grace period (--shutdown-timeout) and was aborted")
 
