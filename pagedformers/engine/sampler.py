@@ -54,10 +54,15 @@ class Sampler:
         if not rows:
             return token_ids
         probs = _filtered_probs(logits[rows], [reqs[i].params for i in rows])
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for j, i in enumerate(rows):
-            if reqs[i].generator is not None:
-                noise[j].exponential_(generator=reqs[i].generator)
+        noise = torch.empty_like(probs)
+        seeded = [j for j, i in enumerate(rows) if reqs[i].generator is not None]
+        if not seeded:
+            noise.exponential_(generator=self.generator)
+        elif len(seeded) < len(rows):  # only the unseeded rows from the engine's generator: no draw wasted
+            unseeded = [j for j, i in enumerate(rows) if reqs[i].generator is None]
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
+        for j in seeded:
+            noise[j].exponential_(generator=reqs[rows[j]].generator)
         token_ids[rows] = argmax_rows(probs / noise)
         return token_ids
 
