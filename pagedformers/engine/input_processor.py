@@ -16,7 +16,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedformers.adapter.multimodal import image_support
 from pagedformers.config import EngineConfig
+from pagedformers.engine.chat_media import has_media, split_media
 from pagedformers.engine.multimodal_processor import MultiModalProcessor
 from pagedformers.engine.structured_outputs import StructuredOutputs
 from pagedformers.loading.tokenizer import eos_token_ids
@@ -103,8 +105,11 @@ class InputProcessor:
     def chat_prompt(self, conversation: Conversation, chat_template: str | None = None,
                     add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
                     name: str = "The conversation", tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}. `tools`
+        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}; with images,
+        {"prompt": text, "multi_modal_data": {"image": [...]}} through the model's processor's template. `tools`
         (OpenAI's function definitions) are the template's to render; one that ignores them is refused."""
+        if has_media(conversation):
+            return self._media_chat_prompt(conversation, chat_template, add_generation_prompt, template_kwargs, name)
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("The model's tokenizer has no chat template: pass one (--chat-template on the "
                                  "server, chat_template= offline), or send the prompt as text.")
@@ -119,6 +124,18 @@ class InputProcessor:
                                  "them: pass a template that does (chat_template)", "tools")
         # The template already holds the special tokens (BOS etc.): do not add them twice.
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def _media_chat_prompt(self, conversation: Conversation, chat_template: str | None, add_generation_prompt: bool,
+                           template_kwargs: dict[str, Any] | None, name: str) -> dict[str, Any]:
+        try:
+            reason = image_support(self.config.model.hf_config)
+            if reason:
+                raise ValueError(f"{name} has images: {reason}")
+            messages, images = split_media(conversation, name)
+            text = self.multi_modal.render_chat(messages, chat_template, add_generation_prompt, template_kwargs)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "messages") from None
+        return {"prompt": text, "multi_modal_data": {"image": images}}
 
     def _render(self, messages: Conversation, chat_template: str | None, add_generation_prompt: bool,
                 template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str:
@@ -240,6 +257,6 @@ def _text_message(message: dict[str, Any], name: str) -> dict[str, Any]:
         return message
     kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
     if kinds or not all(isinstance(part, dict) for part in content):
-        raise InvalidRequest(f"{name} has content of type {kinds or ['non-object']}; only text content parts are "
-                             "supported yet", "messages")
+        raise InvalidRequest(f"{name} has content of type {kinds or ['non-object']}; chat messages take text, and "
+                             "images (image_url, image_pil, image) for models that take images", "messages")
     return {**message, "content": "\n".join(part.get("text", "") for part in content)}

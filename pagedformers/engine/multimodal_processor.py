@@ -41,7 +41,11 @@ class MultiModalProcessor:
             raise ValueError(f"{name}: a prompt with multi_modal_data needs its text in 'prompt' (with the image "
                              "placeholders), so that the model's processor can expand them")
         images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
-        out = self.processor(text=prompt["prompt"], images=images, return_tensors="pt")
+        text = prompt["prompt"]
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        # A chat template's text holds its special tokens already: do not add them twice.
+        out = self.processor(text=text, images=images, return_tensors="pt",
+                             add_special_tokens=not (bos and text.startswith(bos)))
         token_ids = out["input_ids"][0].tolist()
         image_token = _image_token_id(self.config)
         placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
@@ -50,6 +54,19 @@ class MultiModalProcessor:
                              "image placeholder in the prompt text")
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         return token_ids, MultiModalInputs("image", tensors, placeholders)
+
+    def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool,
+                    template_kwargs: dict[str, Any] | None) -> str:
+        """Messages with {"type": "image"} parts through the processor's chat template (or `chat_template`)."""
+        if chat_template is None and not getattr(self.processor, "chat_template", None):
+            raise ValueError("the model's processor has no chat template for messages with images: pass one "
+                             "(chat_template=, --chat-template), or send the prompt with multi_modal_data")
+        try:
+            return self.processor.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **(template_kwargs or {}))
+        except Exception as e:  # a template error is about this request's messages or template
+            raise ValueError(f"could not apply the chat template: {type(e).__name__}: {e}") from None
 
     @property
     def processor(self) -> ProcessorMixin:

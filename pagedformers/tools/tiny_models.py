@@ -26,6 +26,12 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
+# The VLM processors' template: content as a list of parts, each image part rendered as the placeholder.
+VISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 # Small, but not so small that greedy decoding is a coin flip between near-equal logits.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -85,7 +91,8 @@ def save_tiny_llava(path: Path, model_type: str = "llava", seed: int = 0) -> Pat
     model_cls(config).save_pretrained(path)
     images = images_cls(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **grid)
     processor_cls(image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                  image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+                  image_token="<image>", num_additional_image_tokens=1,
+                  chat_template=VISION_CHAT_TEMPLATE).save_pretrained(path)
     return path
 
 

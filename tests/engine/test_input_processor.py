@@ -53,8 +53,10 @@ def test_chat_renders_text_parts_and_refuses_the_others_by_name(processor):
     assert chat["prompt"] == "<s>user: Hi\nthere</s><s>assistant:"
     assert chat["prompt_token_ids"] == build_tokenizer().encode(chat["prompt"], add_special_tokens=False)
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    with pytest.raises(InvalidRequest, match=r"messages\[0\] has content of type \['image_url'\]"):
+    with pytest.raises(InvalidRequest, match=r"has images: llama .* is a text-only model"):
         processor.chat_prompt([{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    with pytest.raises(InvalidRequest, match=r"messages\[0\] has content of type \['input_audio'\]"):
+        processor.chat_prompt([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])
 
 
 def test_a_request_the_kv_cache_can_never_hold(processor):
