@@ -90,7 +90,11 @@ class Worker:
         if not self.state.is_first_stage:
             stage["stage_input"] = self._recv((len(inputs.input_ids), self.config.model.text_config.hidden_size),
                                               self.config.model.dtype, self.state.prev_rank)
-        hidden = self.forward(inputs, self.kv_caches, **stage)
+        try:
+            hidden = self.forward(inputs, self.kv_caches, **stage)
+        finally:
+            if self.lora is not None:  # a later forward outside a step (apply_model) runs the base
+                self.lora.set_batch([], [])
         if not self.state.is_last_stage:
             dist.send(hidden.float().contiguous(), self.state.next_rank)  # float32 on the wire: gloo-safe
             hidden = None
