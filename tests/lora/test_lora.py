@@ -5,7 +5,7 @@ import pytest
 
 from pagedformers import LLM, LoRARequest, SamplingParams
 from pagedformers.tools.tiny_models import save_tiny_model
-from support.lora import ATTENTION, PROMPTS, WITH_MLP, hf_tokens, save_adapter
+from support.lora import ATTENTION, PROMPTS, WITH_MLP, hf_token_ids, hf_tokens, save_adapter
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
@@ -91,3 +91,21 @@ def test_bad_adapters_are_refused_by_name_and_the_engine_keeps_serving(llama, tm
     plain = LLM(base, dtype="float32")
     with pytest.raises(ValueError, match="without LoRA: start it with enable_lora=True"):
         plain.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("attn", 1, adapters["attn"]))
+
+
+def test_prefix_cache_blocks_are_keyed_by_adapter(llama):
+    """A 40-token prompt (two full blocks) under adapter A twice, then under B: the repeat hits the cache, B does
+    not reuse A's blocks, and every answer is HF + PEFT's."""
+    base, adapters, _ = llama
+    prompt = list(range(20, 60))
+    attn, mlp = LoRARequest("attn", 1, adapters["attn"]), LoRARequest("mlp", 2, adapters["mlp"])
+    want = {name: hf_token_ids(base, adapters[name], prompt) for name in ("attn", "mlp")}
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16, enable_prefix_caching=True)
+    stats = llm.llm_engine.get_stats
+    run = lambda lora: llm.generate([{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False,  # noqa: E731
+                                    lora_request=lora)[0].outputs[0].token_ids
+    assert run(attn) == want["attn"]
+    hits = stats().prefix_cache_hits
+    assert run(attn) == want["attn"] and stats().prefix_cache_hits > hits
+    hits = stats().prefix_cache_hits
+    assert run(mlp) == want["mlp"] and stats().prefix_cache_hits == hits

@@ -21,6 +21,16 @@ def save_adapter(base: str, path, rank: int, targets: list[str], seed: int, **kw
     return str(path)
 
 
+def hf_token_ids(base: str, adapter: str | None, ids: list[int]) -> list[int]:
+    """HF + PEFT greedy tokens for one prompt of token ids (16 new tokens, EOS ignored)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter) if adapter is not None else model
+    x = torch.tensor([ids])
+    y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    return y[0, len(ids):].tolist()
+
+
 def hf_tokens(base: str, adapter: str | None) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
