@@ -54,8 +54,8 @@ def _image(part: dict[str, Any], kind: str, where: str) -> Image.Image:
     if not isinstance(url, str):
         raise ValueError(f"{where}: {kind} needs a PIL image or a URL")
     if not url.startswith("data:"):
-        raise ValueError(f"{where}: only data: URLs (data:image/png;base64,...) are taken; fetching "
-                         f"{url.split(':', 1)[0]} URLs is not supported yet")
+        raise ValueError(f"{where}: only data: URLs (data:image/png;base64,...) are taken here; the server fetches "
+                         "http(s) and file:// URLs, offline pass the image itself (a PIL image)")
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
         raise ValueError(f"{where}: a data: URL must be base64 (data:image/...;base64,...)")

@@ -66,6 +66,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                         help="The model family's tool-call format, for tool_choice \"auto\": hermes (Qwen, "
                              "Hermes), llama3_json (Llama 3.x), mistral.")
+    server.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                        help="Hosts whose http(s) image URLs chat requests may name (default: any).")
+    server.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                        help="Directory whose files chat requests may name as file:// image URLs (default: none).")
+    server.add_argument("--media-fetch-timeout", type=float, default=5.0, metavar="S",
+                        help="Seconds to fetch one image URL before answering 400 (default: 5).")
     server.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="LoRA adapters to serve (with --enable-lora): a request's model field picks one by name. "
                              "NAME=PATH or vLLM's JSON form '{\"name\": ..., \"path\": ...}'.")

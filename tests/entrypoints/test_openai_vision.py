@@ -2,7 +2,10 @@
 takes OpenAI's `image_url` data URLs, answering as `LLM.chat` does; bad image parts get a 400 naming them."""
 
 import base64
+import contextlib
+import http.server
 import io
+import threading
 
 import httpx
 import numpy as np
@@ -17,6 +20,7 @@ from pagedformers import LLM, SamplingParams
 from pagedformers.config import EngineArgs
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.async_engine import AsyncLLM
+from pagedformers.entrypoints.openai.media import MediaPolicy
 from pagedformers.entrypoints.openai.server import build_app
 from pagedformers.loading.model_files import create_engine_config
 from pagedformers.tools.tiny_models import save_tiny_llava
@@ -78,7 +82,7 @@ def test_the_server_takes_image_url_data_urls(tiny_llava):
             assert out.choices[0].message.content == expected
             bad_parts = {"not an image": {"url": "data:image/png;base64," + base64.b64encode(b"garbage").decode()},
                          "not base64": {"url": "data:image/png;base64,@@@"},
-                         "remote": {"url": "https://example.com/cat.png"}}
+                         "a local file, none allowed": {"url": "file:///etc/hostname"}}
             for why, image_url in bad_parts.items():
                 body = {"model": "llava", "max_tokens": 4,
                         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": image_url}]}]}
@@ -95,3 +99,61 @@ def test_a_model_without_images_refuses_image_parts_by_name(tiny_llama):
     llm = LLM(tiny_llama, dtype="float32")
     with pytest.raises(ValueError, match="text-only model"):
         llm.chat(_conversation(_image(5)), GREEDY)
+
+
+@contextlib.contextmanager
+def _image_host(files: dict[str, bytes]):
+    """A plain HTTP server on 127.0.0.1 serving `files` by path (404 elsewhere)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_the_server_fetches_http_and_allowed_local_images(tiny_llava, tmp_path):
+    image = _image(6)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "cat.png").write_bytes(png.getvalue())
+    (tmp_path / "secret.png").write_bytes(png.getvalue())
+    expected = LLM(tiny_llava, dtype="float32").chat(_conversation(image), GREEDY, use_tqdm=False)[0].outputs[0].text
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llava, dtype="float32"))))
+    policy = MediaPolicy(("127.0.0.1",), str(tmp_path / "media"), timeout_s=5.0, max_bytes=len(png.getvalue()) + 10)
+
+    def ask(url: str, image_url: str) -> httpx.Response:
+        content = [{"type": "text", "text": "What is in"}, {"type": "image_url", "image_url": {"url": image_url}},
+                   {"type": "text", "text": " and"}]
+        return httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": "llava", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0.0, "ignore_eos": True})
+
+    try:
+        with _image_host({"/cat.png": png.getvalue(), "/big.png": png.getvalue() * 2}) as host, \
+                running_server(build_app(engine, "llava", media=policy)) as url:
+            for image_url in (f"{host}/cat.png", f"file://{tmp_path}/media/cat.png"):
+                answer = ask(url, image_url)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["message"]["content"] == expected
+            refusals = {f"{host}/missing.png": "HTTP 404", f"{host}/big.png": "larger than",
+                        f"file://{tmp_path}/secret.png": "outside --allowed-local-media-path",
+                        f"file://{tmp_path}/media/../secret.png": "outside --allowed-local-media-path",
+                        "http://localhost:9/cat.png": "not allowed on this server"}
+            for image_url, why in refusals.items():
+                error = assert_openai_error(ask(url, image_url), 400, "messages")
+                assert why in error["message"] and "messages[0].content[1]" in error["message"], image_url
+            wait_until_idle(url, engine)
+    finally:
+        engine.shutdown()

@@ -22,6 +22,7 @@ from pagedformers import __version__
 from pagedformers.entrypoints.async_engine import AsyncLLM, EngineError
 from pagedformers.entrypoints.openai import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS
 from pagedformers.entrypoints.openai.errors import OpenAIError, error_json
+from pagedformers.entrypoints.openai.media import MediaPolicy
 from pagedformers.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,7 +48,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
               chat_template: str | None = None, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout_s: float | None = None,
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              lora_modules: list[tuple[str, str]] | None = None, enable_lora_runtime_updates: bool = False) -> FastAPI:
+              lora_modules: list[tuple[str, str]] | None = None, enable_lora_runtime_updates: bool = False,
+              media: MediaPolicy | None = None) -> FastAPI:
     """The FastAPI app serving `engine` under the given model name(s) (the first one is the default).
 
     Args:
@@ -60,6 +62,7 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
         tool_call_parser, enable_auto_tool_choice: tool_choice "auto" parses calls in this format (tool_calls.py).
         lora_modules: (name, path) adapters a request's `model` picks (the engine needs enable_lora).
         enable_lora_runtime_updates: serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+        media: where chat images may be fetched from (default: http(s) from any host, no local files).
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
@@ -68,7 +71,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | list[str], api_key: str
     if enable_auto_tool_choice and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"enable_auto_tool_choice needs a tool_call_parser, one of {sorted(TOOL_PARSERS)}; got "
                          f"{tool_call_parser!r}")
-    ctx = ServingContext(engine, names, chat_template, request_timeout_s, tool_call_parser, enable_auto_tool_choice)
+    ctx = ServingContext(engine, names, chat_template, request_timeout_s, tool_call_parser, enable_auto_tool_choice,
+                         media=media or MediaPolicy())
     adapters = LoRAModules(ctx)
     for name, path in lora_modules or []:
         try:
@@ -285,7 +289,9 @@ def run_server(args: argparse.Namespace) -> None:
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
                     args.max_request_body_bytes, args.request_timeout, args.tool_call_parser,
                     args.enable_auto_tool_choice, parse_lora_modules(args.lora_modules or []),
-                    args.enable_lora_runtime_updates)
+                    args.enable_lora_runtime_updates,
+                    MediaPolicy(tuple(d.lower() for d in args.allowed_media_domains) if args.allowed_media_domains
+                                else None, args.allowed_local_media_path, args.media_fetch_timeout))
     logger.info("Serving %s as %s on http://%s:%d/v1", config.model.name, ", ".join(names), args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedformers.engine.input_processor import EngineRequest, InputProcessor, PromptType
 from pagedformers.entrypoints.async_engine import AsyncLLM
 from pagedformers.entrypoints.openai.errors import OpenAIError
+from pagedformers.entrypoints.openai.media import MediaPolicy
 from pagedformers.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from pagedformers.lora import LoRARequest
 from pagedformers.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
@@ -37,6 +38,7 @@ class ServingContext:
     tool_call_parser: str | None = None  # how "auto" tool choice finds calls in the output (tool_calls.py)
     enable_auto_tool_choice: bool = False
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # adapters served by name (serving_lora.py)
+    media: MediaPolicy = MediaPolicy()  # where chat images may be fetched from (media.py)
 
     @property
     def processor(self) -> InputProcessor:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedformers.entrypoints.async_engine import EngineError
 from pagedformers.entrypoints.openai.errors import OpenAIError
+from pagedformers.entrypoints.openai.media import fetch_images
 from pagedformers.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -56,7 +57,8 @@ async def create_chat_completion(ctx: ServingContext,
     params = to_sampling_params(request, request.max_completion_tokens or request.max_tokens, logprobs,
                                 tools.structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools), params, "The conversation",
+    messages = await fetch_images([m.model_dump(exclude_none=True) for m in request.messages], ctx.media)
+    engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools, messages), params, "The conversation",
                                  model=model)
     num_prompt_tokens = len(engine_request.prompt_token_ids)
     outputs = ctx.engine.generate(engine_request, ctx.request_timeout_s)
@@ -92,9 +94,10 @@ def _finish_reason(out: CompletionOutput, tools: ToolPlan, called: bool) -> str 
     return "tool_calls" if called and tools.named is None and out.finish_reason == "stop" else out.finish_reason
 
 
-def _chat_prompt(ctx: ServingContext, request: ChatCompletionRequest, tools: ToolPlan) -> dict[str, Any]:
-    """The conversation through the chat template (the request's, the server's, else the tokenizer's)."""
-    messages = [m.model_dump(exclude_none=True) for m in request.messages]
+def _chat_prompt(ctx: ServingContext, request: ChatCompletionRequest, tools: ToolPlan,
+                 messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The conversation (remote images fetched) through the chat template: the request's, the server's, else the
+    tokenizer's."""
     try:
         return ctx.processor.chat_prompt(messages, request.chat_template or ctx.chat_template,
                                          request.add_generation_prompt, request.chat_template_kwargs,

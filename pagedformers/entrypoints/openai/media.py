@@ -1,0 +1,105 @@
+"""Images the server fetches for chat requests: `image_url` parts with http(s) URLs (only from the allowed domains,
+when the operator names some) and file:// URLs (only under --allowed-local-media-path), read with a timeout and a
+size cap, decoded, and handed on as images. Fetching is asynchronous: the event loop keeps serving meanwhile. A
+URL that is not allowed, not reachable, too large or not an image is a 400 naming the message part.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import httpx
+from PIL import Image
+
+from pagedformers.entrypoints.openai.errors import OpenAIError
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    allowed_domains: tuple[str, ...] | None = None  # hosts http(s) images may come from; None: any
+    allowed_local_path: str | None = None  # file:// URLs under this directory; None: refused
+    timeout_s: float = 5.0
+    max_bytes: int = 20 << 20
+
+
+async def fetch_images(messages: list[dict[str, Any]], policy: MediaPolicy) -> list[dict[str, Any]]:
+    """The messages with every http(s) or file:// `image_url` part replaced by an `image_pil` part holding the
+    decoded image; other parts (data: URLs included) as they were."""
+    out = []
+    async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, list):
+                out.append(message)
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                url = _remote_url(part)
+                if url is None:
+                    parts.append(part)
+                    continue
+                where = f"messages[{i}].content[{j}]"
+                data = await _read(client, url, policy, where)
+                parts.append({"type": "image_pil", "image_pil": _decode(data, where)})
+            out.append({**message, "content": parts})
+    return out
+
+
+def _remote_url(part: Any) -> str | None:
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        return None
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    return url if isinstance(url, str) and url.split(":", 1)[0].lower() in ("http", "https", "file") else None
+
+
+async def _read(client: httpx.AsyncClient, url: str, policy: MediaPolicy, where: str) -> bytes:
+    parsed = urlparse(url)
+    if parsed.scheme.lower() == "file":
+        return _read_local(unquote(parsed.path), policy, where)
+    host = (parsed.hostname or "").lower()
+    if policy.allowed_domains is not None and host not in policy.allowed_domains:
+        raise OpenAIError(f"{where}: images from {host!r} are not allowed on this server (--allowed-media-domains)",
+                          400, "messages")
+    try:
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise OpenAIError(f"{where}: fetching {url} answered HTTP {response.status_code}", 400, "messages")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > policy.max_bytes:
+                    raise OpenAIError(f"{where}: the image at {url} is larger than {policy.max_bytes} bytes", 400,
+                                      "messages")
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise OpenAIError(f"{where}: could not fetch {url}: {type(e).__name__}: {e}", 400, "messages") from None
+
+
+def _read_local(path: str, policy: MediaPolicy, where: str) -> bytes:
+    if policy.allowed_local_path is None:
+        raise OpenAIError(f"{where}: file:// images are refused unless the server names a directory for them "
+                          "(--allowed-local-media-path)", 400, "messages")
+    root, real = os.path.realpath(policy.allowed_local_path), os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise OpenAIError(f"{where}: {path} is outside --allowed-local-media-path", 400, "messages")
+    try:
+        if os.path.getsize(real) > policy.max_bytes:
+            raise OpenAIError(f"{where}: {path} is larger than {policy.max_bytes} bytes", 400, "messages")
+        with open(real, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise OpenAIError(f"{where}: could not read {path}: {e.strerror}", 400, "messages") from None
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError) as e:
+        raise OpenAIError(f"{where}: the image does not decode ({type(e).__name__}: {e})", 400, "messages") from None
+    return image.convert("RGB")
