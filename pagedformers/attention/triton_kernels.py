@@ -89,7 +89,7 @@ def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
         visible = (pos < ctx_len) & (pos >= start)
         k = tl.load(k_cache_ptr + block * stride_kcb + kv_head * stride_kch + s_off[:, None] * stride_kcs + d[None, :],
                     mask=visible[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [G, BLOCK_SIZE], float32
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G, BLOCK_SIZE]; float32 not TF32
         if USE_SOFTCAP:  # softcap * tanh(x / softcap), tanh written with exp (portable to the interpreter)
             scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
         if USE_ALIBI:
@@ -101,7 +101,7 @@ def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
         v = tl.load(v_cache_ptr + block * stride_vcb + kv_head * stride_vch + s_off[:, None] * stride_vcs + dv[None, :],
                     mask=visible[:, None] & (dv[None, :] < V_DIM), other=0.0)
         total = total * alpha + tl.reduce(p, 1, _add)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
     out = acc / total[:, None]
     tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + dv[None, :], out.to(out_ptr.dtype.element_ty),

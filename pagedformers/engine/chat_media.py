@@ -62,6 +62,6 @@ def _image(part: dict[str, Any], kind: str, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
         image.load()
-    except (binascii.Error, ValueError, OSError) as e:
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
     return image.convert("RGB")

@@ -93,6 +93,9 @@ class InputProcessor:
         else:
             request.params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
             if params.structured_outputs is not None:  # compiled now (cached), so a bad spec is refused here
+                if params.min_tokens:
+                    raise InvalidRequest(f"{name}: SamplingParams.min_tokens={params.min_tokens} cannot be kept with "
+                                         "structured_outputs: the grammar may end sooner", "min_tokens")
                 try:
                     self.structured.compile(params.structured_outputs)
                 except ValueError as e:
@@ -109,6 +112,9 @@ class InputProcessor:
         {"prompt": text, "multi_modal_data": {"image": [...]}} through the model's processor's template. `tools`
         (OpenAI's function definitions) are the template's to render; one that ignores them is refused."""
         if has_media(conversation):
+            if tools:
+                raise InvalidRequest(f"{name} has images and tools: tools with images are not supported yet",
+                                     "tools")
             return self._media_chat_prompt(conversation, chat_template, add_generation_prompt, template_kwargs, name)
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("The model's tokenizer has no chat template: pass one (--chat-template on the "

@@ -115,7 +115,7 @@ class LLMEngine:
                             next(self._arrivals), multi_modal_inputs=request.multi_modal_inputs,
                             parent_id=request.request_id, lora_request=request.lora_request)
             if params.structured_outputs is not None:
-                child.grammar = self.processor.structured.matcher(params.structured_outputs)
+                child.grammar = self.processor.structured.matcher(params.structured_outputs, params.stop_token_ids)
             children.append(child)
         return children
 

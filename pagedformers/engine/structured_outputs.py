@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 
 import torch
 import xgrammar as xgr
@@ -26,12 +27,19 @@ class StructuredOutputs:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
+        self._lock = threading.Lock()
+        self._built: xgr.GrammarCompiler | None = None
 
-    @functools.cached_property
-    def _compiler(self) -> xgr.GrammarCompiler:  # built on first use: reading the vocabulary takes ~0.1-1 s
-        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                  stop_token_ids=self.eos_token_ids or None)
-        return xgr.GrammarCompiler(info)
+    @property
+    def _compiler(self) -> xgr.GrammarCompiler:
+        """Built on first use (reading the vocabulary takes ~0.1-1 s), under a lock: the server's front end and
+        its engine thread share this object. The tokenizer is only read (its vocabulary), never configured."""
+        with self._lock:
+            if self._built is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.eos_token_ids or None)
+                self._built = xgr.GrammarCompiler(info)
+            return self._built
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """Raises ValueError naming the field whose spec does not compile."""
@@ -50,13 +58,16 @@ class StructuredOutputs:
         if kind == "regex":
             return self._compiler.compile_regex(spec)
         if kind == "choice":
-            choices = " | ".join(json.dumps(c) for c in json.loads(spec))  # EBNF strings are JSON-quoted
+            # EBNF strings are JSON-quoted; characters as they are (a \ud83d surrogate pair would be two code points)
+            choices = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(spec))
             return self._compiler.compile_grammar(f"root ::= {choices}")
         return self._compiler.compile_grammar(spec)
 
-    def matcher(self, params: StructuredOutputsParams) -> xgr.GrammarMatcher:
-        """A fresh matcher at the start of the grammar: one per sequence."""
-        return xgr.GrammarMatcher(self.compile(params))
+    def matcher(self, params: StructuredOutputsParams, stop_token_ids: list[int]) -> xgr.GrammarMatcher:
+        """A fresh matcher at the start of the grammar, one per sequence; where the grammar may end, the
+        request's own stop tokens end it as well as the end-of-sequence ones."""
+        stops = sorted(set(self.eos_token_ids) | set(stop_token_ids))
+        return xgr.GrammarMatcher(self.compile(params), override_stop_tokens=stops or None)
 
 
 class GrammarMasks:

@@ -73,6 +73,13 @@ class Worker:
     def execute(self, plan: StepPlan) -> WorkerOutput:
         """Run this rank's part of the step. With pipeline stages, hidden states go stage to stage and
         the last stage's logits come back to rank 0 (the driver), which returns them."""
+        try:
+            return self._execute(plan)
+        finally:
+            if self.lora is not None:  # a later forward outside a step (apply_model) runs the base
+                self.lora.set_batch([], [])
+
+    def _execute(self, plan: StepPlan) -> WorkerOutput:
         if plan.fresh_blocks and self.kv_caches and self.zero_fresh_blocks:
             zero_blocks(self.kv_caches, plan.fresh_blocks)
         if self.lora is not None:
@@ -90,11 +97,7 @@ class Worker:
         if not self.state.is_first_stage:
             stage["stage_input"] = self._recv((len(inputs.input_ids), self.config.model.text_config.hidden_size),
                                               self.config.model.dtype, self.state.prev_rank)
-        try:
-            hidden = self.forward(inputs, self.kv_caches, **stage)
-        finally:
-            if self.lora is not None:  # a later forward outside a step (apply_model) runs the base
-                self.lora.set_batch([], [])
+        hidden = self.forward(inputs, self.kv_caches, **stage)
         if not self.state.is_last_stage:
             dist.send(hidden.float().contiguous(), self.state.next_rank)  # float32 on the wire: gloo-safe
             hidden = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +85,9 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern: a key matching the end of the module name overrides."""
+    """PEFT's rank_pattern / alpha_pattern: keys are regexes matched against the end of the module name, after a
+    dot or from its start (PEFT's get_pattern_key); the first that matches overrides."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default

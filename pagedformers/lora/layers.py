@@ -33,6 +33,7 @@ class LoRABatch:
     """Which rows of the step's flat batch run which slot: shared by every LoRA layer of a model."""
     num_slots: int
     dtype: torch.dtype
+    device: torch.device | str = "cpu"  # the layers' device: the map and masks live there
     row_slots: torch.Tensor | None = None  # [T] each row's slot, -1 for the base; None: no row has an adapter
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 

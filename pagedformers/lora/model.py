@@ -40,7 +40,8 @@ class LoRAModel:
                  partial_model: bool) -> None:
         """`partial_model`: this rank holds some layers only (pipeline stages): targets elsewhere are skipped."""
         self.model, self.max_rank, self.partial = model, max_rank, partial_model
-        self.batch = LoRABatch(num_slots, next(model.parameters()).dtype)
+        weight = next(model.parameters())
+        self.batch = LoRABatch(num_slots, weight.dtype, weight.device)
         self.layers: dict[str, LoRALinear] = {}
         for name, module in _linears(model):
             layer = LoRALinear(module, module.weight, loaders[name], num_slots, max_rank, self.batch)
@@ -62,7 +63,8 @@ class LoRAModel:
         if all(slot < 0 for slot in slots):
             self.batch.set(None)
         else:
-            self.batch.set(torch.repeat_interleave(torch.tensor(slots), torch.tensor(num_rows)))
+            rows = torch.repeat_interleave(torch.tensor(slots), torch.tensor(num_rows))
+            self.batch.set(rows.to(self.batch.device))
 
     def _place(self, adapter: LoRAAdapter, request: LoRARequest) -> dict[str, list]:
         placed: dict[str, list] = {}

@@ -115,3 +115,20 @@ def test_bad_specs_are_refused_by_name_and_the_engine_keeps_serving(llm):
                                                  structured_outputs=StructuredOutputsParams(choice=["ok"])),
                        use_tqdm=False)[0].outputs[0]
     assert out.text == "ok" and out.finish_reason == "stop"
+
+
+def test_choices_beyond_the_basic_plane_and_stop_tokens_end_the_grammar(llm):
+    """An emoji choice is written whole (a JSON-escaped surrogate pair would be two code points to xgrammar), and
+    where the grammar may end, the request's own stop token ends it as well as EOS."""
+    tok = llm.get_tokenizer()
+    emoji = StructuredOutputsParams(choice=["\U0001F600 ok"])
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=emoji),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == "\U0001F600 ok" and out.finish_reason == "stop"
+    stop = tok.convert_tokens_to_ids("<pad>")
+    grammar = StructuredOutputsParams(regex="[a-z]{2,6}")
+    ends = {o.outputs[0].stop_reason for o in llm.generate(["Hello"] * 30, SamplingParams(
+        temperature=1.0, max_tokens=30, stop_token_ids=[stop], structured_outputs=grammar), use_tqdm=False)}
+    assert stop in ends  # some samples ended on the stop token, which the grammar now allows at its end
+    with pytest.raises(ValueError, match="min_tokens=3 cannot be kept with structured_outputs"):
+        llm.generate(["Hello"], SamplingParams(min_tokens=3, structured_outputs=grammar))

@@ -150,6 +150,13 @@ def test_auto_tool_choice_parses_the_models_hermes_calls(client):
     assert plain.message.tool_calls == [] and plain.message.content  # no call: the text is the answer
 
 
+def test_a_forced_call_takes_response_format_text(client):
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=100,
+                                         tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                         response_format={"type": "text"}).choices[0]
+    assert [c.function.name for c in out.message.tool_calls] == ["get_time"]
+
+
 def test_tool_choice_none_renders_no_tools(client):
     out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8,
                                          temperature=0.0, extra_body={"ignore_eos": True})
@@ -172,7 +179,8 @@ def test_bad_structured_and_tool_requests_get_400_and_the_server_keeps_serving(s
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
-          "tool_choice": "required"}, "structured_outputs"),
+          "tool_choice": "required"}, "tools"),
+        ({"structured_outputs": {"choice": ["yes", "no"]}, "min_tokens": 3}, "min_tokens"),
         ({"logit_bias": {"5": 10}}, None),
         ({"guided_json": SCHEMA}, None),
     ]

@@ -157,3 +157,20 @@ def test_the_server_fetches_http_and_allowed_local_images(tiny_llava, tmp_path):
             wait_until_idle(url, engine)
     finally:
         engine.shutdown()
+
+
+def test_internal_addresses_need_naming_and_tools_do_not_go_with_images(tiny_llava):
+    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llava, dtype="float32"))))
+    try:
+        with _image_host({}) as host, running_server(build_app(engine, "llava")) as url:
+            body = {"model": "llava", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"{host}/cat.png"}}]}]}
+            error = assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=body), 400, "messages")
+            assert "loopback, private or link-local" in error["message"]
+            with_tools = {"model": "llava", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(_image(7))}}]}],
+                "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}
+            error = assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=with_tools), 400, "tools")
+            assert "tools with images" in error["message"]
+    finally:
+        engine.shutdown()

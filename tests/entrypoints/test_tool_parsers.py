@@ -38,7 +38,8 @@ def test_mistral_array_after_the_marker_or_with_it_skipped():
 
 @pytest.mark.parametrize("parser, text, start", [
     (HermesParser(), "Let me look. <tool", 13), (HermesParser(), "a < b", None), (HermesParser(), "x<tool_call>{", 1),
-    (MistralParser(), "ok [TOOL_", 3), (Llama3JsonParser(), ' {"name"', 0), (Llama3JsonParser(), "Hi", None),
+    (MistralParser(), "ok [TOOL_", 3), (MistralParser(), '[{"name"', 0), (Llama3JsonParser(), ' {"name"', 0),
+    (Llama3JsonParser(), "Hi", None),
 ])
 def test_streaming_holds_text_from_where_a_call_may_start(parser, text, start):
     assert parser.call_start(text) == start

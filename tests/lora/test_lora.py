@@ -109,3 +109,12 @@ def test_prefix_cache_blocks_are_keyed_by_adapter(llama):
     assert run(attn) == want["attn"] and stats().prefix_cache_hits > hits
     hits = stats().prefix_cache_hits
     assert run(mlp) == want["mlp"] and stats().prefix_cache_hits == hits
+
+
+def test_peft_patterns_are_regexes_matched_at_a_name_boundary():
+    from pagedformers.lora.adapter import _pattern_value
+
+    assert _pattern_value({r"layers\.0\.self_attn\.q_proj": 32}, "model.layers.0.self_attn.q_proj", 8) == 32
+    assert _pattern_value({"q_proj": 32}, "model.layers.1.self_attn.q_proj", 8) == 32
+    assert _pattern_value({"proj": 32}, "model.layers.1.self_attn.q_proj", 8) == 8  # not at a name boundary
+    assert _pattern_value({r"layers\.[01]\..*v_proj": 4}, "model.layers.1.self_attn.v_proj", 8) == 4

@@ -6,8 +6,11 @@ URL that is not allowed, not reachable, too large or not an image is a 400 namin
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -20,7 +23,9 @@ from pagedformers.entrypoints.openai.errors import OpenAIError
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    allowed_domains: tuple[str, ...] | None = None  # hosts http(s) images may come from; None: any
+    # Hosts http(s) images may come from. None: any public host; loopback, private and link-local addresses (the
+    # machine itself, its network, cloud metadata services) only when named here.
+    allowed_domains: tuple[str, ...] | None = None
     allowed_local_path: str | None = None  # file:// URLs under this directory; None: refused
     timeout_s: float = 5.0
     max_bytes: int = 20 << 20
@@ -65,6 +70,9 @@ async def _read(client: httpx.AsyncClient, url: str, policy: MediaPolicy, where:
     if policy.allowed_domains is not None and host not in policy.allowed_domains:
         raise OpenAIError(f"{where}: images from {host!r} are not allowed on this server (--allowed-media-domains)",
                           400, "messages")
+    if policy.allowed_domains is None and await _is_internal(host, parsed.port):
+        raise OpenAIError(f"{where}: {host!r} is a loopback, private or link-local address: images from it are "
+                          "refused unless --allowed-media-domains names it", 400, "messages")
     try:
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
@@ -78,6 +86,18 @@ async def _read(client: httpx.AsyncClient, url: str, policy: MediaPolicy, where:
             return bytes(data)
     except httpx.HTTPError as e:
         raise OpenAIError(f"{where}: could not fetch {url}: {type(e).__name__}: {e}", 400, "messages") from None
+
+
+async def _is_internal(host: str, port: int | None) -> bool:
+    """Whether any address the host resolves to is not a public one (a name that does not resolve is left to the
+    fetch, which then fails)."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    return any(a.is_loopback or a.is_private or a.is_link_local or a.is_reserved or a.is_unspecified
+               for a in addresses)
 
 
 def _read_local(path: str, policy: MediaPolicy, where: str) -> bytes:
@@ -100,6 +120,6 @@ def _decode(data: bytes, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise OpenAIError(f"{where}: the image does not decode ({type(e).__name__}: {e})", 400, "messages") from None
     return image.convert("RGB")

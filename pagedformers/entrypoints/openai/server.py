@@ -316,7 +316,7 @@ class EngineWatchdog(threading.Thread):
     fails the requests still in flight shortly before its `drain_s` grace period ends, so that their clients get
     an answer (a 503, a stream's last error event) rather than a cut connection."""
 
-    def __init__(self, engine: AsyncLLM, server: Any, interval_s: float = 0.5, drain_s: float | None = None) -> None:
+    def __init__(self, engine: AsyncLLM, server: Any, interval_s: float = 0.1, drain_s: float | None = None) -> None:
         super().__init__(name="pagedformers-watchdog", daemon=True)
         self.engine, self.server, self.interval_s, self.drain_s = engine, server, interval_s, drain_s
         self.engine_died = False

@@ -68,15 +68,19 @@ class ServingContext:
         raise OpenAIError(f"The model `{model}` does not support {what}: it supports the tasks {list(supported)}. "
                           f"{hint}", 400, "model")
 
+    def lora_for(self, model: str) -> LoRARequest | None:
+        """The adapter a checked model name picks (None: the base), looked up once per request: an unload while
+        the request is being prepared must not turn it into a base-model request under the adapter's name."""
+        return self.lora_modules.get(model)
+
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams, name: str,
-                param: str | None = None, model: str | None = None) -> EngineRequest:
+                param: str | None = None, lora_request: LoRARequest | None = None) -> EngineRequest:
         """The request shaped and checked by the input processor, with OpenAI's context-length rule (a prompt
         and max_tokens that do not fit max_model_len are refused); 400 naming `param` for one that can never run.
-        `model`: the checked model name, which may name a LoRA adapter. Endpoints process every prompt of a call
-        before queuing any."""
+        Endpoints process every prompt of a call before queuing any."""
         try:
             return self.processor.process(request_id, prompt, params, name, strict_context=True,
-                                          lora_request=self.lora_modules.get(model))
+                                          lora_request=lora_request)
         except ValueError as e:
             raise OpenAIError.from_value_error(e, param) from None
 

@@ -46,20 +46,26 @@ from pagedformers.sampling_params import SamplingParams
 async def create_chat_completion(ctx: ServingContext,
                                  request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
     model = ctx.check_model(request.model)
+    lora_request = ctx.lora_for(model)
     ctx.check_task(model, ("generate",), "chat completions")
     if request.top_logprobs and not request.logprobs:
         raise OpenAIError("top_logprobs needs logprobs=true", 400, "top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     tools = plan_tools(request, ctx.tool_call_parser, ctx.enable_auto_tool_choice)
-    if tools.structured is not None and (request.response_format or request.structured_outputs):
-        raise OpenAIError("A forced tool call constrains the output itself: send no response_format or "
-                          "structured_outputs with it", 400, "tool_choice")
+    if tools.structured is not None:
+        if (request.response_format and request.response_format.type != "text") or request.structured_outputs:
+            raise OpenAIError("A forced tool call constrains the output itself: send no response_format or "
+                              "structured_outputs with it", 400, "tool_choice")
+        try:
+            ctx.processor.structured.compile(tools.structured)
+        except ValueError as e:
+            raise OpenAIError(f"A tool's parameters are not a usable JSON schema: {e}", 400, "tools") from None
     params = to_sampling_params(request, request.max_completion_tokens or request.max_tokens, logprobs,
                                 tools.structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     messages = await fetch_images([m.model_dump(exclude_none=True) for m in request.messages], ctx.media)
     engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools, messages), params, "The conversation",
-                                 model=model)
+                                 lora_request=lora_request)
     num_prompt_tokens = len(engine_request.prompt_token_ids)
     outputs = ctx.engine.generate(engine_request, ctx.request_timeout_s)
     if request.stream:

@@ -43,8 +43,9 @@ async def create_completion(ctx: ServingContext, request: CompletionRequest) -> 
     params = to_sampling_params(request, request.max_tokens, request.logprobs)
     prompts = _prompts(request.prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    lora_request = ctx.lora_for(model)
     requests = [ctx.process(f"{request_id}-{i}", prompt, params, f"Prompt {i}" if len(prompts) > 1 else "The prompt",
-                            model=model)
+                            lora_request=lora_request)
                 for i, prompt in enumerate(prompts)]  # every prompt checked before any is queued
     generators = [ctx.engine.generate(r, ctx.request_timeout_s) for r in requests]
     prompt_lens = [len(r.prompt_token_ids) for r in requests]

@@ -98,6 +98,11 @@ class MistralParser(ToolParser):
         return ParsedOutput(content.strip() or None, [_call(c) for c in (calls if isinstance(calls, list)
                                                                          else [calls])])
 
+    def call_start(self, text: str) -> int | None:
+        if text.lstrip().startswith("["):  # the array, its marker skipped as a special token
+            return 0
+        return super().call_start(text)
+
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
@@ -125,7 +130,9 @@ class ToolPlan:
                 return ParsedOutput(None, [_tool_call(self.named, text)])
             if self.structured is not None:
                 return ParsedOutput(None, [_call(c) for c in json.loads(text)])
-            return self.parser.parse(text)
+            parsed = self.parser.parse(text)
+            # parallel_tool_calls=false: the first call only (a parser cannot stop the model writing more)
+            return parsed if self.parallel else ParsedOutput(parsed.content, parsed.calls[:1])
         except (ValueError, KeyError, TypeError, AttributeError):  # cut by max_tokens, or not a call after all
             return ParsedOutput(text, [])
 
@@ -153,7 +160,7 @@ def plan_tools(request: ChatCompletionRequest, parser_name: str | None, auto_ena
         raise OpenAIError('tool_choice "auto" (the default when tools are sent) needs the server started with '
                           "--enable-auto-tool-choice and --tool-call-parser; or send tool_choice \"required\", a "
                           'named function, or "none"', 400, "tool_choice")
-    return ToolPlan(rendered, None, TOOL_PARSERS[parser_name]())
+    return ToolPlan(rendered, None, TOOL_PARSERS[parser_name](), parallel=request.parallel_tool_calls is not False)
 
 
 def _calls_schema(functions: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any]:

@@ -21,6 +21,10 @@ class CudaPlatform:
         backend = config.device.attention_backend
         if backend == "cpu":
             raise ValueError("attention_backend='cpu' is the CPU's kernels: on CUDA use auto, triton or torch")
+        block = config.cache.block_size
+        if backend in ("auto", "triton") and (block < 16 or block & (block - 1)):
+            raise ValueError(f"block_size={block}: the Triton attention kernels need a power of two of at least 16 "
+                             "(tl.dot's smallest tile); or use attention_backend='torch'")
         swap_rms_norms(model)
         swap_gated_mlps(model)
         return EagerForward(model, create_attention_backend("triton" if backend == "auto" else backend))
