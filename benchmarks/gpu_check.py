@@ -5,7 +5,8 @@
 
 1. Parity: tiny random models (Llama, Qwen2, Gemma 2: sliding + soft-capping, gpt-oss: sinks) on the GPU in
    float32 against HF on the CPU (tokens equal, logprobs within 1e-3); in bf16 the share of tokens equal to HF's
-   bf16 generate on the GPU (near-ties of random weights split some).
+   bf16 generate on the GPU (near-ties of random weights split some). Then a LoRA adapter and a JSON-schema
+   constraint on the GPU in float32: the adapter's tokens against HF + PEFT on the CPU.
 2. Throughput on the random 200M Llama in bf16: 32 x 128 -> 128 (fixed) and seeded mixed lengths, against HF
    `generate` (static batch) and, with --peer-python, vLLM in its own virtualenv.
 3. Batch-1 decode step against the HBM floor (the weights' bytes over the measured read bandwidth).
@@ -82,6 +83,27 @@ def parity(tmp: Path) -> None:
         print(f"parity {family:8} float32: {verdict}, max logprob diff {worst:.1e}; bf16: {equal}/{total} leading "
               "tokens equal to HF's", flush=True)
         del ours, hf
+
+
+def lora_and_structured(tmp: Path, device: str = "cuda") -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from pagedformers import LoRARequest, StructuredOutputsParams
+    from pagedformers.tools.tiny_models import save_tiny_model
+    from support.lora import ATTENTION, PROMPTS, hf_tokens, save_adapter
+
+    base = str(save_tiny_model(tmp / "lora_base", "llama"))
+    adapter = save_adapter(base, tmp / "adapter", 8, ATTENTION, 1)
+    llm = LLM(base, device=device, dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes=1 << 26)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False,
+                                                          lora_request=LoRARequest("a", 1, adapter))]
+    print(f"LoRA float32: {'pass' if ours == hf_tokens(base, adapter) else 'FAIL'} (tokens against HF + PEFT)")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"]}
+    constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    out = llm.generate(["Hello"], SamplingParams(temperature=1.0, max_tokens=64, structured_outputs=constraint),
+                       use_tqdm=False)[0].outputs[0]
+    print(f"structured outputs: {out.finish_reason} {out.text!r}", flush=True)
 
 
 def workload(kind: str, vocab: int) -> list[tuple[list[int], int]]:
@@ -174,6 +196,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         parity(Path(tmp))
+        lora_and_structured(Path(tmp))
         path = Path(tmp) / "llama"
         save_llama(path, args)
         throughput(path, args)
