@@ -44,6 +44,7 @@ class TransformersBase(nn.Module):
         self.model = self.create_model()
         self.model.eval()
         self.sharded = self.split_for_rank(parallel)
+        self.skipped_prefixes = self.sharded.skipped_prefixes  # other pipeline stages' module names, as native's
 
     def create_model(self) -> nn.Module:
         """The trunk, on meta (buffers real, so RoPE tables come out right); shells with a head override it."""

@@ -37,9 +37,9 @@ def record_loaders(model: nn.Module) -> dict[str, WeightLoader]:
 
 class LoRAModel:
     def __init__(self, model: nn.Module, loaders: dict[str, WeightLoader], num_slots: int, max_rank: int,
-                 partial_model: bool) -> None:
-        """`partial_model`: this rank holds some layers only (pipeline stages): targets elsewhere are skipped."""
-        self.model, self.max_rank, self.partial = model, max_rank, partial_model
+                 elsewhere: tuple[str, ...] = ()) -> None:
+        """`elsewhere`: the name prefixes of modules other pipeline stages hold: targets there are theirs."""
+        self.model, self.max_rank, self.elsewhere = model, max_rank, elsewhere
         weight = next(model.parameters())
         self.batch = LoRABatch(num_slots, weight.dtype, weight.device)
         self.layers: dict[str, LoRALinear] = {}
@@ -75,8 +75,8 @@ class LoRAModel:
                 name = param.removesuffix(".weight")
                 layer = self.layers.get(name)
                 if layer is None:
-                    if self.partial:
-                        continue  # another pipeline stage's layer
+                    if self.elsewhere and name.startswith(self.elsewhere):
+                        continue  # another pipeline stage's layer: that rank places it
                     raise ValueError(f"LoRA adapter {request.lora_name!r} targets {module}, which is not a linear "
                                      "layer of this model's decoder that LoRA can update (heads, embeddings and MoE "
                                      "experts are not): is it an adapter for another base model?")

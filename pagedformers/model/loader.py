@@ -45,7 +45,8 @@ def load_model(config: EngineConfig, parallel: ParallelState = SINGLE) -> Loaded
     model.load_weights(ModelSource(config.model.path, config.model.gguf_file))
     lora = None
     if loaders is not None:  # before the platform: it then packs the base linears inside the LoRA layers
-        lora = LoRAModel(model, loaders, config.lora.max_loras, config.lora.max_lora_rank, parallel.pp_size > 1)
+        lora = LoRAModel(model, loaders, config.lora.max_loras, config.lora.max_lora_rank,
+                         tuple(getattr(model, "skipped_prefixes", ())))
     platform = get_platform(config.device.type)
     forward = platform.specialize(model, config)
     return LoadedModel(model, forward, model.kv_cache_specs(), platform, lora)

@@ -50,13 +50,14 @@ def test_more_adapters_than_slots_wait_and_evict(llama):
         assert got == [expected[k][i] for k in ("attn", "mlp", None) for i in range(3)]
 
 
-def test_two_tensor_parallel_ranks_give_one_process_tokens(llama):
+@pytest.mark.parametrize("split", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_parallel_ranks_give_one_process_tokens(llama, split):
     base, adapters, expected = llama
     mixed = [LoRARequest("attn", 1, adapters["attn"]), LoRARequest("mlp", 2, adapters["mlp"]), None]
     want = [expected["attn"][0], expected["mlp"][1], expected[None][2]]
     for impl in ("transformers", "native"):
         with LLM(base, model_impl=impl, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-                 tensor_parallel_size=2, kv_cache_memory_bytes=1 << 22) as llm:
+                 kv_cache_memory_bytes=1 << 22, **{split: 2}) as llm:
             assert _generate(llm, mixed) == want, impl
 
 
