@@ -9,6 +9,7 @@ calls in the model's own format. "required" and a named function constrain the o
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 import uuid
@@ -29,13 +30,14 @@ class ParsedOutput:
     calls: list[ToolCall]
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """A model family's tool-call format. `start` marks where a call begins in the text (streaming holds
     everything from there back until the output is whole)."""
     start: str
 
+    @abc.abstractmethod
     def parse(self, text: str) -> ParsedOutput:
-        raise NotImplementedError
+        """The content and calls of a finished output."""
 
     def call_start(self, text: str) -> int | None:
         """Where the first call starts in `text`; a trailing prefix of the marker counts (it may become one)."""
