@@ -20,6 +20,9 @@ class MultiModalInputs:
     data: dict[str, torch.Tensor]  # the processor's outputs for the encoder, e.g. pixel_values [N, C, H, W]
     placeholders: list[int]  # sorted prompt positions whose embeddings are the encoder's features, in order
     content_hash: int = field(default=0)  # of the media: prompts with equal tokens but other images differ
+    # Prompt position ranges [start, end) whose tokens attend to each other both ways (Gemma 3's images,
+    # PaliGemma's prefix); sorted, disjoint. A prefill chunk never ends inside one (chunk_end).
+    bidirectional: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.content_hash:
@@ -31,11 +34,28 @@ class MultiModalInputs:
 
     @property
     def first_position(self) -> int:
-        return self.placeholders[0]
+        """The first prompt position whose K/V depend on the media (a placeholder, or a bidirectional range)."""
+        return min([self.placeholders[0], *(lo for lo, _ in self.bidirectional[:1])])
 
     def feature_range(self, start: int, end: int) -> tuple[int, int]:
         """Indices [lo, hi) of the features whose placeholders lie in prompt positions [start, end)."""
         return bisect.bisect_left(self.placeholders, start), bisect.bisect_left(self.placeholders, end)
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """The furthest end <= `end` for a prefill chunk from `start` that leaves no bidirectional range cut
+        (its tokens must all be in the cache or in the chunk); `start` if there is none."""
+        for lo, hi in self.bidirectional:
+            if lo < end < hi:  # the chunk would stop inside [lo, hi): stop before it, unless it starts in it
+                return lo if lo > start else start
+        return end
+
+    def group_end(self, position: int) -> int:
+        """The end of the bidirectional range holding prompt `position`, else position + 1: the tokens whose K/V
+        the one at `position` depends on end there (the prefix cache keys a block by them)."""
+        for lo, hi in self.bidirectional:
+            if lo <= position < hi:
+                return hi
+        return position + 1
 
 
 @dataclass

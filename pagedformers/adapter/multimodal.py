@@ -31,12 +31,14 @@ from pagedformers.parallel_plans import SINGLE, ParallelState
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
-IMAGE_FAMILIES = frozenset({"llava", "llava_next"})
+IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma"})
+# Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
+# token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
+BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
 _BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
-                  "mask), and the paged attention is causal only")
+                  "mask), which pagedformers does not build for this family yet")
 # Why a family cannot take images yet, where more is known than "not checked against transformers".
 IMAGE_REFUSALS = {
-    "gemma3": _BIDIRECTIONAL,
     "gemma4": _BIDIRECTIONAL,
     "gemma4_unified": _BIDIRECTIONAL,
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
@@ -44,6 +46,33 @@ IMAGE_REFUSALS = {
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
 }
+
+
+def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
+    """Whether the checkpoint's own class attends causally past a bidirectional prefix (PaliGemma), whatever its
+    language model's layers say: transformers 5 marks them bidirectional (use_bidirectional_attention) to mean
+    that prefix, and the conditional-generation model builds the mask."""
+    return BIDIRECTIONAL_GROUPS.get(hf_config.model_type) == "prefix"
+
+
+def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] | None) -> list[tuple[int, int]]:
+    """The prompt's position ranges [start, end) whose tokens attend to each other both ways, as transformers'
+    mask for this family builds them from the processor's token_type_ids."""
+    kind = BIDIRECTIONAL_GROUPS.get(hf_config.model_type)
+    if kind is None:
+        return []
+    if token_type_ids is None:
+        raise ValueError(f"{hf_config.model_type}'s processor gave no token_type_ids: its image tokens attend both "
+                         "ways, and without them the engine cannot tell which")
+    member = 1 if kind == "images" else 0
+    ranges, start = [], None
+    for i, t in enumerate([*token_type_ids, None]):
+        if t == member and start is None:
+            start = i
+        elif t != member and start is not None:
+            ranges.append((start, i))
+            start = None
+    return ranges
 
 
 def image_support(hf_config: PretrainedConfig) -> str | None:
@@ -76,6 +105,10 @@ class TransformersForMultimodalLM(CausalShell):
             decoder = next(c for c in decoder.children() if any(m is embedding for m in c.modules()))
         # The language model's own base: text-only steps run it alone, image steps with embeddings.
         self.__dict__["decoder"] = decoder  # not a submodule: its weights are named under `model.`
+        if is_prefix_lm(self.hf_config):  # causal layers, so that they keep K/V; the prefix ranges come per prompt
+            for module in decoder.modules():
+                if getattr(module, "is_causal", None) is False:
+                    module.is_causal = True
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
         return super().create_model()
 

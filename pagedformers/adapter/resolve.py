@@ -48,7 +48,7 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
         TransformersHybridForMultimodalLM,
         TransformersHybridForPooling,
     )
-    from pagedformers.adapter.multimodal import TransformersForMultimodalLM
+    from pagedformers.adapter.multimodal import TransformersForMultimodalLM, is_prefix_lm
     from pagedformers.adapter.pooling import TransformersForPooling
 
     model = config.model
@@ -61,7 +61,7 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
     report.raise_if_broken()
     for warning in report.warnings:
         logger.warning("%s: %s", report.model_name, warning)
-    if report.is_encoder_only and model.runner == "generate":
+    if report.is_encoder_only and model.runner == "generate" and not is_prefix_lm(model.hf_config):
         raise ValueError(f"{report.model_name} is an encoder-only model (bidirectional attention): it cannot "
                          "generate text. Use runner='pooling' (embed / classify / score).")
     hybrid = bool(state_layers(model.hf_config))

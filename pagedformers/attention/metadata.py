@@ -23,6 +23,9 @@ class PrefillSpan:
     q_end: int
     num_cached: int  # tokens of this sequence already in the KV cache before this step
     kv_blocks: torch.Tensor | None  # [num_blocks] the cache blocks of its context; None if num_cached == 0
+    # Position ranges [start, end) within its context whose tokens see each other both ways in causal layers
+    # (Gemma 3's images, PaliGemma's prefix); the scheduler never cuts one (MultiModalInputs.chunk_end).
+    bidirectional: tuple[tuple[int, int], ...] = ()
 
     @property
     def q_len(self) -> int:
@@ -74,7 +77,7 @@ class AttentionMetadata:
             if self.num_decodes:
                 pieces.append((self.decode_block_tables, self.decode_seq_lens))
             for i, span in enumerate(self.prefills):
-                if span.kv_len > max_context:
+                if span.kv_len > max_context or span.bidirectional:
                     if pieces:
                         runs.append(_run(run_start, span.q_start, pieces))
                     pieces, run_start = [], span.q_end
@@ -113,9 +116,12 @@ class AttentionMetadata:
         """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal (or no mask) is exact.
 
         A window w keeps keys less than w positions away: behind only for causal layers,
-        on both sides for bidirectional ones (ModernBERT's local attention)."""
+        on both sides for bidirectional ones (ModernBERT's local attention). In causal layers the
+        span's bidirectional ranges add the keys of the query's own range, ahead of it too, the window
+        still applying (transformers' AND(sliding_window, OR(causal, blockwise)))."""
         span = self.prefills[index]
-        if window is None and chunk is None and (not causal or span.num_cached == 0):
+        groups = span.bidirectional if causal else ()
+        if window is None and chunk is None and not groups and (not causal or span.num_cached == 0):
             return None
         key = ("prefill", index, window, causal, chunk)
         if key not in self._cached:
@@ -124,8 +130,10 @@ class AttentionMetadata:
             k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
             distance = q_pos - k_pos
             visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+            for lo, hi in groups:
+                visible |= (q_pos >= lo) & (q_pos < hi) & (k_pos >= lo) & (k_pos < hi)
             if window is not None:
-                visible &= distance.abs() < window
+                visible &= (distance if causal else distance.abs()) < window
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
             self._cached[key] = visible[None, None]

@@ -1,7 +1,8 @@
 """The "triton" attention backend: the Triton kernels of triton_kernels.py behind the AttentionBackend protocol.
 
 What the kernels do not cover runs on the plain PyTorch reference, in the same step: the probe run (no cache),
-bidirectional layers (encoders attend within the step and keep nothing) and chunked attention (Llama 4).
+bidirectional layers (encoders attend within the step and keep nothing), chunked attention (Llama 4) and the
+prefill spans with bidirectional ranges (Gemma 3's images: their masks are built per span).
 Imported on first use (attention/backends.py): Triton decides at import whether its kernels are interpreted.
 """
 
@@ -15,7 +16,7 @@ import triton
 from pagedformers.attention.backends import AttentionParams, register_attention_backend
 from pagedformers.attention.kv_cache import LayerKVSpec
 from pagedformers.attention.metadata import AttentionMetadata
-from pagedformers.attention.torch_backend import TorchAttentionBackend
+from pagedformers.attention.torch_backend import TorchAttentionBackend, attend_prefills
 from pagedformers.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
 
 
@@ -42,7 +43,8 @@ class TritonAttentionBackend:
         num_heads, num_kv_heads = query.shape[1], k_cache.shape[1]
         group = num_heads // num_kv_heads
         out = query.new_empty(query.shape[0], num_heads, v_cache.shape[-1])
-        runs, _ = meta.single_token_queries(k_cache.shape[2], sys.maxsize)  # every row: prefill keys are written
+        # Every row but those of bidirectional spans: prefill keys are written before attention.
+        runs, covered = meta.single_token_queries(k_cache.shape[2], sys.maxsize)
         dummy = query.new_zeros(1)
         for first, end, tables, lens in runs:
             tables = tables.contiguous()
@@ -57,6 +59,7 @@ class TritonAttentionBackend:
                 BLOCK_SIZE=k_cache.shape[2], USE_SOFTCAP=params.softcap is not None,
                 USE_WINDOW=params.window is not None, USE_SINKS=params.sinks is not None,
                 USE_ALIBI=params.alibi is not None)
+        attend_prefills(query, key, value, k_cache, v_cache, meta, params, out, skip=covered)
         return out
 
     def is_shape_static(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -56,9 +56,9 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
     end = s.start + s.num_new_tokens
     types = s.request.token_type_ids
     media = s.request.multi_modal_inputs
-    if media is not None:  # sent only with the chunks that hold some of its placeholders
+    if media is not None:  # sent only with the chunks that hold some of its placeholders or bidirectional ranges
         first, last = media.feature_range(s.start, end)
-        media = media if first < last else None
+        media = media if first < last or _ranges_within(media, s.start, end) else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
                  types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot)
 
@@ -79,7 +79,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
     spans = [
         PrefillSpan(r, r + len(c.token_ids), c.start,
                     torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)], device=device)
-                    if c.start else None)
+                    if c.start else None,
+                    _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else ())
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
@@ -106,9 +107,16 @@ def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalS
     for c, row in zip(chunks, row_starts):
         if c.multi_modal is not None:
             first, last = c.multi_modal.feature_range(c.start, c.start + len(c.token_ids))
+            if first == last:  # only a bidirectional range reaches into this chunk
+                continue
             positions = torch.tensor(c.multi_modal.placeholders[first:last], dtype=torch.long)
             slices.append(MultiModalSlice(c.request_id, c.multi_modal, row + positions - c.start, first))
     return slices or None
+
+
+def _ranges_within(media: MultiModalInputs, start: int, end: int) -> tuple[tuple[int, int], ...]:
+    """The media's bidirectional ranges that hold some of the chunk's tokens [start, end)."""
+    return tuple((lo, hi) for lo, hi in media.bidirectional if lo < end and hi > start)
 
 
 def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

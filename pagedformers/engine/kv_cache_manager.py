@@ -141,7 +141,10 @@ class KVCacheManager:
         media = req.multi_modal_inputs
         if media is not None and start + self.block_size > media.first_position:
             # Placeholder tokens are equal for every image: the block's K/V depend on the media too
-            # (and so, through the chained parent hash, do all later blocks).
+            # (and so, through the chained parent hash, do all later blocks); and on the tokens ahead
+            # of it up to the end of a bidirectional range it ends in.
+            ahead = media.group_end(start + self.block_size - 1)
+            tokens += tuple(req.all_token_ids[start + self.block_size:ahead])
             return hash((parent, tokens, media.content_hash))
         if parent is None and req.lora_request is not None:  # K/V under an adapter are its own (and so, chained,
             return hash((tokens, req.lora_request.lora_int_id))  # are every later block's)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, ProcessorMixin
 
-from pagedformers.adapter.multimodal import image_support
+from pagedformers.adapter.multimodal import bidirectional_ranges, image_support
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs
 
 MODALITIES = ("image",)
 # Processor outputs that describe the text, not the media.
-_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
 
 class MultiModalProcessor:
@@ -44,7 +44,7 @@ class MultiModalProcessor:
         text = prompt["prompt"]
         bos = getattr(self.processor.tokenizer, "bos_token", None)
         # A chat template's text holds its special tokens already: do not add them twice.
-        out = self.processor(text=text, images=images, return_tensors="pt",
+        out = self.processor(text=text, images=[images], return_tensors="pt",  # one prompt: a nested list
                              add_special_tokens=not (bos and text.startswith(bos)))
         token_ids = out["input_ids"][0].tolist()
         image_token = _image_token_id(self.config)
@@ -53,7 +53,9 @@ class MultiModalProcessor:
             raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
                              "image placeholder in the prompt text")
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        return token_ids, MultiModalInputs("image", tensors, placeholders)
+        types = out.get("token_type_ids", out.get("mm_token_type_ids"))
+        groups = bidirectional_ranges(self.config.model.hf_config, types[0].tolist() if types is not None else None)
+        return token_ids, MultiModalInputs("image", tensors, placeholders, bidirectional=groups)
 
     def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool,
                     template_kwargs: dict[str, Any] | None) -> str:

@@ -79,7 +79,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = _chunk_len(req, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
+            if num_new == 0:  # its next bidirectional range does not fit in what is left of the budget
+                i += 1
+                continue
             while not self.kv.allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -102,7 +105,9 @@ class Scheduler:
             else:
                 cached = self.kv.lookup_prefix(req)
                 num_cached = len(cached) * self.kv.block_size
-                num_new = min(req.num_tokens - num_cached, budget)
+                num_new = _chunk_len(req, num_cached, min(req.num_tokens - num_cached, budget))
+                if num_new == 0:
+                    break  # its next bidirectional range waits for a step with budget for it whole
             if not self.kv.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()
@@ -147,3 +152,12 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         self.finished_request_ids.append(req.request_id)
+
+
+def _chunk_len(req: Request, start: int, num_new: int) -> int:
+    """num_new, cut so that the chunk does not end inside one of the prompt's bidirectional ranges (0: it
+    cannot run this step)."""
+    media = req.multi_modal_inputs
+    if media is None or not media.bidirectional:
+        return num_new
+    return media.chunk_end(start, start + num_new) - start

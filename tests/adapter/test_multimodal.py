@@ -11,22 +11,18 @@ from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
 from pagedformers.tools.tiny_models import save_tiny_llava
+from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm
 
 MAX_NEW_TOKENS = 8
-PROMPTS = [  # (text, number of images): the processor expands each <image> into 4 tokens
-    ("Hello, my name is <image> and I like paged attention. What is in <image>?", 2),
-    ("What is the capital of France? <image>", 1),
+PROMPTS = [  # (text, number of images): the processor expands each {image} (the family's image text) into tokens
+    ("Hello, my name is {image} and I like paged attention. What is in {image}?", 2),
+    ("What is the capital of France? {image}", 1),
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> str:
     return str(save_tiny_llava(tmp_path_factory.mktemp("llava")))
-
-
-@pytest.fixture(scope="module")
-def tiny_llava_next(tmp_path_factory) -> str:
-    return str(save_tiny_llava(tmp_path_factory.mktemp("llava_next"), "llava_next"))
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:
@@ -38,7 +34,7 @@ def _images(n: int, seed: int) -> list[Image.Image]:
 
 def _hf_greedy(path: str, text: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor]:
     """HF generate on the processor's outputs (pixel_values included), eager attention, EOS ignored."""
-    inputs = AutoProcessor.from_pretrained(path)(text=text, images=images, return_tensors="pt")
+    inputs = AutoProcessor.from_pretrained(path)(text=text, images=[images], return_tensors="pt")
     model_cls = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])
     model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.generation_config.eos_token_id = None
@@ -86,20 +82,23 @@ def test_only_the_language_model_uses_paged_attention(tmp_path):
     assert len(llm.llm_engine.executor.driver_worker.kv_specs) == num_layers  # the probe saw decoder layers only
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_image_prompts_match_transformers(family, request):
-    """Two image prompts and a text-only one in one batch; a token budget of 8 splits the images' tokens
-    across prefill chunks, so each chunk takes its slice of the features. LLaVA-NeXT: several crops per
-    image, `image_sizes` passed to its encoder, a newline feature per row."""
-    path = request.getfixturevalue(f"tiny_{family}")
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_image_prompts_match_transformers(family, tmp_path):
+    """Two image prompts and a text-only one in one batch. A token budget splits the prompts across prefill
+    chunks: LLaVA's image tokens too (each chunk takes its slice of the features); Gemma 3's image runs and
+    PaliGemma's prefix attend both ways, so a chunk ends before such a range or after it, never inside.
+    LLaVA-NeXT: several crops per image, `image_sizes` passed to its encoder, a newline feature per row."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    texts = [text.format(image=vlm.image_text) for text, _ in PROMPTS]  # PaliGemma's: "", images go first
     images = [_images(n, seed) for seed, (_, n) in enumerate(PROMPTS)]
-    llm = LLM(model=path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
-    prompts = [{"prompt": text, "multi_modal_data": {"image": imgs}} for (text, _), imgs in zip(PROMPTS, images)]
+    budget = {"paligemma": 96}.get(family, 8)  # PaliGemma: its whole prompt (32 image tokens + text) in one chunk
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=budget, kv_cache_memory_bytes=1 << 22)
+    prompts = [{"prompt": text, "multi_modal_data": {"image": imgs}} for text, imgs in zip(texts, images)]
     ours = _ours(llm, prompts + ["Hello, my name is"])
-    theirs = [_hf_greedy(path, text, imgs) for (text, _), imgs in zip(PROMPTS, images)]
+    theirs = [_hf_greedy(vlm.path, text, imgs) for text, imgs in zip(texts, images)]
     worst, mismatch = compare(ours[:2], theirs)
     assert mismatch is None and worst <= TOLERANCE, (mismatch, worst)
-    assert ours[0][0] != ours[2][0]
+    assert ours[0][0] != ours[2][0] or not torch.equal(ours[0][1], ours[2][1])
 
 
 def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
@@ -112,28 +111,40 @@ def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
 
     llm.apply_model(count_calls)
     text, n = PROMPTS[0]
-    llm.generate({"prompt": text, "multi_modal_data": {"image": _images(n, 0)}},
+    llm.generate({"prompt": text.format(image="<image>"), "multi_modal_data": {"image": _images(n, 0)}},
                  SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert len(calls) == 1  # the 8 image tokens and the rest of the prompt take 7 chunks
 
 
-def test_the_prefix_cache_tells_images_apart(tiny_llava):
-    """Equal prompt tokens, other image: cached blocks of the first must not serve the second."""
-    llm = LLM(model=tiny_llava, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
-    text, n = PROMPTS[0]
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma"])
+def test_the_prefix_cache_tells_images_apart(family, tmp_path):
+    """Equal prompt tokens, other image: cached blocks of the first must not serve the second; the first image
+    again reuses its blocks. Blocks of 4 end inside Gemma 3's image runs: a block's K/V there depend on the
+    run's later tokens, so a block is cached under them too. PaliGemma's prompt is one bidirectional prefix:
+    another question about the same image reuses no block."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
+    text, n = PROMPTS[0][0].format(image=vlm.image_text), PROMPTS[0][1]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     first, second = _images(n, 0), _images(n, 7)
-    for images in (first, second, first):
-        out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, params, use_tqdm=False)[0]
-        assert out.outputs[0].token_ids == _hf_greedy(tiny_llava, text, images)[0]
-    assert llm.llm_engine.kv_manager.stats.hits > 0  # the third prompt reused the first one's blocks
+    hits = []
+    for prompt, images in ((text, first), (text, second), (text, first), (text + " Why?", first)):
+        out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == _hf_greedy(vlm.path, prompt, images)[0]
+        hits.append(llm.llm_engine.kv_manager.stats.hits)
+        placeholders_from = llm.llm_engine.processor.process("x", {"prompt": prompt, "multi_modal_data": {
+            "image": images}}, params).multi_modal_inputs.first_position
+    reused = [b - a for a, b in zip([0, *hits], hits)]  # prompt tokens each prompt found in the cache
+    assert reused[0] == 0 and reused[1] <= placeholders_from  # the text before the image at most
+    assert reused[2] > placeholders_from  # the first image again: its blocks
+    assert (reused[3] == 0) == (family == "paligemma")
 
 
 def test_families_without_image_support_refuse_images_by_name(tmp_path):
-    llm = LLM(model=save_tiny_family("gemma3", tmp_path / "gemma3"), dtype="float32", kv_cache_memory_bytes=1 << 22)
-    prompt = {"prompt": "Hello <start_of_image>", "multi_modal_data": {"image": _images(1, 0)}}
-    with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for gemma3 yet: its image "
-                                         r"tokens attend to each other bidirectionally"):
+    llm = LLM(model=save_tiny_family("mllama", tmp_path / "mllama"), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    prompt = {"prompt": "Hello <|image|>", "multi_modal_data": {"image": _images(1, 0)}}
+    with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for mllama yet: its language "
+                                         r"model reads the image through cross-attention layers"):
         llm.generate(prompt)
 
 

@@ -2,9 +2,18 @@
 
 import pytest
 import torch
+from transformers.masking_utils import (
+    and_masks,
+    blockwise_overlay,
+    causal_mask_function,
+    or_masks,
+    sliding_window_overlay,
+)
 
-from pagedformers.attention import AttentionParams, TorchAttentionBackend
+from pagedformers.attention import AttentionParams, TorchAttentionBackend, create_attention_backend
 from pagedformers.engine.inputs import Chunk, prepare_inputs
+from pagedformers.multimodal_inputs import MultiModalInputs
+from pagedformers.platforms.cpu import attention as cpu_attention  # noqa: F401  (registers the "cpu" backend)
 
 H, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 BACKEND = TorchAttentionBackend()
@@ -73,3 +82,39 @@ def test_bidirectional_for_encoders():
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, kk) * 0.5, dim=-1)
     torch.testing.assert_close(out, torch.einsum("hqk,khd->qhd", probs, vv), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window):
+    """Gemma 3's image runs: a chunk over a cached prefix holds two ranges (one begun in the cache); each
+    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise))."""
+    torch.manual_seed(0)
+    length, cached, ranges = 20, 5, [(3, 9), (12, 16)]
+    media = MultiModalInputs("image", {}, list(range(3, 9)) + list(range(12, 16)), bidirectional=ranges)
+    table = list(range(-(-length // BS)))
+    q = torch.randn(length - cached, H, D)
+    k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
+    backend = create_attention_backend(backend_name)
+    k_cache, v_cache = torch.zeros(NUM_BLOCKS, H_KV, BS, D), torch.zeros(NUM_BLOCKS, H_KV, BS, D)
+    backend.write_kv(k_cache, v_cache, k[:cached], v[:cached], prepare_inputs([Chunk(0, [0] * cached, table)], BS,
+                                                                               "cpu").metadata)
+    decode = Chunk(length - 1, [0], [t + len(table) for t in table])  # another sequence, beside it in the step
+    step = prepare_inputs([decode, Chunk(cached, [0] * (length - cached), table, multi_modal=media)], BS, "cpu")
+    q_all = torch.cat([torch.randn(1, H, D), q])
+    k_all, v_all = torch.cat([k[-1:], k[cached:]]), torch.cat([v[-1:], v[cached:]])
+    backend.write_kv(k_cache, v_cache, k_all, v_all, step.metadata)
+    out = backend.forward(q_all, k_all, v_all, k_cache, v_cache, step.metadata, AttentionParams(0.5, window=window))
+
+    groups = torch.full((1, length), -1)
+    for i, (lo, hi) in enumerate(ranges):
+        groups[0, lo:hi] = i
+    mask_fn = or_masks(causal_mask_function, blockwise_overlay(groups))
+    if window is not None:
+        mask_fn = and_masks(sliding_window_overlay(window), mask_fn)
+    visible = torch.tensor([[bool(mask_fn(0, 0, torch.tensor(i), torch.tensor(j))) for j in range(length)]
+                            for i in range(cached, length)])
+    kk, vv = k.repeat_interleave(H // H_KV, 1), v.repeat_interleave(H // H_KV, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, kk) * 0.5
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    torch.testing.assert_close(out[1:], torch.einsum("hqk,khd->qhd", probs, vv), atol=1e-5, rtol=1e-5)

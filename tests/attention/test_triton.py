@@ -9,6 +9,7 @@ import torch
 from pagedformers import LLM, SamplingParams
 from pagedformers.attention import AttentionParams, create_attention_backend
 from pagedformers.engine.inputs import Chunk, prepare_inputs
+from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.tools.family_check import (
     compare,
     hf_greedy_logprobs,
@@ -65,6 +66,20 @@ def test_kernels_match_the_torch_backend(shape, case):
     ours, k_ours, v_ours = _attend("triton", chunks, params, q, k, v, caches, block_size)
     ref, k_ref, v_ref = _attend("torch", chunks, params, q, k, v, caches, block_size)
     assert torch.equal(k_ours, k_ref) and torch.equal(v_ours, v_ref)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_bidirectional_ranges_run_beside_the_kernel():
+    """A prefill whose image runs attend both ways (Gemma 3) goes through the PyTorch reference, the decode
+    beside it through the kernel: the step equals the torch backend's."""
+    torch.manual_seed(0)
+    media = MultiModalInputs("image", {}, [6, 7, 8, 9], bidirectional=[(6, 10)])
+    chunks = [Chunk(20, [1], [5, 2]), Chunk(3, [1] * 11, [7, 8], multi_modal=media)]
+    params = AttentionParams(0.3, window=5)
+    caches = (torch.randn(12, 2, 16, 32), torch.randn(12, 2, 16, 32))
+    q, k, v = torch.randn(12, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
+    ours, _, _ = _attend("triton", chunks, params, q, k, v, caches, 16)
+    ref, _, _ = _attend("torch", chunks, params, q, k, v, caches, 16)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
