@@ -23,6 +23,11 @@ class MultiModalInputs:
     # Prompt position ranges [start, end) whose tokens attend to each other both ways (Gemma 3's images,
     # PaliGemma's prefix); sorted, disjoint. A prefill chunk never ends inside one (chunk_end).
     bidirectional: list[tuple[int, int]] = field(default_factory=list)
+    # M-RoPE (Qwen2-VL family): the prompt's 3-D positions [3, prompt_len] (time, height, width: an image's
+    # tokens share a time and walk its grid), and how far the positions after the prompt lie from the
+    # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.content_hash:

@@ -14,12 +14,13 @@ the placeholder rows, as HF's own merge does, and later chunks of the prompt tak
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModel, AutoModelForImageTextToText, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
@@ -31,7 +32,7 @@ from pagedformers.parallel_plans import SINGLE, ParallelState
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
-IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma"})
+IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma", "qwen2_vl"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -46,6 +47,27 @@ IMAGE_REFUSALS = {
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
 }
+
+
+def rope_index(hf_config: PretrainedConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The base model's `get_rope_index` where it has one (M-RoPE: Qwen2-VL, Qwen2.5-VL, ...), else None: it
+    gives a prompt's 3-D positions from its token ids, token types and media grids as HF `generate` computes
+    them. It reads the model's config alone, so it runs on a config-only instance (no weights, no modules)."""
+    base = AutoModel._model_mapping.get(type(hf_config), None)
+    if base is None or not hasattr(base, "get_rope_index"):
+        return None
+    return _ConfigOnly(base, hf_config).get_rope_index
+
+
+class _ConfigOnly:
+    """Stands for an instance of `cls` to its methods that read `self.config` and call each other only."""
+
+    def __init__(self, cls: type, config: PretrainedConfig) -> None:
+        self.cls, self.config = cls, config
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = inspect.getattr_static(self.cls, name)
+        return attr.__get__(self, self.cls) if hasattr(attr, "__get__") else attr
 
 
 def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
@@ -131,15 +153,19 @@ class TransformersForMultimodalLM(CausalShell):
         return own._from_config(self.hf_config, dtype=self.config.model.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
-                multi_modal: list[MultiModalSlice] | None = None) -> torch.Tensor:
-        """input_ids, positions: [T]; multi_modal: the step's placeholder rows -> hidden states [T, hidden]."""
+                multi_modal: list[MultiModalSlice] | None = None,
+                mrope_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; multi_modal: the step's placeholder rows; mrope_positions: [3, T] where a
+        request has M-RoPE positions (the language model then takes them as its [3, 1, T] position_ids)
+        -> hidden states [T, hidden]."""
         ctx = get_forward_context()
         if multi_modal:
             inputs = {"inputs_embeds": self.embed_with_features(input_ids, multi_modal)[None]}
         else:
             inputs = {"input_ids": input_ids[None]}
+        position_ids = mrope_positions[:, None] if mrope_positions is not None else positions[None]
         calls_before = ctx.num_calls
-        out = self.decoder(**inputs, position_ids=positions[None], return_dict=True, **self.cache_kwargs(state))
+        out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
         assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
             "an encoder ran through the paged attention: its sub-config must keep transformers' attention"
         return out.last_hidden_state[0]

@@ -27,6 +27,7 @@ class Chunk:
     request_id: str = ""  # keys the request's state in workers of conv / linear-attention hybrids
     multi_modal: MultiModalInputs | None = None  # the request's media, on chunks that hold its placeholders
     lora_slot: int = -1  # the LoRA slot its adapter sits in (-1: the base model)
+    mrope_delta: int = 0  # M-RoPE: past the prompt, a token's 3 positions are its index + this (the media's)
 
     @property
     def is_decode(self) -> bool:
@@ -56,11 +57,14 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
     end = s.start + s.num_new_tokens
     types = s.request.token_type_ids
     media = s.request.multi_modal_inputs
-    if media is not None:  # sent only with the chunks that hold some of its placeholders or bidirectional ranges
-        first, last = media.feature_range(s.start, end)
-        media = media if first < last or _ranges_within(media, s.start, end) else None
+    delta = media.mrope_delta if media is not None else 0
+    if media is not None:  # sent only with the chunks that hold some of its placeholders or bidirectional ranges,
+        first, last = media.feature_range(s.start, end)  # or of its prompt's M-RoPE positions
+        needed = first < last or _ranges_within(media, s.start, end) or (
+            media.mrope_positions is not None and s.start < s.request.num_prompt_tokens)
+        media = media if needed else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
-                 types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot)
+                 types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot, delta)
 
 
 def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_steps: int = 0) -> ModelInputs:
@@ -92,7 +96,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
         decode_context_len=decode_tables.shape[1] * block_size,
     )
     return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                       _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps)
+                       _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps,
+                       _mrope_positions(chunks, positions_t, device))
 
 
 def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
@@ -112,6 +117,24 @@ def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalS
             positions = torch.tensor(c.multi_modal.placeholders[first:last], dtype=torch.long)
             slices.append(MultiModalSlice(c.request_id, c.multi_modal, row + positions - c.start, first))
     return slices or None
+
+
+def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) -> torch.Tensor | None:
+    """[3, T] M-RoPE positions, or None where every row's three equal its index (text-only requests): the
+    prompt's from its media, index + delta past it."""
+    media = [c.multi_modal.mrope_positions if c.multi_modal is not None else None for c in chunks]
+    if all(m is None for m in media) and not any(c.mrope_delta for c in chunks):
+        return None
+    rows, start = [], 0
+    for c, prompt in zip(chunks, media):
+        index = positions[start:start + len(c.token_ids)]
+        start += len(c.token_ids)
+        shifted = (index + c.mrope_delta).expand(3, -1)
+        if prompt is not None:  # the chunk's rows up to the prompt's end take the prompt's positions
+            within = prompt[:, c.start:c.start + len(c.token_ids)]
+            shifted = torch.cat([within, shifted[:, within.shape[1]:]], dim=1)
+        rows.append(shifted)
+    return torch.cat(rows, dim=1).to(device)
 
 
 def _ranges_within(media: MultiModalInputs, start: int, end: int) -> tuple[tuple[int, int], ...]:

@@ -1,19 +1,21 @@
 """Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`), through the HF processor
 (for the input processor, input_processor.py).
 
-The checkpoint's own processor (AutoProcessor) expands each placeholder in the prompt into the
+The checkpoint's own processor (loading/processor.py) expands each placeholder in the prompt into the
 model's number of image tokens and prepares the encoder's tensors, exactly as for HF `generate`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 
-from pagedformers.adapter.multimodal import bidirectional_ranges, image_support
+from pagedformers.adapter.multimodal import bidirectional_ranges, image_support, rope_index
 from pagedformers.config import EngineConfig
+from pagedformers.loading.processor import load_processor
 from pagedformers.multimodal_inputs import MultiModalInputs
 
 MODALITIES = ("image",)
@@ -25,6 +27,7 @@ class MultiModalProcessor:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._processor: ProcessorMixin | None = None  # loaded on the first prompt with media
+        self._rope_index = rope_index(config.model.hf_config)  # M-RoPE models' 3-D positions, else None
 
     def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
         """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
@@ -55,7 +58,13 @@ class MultiModalProcessor:
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         groups = bidirectional_ranges(self.config.model.hf_config, types[0].tolist() if types is not None else None)
-        return token_ids, MultiModalInputs("image", tensors, placeholders, bidirectional=groups)
+        media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups)
+        if self._rope_index is not None:
+            params = inspect.signature(self._rope_index).parameters
+            positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()
+                                                                     if k in params and k != "input_ids"})
+            media.mrope_positions, media.mrope_delta = positions[:, 0], int(delta)
+        return token_ids, media
 
     def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool,
                     template_kwargs: dict[str, Any] | None) -> str:
@@ -73,8 +82,8 @@ class MultiModalProcessor:
     @property
     def processor(self) -> ProcessorMixin:
         if self._processor is None:
-            self._processor = AutoProcessor.from_pretrained(self.config.model.tokenizer_path,
-                                                            trust_remote_code=self.config.model.trust_remote_code)
+            model = self.config.model
+            self._processor = load_processor(model.tokenizer_path, model.hf_config.model_type, model.trust_remote_code)
         return self._processor
 
 

@@ -22,6 +22,7 @@ class ModelInputs:
     # The scheduler's lower bound on how many more steps run this same decode-only batch (0: a mixed step, or
     # it cannot say): a platform that captures graphs on demand weighs a capture's cost against it.
     stable_steps: int = 0
+    mrope_positions: torch.Tensor | None = None  # [3, T] M-RoPE positions where a request has them (multimodal)
 
     @property
     def is_decode_only(self) -> bool:
@@ -29,5 +30,6 @@ class ModelInputs:
 
     def model_kwargs(self) -> dict[str, Any]:
         """The optional inputs of the model's forward that this step has (model/interface.py names them)."""
-        extra = {"token_type_ids": self.token_type_ids, "multi_modal": self.multi_modal}
+        extra = {"token_type_ids": self.token_type_ids, "multi_modal": self.multi_modal,
+                 "mrope_positions": self.mrope_positions}
         return {k: v for k, v in extra.items() if v is not None}

@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
+from pagedformers.loading.processor import image_only
 from pagedformers.tools.tiny_configs import tiny_config
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_llava
 
@@ -69,12 +70,31 @@ def _paligemma(path: Path, seed: int) -> str:
     return ""  # PaliGemma's processor puts the image tokens before the prompt itself
 
 
+def _qwen2_vl(path: Path, seed: int) -> str:
+    """A ViT over 14x14 patches, 2x2 of them merged into one token: a 56x56 image is 4 tokens; M-RoPE positions
+    (time, height, width) over each image's grid. Its processor is saved without the video processor (it needs
+    torchvision, loading/processor.py)."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
+                     vision_end_token="<|vision_end|>")
+    text = tiny_config("qwen2_vl", len(tok)).text_config.to_dict()
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 3, 3]}  # of head_dim / 2 = 8
+    config = tiny_config("qwen2_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+                         text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2,
+                                                              mlp_ratio=2, patch_size=14, spatial_merge_size=2))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 84, patch_size=14, merge_size=2)
+    processor = image_only(transformers.Qwen2VLProcessor)(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Qwen2VLForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
 
 BUILDERS: dict[str, Callable[[Path, int], str]] = {
-    "llava": _llava("llava"), "llava_next": _llava("llava_next"), "gemma3": _gemma3, "paligemma": _paligemma}
+    "llava": _llava("llava"), "llava_next": _llava("llava_next"), "gemma3": _gemma3, "paligemma": _paligemma,
+    "qwen2_vl": _qwen2_vl}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

@@ -5,10 +5,11 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
+from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
 from pagedformers.tools.tiny_models import save_tiny_llava
 from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm
@@ -34,8 +35,10 @@ def _images(n: int, seed: int) -> list[Image.Image]:
 
 def _hf_greedy(path: str, text: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor]:
     """HF generate on the processor's outputs (pixel_values included), eager attention, EOS ignored."""
-    inputs = AutoProcessor.from_pretrained(path)(text=text, images=[images], return_tensors="pt")
-    model_cls = getattr(transformers, AutoConfig.from_pretrained(path).architectures[0])
+    config = AutoConfig.from_pretrained(path)
+    # AutoProcessor where it loads; without torchvision, Qwen2-VL's processor loads for images only (HF's class)
+    inputs = load_processor(path, config.model_type)(text=text, images=[images], return_tensors="pt")
+    model_cls = getattr(transformers, config.architectures[0])
     model = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.generation_config.eos_token_id = None
     with torch.inference_mode():
@@ -87,7 +90,8 @@ def test_image_prompts_match_transformers(family, tmp_path):
     """Two image prompts and a text-only one in one batch. A token budget splits the prompts across prefill
     chunks: LLaVA's image tokens too (each chunk takes its slice of the features); Gemma 3's image runs and
     PaliGemma's prefix attend both ways, so a chunk ends before such a range or after it, never inside.
-    LLaVA-NeXT: several crops per image, `image_sizes` passed to its encoder, a newline feature per row."""
+    LLaVA-NeXT: several crops per image, `image_sizes` passed to its encoder, a newline feature per row.
+    Qwen2-VL: M-RoPE, 3-D positions over each image's grid, and past the prompt index + delta."""
     vlm = save_tiny_vlm(family, tmp_path / family)
     texts = [text.format(image=vlm.image_text) for text, _ in PROMPTS]  # PaliGemma's: "", images go first
     images = [_images(n, seed) for seed, (_, n) in enumerate(PROMPTS)]
@@ -116,12 +120,13 @@ def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
     assert len(calls) == 1  # the 8 image tokens and the rest of the prompt take 7 chunks
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "qwen2_vl"])
 def test_the_prefix_cache_tells_images_apart(family, tmp_path):
     """Equal prompt tokens, other image: cached blocks of the first must not serve the second; the first image
     again reuses its blocks. Blocks of 4 end inside Gemma 3's image runs: a block's K/V there depend on the
     run's later tokens, so a block is cached under them too. PaliGemma's prompt is one bidirectional prefix:
-    another question about the same image reuses no block."""
+    another question about the same image reuses no block. Qwen2-VL: the chunk after a hit takes its M-RoPE
+    positions from the prompt's."""
     vlm = save_tiny_vlm(family, tmp_path / family)
     llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
     text, n = PROMPTS[0][0].format(image=vlm.image_text), PROMPTS[0][1]
