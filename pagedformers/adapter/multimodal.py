@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import transformers
@@ -32,7 +32,7 @@ from pagedformers.parallel_plans import SINGLE, ParallelState
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
-IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma", "qwen2_vl"})
+IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -117,7 +117,8 @@ class TransformersForMultimodalLM(CausalShell):
 
     def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         super().__init__(config, parallel)
-        self.encoder_cache: dict[str, torch.Tensor] = {}  # request id -> its features [num_placeholders, hidden]
+        # request id -> its features, each [num_placeholders, hidden] (encode)
+        self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()
@@ -160,7 +161,7 @@ class TransformersForMultimodalLM(CausalShell):
         -> hidden states [T, hidden]."""
         ctx = get_forward_context()
         if multi_modal:
-            inputs = {"inputs_embeds": self.embed_with_features(input_ids, multi_modal)[None]}
+            inputs = self.embed_with_features(input_ids, multi_modal)
         else:
             inputs = {"input_ids": input_ids[None]}
         position_ids = mrope_positions[:, None] if mrope_positions is not None else positions[None]
@@ -170,37 +171,55 @@ class TransformersForMultimodalLM(CausalShell):
             "an encoder ran through the paged attention: its sub-config must keep transformers' attention"
         return out.last_hidden_state[0]
 
-    def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> torch.Tensor:
-        """Token embeddings [T, hidden] with each slice's features at its placeholder rows."""
+    def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> dict[str, Any]:
+        """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its
+        placeholder rows; with deepstack features (Qwen3-VL), also their rows for the first layers."""
         rows = torch.cat([s.rows for s in multi_modal]).to(input_ids.device)
         # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too).
         embeds = self.model.get_input_embeddings()(input_ids.index_fill(0, rows, 0))
         step_keys = {s.key for s in multi_modal}
+        deepstack: list[list[torch.Tensor]] = []
         for s in multi_modal:
             features = self.encoder_cache.get(s.key)
             if features is None:
                 features = self.encoder_cache[s.key] = self.encode(s.inputs)
-            embeds[s.rows.to(embeds.device)] = features[s.first:s.first + len(s.rows)].to(embeds.dtype)
+            main, *deep = (f[s.first:s.first + len(s.rows)].to(embeds.dtype) for f in features)
+            embeds[s.rows.to(embeds.device)] = main
+            deepstack = deepstack or [[] for _ in deep]
+            for level, rows_of_level in zip(deepstack, deep):
+                level.append(rows_of_level)
         # Keep features only for requests whose prefill goes on in the next step; a request that
         # skips a step (preempted, or out of budget) has them computed again from its inputs.
         self.encoder_cache = {k: v for k, v in self.encoder_cache.items() if k in step_keys}
         for s in multi_modal:
             if s.is_last:
                 self.encoder_cache.pop(s.key, None)
-        return embeds
+        inputs: dict[str, Any] = {"inputs_embeds": embeds[None]}
+        if deepstack:  # the language model adds them to its first layers' hidden states at the placeholder rows
+            order = rows.argsort()
+            inputs["visual_pos_masks"] = torch.zeros(1, len(input_ids), dtype=torch.bool,
+                                                     device=embeds.device).index_fill_(1, rows, True)
+            inputs["deepstack_visual_embeds"] = [torch.cat(level)[order] for level in deepstack]
+        return inputs
 
-    def encode(self, inputs: MultiModalInputs) -> torch.Tensor:
-        """One request's media -> features [num_placeholders, hidden], in placeholder order."""
+    def encode(self, inputs: MultiModalInputs) -> tuple[torch.Tensor, ...]:
+        """One request's media -> features [num_placeholders, hidden], in placeholder order, then the deepstack
+        features of the same shape where the encoder gives them (Qwen3-VL)."""
         encoder = getattr(self.model, f"get_{inputs.modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in inputs.data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)
-        features = out.pooler_output
-        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]) if isinstance(features, (list, tuple)) \
-            else features.reshape(-1, features.shape[-1])
-        if features.shape[0] != len(inputs.placeholders):
-            raise ValueError(f"get_{inputs.modality}_features gave {features.shape[0]} feature rows for "
+        features = [_flat(out.pooler_output), *(_flat(f) for f in getattr(out, "deepstack_features", None) or [])]
+        if features[0].shape[0] != len(inputs.placeholders):
+            raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
                              f"{len(inputs.placeholders)} placeholder tokens in the prompt")
-        return features
+        return tuple(features)
+
+
+def _flat(features: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Features as one [rows, hidden] tensor (encoders give one tensor, or one per image)."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])

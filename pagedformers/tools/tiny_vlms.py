@@ -70,22 +70,41 @@ def _paligemma(path: Path, seed: int) -> str:
     return ""  # PaliGemma's processor puts the image tokens before the prompt itself
 
 
-def _qwen2_vl(path: Path, seed: int) -> str:
-    """A ViT over 14x14 patches, 2x2 of them merged into one token: a 56x56 image is 4 tokens; M-RoPE positions
-    (time, height, width) over each image's grid. Its processor is saved without the video processor (it needs
-    torchvision, loading/processor.py)."""
-    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
-                     vision_end_token="<|vision_end|>")
-    text = tiny_config("qwen2_vl", len(tok)).text_config.to_dict()
-    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 3, 3]}  # of head_dim / 2 = 8
-    config = tiny_config("qwen2_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-                         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
-                         text_config=text, vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2,
-                                                              mlp_ratio=2, patch_size=14, spatial_merge_size=2))
-    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 84, patch_size=14, merge_size=2)
-    processor = image_only(transformers.Qwen2VLProcessor)(image_processor=images, tokenizer=tok)
-    _save(path, transformers.Qwen2VLForConditionalGeneration, config, processor, seed)
-    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+# Vision towers of the Qwen-VL families: 14x14 patches (Qwen3-VL: 16x16), 2x2 of them merged into one token.
+_QWEN_VISION = {
+    "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14),
+    "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                       window_size=56, fullatt_block_indexes=[1], patch_size=14),
+    # deepstack: the first block's features also go to the language model's first layer
+    "qwen3_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                     num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16),
+}
+
+
+def _qwen_vl(family: str, model_cls: str, processor_cls: str) -> Callable[[Path, int], str]:
+    """A 56x56 image (64x64 for Qwen3-VL) is 4 tokens; M-RoPE positions (time, height, width) over each image's
+    grid. The processor is saved without its video processor (it needs torchvision, loading/processor.py)."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+        text = tiny_config(family, len(tok)).text_config.to_dict()
+        # of the rotary pairs, height and width take 3/8 each
+        half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
+        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+        vision = dict(_QWEN_VISION[family], spatial_merge_size=2)
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             vision_start_token_id=tok.vision_start_token_id,
+                             vision_end_token_id=tok.vision_end_token_id, text_config=text, vision_config=vision)
+        side = 4 * vision["patch_size"]
+        images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
+                                                       patch_size=vision["patch_size"], merge_size=2)
+        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok)
+        _save(path, getattr(transformers, model_cls), config, processor, seed)
+        return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+    return build
 
 
 def _llava(family: str) -> Callable[[Path, int], str]:
@@ -94,7 +113,9 @@ def _llava(family: str) -> Callable[[Path, int], str]:
 
 BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "llava": _llava("llava"), "llava_next": _llava("llava_next"), "gemma3": _gemma3, "paligemma": _paligemma,
-    "qwen2_vl": _qwen2_vl}
+    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": _qwen_vl("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
