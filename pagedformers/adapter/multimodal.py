@@ -28,7 +28,7 @@ from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
 from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
-from pagedformers.parallel_plans import SINGLE, ParallelState
+from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, apply_parallel_plans
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
@@ -111,7 +111,8 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
 
 
 class TransformersForMultimodalLM(CausalShell):
-    """`SupportsMultiModal` (model/interface.py); single process only (parallel_limits in resolve.py)."""
+    """`SupportsMultiModal` (model/interface.py); tensor parallel over the language model, no pipeline stages
+    (check_shell_parallelism in resolve.py)."""
 
     supports_multimodal: ClassVar[Literal[True]] = True
 
@@ -134,6 +135,12 @@ class TransformersForMultimodalLM(CausalShell):
                     module.is_causal = True
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
         return super().create_model()
+
+    def split_for_rank(self, parallel: ParallelState) -> ShardedModel:
+        """The text config's plans name the language model's modules: it is split, the encoders replicated."""
+        sharded, self.lm_head = apply_parallel_plans(self.decoder, self.lm_head, self.text_config,
+                                                     self.tie_word_embeddings, parallel)
+        return sharded
 
     def attn_implementation(self) -> dict[str, str | None]:
         """Ours for the language model; None (transformers picks sdpa or eager) for every encoder."""

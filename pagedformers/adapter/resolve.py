@@ -80,9 +80,9 @@ def check_shell_parallelism(config: EngineConfig) -> None:
         raise ValueError(f"{name} has {', '.join(state_layers(model.hf_config))} layers, whose per-request state the "
                          "transformers shell keeps in a single process: run it with tensor_parallel_size=1 and "
                          "pipeline_parallel_size=1.")
-    if parallel.world_size > 1 and model.is_multimodal:
+    if parallel.pipeline_parallel_size > 1 and model.is_multimodal:
         raise ValueError(f"{model.hf_config.model_type} is multimodal: the transformers shell runs multimodal models "
-                         "with tensor_parallel_size=1 and pipeline_parallel_size=1 for now (the plans name the "
-                         "language model's modules, not the encoders').")
+                         "with pipeline_parallel_size=1 for now (the encoders' features enter at the first layer); "
+                         "tensor parallel works.")
     if parallel.pipeline_parallel_size > 1 and model.runner == "pooling":
         raise ValueError("Pooling models run with pipeline_parallel_size=1 (tensor parallel works).")

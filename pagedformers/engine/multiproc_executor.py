@@ -229,7 +229,11 @@ def _serve(worker: Worker) -> None:
     """A worker rank's loop: run what rank 0 broadcasts until it says shutdown."""
     while True:
         message = [None]
-        dist.broadcast_object_list(message, src=0)
+        try:
+            dist.broadcast_object_list(message, src=0)
+        except RuntimeError as e:  # the driver released the group without a word (an LLM dropped, or it died)
+            logger.info("rank %d: the driver is gone (%s); this worker exits", dist.get_rank(), str(e)[:200])
+            return
         kind, payload = message[0]
         if kind == "shutdown":
             return

@@ -5,11 +5,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.engine.executor import WorkerDiedError
 from pagedformers.tools.tiny_models import save_tiny_model
+from pagedformers.tools.tiny_vlms import save_tiny_vlm
 from support.remote_models import save_remote_code_model
 
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": list(range(10, 45))},
@@ -50,6 +53,35 @@ def test_two_ranks_match_one(models, name, mode):
     assert len(counts) == 2 and all(c < full for c in counts)  # really sharded / split
     if mode == "pipeline_parallel_size":
         assert sum(counts) >= full  # each layer lives on one stage (tied embeddings may repeat)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vlms_with_images_on_two_tensor_parallel_ranks_match_one(family, tmp_path):
+    """The language model is split by its text config's plan, the vision tower replicated on each rank; an image
+    prompt (Qwen2-VL: M-RoPE positions) beside a text-only one."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = [{"prompt": f"Hello {vlm.image_text} and {vlm.image_text}?", "multi_modal_data": {"image": images}},
+               "The quick brown fox"]
+    results = []
+    for tp in (1, 2):
+        with LLM(model=vlm.path, tensor_parallel_size=tp, **KW) as llm:
+            outs = [o.outputs[0] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+            results.append((outs, llm.apply_model(lambda m: sum(p.numel() for p in m.model.language_model
+                                                                .parameters()))))
+    (expected, (full,)), (got, counts) = results
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for a, b in zip(got, expected):
+        assert [e[t].logprob for e, t in zip(a.logprobs, a.token_ids)] == \
+            pytest.approx([e[t].logprob for e, t in zip(b.logprobs, b.token_ids)], abs=1e-4)
+    assert len(counts) == 2 and all(c < full for c in counts)  # the language model really is sharded
+
+
+def test_multimodal_pipeline_stages_are_refused(tmp_path):
+    vlm = save_tiny_vlm("llava", tmp_path / "llava")
+    with pytest.raises(ValueError, match="runs multimodal models with pipeline_parallel_size=1"):
+        LLM(model=vlm.path, pipeline_parallel_size=2, **KW)
 
 
 def test_fewer_kv_heads_than_ranks_replicates_them(tmp_path):
