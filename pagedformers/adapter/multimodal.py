@@ -77,6 +77,14 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
     return BIDIRECTIONAL_GROUPS.get(hf_config.model_type) == "prefix"
 
 
+# Families whose language model reads more of the encoder than the features at the image tokens.
+NO_PRECOMPUTED_FEATURES = {
+    "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
+    "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
+    "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
+}
+
+
 def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] | None) -> list[tuple[int, int]]:
     """The prompt's position ranges [start, end) whose tokens attend to each other both ways, as transformers'
     mask for this family builds them from the processor's token_type_ids."""
@@ -212,6 +220,8 @@ class TransformersForMultimodalLM(CausalShell):
     def encode(self, inputs: MultiModalInputs) -> tuple[torch.Tensor, ...]:
         """One request's media -> features [num_placeholders, hidden], in placeholder order, then the deepstack
         features of the same shape where the encoder gives them (Qwen3-VL)."""
+        if "image_embeds" in inputs.data:  # precomputed by the user (multimodal_processor.py)
+            return (inputs.data["image_embeds"].to(device=self.config.device.device, dtype=self.config.model.dtype),)
         encoder = getattr(self.model, f"get_{inputs.modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype

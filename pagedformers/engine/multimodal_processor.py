@@ -11,14 +11,22 @@ import inspect
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import ProcessorMixin
 
-from pagedformers.adapter.multimodal import bidirectional_ranges, image_support, rope_index
+from pagedformers.adapter.multimodal import (
+    NO_PRECOMPUTED_FEATURES,
+    bidirectional_ranges,
+    image_support,
+    rope_index,
+)
 from pagedformers.config import EngineConfig
 from pagedformers.loading.processor import load_processor
 from pagedformers.multimodal_inputs import MultiModalInputs
 
 MODALITIES = ("image",)
+# What a precomputed-features image may carry beside image_embeds: the processor's outputs the model still reads.
+_BESIDE_PIXELS = ("image_grid_thw", "image_sizes")
 # Processor outputs that describe the text, not the media.
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
@@ -43,14 +51,18 @@ class MultiModalProcessor:
         if not isinstance(prompt.get("prompt"), str):
             raise ValueError(f"{name}: a prompt with multi_modal_data needs its text in 'prompt' (with the image "
                              "placeholders), so that the model's processor can expand them")
-        images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
         text = prompt["prompt"]
         bos = getattr(self.processor.tokenizer, "bos_token", None)
         # A chat template's text holds its special tokens already: do not add them twice.
-        out = self.processor(text=text, images=[images], return_tensors="pt",  # one prompt: a nested list
-                             add_special_tokens=not (bos and text.startswith(bos)))
-        token_ids = out["input_ids"][0].tolist()
+        special = not (bos and text.startswith(bos))
         image_token = _image_token_id(self.config)
+        if isinstance(data["image"], dict):
+            out = self._with_embeddings(text, data["image"], image_token, special, name)
+        else:
+            images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+            out = self.processor(text=text, images=[images], return_tensors="pt",  # one prompt: a nested list
+                                 add_special_tokens=special)
+        token_ids = out["input_ids"][0].tolist()
         placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
         if not placeholders:
             raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
@@ -65,6 +77,52 @@ class MultiModalProcessor:
                                                                      if k in params and k != "input_ids"})
             media.mrope_positions, media.mrope_delta = positions[:, 0], int(delta)
         return token_ids, media
+
+    def _with_embeddings(self, text: str, given: dict[str, Any], image_token: int, special: bool,
+                         name: str) -> dict[str, torch.Tensor]:
+        """vLLM's precomputed features, {"image_embeds": [images, rows, hidden] or a list of [rows, hidden], plus
+        what the processor would have given beside pixels (Qwen2-VL: image_grid_thw)}: the text expands as the
+        processor expands it (its replace_image_token, from what was given; else as for blank images, exact
+        where the token count does not depend on the image); the encoder does not run."""
+        family = self.config.model.hf_config.model_type
+        if family in NO_PRECOMPUTED_FEATURES:
+            raise ValueError(f"{name}: image_embeds cannot stand for images with {family}: "
+                             f"{NO_PRECOMPUTED_FEATURES[family]}")
+        unknown = sorted(set(given) - {"image_embeds", *_BESIDE_PIXELS})
+        if "image_embeds" not in given or unknown:
+            raise ValueError(f"{name}: multi_modal_data['image'] as a dict takes 'image_embeds' (and "
+                             f"{', '.join(_BESIDE_PIXELS)}); got {sorted(given)}")
+        embeds = given["image_embeds"]
+        embeds = [embeds] if isinstance(embeds, torch.Tensor) and embeds.dim() == 2 else embeds  # one image's
+        embeds = [e.reshape(-1, e.shape[-1]) for e in embeds]  # one [rows, hidden] per image
+        placeholder = self.processor.image_token
+        if text.count(placeholder) != len(embeds):
+            raise ValueError(f"{name}: the prompt has {text.count(placeholder)} image placeholders ({placeholder!r}) "
+                             f"for {len(embeds)} images in image_embeds")
+        beside = {k: torch.as_tensor(v) for k, v in given.items() if k != "image_embeds"}
+        out = self._expand_placeholders(text, beside, len(embeds), special)
+        ids, rows = out["input_ids"], sum(len(e) for e in embeds)
+        if int((ids == image_token).sum()) != rows:
+            raise ValueError(f"{name}: image_embeds has {rows} rows, but the prompt expands to "
+                             f"{int((ids == image_token).sum())} image tokens"
+                             + (f" (give {' / '.join(_BESIDE_PIXELS)} where the count depends on the image)"
+                                if not beside else ""))
+        out["mm_token_type_ids"] = (ids == image_token).long()  # what the processor marks: image tokens
+        return {**out, **beside, "image_embeds": torch.cat(embeds)}
+
+    def _expand_placeholders(self, text: str, beside: dict[str, torch.Tensor], num_images: int,
+                             special: bool) -> dict[str, torch.Tensor]:
+        """The prompt's tokens with each image placeholder expanded as the processor does."""
+        try:
+            replacements = [self.processor.replace_image_token(beside, image_idx=i) for i in range(num_images)]
+        except (NotImplementedError, KeyError, TypeError, AttributeError, IndexError):
+            blank = Image.new("RGB", (64, 64))
+            out = self.processor(text=text, images=[[blank] * num_images], add_special_tokens=special,
+                                 return_tensors="pt")
+            return {k: out[k] for k in ("input_ids", "attention_mask") if k in out}
+        pieces = text.split(self.processor.image_token)
+        expanded = pieces[0] + "".join(r + piece for r, piece in zip(replacements, pieces[1:]))
+        return dict(self.processor.tokenizer(expanded, add_special_tokens=special, return_tensors="pt"))
 
     def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool,
                     template_kwargs: dict[str, Any] | None) -> str:

@@ -105,6 +105,34 @@ def test_image_prompts_match_transformers(family, tmp_path):
     assert ours[0][0] != ours[2][0] or not torch.equal(ours[0][1], ours[2][1])
 
 
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2_vl"])
+def test_precomputed_image_embeddings_skip_the_encoder(family, tmp_path):
+    """vLLM's {"image_embeds": ...} (with Qwen2-VL's image_grid_thw for its positions): the features HF's
+    get_image_features gives for the images stand in for them, the encoder never runs, and the tokens and
+    logprobs are HF generate's with the images."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    text, n = PROMPTS[0][0].format(image=vlm.image_text), PROMPTS[0][1]
+    images = _images(n, 0)
+    config = AutoConfig.from_pretrained(vlm.path)
+    processed = load_processor(vlm.path, config.model_type)(text=text, images=[images], return_tensors="pt")
+    model = getattr(transformers, config.architectures[0]).from_pretrained(vlm.path, dtype=torch.float32)
+    encoder_inputs = {k: v for k, v in processed.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    with torch.inference_mode():
+        features = model.model.get_image_features(**encoder_inputs, return_dict=True).pooler_output
+    given = {"image_embeds": list(features) if isinstance(features, (list, tuple)) else features}
+    if "image_grid_thw" in processed:
+        given["image_grid_thw"] = processed["image_grid_thw"]
+    llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    calls = []
+    llm.apply_model(lambda m: setattr(m.model, "get_image_features", lambda *a, **kw: calls.append(1)))
+    ours = _ours(llm, [{"prompt": text, "multi_modal_data": {"image": given}}])
+    worst, mismatch = compare(ours, [_hf_greedy(vlm.path, text, images)])
+    assert mismatch is None and worst <= TOLERANCE, (mismatch, worst)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"the prompt has 2 image placeholders \(.*\) for 1 images in image_embeds"):
+        llm.generate({"prompt": text, "multi_modal_data": {"image": {"image_embeds": given["image_embeds"][:1]}}})
+
+
 def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
     llm = LLM(model=tiny_llava, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
     calls = []
