@@ -32,7 +32,9 @@ from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, app
 
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
-IMAGE_FAMILIES = frozenset({"llava", "llava_next", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
+IMAGE_FAMILIES = frozenset({
+    "llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "gemma3", "paligemma", "qwen2_vl",
+    "qwen2_5_vl", "qwen3_vl", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl", "got_ocr2"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -46,6 +48,9 @@ IMAGE_REFUSALS = {
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
+    **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
+                    "its image processor (or its timm vision tower) needs torchvision, which the test machines "
+                    "cannot install beside a CPU build of torch: not checked against transformers"),
 }
 
 
@@ -126,6 +131,10 @@ class TransformersForMultimodalLM(CausalShell):
 
     def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         super().__init__(config, parallel)
+        # As the checkpoint's own class scales logits: Cohere2ForCausalLM applies the text config's logit_scale,
+        # Aya Vision's and Command A Vision's classes do not.
+        scale = getattr(self.meta_causal_lm(), "logit_scale", None)
+        self.logit_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
 

@@ -60,7 +60,8 @@ class MultiModalProcessor:
             out = self._with_embeddings(text, data["image"], image_token, special, name)
         else:
             images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
-            out = self.processor(text=text, images=[images], return_tensors="pt",  # one prompt: a nested list
+            # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
+            out = self.processor(text=text, images=images[0] if len(images) == 1 else [images], return_tensors="pt",
                                  add_special_tokens=special)
         token_ids = out["input_ids"][0].tolist()
         placeholders = [i for i, t in enumerate(token_ids) if t == image_token]

@@ -9,6 +9,7 @@ conformance table).
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-from pagedformers.loading.processor import image_only
+from pagedformers.loading.processor import image_only, pixtral_without_torchvision
 from pagedformers.tools.tiny_configs import tiny_config
 from pagedformers.tools.tiny_models import build_tokenizer, save_tiny_llava
 
@@ -71,6 +72,8 @@ def _paligemma(path: Path, seed: int) -> str:
 
 
 # Vision towers of the Qwen-VL families: 14x14 patches (Qwen3-VL: 16x16), 2x2 of them merged into one token.
+
+
 _QWEN_VISION = {
     "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14),
     "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -100,11 +103,197 @@ def _qwen_vl(family: str, model_cls: str, processor_cls: str) -> Callable[[Path,
         side = 4 * vision["patch_size"]
         images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
                                                        patch_size=vision["patch_size"], merge_size=2)
-        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok)
+        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
+                                                                     video_processor=None)
         _save(path, getattr(transformers, model_cls), config, processor, seed)
+        _with_video_config(path, "Qwen2VLVideoProcessor" if family != "qwen3_vl" else "Qwen3VLVideoProcessor")
         return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
     return build
+
+
+def _with_video_config(path: Path, video_processor_type: str, **video_kwargs) -> None:
+    """Record the video sub-processor in processor_config.json, as a Hub checkpoint saved with torchvision does
+    (the processor was built image-only here: its video processor class needs torchvision)."""
+    file = path / "processor_config.json"
+    config = json.loads(file.read_text())
+    config["video_processor"] = {"video_processor_type": video_processor_type, **video_kwargs}
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+_ROW_COL = {f"row{i}col{j}": f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)}
+
+
+def _idefics3_like(config_family: str, model_cls: str, processor_cls: str, images_cls: str, path: Path,
+                   seed: int, video_cls: str | None = None) -> str:
+    """SigLIP-style tower over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <image> tokens a tile;
+    images longer than 28 are split into a grid of 28x28 tiles (<row_i_col_j> tags) plus a global view."""
+    tok = _tokenizer(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                     global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>", **_ROW_COL)
+    config = tiny_config(config_family, len(tok), image_token_id=tok.image_token_id, scale_factor=2,
+                         vision_config=dict(image_size=28, patch_size=7))
+    images = getattr(transformers, images_cls)(size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
+    if video_cls is None:
+        processor = getattr(transformers, processor_cls)(image_processor=images, tokenizer=tok, image_seq_len=4)
+    else:
+        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
+                                                                      video_processor=None, image_seq_len=4)
+    _save(path, getattr(transformers, model_cls), config, processor, seed)
+    if video_cls is not None:
+        _with_video_config(path, video_cls)
+    return tok.image_token
+
+
+def _idefics3(path: Path, seed: int) -> str:
+    return _idefics3_like("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor",
+                          "Idefics3ImageProcessorPil", path, seed)
+
+
+def _smolvlm(path: Path, seed: int) -> str:
+    """Idefics3's layout (SmolVLM's own processor and config); its processor needs num2words and has a video
+    processor (torchvision): saved image-only, with the video processor recorded in processor_config.json."""
+    return _idefics3_like("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+                          "SmolVLMImageProcessorPil", path, seed, video_cls="SmolVLMVideoProcessor")
+
+
+def _llava_onevision(path: Path, seed: int) -> str:
+    """SigLIP over 28x28 crops in 7x7 patches (16 tokens a crop, no CLS: strategy "full"); a single image is
+    tiled AnyRes over a 28/56 grid (base view + crops, unpadded, a newline row end), several images in one
+    prompt take the base view only (batch_num_images); Qwen2 language model."""
+    tok = _tokenizer(image_token="<image>", video_token="<video>")
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = tiny_config("llava_onevision", len(tok), image_token_index=tok.image_token_id,
+                         video_token_index=tok.video_token_id, image_grid_pinpoints=grid,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         vision_config=dict(image_size=28, patch_size=7))
+    images = transformers.LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=grid)
+    processor = image_only(transformers.LlavaOnevisionProcessor)(
+        image_processor=images, tokenizer=tok, video_processor=None, num_image_tokens=16,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    _save(path, transformers.LlavaOnevisionForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "LlavaOnevisionVideoProcessor")
+    return tok.image_token
+
+
+def _pixtral_like(family: str, model_cls: str, path: Path, seed: int, **config_kwargs) -> str:
+    """Pixtral tower over images resized to at most 56 a side in multiples of 14 (7x7 patches, 2-D RoPE), patches
+    merged 2x2: one [IMG] per 14x14, an [IMG_BREAK] after each row, [IMG_END] last (PixtralProcessor)."""
+    tok = _tokenizer(image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    config = tiny_config(family, len(tok), image_token_index=tok.image_token_id, spatial_merge_size=2,
+                         vision_feature_layer=-1, vision_config=dict(image_size=56, patch_size=7), **config_kwargs)
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size={"height": 7, "width": 7})
+    pixtral_without_torchvision()
+    processor = transformers.PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=7,
+                                              spatial_merge_size=2)
+    _save(path, getattr(transformers, model_cls), config, processor, seed)
+    return tok.image_token
+
+
+def _mistral3(path: Path, seed: int) -> str:
+    return _pixtral_like("mistral3", "Mistral3ForConditionalGeneration", path, seed)
+
+
+def _aya_vision(path: Path, seed: int) -> str:
+    """SigLIP over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <|IMG_PATCH|> a tile; images are cut
+    into up to 4 tiles (GOT-OCR2 image processor) plus a global one, each tagged TILE_i / TILE_GLOBAL, the whole
+    image between <|START_OF_IMG|> and <|END_OF_IMG|>; Cohere 2 language model."""
+    tok = _tokenizer(image_token="<image>", start_of_img_token="<|START_OF_IMG|>", end_of_img_token="<|END_OF_IMG|>",
+                     img_patch_token="<|IMG_PATCH|>", img_line_break_token="<|IMG_LINE_BREAK|>")
+    config = tiny_config("aya_vision", len(tok), image_token_index=tok.img_patch_token_id, downsample_factor=2,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full",
+                         alignment_intermediate_size=64, vision_config=dict(image_size=28, patch_size=7))
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=4)
+    processor = transformers.AyaVisionProcessor(image_processor=images, tokenizer=tok, patch_size=7, img_size=28,
+                                                downsample_factor=2)
+    _save(path, transformers.AyaVisionForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _internvl(path: Path, seed: int) -> str:
+    """InternViT over 28x28 tiles in 7x7 patches (16, CLS dropped), pixel-shuffled by 0.5 to 4 <IMG_CONTEXT> a tile;
+    images are cut into up to 4 tiles plus a thumbnail (GOT-OCR2 image processor), between <img> and </img>;
+    Qwen2 language model. Its processor has a video processor (torchvision): saved image-only."""
+    tok = _tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                     video_token="<video>")
+    config = tiny_config("internvl", len(tok), image_token_id=tok.context_image_token_id, image_seq_length=4,
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         vision_config=dict(image_size=[28, 28], patch_size=[7, 7]))
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=4)
+    processor = image_only(transformers.InternVLProcessor)(image_processor=images, tokenizer=tok,
+                                                           video_processor=None, image_seq_length=4)
+    _save(path, transformers.InternVLForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "InternVLVideoProcessor")
+    return tok.context_image_token
+
+
+def _got_ocr2(path: Path, seed: int) -> str:
+    """SAM-style ViT (windowed attention, relative positions) over 128x128 images in 2x2 patches (64x64), two
+    stride-2 convolutions to 16x16: 256 <imgpad> an image, the count GotOcr2Processor always writes (its
+    num_image_tokens is a call argument, not saved with the processor); Qwen2 language model."""
+    tok = _tokenizer(image_token="<imgpad>", img_start_token="<img>", img_end_token="</img>",
+                     im_start_token="<|im_start|>", im_end_token="<|im_end|>")
+    config = tiny_config("got_ocr2", len(tok), image_token_index=tok.image_token_id,
+                         text_config=dict(max_position_embeddings=2048),
+                         vision_config=dict(image_size=128, patch_size=2, output_channels=16, window_size=14))
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 128, "width": 128})
+    processor = transformers.GotOcr2Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.GotOcr2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _vipllava(path: Path, seed: int) -> str:
+    """CLIP over 28x28 crops in 14x14 patches (4 <image> a crop, CLS dropped), features of three layers
+    concatenated (vision_feature_layer, a list) into a layer-normed projector; LlavaProcessor, as the Hub's
+    vip-llava checkpoints ship; Llama language model."""
+    tok = _tokenizer(image_token="<image>")
+    config = tiny_config("vipllava", len(tok), image_token_index=tok.image_token_id, image_seq_length=4,
+                         vision_feature_layer=[-2, -1, 1],
+                         vision_config=dict(image_size=28, patch_size=14, num_hidden_layers=2))
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14,
+                                            vision_feature_select_strategy="default", image_token="<image>",
+                                            num_additional_image_tokens=1)
+    _save(path, transformers.VipLlavaForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _idefics2(path: Path, seed: int) -> str:
+    """SigLIP-style tower (NaViT: padded images, a pixel mask, bucketed positions) over images of 28-56 a side in
+    7x7 patches, a perceiver resampler to 4 latents: 4 <image> an image (or per crop: do_image_splitting cuts 4
+    crops plus the whole image), between <fake_token_around_image>; Mistral language model."""
+    tok = _tokenizer(image_token="<image>", image_boundary_token="<fake_token_around_image>")
+    config = tiny_config("idefics2", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=28, patch_size=7),
+                         perceiver_config=dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1))
+    images = transformers.Idefics2ImageProcessorPil(size={"shortest_edge": 28, "longest_edge": 56},
+                                                    do_image_splitting=True)
+    processor = transformers.Idefics2Processor(image_processor=images, tokenizer=tok, image_seq_len=4)
+    _save(path, transformers.Idefics2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _llava_next_video(path: Path, seed: int) -> str:
+    """LLaVA-NeXT's image path (tiny_models.save_tiny_llava's shapes: CLIP over 28x28 crops in 14x14 patches, CLS
+    dropped, a 28/56 crop grid and a newline a row) in LLaVA-NeXT-Video's model and processor; images only. Its
+    processor has a video processor (torchvision), first among its sub-processors: saved image-only."""
+    tok = _tokenizer(image_token="<image>", video_token="<video>")
+    grid = [[28, 28], [28, 56], [56, 28]]
+    config = tiny_config("llava_next_video", len(tok), image_token_index=tok.image_token_id,
+                         video_token_index=tok.video_token_id, image_grid_pinpoints=grid, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", image_seq_length=4, video_seq_length=1,
+                         vision_config=dict(image_size=28, patch_size=14))
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                     image_grid_pinpoints=grid)
+    processor = image_only(transformers.LlavaNextVideoProcessor)(
+        video_processor=None, image_processor=images, tokenizer=tok, patch_size=14,
+        vision_feature_select_strategy="default", image_token="<image>", video_token="<video>",
+        num_additional_image_tokens=1)
+    _save(path, transformers.LlavaNextVideoForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "LlavaNextVideoVideoProcessor")
+    return tok.image_token
 
 
 def _llava(family: str) -> Callable[[Path, int], str]:
@@ -115,7 +304,10 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "llava": _llava("llava"), "llava_next": _llava("llava_next"), "gemma3": _gemma3, "paligemma": _paligemma,
     "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": _qwen_vl("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")}
+    "qwen3_vl": _qwen_vl("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
+    "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
+    "got_ocr2": _got_ocr2, "vipllava": _vipllava}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

@@ -36,7 +36,10 @@ PROMPTS = [  # (text, number of images): the processor expands each {image} (the
 TEXT_ONLY = "Hello, my name is"
 # The smallest token budget each family can run these prompts with: PaliGemma's whole prompt (32 image tokens
 # and the text) is one bidirectional prefix, prefilled in one step.
-TOKEN_BUDGETS = {"paligemma": 96}
+TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512}  # GOT-OCR2's processor writes 256 tokens an image
+# Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page).
+ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -50,7 +53,8 @@ def hf_greedy(path: str, text: str, pictures: list[Image.Image]) -> tuple[list[i
     """HF generate on the processor's outputs, eager attention, EOS ignored -> tokens, [steps, vocab] logprobs."""
     config = AutoConfig.from_pretrained(path)
     # AutoProcessor where it loads; without torchvision, Qwen2-VL's processor loads for images only (HF's class)
-    inputs = load_processor(path, config.model_type)(text=text, images=[pictures], return_tensors="pt")
+    nested = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
+    inputs = load_processor(path, config.model_type)(text=text, images=nested, return_tensors="pt")
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
@@ -84,13 +88,14 @@ def check_images(family: str, root: Path) -> FamilyResult:
     start = time.perf_counter()
     vlm = save_tiny_vlm(family, root / family)
     architecture = AutoConfig.from_pretrained(vlm.path).architectures[0]
-    texts = [text.format(image=vlm.image_text) for text, _ in PROMPTS]  # PaliGemma's image_text: "", images go first
-    pictures = [images(n, seed) for seed, (_, n) in enumerate(PROMPTS)]
+    cases = ONE_IMAGE_PROMPTS if family in ONE_IMAGE_FAMILIES else PROMPTS
+    texts = [text.format(image=vlm.image_text) for text, _ in cases]  # PaliGemma's image_text: "", images go first
+    pictures = [images(n, seed) for seed, (_, n) in enumerate(cases)]
     llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=token_budget, kv_cache_memory_bytes=1 << 22)
     prompts = [{"prompt": text, "multi_modal_data": {"image": p}} for text, p in zip(texts, pictures)]
     ours = pagedformers_greedy(llm, [*prompts, TEXT_ONLY])
     theirs = [hf_greedy(vlm.path, text, p) for text, p in zip(texts, pictures)]
-    worst, mismatch = compare(ours[:len(PROMPTS)], theirs)
+    worst, mismatch = compare(ours[:len(cases)], theirs)
     if mismatch is None and worst > TOLERANCE:
         mismatch = f"same tokens, but logprobs differ by {worst:.2e} (> {TOLERANCE:g})"
     if ours[0][0] == ours[-1][0] and torch.equal(ours[0][1], ours[-1][1]):
@@ -143,7 +148,9 @@ def render_markdown(results: Sequence[FamilyResult]) -> str:
         "random-weight checkpoint with its real HF processor (`pagedformers/tools/tiny_vlms.py`; the PIL image "
         f"backend). Two image prompts (two images, one image) and a text-only prompt are greedy-decoded for "
         f"{MAX_NEW_TOKENS} tokens in one batch by `LLM(dtype=\"float32\", max_num_batched_tokens=8)` (image "
-        "tokens split across prefill chunks where the family allows) and one at a time by HF `generate` with "
+        "tokens split across prefill chunks where the family allows; a larger budget for "
+        f"{', '.join(sorted(TOKEN_BUDGETS))}; one image a prompt for {', '.join(sorted(ONE_IMAGE_FAMILIES))}) "
+        "and one at a time by HF `generate` with "
         f"eager attention. **pass**: the same tokens and every generated position's logprobs within {TOLERANCE:g} "
         "over the whole vocabulary.",
         "",
