@@ -60,6 +60,9 @@ class EngineArgs:
     hf_overrides: HfOverrides | None = _arg(None, "JSON object of config attributes to override, e.g. "
                                                   "'{\"rope_theta\": 10000}'.")
     enforce_eager: bool = _arg(False, "Run every step eagerly (no captured decode graphs).")
+    skip_hf_parity_check: bool = _arg(False, "Serve a transformers-shell model even where, at load, a short prompt "
+                                             "through the paged attention gives other hidden states than "
+                                             "transformers' own attention (its answers may be wrong).")
     attention_backend: str = _arg("auto", "Which kernels attend: auto (the device's best), cpu (the compiled CPU "
                                           "kernels), torch (plain PyTorch, any device), triton (the Triton kernels; "
                                           "on a CPU in Triton's interpreter: set TRITON_INTERPRET=1, float32).")

@@ -37,6 +37,7 @@ class ModelConfig:
     model_impl: ModelImpl
     trust_remote_code: bool
     seed: int
+    check_hf_parity: bool = True  # the load-time guard (engine/parity_guard.py)
 
     @property
     def text_config(self) -> PretrainedConfig:

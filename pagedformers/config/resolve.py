@@ -56,7 +56,8 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
         tokenizer_gguf_file=files.gguf_file if args.tokenizer is None else None,
         hf_config=files.hf_config, dtype=_resolve_dtype(args.dtype, files.hf_config, device),
         max_model_len=_resolve_max_model_len(max_model_len, files.hf_config), runner=runner, pooling_head=head,
-        pooler_config=pooler, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code, seed=args.seed)
+        pooler_config=pooler, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code, seed=args.seed,
+        check_hf_parity=not args.skip_hf_parity_check)
     return EngineConfig(
         model=model,
         cache=CacheConfig(args.block_size, args.kv_cache_memory_bytes, args.enable_prefix_caching),

@@ -51,6 +51,7 @@ class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.driver_worker = Worker(config)
         self.driver_worker.allocate_kv_cache(self.driver_worker.num_blocks)
+        self.driver_worker.check_hf_parity()
         self.num_blocks = self.driver_worker.num_blocks
 
     def execute(self, plan: StepPlan) -> WorkerOutput:

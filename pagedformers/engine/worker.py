@@ -16,9 +16,11 @@ import torch.distributed as dist
 from torch import nn
 from transformers.cache_utils import Cache
 
+from pagedformers.adapter.base import TransformersBase
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
+from pagedformers.engine.parity_guard import check_hf_parity
 from pagedformers.logger import init_logger
 from pagedformers.model.interface import SupportsGeneration, SupportsPerRequestState, SupportsPooling
 from pagedformers.model.loader import load_model
@@ -64,6 +66,18 @@ class Worker:
                                             self.config.model.dtype, self.config.device.device)
         self.zero_fresh_blocks = any(self.forward.attention.reads_unwritten_rows(spec, self.config.model.dtype)
                                      for spec in self.kv_specs.values())
+
+    @torch.inference_mode()
+    def check_hf_parity(self) -> None:
+        """The load-time guard (parity_guard.py), for transformers shells that generate, in one process: a model
+        whose paged attention diverges from transformers' own is refused, not served wrong."""
+        model, config = self.model, self.config
+        if not (config.model.check_hf_parity and isinstance(model, TransformersBase) and self.request_states is None
+                and config.model.runner == "generate" and config.parallel.world_size == 1):
+            return
+        block_size, device = config.cache.block_size, config.device.device
+        check_hf_parity(model, lambda chunk: self.forward(prepare_inputs([chunk], block_size, device), self.kv_caches),
+                        config.model.dtype, block_size, device)
 
     def pool(self, hidden: torch.Tensor, token_ids: list[int], params: PoolingParams) -> torch.Tensor:
         assert isinstance(self.model, SupportsPooling), "pooling requests reach pooling models only"

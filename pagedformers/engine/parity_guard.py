@@ -1,0 +1,114 @@
+"""The load-time guard against silent wrong answers: one short prompt through the transformers shell as the engine
+runs it (paged attention, a KV cache, the prompt in two chunks) and through the same modules with transformers'
+own eager attention and masks; a decoder layer whose output diverges refuses the model, naming the layer.
+
+Where a model's attention needs a mask or an input the paged attention does not build (an unusual layer pattern,
+remote code doing its own thing), the shell would otherwise answer with plausible but wrong tokens. Runs on a
+single-process engine after the KV cache is allocated; `skip_hf_parity_check=True` skips it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pagedformers.attention import ForwardContext, forward_context
+from pagedformers.attention.interface import QUERY_TEMPERATURE
+from pagedformers.engine.inputs import Chunk, prepare_inputs
+from pagedformers.logger import init_logger
+
+logger = init_logger(__name__)
+
+PROMPT_LEN = 12
+# Relative to the largest |value| of the layer's HF output: kernels and summation orders differ, masks must not.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}  # tiny bf16 models: 1-2e-2
+
+
+class ParityError(ValueError):
+    """The shell's forward diverges from the HF modules' own: refused rather than answered wrongly."""
+
+
+def check_hf_parity(model: nn.Module, run_chunk: Callable[[Chunk], torch.Tensor], dtype: torch.dtype,
+                    block_size: int, device: str) -> None:
+    """Raises ParityError naming the first decoder layer whose output differs beyond TOLERANCE[dtype].
+
+    `run_chunk` runs one prefill chunk through the engine's own step forward (KV cache written and read)."""
+    layers = _decoder_layers(model)
+    text_config = model.text_config
+    ids = [(7 * i + 3) % text_config.vocab_size for i in range(PROMPT_LEN)]
+    table = list(range(-(-PROMPT_LEN // block_size)))
+    half = PROMPT_LEN // 2
+    with _recording(layers) as ours:
+        for start, end in ((0, half), (half, PROMPT_LEN)):
+            run_chunk(Chunk(start, ids[start:end], table))
+    with _recording(layers) as theirs, _hf_attention(model), torch.inference_mode():
+        step = prepare_inputs([Chunk(0, ids, table)], block_size, device)
+        ctx = ForwardContext(metadata=step.metadata, kv_caches=None)
+        with forward_context(ctx):
+            model(step.input_ids, step.positions)
+    tolerance = TOLERANCE.get(dtype, 1e-1)
+    worst = 0.0
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if not a or not b:  # a layer this prompt does not reach (Mllama's cross-attention without an image)
+            continue
+        mine, reference = torch.cat(a, dim=-2).float(), b[0].float()
+        scale = reference.abs().max().clamp_min(1e-6)
+        error = float((mine - reference).abs().max() / scale)
+        worst = max(worst, error)
+        if not error <= tolerance:
+            raise ParityError(
+                f"{type(model).__name__} ({text_config.model_type}): decoder layer {index} gives other hidden states "
+                f"through the paged attention than through transformers' own attention (max relative difference "
+                f"{error:.2e} > {tolerance:g}, a {PROMPT_LEN}-token prompt in two chunks): its attention needs a mask "
+                "or input that pagedformers does not build, and its answers would be wrong. Pass "
+                "skip_hf_parity_check=True (--skip-hf-parity-check) to serve it anyway.")
+    logger.debug("%s: %d decoder layers agree with transformers' attention (max relative difference %.1e)",
+                 type(model).__name__, len(layers), worst)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The longest ModuleList of the text decoder (a multimodal shell's language model, not its encoders)."""
+    text_model = model.__dict__.get("decoder", model)
+    lists = [m for m in text_model.modules() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else nn.ModuleList()
+
+
+@contextmanager
+def _recording(layers: nn.ModuleList) -> Iterator[list[list[torch.Tensor]]]:
+    """Each layer's output hidden states, one tensor a forward ([.., tokens, hidden])."""
+    outputs: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def hook(index: int) -> Callable:
+        def record(module: nn.Module, args: tuple, out: object) -> None:
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(hidden, torch.Tensor):
+                outputs[index].append(hidden.detach().reshape(-1, hidden.shape[-1]).clone())
+        return record
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _hf_attention(model: nn.Module) -> Iterator[None]:
+    """The text model's layers attend with transformers' eager attention and its own masks meanwhile, and do
+    what the shell took over from them (Llama 4's query temperature, attention/interface.py)."""
+    text_config = model.text_config
+    before = text_config._attn_implementation
+    taken = [m for m in model.modules() if QUERY_TEMPERATURE in m.__dict__]
+    text_config._attn_implementation = "eager"
+    for module in taken:
+        module.attn_temperature_tuning = True
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = before
+        for module in taken:
+            module.attn_temperature_tuning = False
