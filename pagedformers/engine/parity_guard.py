@@ -78,14 +78,15 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 @contextmanager
 def _recording(layers: nn.ModuleList) -> Iterator[list[list[torch.Tensor]]]:
-    """Each layer's output hidden states, one tensor a forward ([.., tokens, hidden])."""
+    """Each layer's output hidden states, one tensor a forward ([..., tokens, hidden]: Gemma 3n's layers keep
+    several streams of them, [streams, 1, tokens, hidden])."""
     outputs: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def hook(index: int) -> Callable:
         def record(module: nn.Module, args: tuple, out: object) -> None:
             hidden = out[0] if isinstance(out, (tuple, list)) else out
             if isinstance(hidden, torch.Tensor):
-                outputs[index].append(hidden.detach().reshape(-1, hidden.shape[-1]).clone())
+                outputs[index].append(hidden.detach().clone())
         return record
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
