@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--max-waiting-requests", type=int, default=8)
     p.add_argument("--shutdown-timeout", type=float, default=5.0)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--drain-tokens", type=int, default=1024, help="tokens each in-flight request asks for at the "
+                   "SIGTERM: more than the shutdown timeout lets finish, so that the rest are cut")
     args = p.parse_args()
     capacity = args.max_num_seqs + args.max_waiting_requests
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +47,7 @@ def main() -> None:
             print(f"overload: {4 * capacity} concurrent requests at capacity {capacity} "
                   f"(max_num_seqs {args.max_num_seqs} + max_waiting_requests {args.max_waiting_requests}): "
                   f"{dict(sorted(codes.items()))} in {seconds:.1f} s")
-            drained = asyncio.run(_drain(server, port, capacity, 4 * args.max_tokens))
+            drained = asyncio.run(_drain(server, port, capacity, args.drain_tokens))
             print(drained)
         finally:
             if server.poll() is None:
@@ -77,15 +79,16 @@ def _serve(path: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     raise RuntimeError("the server was not ready within 180 s")
 
 
-async def _complete(client: httpx.AsyncClient, port: int, max_tokens: int) -> int:
+async def _complete(client: httpx.AsyncClient, port: int, max_tokens: int) -> str:
+    model = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()["data"][0]["id"]
     try:
         r = await client.post(f"http://127.0.0.1:{port}/v1/completions", json={
-            "model": "x", "prompt": "Hello, my name is", "max_tokens": max_tokens, "ignore_eos": True})
+            "model": model, "prompt": "Hello, my name is", "max_tokens": max_tokens, "ignore_eos": True})
     except httpx.HTTPError:
-        return -1  # the connection closed unanswered
-    if r.status_code == 503 and "retry-after" not in r.headers:
-        return 5030  # a 503 without Retry-After: counted apart
-    return r.status_code
+        return "no answer"  # the connection closed unanswered
+    if r.status_code == 503 and "retry-after" in r.headers:
+        return "503 + Retry-After"
+    return str(r.status_code)
 
 
 async def _burst(port: int, n: int, max_tokens: int) -> tuple[collections.Counter, float]:
