@@ -1,4 +1,5 @@
-"""Data parallel: `data_parallel_size` engine replicas, each a process with its own engine, behind one client.
+"""Data parallel: `data_parallel_size` engine replicas, each a process with its own engine (or, with
+distributed_executor_backend="ray", a Ray actor placed across the cluster's nodes), behind one client.
 
 Requests are shaped and checked here, in the driver, by one input processor (its KV-fit check against the
 smallest replica's cache); each call's requests are then split across the replicas by estimated work (longest
@@ -33,44 +34,36 @@ class DataParallelClient:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         size = config.parallel.data_parallel_size
-        ctx = mp.get_context("spawn")
         blob = cloudpickle.dumps(dataclasses.replace(config.local_args(), data_parallel_size=1))
         threads = max(1, (os.cpu_count() or 1) // size)
-        self.conns, self.procs = [], []
-        for i in range(size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_replica_main, args=(blob, threads, child), name=f"pagedformers-dp{i}",
-                               daemon=True)
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        self._release = weakref.finalize(self, _stop_replicas, self.conns, self.procs)  # also on garbage collection
-        num_blocks = min(self._receive(conn) for conn in self.conns)
+        on_ray = config.parallel.distributed_executor_backend == "ray"
+        self.replicas = _start_ray_replicas(blob, size, config.parallel.distributed_timeout_s) if on_ray else \
+            [_ProcessReplica(blob, threads, f"pagedformers-dp{i}") for i in range(size)]
+        self.procs = [r.proc for r in self.replicas if isinstance(r, _ProcessReplica)]
+        self._release = weakref.finalize(self, _stop_replicas, self.replicas)  # also on garbage collection
+        num_blocks = min(self._receive(r) for r in self.replicas)
         self.processor = InputProcessor(config, load_tokenizer(config), num_blocks)
 
     def run(self, requests: list[EngineRequest], use_tqdm: bool) -> list[Output]:
-        shares = _balance(requests, len(self.conns))
-        for conn, share in zip(self.conns, shares):
-            conn.send(("run", [requests[i] for i in share]))
+        shares = _balance(requests, len(self.replicas))
+        for replica, share in zip(self.replicas, shares):
+            replica.send("run", [requests[i] for i in share])
         results: list[Any] = [None] * len(requests)
-        for conn, share in zip(self.conns, shares):
-            for i, out in zip(share, self._receive(conn)):
+        for replica, share in zip(self.replicas, shares):
+            for i, out in zip(share, self._receive(replica)):
                 results[i] = out
         return results
 
     def apply_model(self, fn: Callable) -> list[Any]:
-        for conn in self.conns:
-            conn.send(("apply", cloudpickle.dumps(fn)))
-        return [r for conn in self.conns for r in self._receive(conn)]
+        for replica in self.replicas:
+            replica.send("apply", cloudpickle.dumps(fn))
+        return [r for replica in self.replicas for r in self._receive(replica)]
 
     def shutdown(self) -> None:
         self._release()  # once
 
-    def _receive(self, conn) -> Any:
-        try:
-            status, payload = conn.recv()
-        except EOFError:
-            raise RuntimeError("A data-parallel replica died; see its traceback above.") from None
+    def _receive(self, replica: _ProcessReplica | _RayReplica) -> Any:
+        status, payload = replica.receive()
         if status == "error":
             raise payload
         return payload
@@ -90,40 +83,125 @@ def _balance(requests: list[EngineRequest], n: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
-def _stop_replicas(conns: list, procs: list[mp.Process]) -> None:
-    for conn, proc in zip(conns, procs):
-        if proc.is_alive():
+class ReplicaServer:
+    """One replica's engine, in a process of its own or a Ray actor: it answers ("ok", result) or ("error", e)."""
+
+    def __init__(self, blob: bytes, threads: int) -> None:
+        torch.set_num_threads(threads)
+        from pagedformers.loading.gguf_once import gguf_parsed_once
+        from pagedformers.loading.model_files import create_engine_config
+
+        self.client, self.failure = None, None
+        try:
+            args: EngineArgs = cloudpickle.loads(blob)
+            with gguf_parsed_once(args.model, args.gguf_file):
+                self.client = InProcessClient(create_engine_config(args))
+        except Exception as e:
+            traceback.print_exc()
+            self.failure = e
+
+    def ready(self) -> tuple[str, Any]:
+        return ("error", self.failure) if self.client is None else ("ok", self.client.llm_engine.num_kv_blocks)
+
+    def handle(self, kind: str, payload: Any) -> tuple[str, Any]:
+        try:
+            if kind == "run":
+                return "ok", self.client.run(payload, use_tqdm=False)
+            return "ok", self.client.apply_model(cloudpickle.loads(payload))
+        except Exception as e:
+            return "error", e
+
+    def shutdown(self) -> None:
+        if self.client is not None:
+            self.client.shutdown()
+
+
+class _ProcessReplica:
+    def __init__(self, blob: bytes, threads: int, name: str) -> None:
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_replica_main, args=(blob, threads, child), name=name,
+                                                    daemon=True)
+        self.proc.start()
+
+    def send(self, kind: str, payload: Any) -> None:
+        self.conn.send((kind, payload))
+
+    def receive(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError("A data-parallel replica died; see its traceback above.") from None
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
             try:
-                conn.send(("shutdown", None))
+                self.conn.send(("shutdown", None))
             except OSError:  # its end of the pipe is gone already
                 pass
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class _RayReplica:
+    """A replica as a Ray actor with one CPU bundle of a placement group spread over the cluster's nodes."""
+
+    def __init__(self, actor: Any, group: Any) -> None:
+        self.actor, self.group, self.pending = actor, group, actor.ready.remote()
+
+    def send(self, kind: str, payload: Any) -> None:
+        self.pending = self.actor.handle.remote(kind, payload)
+
+    def receive(self) -> tuple[str, Any]:
+        import ray
+
+        try:
+            return ray.get(self.pending)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"A data-parallel replica (Ray actor) died: {e}") from None
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get(self.actor.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - gone already, or hung: killed below
+            pass
+        ray.kill(self.actor)
+        try:
+            remove_placement_group(self.group)  # the first replica's call releases it; the others' find it gone
+        except Exception:  # noqa: BLE001 - already removed
+            pass
+
+
+def _start_ray_replicas(blob: bytes, size: int, timeout_s: float) -> list[_RayReplica]:
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not ray.is_initialized():
+        ray.init()
+    group = placement_group([{"CPU": 1}] * size, strategy="SPREAD")
+    ray.get(group.ready(), timeout=timeout_s)
+    actor_cls = ray.remote(num_cpus=1)(ReplicaServer)
+    return [_RayReplica(actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=i)).remote(blob, 1), group) for i in range(size)]
+
+
+def _stop_replicas(replicas: list[_ProcessReplica | _RayReplica]) -> None:
+    for replica in replicas:
+        replica.stop()
 
 
 def _replica_main(blob: bytes, threads: int, conn) -> None:
-    torch.set_num_threads(threads)
-    from pagedformers.loading.gguf_once import gguf_parsed_once
-    from pagedformers.loading.model_files import create_engine_config
-
-    try:
-        args: EngineArgs = cloudpickle.loads(blob)
-        with gguf_parsed_once(args.model, args.gguf_file):
-            client = InProcessClient(create_engine_config(args))
-        conn.send(("ok", client.llm_engine.num_kv_blocks))
-    except Exception as e:
-        traceback.print_exc()
-        conn.send(("error", e))
+    server = ReplicaServer(blob, threads)
+    conn.send(server.ready())
+    if server.client is None:
         return
     while True:
         kind, payload = conn.recv()
         if kind == "shutdown":
-            client.shutdown()
+            server.shutdown()
             return
-        try:
-            result = client.run(payload, use_tqdm=False) if kind == "run" else \
-                client.apply_model(cloudpickle.loads(payload))
-            conn.send(("ok", result))
-        except Exception as e:
-            conn.send(("error", e))
+        conn.send(server.handle(kind, payload))

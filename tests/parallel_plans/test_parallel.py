@@ -208,3 +208,25 @@ def test_ray_ranks_on_another_node_match_one_process(models, mode):
         ray.shutdown()
         cluster.shutdown()
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+def test_ray_data_parallel_replicas_on_two_nodes_split_the_work_and_agree(models):
+    """distributed_executor_backend="ray" with data_parallel_size=2: each replica an actor on a node of its own (a
+    local two-node cluster, the driver's head without CPUs), tokens those of one process."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    expected, _ = _run(models["llama"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = {cluster.add_node(num_cpus=1).node_id for _ in range(2)}
+    ray.init(address=cluster.address)
+    try:
+        with LLM(model=str(models["llama"]), data_parallel_size=2, distributed_executor_backend="ray", **KW) as llm:
+            outs = llm.generate(PROMPTS * 2, GREEDY, use_tqdm=False)
+            placed = {b for g in ray.util.placement_group_table().values() for b in g["bundles_to_node_id"].values()}
+            assert len(llm.apply_model(lambda m: type(m).__name__)) == 2
+        assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in expected] * 2
+        assert placed == nodes  # one replica a node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
