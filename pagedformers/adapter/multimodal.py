@@ -34,7 +34,9 @@ ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys t
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
 IMAGE_FAMILIES = frozenset({
     "llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "gemma3", "paligemma", "qwen2_vl",
-    "qwen2_5_vl", "qwen3_vl", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl", "got_ocr2"})
+    "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
+    "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
+    "blip-2", "instructblip", "exaone4_5"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}

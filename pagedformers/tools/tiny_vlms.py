@@ -296,6 +296,225 @@ def _llava_next_video(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _glm4v_like(family: str, model_cls: str, processor_cls: str, images_cls: str, video_cls: str,
+                text_overrides: dict | None = None, vision_overrides: dict | None = None):
+    """GLM-4.1V / GLM-4.6V / GLM-OCR: Qwen2-VL-style tower (14x14 patches, 2 frames, 2x2 merge; here 56x56 = 4
+    tokens) with interpolated learned positions and 2-D RoPE; M-RoPE in the language model (get_rope_index from
+    mm_token_type_ids); image between <|begin_of_image|> and <|end_of_image|>."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(image_token="<|image|>", video_token="<|video|>", begin_image="<|begin_of_image|>",
+                         end_image="<|end_of_image|>", begin_video="<|begin_of_video|>", end_video="<|end_of_video|>")
+        text = tiny_config(family, len(tok)).text_config.to_dict()
+        text.update(text_overrides or {})
+        head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        half = int(head * text["rope_parameters"].get("partial_rotary_factor", 1.0)) // 2
+        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                      image_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2,
+                      **(vision_overrides or {}))
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             image_start_token_id=tok.convert_tokens_to_ids("<|begin_of_image|>"),
+                             image_end_token_id=tok.convert_tokens_to_ids("<|end_of_image|>"),
+                             video_start_token_id=tok.convert_tokens_to_ids("<|begin_of_video|>"),
+                             video_end_token_id=tok.convert_tokens_to_ids("<|end_of_video|>"),
+                             text_config=text, vision_config=vision)
+        images = getattr(transformers, images_cls)(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2},
+                                                   patch_size=14, merge_size=2, temporal_patch_size=2)
+        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
+                                                                     video_processor=None)
+        _save(path, getattr(transformers, model_cls), config, processor, seed)
+        _with_video_config(path, video_cls)
+        return "<|begin_of_image|><|image|><|end_of_image|>"
+
+    return build
+
+
+def _lighton_ocr(path: Path, seed: int) -> str:
+    """LightOnOCR: Mistral 3's layout (Pixtral tower over images of at most 56 a side in 7x7 patches, 2x2 merged:
+    one <|image_pad|> per 14x14, <|vision_pad|> after each row, <|vision_end|> last) with its own processor and a
+    Qwen3 language model."""
+    tok = _tokenizer(image_token="<|image_pad|>", image_break_token="<|vision_pad|>", image_end_token="<|vision_end|>")
+    config = tiny_config("lighton_ocr", len(tok), image_token_id=tok.image_token_id, spatial_merge_size=2,
+                         vision_config=dict(image_size=56, patch_size=7))
+    images = transformers.PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size={"height": 7, "width": 7})
+    processor = transformers.LightOnOcrProcessor(image_processor=images, tokenizer=tok, patch_size=7,
+                                                 spatial_merge_size=2)
+    _save(path, transformers.LightOnOcrForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _aria(path: Path, seed: int) -> str:
+    """Aria: Idefics3-style tower over images resized and padded to 980x980 (AriaProcessor's default
+    max_image_size; 490 or 980 only) in 140x140 patches (49, a pixel mask for the padding), a cross-attention
+    projector with 4 learned queries (projector_patch_to_query_dict {49: 4}): 4 <|img|> an image; MoE language
+    model (aria_text)."""
+    tok = _tokenizer(image_token="<|img|>")
+    config = tiny_config("aria", len(tok), image_token_id=tok.image_token_id, projector_patch_to_query_dict={49: 4},
+                         vision_feature_layer=-1, vision_config=dict(image_size=980, patch_size=140))
+    images = transformers.AriaImageProcessorPil(max_image_size=980, min_image_size=140)
+    processor = transformers.AriaProcessor(image_processor=images, tokenizer=tok, size_conversion={490: 1, 980: 4})
+    _save(path, transformers.AriaForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _paddleocr_vl(path: Path, seed: int) -> str:
+    """PaddleOCR-VL: SigLIP-style NaViT tower (14x14 patches, 2-D RoPE, interpolated positions) over 56x56-ish
+    images, 2x2-merged by the projector: 4+ <|IMAGE_PLACEHOLDER|> an image; M-RoPE (get_rope_index); ERNIE-4.5
+    language model."""
+    tok = _tokenizer(image_token="<|IMAGE_PLACEHOLDER|>", video_token="<|video_pad|>",
+                     vision_start_token="<|IMAGE_START|>", vision_end_token="<|IMAGE_END|>")
+    text = tiny_config("paddleocr_vl", len(tok)).text_config.to_dict()
+    half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
+    text["rope_parameters"] = {**text["rope_parameters"],
+                               "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}
+    config = tiny_config("paddleocr_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+                         text_config=text, vision_config=dict(image_size=56, patch_size=14, spatial_merge_size=2))
+    images = transformers.PaddleOCRVLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2}, patch_size=14, merge_size=2)
+    processor = transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.PaddleOCRVLForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
+def _granite_docling(path: Path, seed: int) -> str:
+    """Granite-Docling: SigLIP-style tower over 32x32 tiles in 4x4 patches (64), pixel-shuffled by 4 (coarse: 4
+    <image> a tile) or by 2 (fine route: 16), images cut into up to 4 tiles plus a thumbnail (Idefics3-style
+    <row_i_col_j> tags); deepstack: the first vision layer's features also go to the first LM layer (Qwen3-VL's
+    visual_pos_masks / deepstack_visual_embeds)."""
+    tok = _tokenizer(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                     global_image_token="<global-img>", **_ROW_COL)
+    config = tiny_config("granite_docling", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=32, patch_size=4, num_hidden_layers=1, scale_factor=4,
+                                            out_hidden_size=64, deepstack_visual_indexes=[0], use_fine_route=True))
+    images = transformers.GraniteDoclingImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4,
+                                                          fine_route=False)
+    processor = transformers.GraniteDoclingProcessor(image_processor=images, tokenizer=tok, image_seq_len=4)
+    _save(path, transformers.GraniteDoclingForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _video_llava(path: Path, seed: int) -> str:
+    """Video-LLaVA (images): CLIP over 28x28 images in 14x14 patches (4 <image>, CLS dropped: strategy default),
+    features of layer -2; Llama language model. Its processor has a video processor (torchvision): saved
+    image-only."""
+    tok = _tokenizer(image_token="<image>", video_token="<video>")
+    config = tiny_config("video_llava", len(tok), image_token_index=tok.image_token_id,
+                         video_token_index=tok.video_token_id, image_seq_length=4, video_seq_length=8,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         vision_config=dict(image_size=28, patch_size=14, num_hidden_layers=2))
+    images = transformers.VideoLlavaImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = image_only(transformers.VideoLlavaProcessor)(image_processor=images, video_processor=None,
+                                                             tokenizer=tok, patch_size=14,
+                                                             vision_feature_select_strategy="default",
+                                                             num_additional_image_tokens=1)
+    _save(path, transformers.VideoLlavaForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "VideoLlavaVideoProcessor")
+    return tok.image_token
+
+
+def _emu3(path: Path, seed: int) -> str:
+    """Emu3: a 3-D VQ-GAN (spatial factor 8: 4 levels) turns a ~32x32 image into 4x4 codes of an 8-entry codebook,
+    each the text embedding of its <|visual token NNNNNN|>, a row ending in <|extra_200|>: h*(w+1) <image> between
+    <|image start|>{h}*{w}<|image token|> and <|extra_201|><|image end|>."""
+    visual = {f"vis{i}": f"<|visual token {i:06d}|>" for i in range(8)}
+    tok = _tokenizer(image_token="<image>", boi_token="<|image start|>", eoi_token="<|image end|>",
+                     image_wrapper_token="<|image token|>", eof_token="<|extra_201|>", eol_token="<|extra_200|>",
+                     **visual)
+    config = tiny_config("emu3", len(tok), vocabulary_map=dict(tok.get_vocab()), image_token_id=tok.image_token_id,
+                         vq_config=dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+                                        num_res_blocks=1, attn_resolutions=[], embed_dim=4, latent_channels=4,
+                                        temporal_downsample_factor=4, hidden_size=32, num_attention_heads=1))
+    images = transformers.Emu3ImageProcessor(min_pixels=32 * 32, max_pixels=40 * 40, spatial_factor=8)
+    processor = transformers.Emu3Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Emu3ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+_QFORMER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                encoder_hidden_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                initializer_range=0.2)
+
+
+def _blip2(path: Path, seed: int) -> str:
+    """BLIP-2 (OPT): ViT over 28x28 images in 7x7 patches, a 1-layer Q-Former with 4 queries, projected: 4 <image>
+    before the prompt (the processor puts them there); OPT language model."""
+    tok = _tokenizer()  # Blip2Processor adds <image> itself (an AddedToken; a str image_token breaks it)
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28})
+    processor = transformers.Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=4)
+    config = tiny_config("blip-2", len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         num_query_tokens=4, vision_config=dict(image_size=28, patch_size=7), qformer_config=_QFORMER)
+    _save(path, transformers.Blip2ForConditionalGeneration, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
+def _instructblip(path: Path, seed: int) -> str:
+    """InstructBLIP (Llama-style LM): BLIP-2's layout, its Q-Former also reading the prompt (qformer_input_ids from
+    a second, Q-Former tokenizer: the same tiny BPE here): 4 <image> before the prompt."""
+    tok = _tokenizer()
+    qtok = _tokenizer()
+    images = transformers.BlipImageProcessorPil(size={"height": 28, "width": 28})
+    processor = transformers.InstructBlipProcessor(image_processor=images, tokenizer=tok, qformer_tokenizer=qtok,
+                                                   num_query_tokens=4)
+    config = tiny_config("instructblip", len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         num_query_tokens=4, vision_config=dict(image_size=28, patch_size=7),
+                         qformer_config=dict(_QFORMER, vocab_size=len(qtok), pad_token_id=qtok.pad_token_id))
+    _save(path, transformers.InstructBlipForConditionalGeneration, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
+def _qwen_vl_like(family: str, model_cls: str, processor_cls: str, vision: dict, video_cls: str,
+                  text_overrides: dict | None = None):
+    """Qwen-VL-style families beyond tiny_vlms._qwen_vl (Qwen3.5, Qwen3-VL-MoE, EXAONE 4.5): 64x64 images in 16x16
+    patches, 2x2 merged (4+ tokens), M-RoPE from get_rope_index; saved image-only (video processor: torchvision)."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+        text = tiny_config(family, len(tok)).text_config.to_dict()
+        text.update(text_overrides or {})
+        head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        half = int(head * text["rope_parameters"].get("partial_rotary_factor", 1.0)) // 2
+        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             vision_start_token_id=tok.vision_start_token_id,
+                             vision_end_token_id=tok.vision_end_token_id, text_config=text,
+                             vision_config=dict(vision, out_hidden_size=text["hidden_size"]))
+        side = 4 * vision["patch_size"]
+        images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
+                                                       patch_size=vision["patch_size"], merge_size=2)
+        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
+                                                                     video_processor=None)
+        _save(path, getattr(transformers, model_cls), config, processor, seed)
+        _with_video_config(path, video_cls)
+        return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+    return build
+
+
+def _exaone4_5(path: Path, seed: int) -> str:
+    """EXAONE 4.5: Qwen2.5-VL-style windowed tower with GQA (14x14 patches, 56x56 images -> 4+ tokens, windows of
+    56, the second block full), 1-D RoPE in its EXAONE 4 language model (sliding/full layers); image-only."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    config = tiny_config("exaone4_5", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         text_config=dict(model_type="exaone4"),  # its __post_init__ reads the key
+                         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            num_key_value_heads=1, out_hidden_size=64, window_size=56,
+                                            fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                                            temporal_patch_size=2, initializer_range=0.2))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                   merge_size=2)
+    processor = image_only(transformers.Exaone4_5_Processor)(image_processor=images, tokenizer=tok,
+                                                             video_processor=None)
+    _save(path, transformers.Exaone4_5_ForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "Qwen2VLVideoProcessor")
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -307,7 +526,18 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "qwen3_vl": _qwen_vl("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
-    "got_ocr2": _got_ocr2, "vipllava": _vipllava}
+    "got_ocr2": _got_ocr2, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr, "aria": _aria,
+    "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
+    "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5,
+    "glm4v": _glm4v_like("glm4v", "Glm4vForConditionalGeneration", "Glm4vProcessor", "Glm4vImageProcessorPil",
+                         "Glm4vVideoProcessor"),
+    "glm46v": _glm4v_like("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
+                          "Glm46VVideoProcessor"),
+    "qwen3_vl_moe": _qwen_vl_like(
+        "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
+        "Qwen3VLVideoProcessor")}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

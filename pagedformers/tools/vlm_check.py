@@ -37,9 +37,10 @@ TEXT_ONLY = "Hello, my name is"
 # The smallest token budget each family can run these prompts with: PaliGemma's whole prompt (32 image tokens
 # and the text) is one bidirectional prefix, prefilled in one step.
 TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512}  # GOT-OCR2's processor writes 256 tokens an image
-# Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page).
+# Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
+# BLIP-2 and InstructBLIP put one image's query tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2"})
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
