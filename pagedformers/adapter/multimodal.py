@@ -36,15 +36,18 @@ IMAGE_FAMILIES = frozenset({
     "llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "gemma3", "paligemma", "qwen2_vl",
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
-    "blip-2", "instructblip", "exaone4_5"})
+    "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
+    "glm_ocr"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
+# Families whose image runs attend both ways in their sliding-window layers only (full layers stay causal), where
+# the text config asks for it (Gemma 4: use_bidirectional_attention == "vision").
+SLIDING_ONLY_GROUPS = {"gemma4": ("use_bidirectional_attention", "vision")}
 _BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
                   "mask), which pagedformers does not build for this family yet")
 # Why a family cannot take images yet, where more is known than "not checked against transformers".
 IMAGE_REFUSALS = {
-    "gemma4": _BIDIRECTIONAL,
     "gemma4_unified": _BIDIRECTIONAL,
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
@@ -96,6 +99,8 @@ def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] 
     """The prompt's position ranges [start, end) whose tokens attend to each other both ways, as transformers'
     mask for this family builds them from the processor's token_type_ids."""
     kind = BIDIRECTIONAL_GROUPS.get(hf_config.model_type)
+    if kind is None and (rule := SLIDING_ONLY_GROUPS.get(hf_config.model_type)):
+        kind = "images" if getattr(hf_config.get_text_config(), rule[0], None) == rule[1] else None
     if kind is None:
         return []
     if token_type_ids is None:
@@ -139,6 +144,8 @@ class TransformersForMultimodalLM(CausalShell):
         self.logit_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        rope = getattr(self.text_config, "rope_parameters", None) or {}
+        self.mrope_axes = len(rope.get("mrope_section") or [0] * 3)  # HunYuan-VL's XD-RoPE: 4
 
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()
@@ -190,6 +197,8 @@ class TransformersForMultimodalLM(CausalShell):
             inputs = self.embed_with_features(input_ids, multi_modal)
         else:
             inputs = {"input_ids": input_ids[None]}
+        if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:  # no media rows: all equal
+            mrope_positions = mrope_positions[:1].expand(self.mrope_axes, -1)
         position_ids = mrope_positions[:, None] if mrope_positions is not None else positions[None]
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
@@ -221,6 +230,10 @@ class TransformersForMultimodalLM(CausalShell):
             if s.is_last:
                 self.encoder_cache.pop(s.key, None)
         inputs: dict[str, Any] = {"inputs_embeds": embeds[None]}
+        if getattr(self.decoder, "hidden_size_per_layer_input", None):  # Gemma 4: per-layer embeddings by token id
+            pad = self.text_config.pad_token_id  # what HF looks them up with at the media rows
+            inputs["per_layer_inputs"] = self.decoder.get_per_layer_inputs(input_ids.index_fill(0, rows, pad)[None],
+                                                                          None)
         if deepstack:  # the language model adds them to its first layers' hidden states at the placeholder rows
             order = rows.argsort()
             inputs["visual_pos_masks"] = torch.zeros(1, len(input_ids), dtype=torch.bool,

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoModel
 
-from pagedformers.adapter.compat import is_backend_compatible, state_layers
+from pagedformers.adapter.compat import RULE_FLAG, is_backend_compatible, state_layers
 from pagedformers.config import EngineConfig
 from pagedformers.logger import init_logger
 
@@ -58,6 +58,10 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
             "serves it with runner='generate' only (TransformersForMultimodalLM); pooling needs a text-only "
             "checkpoint.")
     report = is_backend_compatible(base_model_class(config), model.hf_config, model.trust_remote_code)
+    language_model = AutoModel._model_mapping.get(type(model.text_config), None) if model.is_multimodal else None
+    if getattr(language_model, "_supports_attention_backend", False):
+        # Only the language model attends through the paged cache (JanusModel, DeepseekVLModel lack the flag)
+        report.broken = [b for b in report.broken if not b.startswith(RULE_FLAG)]
     report.raise_if_broken()
     for warning in report.warnings:
         logger.warning("%s: %s", report.model_name, warning)

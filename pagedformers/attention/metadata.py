@@ -26,6 +26,7 @@ class PrefillSpan:
     # Position ranges [start, end) within its context whose tokens see each other both ways in causal layers
     # (Gemma 3's images, PaliGemma's prefix); the scheduler never cuts one (MultiModalInputs.chunk_end).
     bidirectional: tuple[tuple[int, int], ...] = ()
+    bidirectional_sliding_only: bool = False  # the ranges apply in sliding-window layers only (Gemma 4)
 
     @property
     def q_len(self) -> int:
@@ -120,7 +121,7 @@ class AttentionMetadata:
         span's bidirectional ranges add the keys of the query's own range, ahead of it too, the window
         still applying (transformers' AND(sliding_window, OR(causal, blockwise)))."""
         span = self.prefills[index]
-        groups = span.bidirectional if causal else ()
+        groups = span.bidirectional if causal and (window is not None or not span.bidirectional_sliding_only) else ()
         if window is None and chunk is None and not groups and (not causal or span.num_cached == 0):
             return None
         key = ("prefill", index, window, causal, chunk)

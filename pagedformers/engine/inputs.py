@@ -84,7 +84,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
         PrefillSpan(r, r + len(c.token_ids), c.start,
                     torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)], device=device)
                     if c.start else None,
-                    _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else ())
+                    _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else (),
+                    c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only)
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
@@ -120,16 +121,17 @@ def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalS
 
 
 def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) -> torch.Tensor | None:
-    """[3, T] M-RoPE positions, or None where every row's three equal its index (text-only requests): the
-    prompt's from its media, index + delta past it."""
+    """[axes, T] M-RoPE positions (3: time, height, width; HunYuan-VL 4), or None where every row's equal its index
+    (text-only requests): the prompt's from its media, index + delta past it."""
     media = [c.multi_modal.mrope_positions if c.multi_modal is not None else None for c in chunks]
     if all(m is None for m in media) and not any(c.mrope_delta for c in chunks):
         return None
     rows, start = [], 0
+    axes = max((m.shape[0] for m in media if m is not None), default=3)  # HunYuan-VL's XD-RoPE: 4
     for c, prompt in zip(chunks, media):
         index = positions[start:start + len(c.token_ids)]
         start += len(c.token_ids)
-        shifted = (index + c.mrope_delta).expand(3, -1)
+        shifted = (index + c.mrope_delta).expand(axes, -1)
         if prompt is not None:  # the chunk's rows up to the prompt's end take the prompt's positions
             within = prompt[:, c.start:c.start + len(c.token_ids)]
             shifted = torch.cat([within, shifted[:, within.shape[1]:]], dim=1)

@@ -16,6 +16,7 @@ from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
     NO_PRECOMPUTED_FEATURES,
+    SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
     rope_index,
@@ -70,8 +71,10 @@ class MultiModalProcessor:
                              "image placeholder in the prompt text")
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
-        groups = bidirectional_ranges(self.config.model.hf_config, types[0].tolist() if types is not None else None)
-        media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups)
+        hf_config = self.config.model.hf_config
+        groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
+        media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups,
+                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()

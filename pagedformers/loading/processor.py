@@ -11,8 +11,10 @@ torchvision only for one helper its module imports, which the PIL image processo
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import types
+from pathlib import Path
 
 import transformers
 from transformers import AutoProcessor, ProcessorMixin
@@ -25,17 +27,25 @@ logger = init_logger(__name__)
 
 
 def load_processor(path: str, model_type: str, trust_remote_code: bool = False) -> ProcessorMixin:
-    if PROCESSOR_MAPPING_NAMES.get(model_type) == "PixtralProcessor":
+    # GLM-OCR ships GLM-4.6V's processor: transformers maps none to its model_type, the checkpoint names it
+    name = PROCESSOR_MAPPING_NAMES.get(model_type) or _saved_processor_class(path)
+    if name == "PixtralProcessor":
         pixtral_without_torchvision()
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ImportError, OSError) as e:  # a video sub-processor needs torchvision (or was saved without it)
-        cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+        cls = getattr(transformers, name or "", None)
         if is_torchvision_available() or not isinstance(cls, type) or not _video_parts(cls):
             raise
         logger.info("%s: loading %s without its video processor (%s: torchvision is not installed)", path,
                     cls.__name__, type(e).__name__)
         return image_only(cls).from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _saved_processor_class(path: str) -> str | None:
+    """The processor class a checkpoint's processor_config.json names."""
+    file = Path(path) / "processor_config.json"
+    return json.loads(file.read_text()).get("processor_class") if file.is_file() else None
 
 
 def _video_parts(cls: type[ProcessorMixin]) -> list[str]:

@@ -515,6 +515,97 @@ def _exaone4_5(path: Path, seed: int) -> str:
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
 
+def _gemma4(path: Path, seed: int, bidirectional: str | None = None) -> str:
+    """Gemma 4: its own ViT (2-D axial RoPE, patches of 8 here) over aspect-preserved images of at most
+    70 x 3x3 patches, 3x3-pooled to <= 70 soft tokens an image between <|image> and <image|>; the processor
+    also has audio and video parts (video: torchvision -> built image-only; audio: none). With
+    use_bidirectional_attention="vision", image runs attend both ways in the sliding-window layers."""
+    tok = _tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>", audio_token="<|audio|>",
+                     boa_token="<|audio>", eoa_token="<audio|>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=3,
+                  position_embedding_size=256, initializer_range=0.2)
+    text = tiny_config("gemma4", len(tok)).text_config.to_dict()
+    text["use_bidirectional_attention"] = bidirectional
+    config = tiny_config("gemma4", len(tok), image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                         eoi_token_id=tok.eoi_token_id, audio_token_id=tok.audio_token_id, text_config=text,
+                         vision_config=vision, audio_config=None)
+    images = transformers.Gemma4ImageProcessorPil(patch_size=8, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = image_only(transformers.Gemma4Processor)(
+        feature_extractor=transformers.Gemma4AudioFeatureExtractor(), image_processor=images, tokenizer=tok,
+        video_processor=None, image_seq_length=70)
+    _save(path, transformers.Gemma4ForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "Gemma4VideoProcessor")
+    return tok.image_token
+
+
+def _janus(path: Path, seed: int) -> str:
+    """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
+    between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
+    generation beside it; Llama language model."""
+    tok = _tokenizer(image_token="<image_placeholder>", boi_token="<begin_of_image>", eoi_token="<end_of_image>")
+    config = tiny_config("janus", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=28, patch_size=7, projection_dim=64, num_image_tokens=16),
+                         vq_config=dict(base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+                                        num_embeddings=64, embed_dim=8, latent_channels=32, num_patches=2,
+                                        projection_dim=64, image_token_embed_dim=64))
+    images = transformers.JanusImageProcessorPil(size={"height": 28, "width": 28}, min_size=7)
+    processor = transformers.JanusProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16)
+    _save(path, transformers.JanusForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _deepseek_vl(path: Path, seed: int) -> str:
+    """DeepSeek-VL: SigLIP over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image,
+    through an MLP aligner; Llama language model."""
+    tok = _tokenizer(image_token="<image_placeholder>")
+    config = tiny_config("deepseek_vl", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=28, patch_size=7))
+    images = transformers.DeepseekVLImageProcessorPil(size={"height": 28, "width": 28}, min_size=7)
+    processor = transformers.DeepseekVLProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16)
+    _save(path, transformers.DeepseekVLForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _deepseek_vl_hybrid(path: Path, seed: int) -> str:
+    """DeepSeek-VL hybrid: SigLIP over 28x28 images in 7x7 patches (16 tokens) plus a SAM tower over the same
+    image at 64x64 in 8x8 patches (windowed + one global layer), its neck and two stride-2 convolutions down to
+    the same 4x4 grid; the aligner concatenates both: 16 <image_placeholder> an image; Llama language model."""
+    tok = _tokenizer(image_token="<image_placeholder>")
+    config = tiny_config("deepseek_vl_hybrid", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=28, patch_size=7),
+                         high_res_vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=64, patch_size=8,
+                                                     window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                                                     initializer_range=0.2))
+    images = transformers.DeepseekVLHybridImageProcessorPil(size={"height": 28, "width": 28},
+                                                            high_res_size={"height": 64, "width": 64}, min_size=7)
+    processor = transformers.DeepseekVLHybridProcessor(image_processor=images, tokenizer=tok, num_image_tokens=16)
+    _save(path, transformers.DeepseekVLHybridForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _hunyuan_vl(path: Path, seed: int) -> str:
+    """HunYuan-VL / HunyuanOCR: NaViT-style tower (8x8 patches here, interpolated learned positions), 2x2 conv
+    merge with a newline token a row and begin/end rows: h*(w+1)+2 <|image|>-ish tokens an image between start/end
+    tokens; XD-RoPE: 4 position axes (sequence, width, height, image index; mrope_section [2, 2, 2, 2])."""
+    tok = _tokenizer(image_token="<img>", image_start_token="<img_start>", image_end_token="<img_end>",
+                     newline_token="<img_newline>")
+    text = tiny_config("hunyuan_vl", len(tok)).text_config.to_dict()
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [2, 2, 2, 2]}
+    config = tiny_config("hunyuan_vl", len(tok), image_token_id=tok.image_token_id,
+                         im_start_id=tok.image_start_token_id, im_end_id=tok.image_end_token_id,
+                         im_newline_id=tok.newline_token_id, text_config=text,
+                         vision_config=dict(patch_size=8, spatial_merge_size=2, out_hidden_size=64,
+                                            text_hidden_size=64, max_image_size=64, min_image_size=16,
+                                            max_vit_seq_len=256, img_max_token_num=64))
+    images = transformers.HunYuanVLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 48 * 48},
+                                                     patch_size=8, merge_size=2)
+    processor = transformers.HunYuanVLProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.HunYuanVLForConditionalGeneration, config, processor, seed)
+    return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -528,7 +619,12 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
     "got_ocr2": _got_ocr2, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr, "aria": _aria,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
-    "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5,
+    "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
+    "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
+    "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
+    # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
+    "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
+                           "Glm46VVideoProcessor"),
     "glm4v": _glm4v_like("glm4v", "Glm4vForConditionalGeneration", "Glm4vProcessor", "Glm4vImageProcessorPil",
                          "Glm4vVideoProcessor"),
     "glm46v": _glm4v_like("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",

@@ -15,8 +15,8 @@ ANCHORS = {  # family: what its row must say
     "lfm2": ("TransformersHybridForCausalLM (Lfm2ForCausalLM)", "", "embed"),
     "llava": ("TransformersForMultimodalLM (LlavaForConditionalGeneration)", "yes", ""),
     "gemma3": ("TransformersForMultimodalLM (Gemma3ForConditionalGeneration)", "yes", ""),
-    "gemma4": ("TransformersForMultimodalLM (Gemma4ForConditionalGeneration)",
-               "text only: bidirectional image attention", ""),
+    "gemma4_unified": ("TransformersForMultimodalLM (Gemma4UnifiedForConditionalGeneration)",
+                       "text only: bidirectional image attention", ""),
     "deepseek_v32": ("refused: indexed_attention layers", "", ""),
     "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
 }
