@@ -142,6 +142,11 @@ class TransformersForMultimodalLM(CausalShell):
         # Aya Vision's and Command A Vision's classes do not.
         scale = getattr(self.meta_causal_lm(), "logit_scale", None)
         self.logit_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+        source = _module_source(type(self.meta_causal_lm()))  # LLaVA-NeXT around a Granite text config: not applied
+        if source is not None and "logits_scaling" not in source:
+            self.logits_scaling = 1.0
+        if source is not None and "final_logit_softcapping" not in source:
+            self.final_logit_softcapping = None
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         rope = getattr(self.text_config, "rope_parameters", None) or {}
@@ -197,8 +202,11 @@ class TransformersForMultimodalLM(CausalShell):
             inputs = self.embed_with_features(input_ids, multi_modal)
         else:
             inputs = {"input_ids": input_ids[None]}
-        if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:  # no media rows: all equal
-            mrope_positions = mrope_positions[:1].expand(self.mrope_axes, -1)
+        if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:
+            if not (mrope_positions == mrope_positions[:1]).all():
+                raise ValueError(f"the prompt's M-RoPE positions have {mrope_positions.shape[0]} axes, the model's "
+                                 f"rope_parameters.mrope_section {self.mrope_axes}")
+            mrope_positions = mrope_positions[:1].expand(self.mrope_axes, -1)  # no image rows: every axis the index
         position_ids = mrope_positions[:, None] if mrope_positions is not None else positions[None]
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
@@ -257,6 +265,14 @@ class TransformersForMultimodalLM(CausalShell):
             raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
                              f"{len(inputs.placeholders)} placeholder tokens in the prompt")
         return tuple(features)
+
+
+def _module_source(cls: type) -> str | None:
+    """The source of the module defining `cls` (None where it cannot be read)."""
+    try:
+        return inspect.getsource(inspect.getmodule(cls))
+    except (OSError, TypeError):
+        return None
 
 
 def _flat(features: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -37,7 +37,9 @@ class DataParallelClient:
         blob = cloudpickle.dumps(dataclasses.replace(config.local_args(), data_parallel_size=1))
         threads = max(1, (os.cpu_count() or 1) // size)
         on_ray = config.parallel.distributed_executor_backend == "ray"
-        self.replicas = _start_ray_replicas(blob, size, config.parallel.distributed_timeout_s) if on_ray else \
+        # On CUDA each replica's bundle holds its ranks' GPUs: Ray hides the GPUs from an actor that asks for none.
+        gpus = config.parallel.world_size if config.device.type == "cuda" else 0
+        self.replicas = _start_ray_replicas(blob, size, config.parallel.distributed_timeout_s, gpus) if on_ray else \
             [_ProcessReplica(blob, threads, f"pagedformers-dp{i}") for i in range(size)]
         self.procs = [r.proc for r in self.replicas if isinstance(r, _ProcessReplica)]
         self._release = weakref.finalize(self, _stop_replicas, self.replicas)  # also on garbage collection
@@ -175,16 +177,22 @@ class _RayReplica:
             pass
 
 
-def _start_ray_replicas(blob: bytes, size: int, timeout_s: float) -> list[_RayReplica]:
+def _start_ray_replicas(blob: bytes, size: int, timeout_s: float, gpus: int) -> list[_RayReplica]:
+    """One actor a replica, each with one CPU (its torch threads) and `gpus` GPUs; the model path must be readable
+    on every node."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if not ray.is_initialized():
         ray.init()
-    group = placement_group([{"CPU": 1}] * size, strategy="SPREAD")
-    ray.get(group.ready(), timeout=timeout_s)
-    actor_cls = ray.remote(num_cpus=1)(ReplicaServer)
+    group = placement_group([{"CPU": 1, **({"GPU": gpus} if gpus else {})}] * size, strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except Exception:
+        remove_placement_group(group)  # nothing holds it yet: give its reservations back
+        raise
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(ReplicaServer)
     return [_RayReplica(actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=i)).remote(blob, 1), group) for i in range(size)]
 

@@ -99,6 +99,10 @@ class MultiModalProcessor:
         embeds = given["image_embeds"]
         embeds = [embeds] if isinstance(embeds, torch.Tensor) and embeds.dim() == 2 else embeds  # one image's
         embeds = [e.reshape(-1, e.shape[-1]) for e in embeds]  # one [rows, hidden] per image
+        hidden = self.config.model.text_config.hidden_size
+        if any(e.shape[-1] != hidden for e in embeds):
+            raise ValueError(f"{name}: image_embeds rows have {embeds[0].shape[-1]} values; this model's hidden size "
+                             f"is {hidden}")
         placeholder = self.processor.image_token
         if text.count(placeholder) != len(embeds):
             raise ValueError(f"{name}: the prompt has {text.count(placeholder)} image placeholders ({placeholder!r}) "
@@ -108,9 +112,9 @@ class MultiModalProcessor:
         ids, rows = out["input_ids"], sum(len(e) for e in embeds)
         if int((ids == image_token).sum()) != rows:
             raise ValueError(f"{name}: image_embeds has {rows} rows, but the prompt expands to "
-                             f"{int((ids == image_token).sum())} image tokens"
-                             + (f" (give {' / '.join(_BESIDE_PIXELS)} where the count depends on the image)"
-                                if not beside else ""))
+                             f"{int((ids == image_token).sum())} image tokens (for families whose processor "
+                             f"counts them from the image, give {' / '.join(_BESIDE_PIXELS)} where it reads them, "
+                             "or pass the image itself)")
         out["mm_token_type_ids"] = (ids == image_token).long()  # what the processor marks: image tokens
         return {**out, **beside, "image_embeds": torch.cat(embeds)}
 

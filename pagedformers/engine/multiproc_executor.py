@@ -231,7 +231,10 @@ def _serve(worker: Worker) -> None:
         message = [None]
         try:
             dist.broadcast_object_list(message, src=0)
-        except RuntimeError as e:  # the driver released the group without a word (an LLM dropped, or it died)
+        except RuntimeError as e:
+            if "Connection closed" not in str(e) and "Connection reset" not in str(e):
+                raise  # a timeout or another failure: worker_main prints it and exits 1
+            # The driver released the group without a word (an LLM dropped, or its process ended)
             logger.info("rank %d: the driver is gone (%s); this worker exits", dist.get_rank(), str(e)[:200])
             return
         kind, payload = message[0]

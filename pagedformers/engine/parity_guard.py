@@ -77,10 +77,13 @@ def _relative_error(mine: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList of the text decoder (a multimodal shell's language model, not its encoders)."""
+    """The text decoder's layers (a multimodal shell's language model, not its encoders): the ModuleList of
+    num_hidden_layers modules, else the longest."""
     text_model = model.__dict__.get("decoder", model)
     lists = [m for m in text_model.modules() if isinstance(m, nn.ModuleList)]
-    return max(lists, key=len) if lists else nn.ModuleList()
+    count = getattr(model.text_config, "num_hidden_layers", None)
+    exact = [m for m in lists if len(m) == count]  # not a MoE layer's list of experts
+    return exact[0] if exact else max(lists, key=len) if lists else nn.ModuleList()
 
 
 @contextmanager
@@ -110,7 +113,7 @@ def _hf_attention(model: nn.Module) -> Iterator[None]:
     what the shell took over from them (Llama 4's query temperature, attention/interface.py)."""
     text_config = model.text_config
     before = text_config._attn_implementation
-    taken = [m for m in model.modules() if QUERY_TEMPERATURE in m.__dict__]
+    taken = {m: m.attn_temperature_tuning for m in model.modules() if QUERY_TEMPERATURE in m.__dict__}
     text_config._attn_implementation = "eager"
     for module in taken:
         module.attn_temperature_tuning = True
@@ -118,5 +121,5 @@ def _hf_attention(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         text_config._attn_implementation = before
-        for module in taken:
-            module.attn_temperature_tuning = False
+        for module, tuning in taken.items():
+            module.attn_temperature_tuning = tuning

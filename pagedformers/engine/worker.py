@@ -74,6 +74,7 @@ class Worker:
         model, config = self.model, self.config
         if not (config.model.check_hf_parity and isinstance(model, TransformersBase) and self.request_states is None
                 and config.model.runner == "generate" and config.parallel.world_size == 1):
+            logger.debug("No parity guard: native models, hybrids, pooling and parallel ranks skip it")
             return
         block_size, device = config.cache.block_size, config.device.device
         check_hf_parity(model, lambda chunk: self.forward(prepare_inputs([chunk], block_size, device), self.kv_caches),
