@@ -71,7 +71,7 @@ def _paligemma(path: Path, seed: int) -> str:
     return ""  # PaliGemma's processor puts the image tokens before the prompt itself
 
 
-# Vision towers of the Qwen-VL families: 14x14 patches (Qwen3-VL: 16x16), 2x2 of them merged into one token.
+# Vision towers of the Qwen-VL families (_qwen_vl_like): 14x14 patches (Qwen3-VL: 16x16), 2x2 of them merged.
 
 
 _QWEN_VISION = {
@@ -82,34 +82,6 @@ _QWEN_VISION = {
     "qwen3_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                      num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=16),
 }
-
-
-def _qwen_vl(family: str, model_cls: str, processor_cls: str) -> Callable[[Path, int], str]:
-    """A 56x56 image (64x64 for Qwen3-VL) is 4 tokens; M-RoPE positions (time, height, width) over each image's
-    grid. The processor is saved without its video processor (it needs torchvision, loading/processor.py)."""
-
-    def build(path: Path, seed: int) -> str:
-        tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
-                         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
-        text = tiny_config(family, len(tok)).text_config.to_dict()
-        # of the rotary pairs, height and width take 3/8 each
-        half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
-        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
-        vision = dict(_QWEN_VISION[family], spatial_merge_size=2)
-        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-                             vision_start_token_id=tok.vision_start_token_id,
-                             vision_end_token_id=tok.vision_end_token_id, text_config=text, vision_config=vision)
-        side = 4 * vision["patch_size"]
-        images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
-                                                       patch_size=vision["patch_size"], merge_size=2)
-        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
-                                                                     video_processor=None)
-        _save(path, getattr(transformers, model_cls), config, processor, seed)
-        _with_video_config(path, "Qwen2VLVideoProcessor" if family != "qwen3_vl" else "Qwen3VLVideoProcessor")
-        return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
-
-    return build
 
 
 def _with_video_config(path: Path, video_processor_type: str, **video_kwargs) -> None:
@@ -296,6 +268,16 @@ def _llava_next_video(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _mrope_text_config(family: str, vocab_size: int, overrides: dict | None = None) -> dict:
+    """The family's tiny text config with M-RoPE sections over its rotary pairs: 3/8 each to height and width."""
+    text = {**tiny_config(family, vocab_size).text_config.to_dict(), **(overrides or {})}
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    half = int(head * text["rope_parameters"].get("partial_rotary_factor", 1.0)) // 2
+    sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+    return text
+
+
 def _glm4v_like(family: str, model_cls: str, processor_cls: str, images_cls: str, video_cls: str,
                 text_overrides: dict | None = None, vision_overrides: dict | None = None):
     """GLM-4.1V / GLM-4.6V / GLM-OCR: Qwen2-VL-style tower (14x14 patches, 2 frames, 2x2 merge; here 56x56 = 4
@@ -305,12 +287,7 @@ def _glm4v_like(family: str, model_cls: str, processor_cls: str, images_cls: str
     def build(path: Path, seed: int) -> str:
         tok = _tokenizer(image_token="<|image|>", video_token="<|video|>", begin_image="<|begin_of_image|>",
                          end_image="<|end_of_image|>", begin_video="<|begin_of_video|>", end_video="<|end_of_video|>")
-        text = tiny_config(family, len(tok)).text_config.to_dict()
-        text.update(text_overrides or {})
-        head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        half = int(head * text["rope_parameters"].get("partial_rotary_factor", 1.0)) // 2
-        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+        text = _mrope_text_config(family, len(tok), text_overrides)
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
                       image_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2,
                       **(vision_overrides or {}))
@@ -365,10 +342,7 @@ def _paddleocr_vl(path: Path, seed: int) -> str:
     language model."""
     tok = _tokenizer(image_token="<|IMAGE_PLACEHOLDER|>", video_token="<|video_pad|>",
                      vision_start_token="<|IMAGE_START|>", vision_end_token="<|IMAGE_END|>")
-    text = tiny_config("paddleocr_vl", len(tok)).text_config.to_dict()
-    half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
-    text["rope_parameters"] = {**text["rope_parameters"],
-                               "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]}
+    text = _mrope_text_config("paddleocr_vl", len(tok))
     config = tiny_config("paddleocr_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                          vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
                          text_config=text, vision_config=dict(image_size=56, patch_size=14, spatial_merge_size=2))
@@ -467,18 +441,14 @@ def _instructblip(path: Path, seed: int) -> str:
 
 def _qwen_vl_like(family: str, model_cls: str, processor_cls: str, vision: dict, video_cls: str,
                   text_overrides: dict | None = None):
-    """Qwen-VL-style families beyond tiny_vlms._qwen_vl (Qwen3.5, Qwen3-VL-MoE, EXAONE 4.5): 64x64 images in 16x16
-    patches, 2x2 merged (4+ tokens), M-RoPE from get_rope_index; saved image-only (video processor: torchvision)."""
+    """Qwen-VL-style families: a 4x4-patch image (56x56 in 14x14 patches, 64x64 in 16x16) is 4 tokens, 2x2 merged;
+    M-RoPE positions (time, height, width) over each image's grid, from get_rope_index. The processor is saved
+    without its video processor (it needs torchvision, loading/processor.py)."""
 
     def build(path: Path, seed: int) -> str:
         tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
                          vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
-        text = tiny_config(family, len(tok)).text_config.to_dict()
-        text.update(text_overrides or {})
-        head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        half = int(head * text["rope_parameters"].get("partial_rotary_factor", 1.0)) // 2
-        sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-        text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+        text = _mrope_text_config(family, len(tok), text_overrides)
         config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
                              vision_start_token_id=tok.vision_start_token_id,
                              vision_end_token_id=tok.vision_end_token_id, text_config=text,
@@ -612,9 +582,12 @@ def _llava(family: str) -> Callable[[Path, int], str]:
 
 BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "llava": _llava("llava"), "llava_next": _llava("llava_next"), "gemma3": _gemma3, "paligemma": _paligemma,
-    "qwen2_vl": _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
-    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": _qwen_vl("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen2_vl": _qwen_vl_like("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor",
+                              _QWEN_VISION["qwen2_vl"], "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": _qwen_vl_like("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+                                _QWEN_VISION["qwen2_5_vl"], "Qwen2VLVideoProcessor"),
+    "qwen3_vl": _qwen_vl_like("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
+                              _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
     "got_ocr2": _got_ocr2, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr, "aria": _aria,
