@@ -21,6 +21,7 @@ import gc
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -57,6 +58,8 @@ class MultiprocExecutor(Executor):
             raise RuntimeError(UNGUARDED_SCRIPT_HELP)
         _release_process_group_of_dead_engines()
         self.config = config
+        self._lock = threading.Lock()  # one collective at a time: steps, apply_model, the heartbeat, shutdown
+        self._last_message = time.monotonic()
         self.world_size = config.parallel.world_size
         check_parallel(config)
         timeout = timedelta(seconds=config.parallel.distributed_timeout_s)
@@ -80,6 +83,7 @@ class MultiprocExecutor(Executor):
             self.shutdown(graceful=False)
             raise
         self.num_blocks = self.driver_worker.num_blocks
+        self._start_heartbeat()
 
     def store_host(self) -> str:
         """Where the workers reach the driver's rendezvous store."""
@@ -109,6 +113,7 @@ class MultiprocExecutor(Executor):
         self._release = weakref.finalize(self, _stop_workers, self.procs)
         self.driver_worker = _init_rank(config, 0, self.world_size, store)
         self.num_blocks = self.driver_worker.num_blocks
+        self._start_heartbeat()
 
     def execute(self, plan: StepPlan) -> WorkerOutput:
         def run() -> WorkerOutput:
@@ -125,15 +130,17 @@ class MultiprocExecutor(Executor):
         return self._collective(run)
 
     def shutdown(self, graceful: bool = True) -> None:
-        if graceful and self._release.alive and dist.is_initialized() and all(p.is_alive() for p in self.procs):
-            try:
-                self._broadcast(("shutdown", None))
-            except RuntimeError:
-                pass  # a worker is already gone: the kill below cleans up
-        self._release()  # once: the process group, then the workers
+        with self._lock:
+            if graceful and self._release.alive and dist.is_initialized() and all(p.is_alive() for p in self.procs):
+                try:
+                    self._broadcast(("shutdown", None))
+                except RuntimeError:
+                    pass  # a worker is already gone: the kill below cleans up
+            self._release()  # once: the process group, then the workers
 
     def _broadcast(self, message: tuple[str, Any]) -> None:
         dist.broadcast_object_list([message], src=0)
+        self._last_message = time.monotonic()
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
         dead = [p for p in self.procs if not p.is_alive()]
@@ -141,9 +148,33 @@ class MultiprocExecutor(Executor):
             raise WorkerDiedError(f"Worker {dead[0].name} exited (code {dead[0].exitcode}); the engine must be "
                                   "restarted.")
         try:
-            return fn()
+            with self._lock:
+                return fn()
         except RuntimeError as e:  # gloo: peer closed the connection, or the collective timed out
             raise WorkerDiedError(f"A collective with the workers failed ({e}); a worker died or hung.") from e
+
+    def _start_heartbeat(self) -> None:
+        """Workers wait for the next step in a broadcast, which times out after distributed_timeout_s: an engine
+        idle that long would lose them. A thread sends an empty message whenever the line has been quiet for a
+        quarter of it. It holds the executor weakly, so that dropping the LLM still releases everything."""
+        interval = max(0.5, self.config.parallel.distributed_timeout_s / 4)
+        threading.Thread(target=_heartbeat, args=(weakref.ref(self), interval), name="pagedformers-heartbeat",
+                         daemon=True).start()
+
+
+def _heartbeat(executor_ref: weakref.ref, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        executor = executor_ref()
+        if executor is None or not executor._release.alive:
+            return
+        with executor._lock:
+            if time.monotonic() - executor._last_message >= interval and dist.is_initialized():
+                try:
+                    executor._broadcast(("noop", None))
+                except RuntimeError:  # the workers are gone: the next step reports it
+                    return
+        del executor
 
 
 def _stop_workers(procs: list[mp.Process]) -> None:
@@ -238,6 +269,8 @@ def _serve(worker: Worker) -> None:
             logger.info("rank %d: the driver is gone (%s); this worker exits", dist.get_rank(), str(e)[:200])
             return
         kind, payload = message[0]
+        if kind == "noop":  # the driver's heartbeat: it is idle, not gone
+            continue
         if kind == "shutdown":
             return
         if kind == "execute":
