@@ -35,7 +35,8 @@ def load_processor(path: str, model_type: str, trust_remote_code: bool = False) 
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ImportError, OSError) as e:  # a video sub-processor needs torchvision (or was saved without it)
         cls = getattr(transformers, name or "", None)
-        if is_torchvision_available() or not isinstance(cls, type) or not _video_parts(cls):
+        about_video = "torchvision" in str(e).lower() or "video" in str(e).lower()  # not, say, num2words missing
+        if is_torchvision_available() or not about_video or not isinstance(cls, type) or not _video_parts(cls):
             raise
         logger.info("%s: loading %s without its video processor (%s: torchvision is not installed)", path,
                     cls.__name__, type(e).__name__)
