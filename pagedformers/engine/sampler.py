@@ -1,9 +1,10 @@
 """Batched sampling: one pass over the [N, vocab] logits of every request that samples this step.
 
-Order: logprobs are taken from the raw logits (as vLLM does); then min_tokens masking,
-penalties, structured-output grammar masks, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. Draws use
-the exponential-race trick (argmax p / Exp(1)), with each seeded request's own
-generator, so a seeded request samples the same tokens whatever else is in the batch.
+Order: logprobs are taken from the raw logits (as vLLM does); then min_tokens masking, penalties, structured-output
+grammar masks, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. A draw inverts the row's
+cumulative distribution at one uniform number, taken from a seeded request's own generator, so a seeded request
+samples the same tokens whatever else is in the batch. (The exponential race, argmax p / Exp(1), needs a random
+number per vocabulary entry: 15 ms a step for 32 rows of 32K tokens on 2 Zen 5 cores, against 0.5 ms here.)
 """
 
 from __future__ import annotations
@@ -53,18 +54,29 @@ class Sampler:
         rows = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
         if not rows:
             return token_ids
-        probs = _filtered_probs(logits[rows], [reqs[i].params for i in rows])
-        noise = torch.empty_like(probs)
-        seeded = [j for j, i in enumerate(rows) if reqs[i].generator is not None]
-        if not seeded:
-            noise.exponential_(generator=self.generator)
-        elif len(seeded) < len(rows):  # only the unseeded rows from the engine's generator: no draw wasted
-            unseeded = [j for j, i in enumerate(rows) if reqs[i].generator is None]
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self.generator)
-        for j in seeded:
-            noise[j].exponential_(generator=reqs[rows[j]].generator)
-        token_ids[rows] = argmax_rows(probs / noise)
+        # NOTE: every [rows, vocab] temporary is a fresh multi-MB allocation that page-faults in; the steps below
+        # make three, not seven (the row gather, too, only when some rows are greedy).
+        weights = _filtered_weights(logits if len(rows) == len(reqs) else logits[rows],
+                                    [reqs[i].params for i in rows])
+        # In float64 so that the sum over a large vocabulary keeps its rarest tokens' share.
+        cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        # Strictly below the total, so that the first bound above it is a kept token's (rounding cannot land a
+        # draw past the vocabulary, nor on a removed token at its end).
+        target = torch.minimum(self._uniforms(rows, reqs) * total, torch.nextafter(total, torch.zeros_like(total)))
+        token_ids[rows] = torch.searchsorted(cdf, target, right=True)[:, 0]
         return token_ids
+
+    def _uniforms(self, rows: list[int], reqs: list[Request]) -> torch.Tensor:
+        """One uniform number in [0, 1) a row, from its request's generator where it is seeded."""
+        uniforms = torch.empty(len(rows), 1, dtype=torch.float64)
+        unseeded = [j for j, i in enumerate(rows) if reqs[i].generator is None]
+        if unseeded:
+            uniforms[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64, generator=self.generator)
+        for j, i in enumerate(rows):
+            if reqs[i].generator is not None:
+                uniforms[j] = torch.rand(1, dtype=torch.float64, generator=reqs[i].generator)
+        return uniforms
 
 
 def _mask_eos_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
@@ -92,23 +104,28 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
 
-def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+def _filtered_weights(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Each row's sampling weights, softmax(logits / temperature) up to its row's scale (the largest is 1), with
+    the tokens that min-p, top-k and top-p remove at 0. Only ratios matter to the draw, so the rows are not
+    normalised."""
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
-    probs = torch.softmax(logits / temps, dim=-1)
+    weights = logits / temps
+    weights -= weights.max(dim=-1, keepdim=True).values
+    weights.exp_()
     min_p = torch.tensor([p.min_p for p in params])[:, None]
     if (min_p > 0).any():
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        weights.masked_fill_(weights < min_p, 0.0)  # min-p is relative to the most likely token, here 1
     top_k = [p.top_k for p in params]
     top_p = torch.tensor([p.top_p for p in params])[:, None]
     if any(top_k) or (top_p < 1.0).any():
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1])[None, :]
-        k = torch.tensor([k or probs.shape[-1] for k in top_k])[:, None]
+        sorted_weights, order = weights.sort(dim=-1, descending=True)
+        rank = torch.arange(weights.shape[-1])[None, :]
+        k = torch.tensor([k or weights.shape[-1] for k in top_k])[:, None]
         # Keep a token if it is in the top k and the mass before it is below top_p (the first always stays).
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = (rank < k) & (mass_before < top_p * sorted_probs.sum(dim=-1, keepdim=True))
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
-    return probs
+        mass_before = sorted_weights.cumsum(dim=-1) - sorted_weights
+        keep = (rank < k) & (mass_before < top_p * sorted_weights.sum(dim=-1, keepdim=True))
+        weights = torch.zeros_like(weights).scatter_(-1, order, sorted_weights * keep)
+    return weights
 
 
 def logprob_entries(row: torch.Tensor, token_id: int, k: int) -> tuple[float, dict[int, Logprob]]:

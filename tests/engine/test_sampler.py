@@ -42,6 +42,15 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.04)
 
 
+def test_filtered_draws_follow_the_renormalised_distribution():
+    # Removed tokens between and after the kept ones: a draw never lands on one, nor past the vocabulary.
+    logits = torch.log(torch.tensor([0.1, 0.0, 0.5, 0.25, 0.15])).expand(4000, 5)
+    tokens = Sampler(2)(logits, [_req(top_k=3) for _ in range(4000)]).token_ids
+    freq = torch.bincount(torch.tensor(tokens), minlength=5) / 4000
+    assert torch.allclose(freq, torch.tensor([0.0, 0.0, 0.5, 0.25, 0.15]) / 0.9, atol=0.03)
+    assert freq[0] == freq[1] == 0
+
+
 def test_seeded_request_is_independent_of_batch():
     logits = torch.randn(1, 100)
     alone = [Sampler(0)(logits, [_req(seed=42)]).token_ids[0] for _ in range(1)]
