@@ -125,8 +125,8 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
   const int64_t* len = lens.data_ptr<int64_t>();
   const int64_t max_blocks = tables.size(1);
   const auto tasks = [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
-    std::vector<int64_t> rows;
+    thread_local std::vector<float> scratch;  // claimed a task at a time: kept across claims
+    thread_local std::vector<int64_t> rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / s.h_kv, head = task % s.h_kv, row = i * h + head * s.groups;
       const int64_t start = first_visible(len[i], o), visible = len[i] - start;
@@ -137,7 +137,7 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
   };
   // A few sequences (a small decode step) on the kernels' pool, as their linears; larger steps on OpenMP.
   if (b <= kFewSequences) parallel_claims(b * s.h_kv, 1, tasks);
-  else at::parallel_for(0, b * s.h_kv, 1, tasks);
+  else openmp_claims(b * s.h_kv, 1, tasks);
 }
 
 }  // namespace pagedformers

@@ -149,8 +149,12 @@ std::vector<at::Tensor> linear_tiles(const at::Tensor& input, const at::Tensor& 
     }
   };
   const int64_t items = chunks * panels;
-  if (m > kMemoryBoundRows) {  // compute-bound: even ranges
+  if (m > kRowChunk) {  // a long prefill: even ranges, each thread's chunks of x in turn over all the panels
     at::parallel_for(0, items, 1, run);
+    return outs;
+  }
+  if (m > kMemoryBoundRows) {  // a decode step's rows: claimed (openmp_claims: a preempted thread holds no share)
+    openmp_claims(items, 1, run);
     return outs;
   }
   // Memory-bound (a few rows): the threads take 4 panels at a time until none are left, on the kernels' pool

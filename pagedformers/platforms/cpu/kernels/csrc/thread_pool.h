@@ -45,17 +45,25 @@ bool pool_run(int64_t items, int64_t grain, ItemRange range, const void* context
 // f(begin, end) over [0, items), claimed `grain` items at a time by the threads as they come free (neither
 // streams alone at the end while the other waits: +2-3% of bandwidth over an even split): on the pool where
 // it takes the call, else inside an OpenMP region.
+// f(begin, end) over [0, items) in an OpenMP region, claimed `grain` items at a time. Even ranges would tie the
+// step to its slowest thread: on a server the event loop, the client and the kernel's network work preempt one of
+// the threads now and then (2 cores: 24% slower decode steps online than offline), and its half of the work would
+// wait for it while the other thread sits idle. Claimed, the thread that runs takes the rest.
 template <typename F>
-void parallel_claims(int64_t items, int64_t grain, const F& f, Stream streams = {}) {
-  const ItemRange range = [](const void* context, int64_t begin, int64_t end) {
-    (*static_cast<const F*>(context))(begin, end);
-  };
-  if (pool_run(items, grain, range, &f, streams)) return;
+void openmp_claims(int64_t items, int64_t grain, const F& f) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t item; (item = next.fetch_add(grain, std::memory_order_relaxed)) < items;)
       f(item, std::min(items, item + grain));
   });
+}
+
+template <typename F>
+void parallel_claims(int64_t items, int64_t grain, const F& f, Stream streams = {}) {
+  const ItemRange range = [](const void* context, int64_t begin, int64_t end) {
+    (*static_cast<const F*>(context))(begin, end);
+  };
+  if (!pool_run(items, grain, range, &f, streams)) openmp_claims(items, grain, f);
 }
 
 }  // namespace pagedformers
