@@ -1,4 +1,4 @@
-"""AsyncLLM: one LLMEngine stepped by one background thread, streaming outputs to asyncio callers
+"""AsyncLLM: one LLMEngine built and stepped by one background thread, streaming outputs to asyncio callers
 (`generate` yields a request's outputs as they grow; `encode`, for pooling models, returns its one result).
 It is the server's engine client (engine/client.py): callers shape and check each request with its
 `processor`, on their own thread, before handing it over.
@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from pagedformers.config import EngineConfig
 from pagedformers.engine.input_processor import EngineRequest, InputProcessor
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.entrypoints.metrics import EngineMetrics, RequestStats
@@ -67,19 +68,24 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None) -> None:
-        self.engine = engine  # NOTE: touched only on the engine thread, once it started
-        self.config = engine.config
-        # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
-        self.processor = InputProcessor(engine.config, copy.deepcopy(engine.tokenizer), engine.num_kv_blocks,
-                                        engine.processor.structured, engine.processor.lora_check)
+    def __init__(self, engine: LLMEngine | EngineConfig, metrics: EngineMetrics | None = None) -> None:
+        """`engine`: a config, which the engine thread builds into its engine (the server's way: the thread that
+        steps the model then owns the process's only OpenMP team, platforms/openmp.py), or an engine the caller
+        built (in-process use, tests). Raises what building the engine raised."""
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond
         self._stopped = False  # guarded by _cond
         self._streams: dict[str, _Stream] = {}  # NOTE: touched only on the engine thread
-        self._thread = threading.Thread(target=self._run, name="pagedformers-engine", daemon=True)
+        built: concurrent.futures.Future[LLMEngine] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, built), name="pagedformers-engine",
+                                        daemon=True)
         self._thread.start()
+        self.engine = built.result()  # NOTE: touched only on the engine thread from now on
+        self.config = self.engine.config
+        # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
+        self.processor = InputProcessor(self.config, copy.deepcopy(self.engine.tokenizer), self.engine.num_kv_blocks,
+                                        self.engine.processor.structured, self.engine.processor.lora_check)
 
     @property
     def is_running(self) -> bool:
@@ -183,11 +189,17 @@ class AsyncLLM:
             self._commands.append(command)
             self._cond.notify()
 
-    def _run(self) -> None:
+    def _run(self, engine: LLMEngine | EngineConfig, built: concurrent.futures.Future[LLMEngine]) -> None:
+        try:
+            engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine)
+        except BaseException as e:  # the constructor raises it
+            built.set_exception(e)
+            return
+        built.set_result(engine)
         stopped = False
         while not stopped:
             with self._cond:
-                while not (self._commands or self._stopped or self.engine.has_unfinished_requests()):
+                while not (self._commands or self._stopped or engine.has_unfinished_requests()):
                     self._cond.wait()
                 stopped = self._stopped
                 commands, self._commands = self._commands, []
@@ -196,9 +208,9 @@ class AsyncLLM:
                     command()
                 except Exception:  # a bug; the thread must survive it or every later request hangs
                     logger.exception("Engine command %s failed", command)
-            if not stopped and self.engine.has_unfinished_requests():
+            if not stopped and engine.has_unfinished_requests():
                 self._step()
-            self.metrics.on_engine_state(self.engine.get_stats())
+            self.metrics.on_engine_state(engine.get_stats())
         self._fail_all("The engine was shut down")
 
     def _add(self, request: EngineRequest, stream: _Stream) -> None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,7 @@ HELLO = "Hello, my name is"
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    engine = AsyncLLM(LLMEngine(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))))
+    engine = AsyncLLM(create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS)))  # as served
     yield engine
     engine.shutdown()
 
@@ -228,6 +229,21 @@ def test_shutdown_fails_requests_in_flight(tiny_llama):
 
     asyncio.run(run())
     assert not engine.is_running and not engine.engine.has_unfinished_requests()
+
+
+def test_the_engine_thread_builds_the_engine_and_its_errors_reach_the_caller(engine, tiny_llama, monkeypatch):
+    # The thread that steps the model loads it too, so that the process has one OpenMP team (platforms/openmp.py).
+    assert engine.apply_model(lambda model: threading.current_thread().name) == ["pagedformers-engine"]
+    config = create_engine_config(EngineArgs.from_kwargs(model=tiny_llama, **ENGINE_KWARGS))
+    builders = []
+
+    def refuse(self, config):
+        builders.append(threading.current_thread().name)
+        raise ValueError("no room for the model")
+    monkeypatch.setattr(LLMEngine, "__init__", refuse)
+    with pytest.raises(ValueError, match="no room for the model"):
+        AsyncLLM(config)
+    assert builders == ["pagedformers-engine"]
 
 
 def test_engine_thread_sleeps_when_idle(server, engine, monkeypatch):

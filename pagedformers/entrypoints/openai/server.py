@@ -275,16 +275,17 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedformers.config import EngineArgs
-    from pagedformers.engine.llm_engine import LLMEngine
     from pagedformers.entrypoints.engine_args import engine_kwargs
     from pagedformers.loading.gguf_once import gguf_parsed_once
     from pagedformers.loading.model_files import create_engine_config
+    from pagedformers.platforms.openmp import stay_off_openmp
 
+    stay_off_openmp()  # this thread runs the event loop; the engine thread alone steps (and loads) the model
     prometheus_client.disable_created_metrics()  # process-wide: this process is the server
     kwargs = engine_kwargs(args)
     with gguf_parsed_once(kwargs["model"], kwargs.get("gguf_file")):
         config = create_engine_config(EngineArgs.from_kwargs(**kwargs))
-        engine = AsyncLLM(LLMEngine(config))
+        engine = AsyncLLM(config)
     names = args.served_model_name or [args.model]
     app = build_app(engine, names, args.api_key, load_chat_template(args.chat_template), args.max_waiting_requests,
                     args.max_request_body_bytes, args.request_timeout, args.tool_call_parser,
