@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedformers import SamplingParams
+from pagedformers import LLM, SamplingParams
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.tools.tiny_models import save_tiny_model
@@ -40,6 +40,20 @@ def save_llama(path: Path, args: argparse.Namespace) -> None:
                     num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                     intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
                     initializer_range=0.02, dtype=getattr(torch, args.dtype), **moe)
+
+
+def linear_implementations(llm: LLM) -> str:
+    """Which matmul each bf16 linear shape of the loaded model runs, by rows (platforms/cpu/linear_choice.py)."""
+    def describe(model: nn.Module) -> list[str]:
+        seen = {}
+        for m in model.modules():
+            choice = getattr(m, "choice", None)
+            if choice is not None and hasattr(m, "packed_weight"):
+                seen[f"{m.out_features}x{m.in_features}"] = (
+                    "pagedformers" if not choice.onednn_layout else "onednn" if not choice.kernel_layout
+                    else f"<=4 rows pagedformers, 5-128 {choice.batch}, more {choice.prefill}")
+        return [f"{shape}: {what}" for shape, what in seen.items()]
+    return "; ".join(llm.apply_model(describe)[0]) or "no packed linears"
 
 
 def weights_read_per_step(model: nn.Module) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
+from common import add_model_args, linear_implementations, memory_bandwidth, save_llama, weights_read_per_step
 from transformers import AutoModelForCausalLM
 
 from pagedformers import LLM, SamplingParams
@@ -36,6 +36,7 @@ def ours_steps_and_bandwidths(path: Path, args: argparse.Namespace, prompt: list
     both alike."""
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
               kv_cache_memory_bytes=1 << 28, model_impl=args.model_impl)
+    print(f"pagedformers linears: {linear_implementations(llm)}", flush=True)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)  # warm-up; traces the decode graph

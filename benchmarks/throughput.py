@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import add_model_args, memory_bandwidth, save_llama, weights_read_per_step
+from common import add_model_args, linear_implementations, memory_bandwidth, save_llama, weights_read_per_step
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
@@ -94,6 +94,7 @@ def load_pagedformers(path: Path, args, reqs) -> Engine:
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=4096, max_num_seqs=256,
               enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     startup = time.perf_counter() - start
+    print(f"pagedformers linears: {linear_implementations(llm)}", flush=True)
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up

@@ -23,6 +23,7 @@ Convert = Literal["auto", "none", "embed", "classify", "reward"]
 MODEL_IMPLS = ("auto", "transformers", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
+LINEAR_BACKENDS = ("auto", "pagedformers", "onednn")  # platforms/cpu/linear_choice.py
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify", "reward")
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig]
@@ -66,6 +67,9 @@ class EngineArgs:
     attention_backend: str = _arg("auto", "Which kernels attend: auto (the device's best), cpu (the compiled CPU "
                                           "kernels), torch (plain PyTorch, any device), triton (the Triton kernels; "
                                           "on a CPU in Triton's interpreter: set TRITON_INTERPRET=1, float32).")
+    linear_backend: str = _arg("auto", "Which matmul runs bf16 linears on a CPU: auto (for each weight shape and "
+                                       "row count, the faster of pagedformers' kernel and oneDNN, measured at "
+                                       "load and cached), pagedformers or onednn.")
     runner: Runner = _arg("auto", "generate or pooling; auto: from the model's architecture.")
     convert: Convert = _arg("auto", "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.")
     pooler_config: PoolerConfig | dict[str, Any] | None = _arg(
@@ -97,6 +101,7 @@ class EngineArgs:
         _check_choice("convert", self.convert, CONVERTS)
         _check_choice("distributed_executor_backend", self.distributed_executor_backend, ("mp", "ray"))
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES} (or cuda:N)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",

@@ -86,6 +86,7 @@ class DeviceConfig:
     enforce_eager: bool  # no captured graphs: every step runs the model's own forward
     attention_backend: str = "auto"  # which kernels attend; "auto": the platform's choice
     gpu_memory_utilization: float = 0.9  # on a GPU: the share of its memory the engine may use
+    linear_backend: str = "auto"  # on a CPU: the bf16 linears' matmul; "auto": measured at load
 
     @property
     def type(self) -> str:

@@ -64,7 +64,8 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens or _default_token_budget(device)),
         parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size,
                                 args.distributed_timeout_s, args.distributed_executor_backend),
-        device=DeviceConfig(device, args.enforce_eager, args.attention_backend, args.gpu_memory_utilization),
+        device=DeviceConfig(device, args.enforce_eager, args.attention_backend, args.gpu_memory_utilization,
+                            args.linear_backend),
         args=args,
         lora=_resolve_lora(args, runner, files.hf_config),
     )

@@ -37,8 +37,8 @@ class CpuPlatform:
         fuse_rms_norms(model, dtype)
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
-        set_linear_factories(model, dtype, "cpu")
-        pack_linears(model, dtype, "cpu", siblings)
+        set_linear_factories(model, dtype, "cpu", config.device.linear_backend)
+        pack_linears(model, dtype, "cpu", siblings, config.device.linear_backend)
         pack_grouped_linears(model, dtype, "cpu")
         fuse_gated_mlps(model, dtype, "cpu")
         backend = _attention_backend(config)

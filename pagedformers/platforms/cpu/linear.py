@@ -1,10 +1,12 @@
 """bf16/fp16 Linear layers on CPU with their weight laid out once, at load, for the matmul kernel.
 
 bf16 on a CPU with AVX512-BF16 or AVX2 runs the compiled `linear` kernel (kernels/csrc/linear.cpp, or
-csrc/avx2/linear.cpp) on a weight packed in column blocks of 16 x position pairs; elsewhere (fp16, or no
-kernels) oneDNN runs on a weight reordered once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise
-`F.linear`'s result; `F.linear` re-lays the weight out on every call). The kernel sums in fp32 in another
-order than oneDNN: the outputs agree within bf16 rounding, not bitwise (docs/performance.md: how they compare).
+csrc/avx2/linear.cpp) on a weight packed in column blocks of 16 x position pairs, or oneDNN on a weight reordered
+once by `torch.ops.mkldnn._reorder_linear_weight` (bitwise `F.linear`'s result; `F.linear` re-lays the weight out
+on every call), whichever this machine runs faster for the shape and the rows (linear_choice.py); fp16, or a CPU
+without the kernels, runs oneDNN. The kernel sums in fp32 in another order than oneDNN: the outputs agree within
+bf16 rounding, not bitwise, so a linear whose row ranges split between the two is not batch-invariant;
+`linear_backend="pagedformers"` keeps every row count on the kernel, whose rows are.
 
 Siblings that a probe forward saw called on one same tensor (q/k/v, gate/up) share one packed
 matmul: the first member called computes all their outputs, the others take their slice. One
@@ -26,39 +28,42 @@ from torch import nn
 from pagedformers.logger import init_logger
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
+from pagedformers.platforms.cpu.linear_choice import ONEDNN_ONLY, choose, onednn_layout, onednn_linear
 
 logger = init_logger(__name__)
 
 
 class PackedLinear(nn.Linear):
     """An nn.Linear whose `weight` is a meta tensor (shape and dtype kept for code that reads them;
-    using its values is a loud error) and whose forward runs on the packed copy."""
+    using its values is a loud error) and whose forward runs on a copy laid out for its matmul: the kernel's
+    (`packed_weight`), oneDNN's (`onednn_weight`), or both where each wins some row counts (linear_choice.py)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto") -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.kernels = bf16_cpu_kernels(weight.dtype, weight.device.type)
-        if self.kernels is not None:
-            packed = pack_pairs(weight)
-            bias32 = torch.empty(0) if bias is None else F.pad(bias.detach().float(), (0, -len(bias) % 16))
-            self.register_buffer("packed_bias", bias32, persistent=False)
-        else:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.register_buffer("packed_weight", packed, persistent=False)
+        self.choice = choose(weight, backend, pack_pairs) if self.kernels is not None else ONEDNN_ONLY
+        kernel_weight = pack_pairs(weight) if self.choice.kernel_layout else None
+        self.register_buffer("packed_weight", kernel_weight, persistent=False)
+        self.register_buffer("onednn_weight", onednn_layout(weight) if self.choice.onednn_layout else None,
+                             persistent=False)
+        bias32 = torch.empty(0) if bias is None else F.pad(bias.detach().float(), (0, -len(bias) % 16))
+        self.register_buffer("packed_bias", bias32, persistent=False)
         self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.packed_weight.dtype:  # e.g. an fp32 branch: neither matmul takes the mix
-            raise TypeError(f"PackedLinear expects {self.packed_weight.dtype} input, got {x.dtype}")
-        if self.kernels is None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if x.dtype != self.weight.dtype:  # e.g. an fp32 branch: neither matmul takes the mix
+            raise TypeError(f"PackedLinear expects {self.weight.dtype} input, got {x.dtype}")
+        if not self.choice.kernel_for(x.numel() // self.in_features):
+            return onednn_linear(x, self.onednn_weight, self.bias)
         return self.kernels.linear(x, self.packed_weight, self.packed_bias, [self.out_features])[0]
 
     def split_forward(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
         """The output cut into consecutive column groups of these widths, each contiguous. The kernel
         writes them apart directly where every width but the last is a multiple of 16."""
-        if self.kernels is not None and x.dtype == self.packed_weight.dtype and all(w % 16 == 0 for w in widths[:-1]):
+        if x.dtype == self.weight.dtype and self.choice.kernel_for(x.numel() // self.in_features) \
+                and all(w % 16 == 0 for w in widths[:-1]):
             return self.kernels.linear(x, self.packed_weight, self.packed_bias, widths)
         out = self.forward(x)
         bounds = list(itertools.accumulate(widths, initial=0))
@@ -88,9 +93,9 @@ class SiblingGroup:
     sibling calls could not be seen here: record_siblings groups only siblings whose probe inputs
     were equal at every call."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear], backend: str = "auto") -> None:
         bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-        self.linear = PackedLinear(torch.cat([m.weight.detach() for m in linears]), bias)
+        self.linear = PackedLinear(torch.cat([m.weight.detach() for m in linears]), bias, backend)
         self.widths = [m.out_features for m in linears]
         self.bounds = list(itertools.accumulate(self.widths, initial=0))
         self.input: torch.Tensor | None = None
@@ -167,9 +172,11 @@ def record_siblings(model: nn.Module) -> Iterator[list[list[str]]]:
             groups.append(same)
 
 
-def pack_linears(model: nn.Module, dtype: torch.dtype, device: str, siblings: Sequence[Sequence[str]] = ()) -> int:
+def pack_linears(model: nn.Module, dtype: torch.dtype, device: str, siblings: Sequence[Sequence[str]] = (),
+                 backend: str = "auto") -> int:
     """Swap every plain nn.Linear of `dtype` for a PackedLinear, or for a SiblingLinear where it is in one
-    of `siblings` (module names, from record_siblings); returns how many were swapped.
+    of `siblings` (module names, from record_siblings); returns how many were swapped. `backend`: the matmul
+    they run (linear_choice.py), "auto" for the one measured fastest here.
     Subclasses of nn.Linear (their forward may do more) and other dtypes are left alone."""
     if not can_pack(dtype, device):
         return 0
@@ -177,7 +184,7 @@ def pack_linears(model: nn.Module, dtype: torch.dtype, device: str, siblings: Se
     for names in siblings:
         linears = [model.get_submodule(n) for n in names]
         if all(type(m) is nn.Linear and m.weight.dtype == dtype for m in linears):
-            group = SiblingGroup(linears)
+            group = SiblingGroup(linears, backend)
             for i, (name, m) in enumerate(zip(names, linears)):
                 _replace(model, name, SiblingLinear(m, group, i))
             swapped += len(names)
@@ -185,23 +192,23 @@ def pack_linears(model: nn.Module, dtype: torch.dtype, device: str, siblings: Se
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if type(m) is nn.Linear and m.weight.dtype == dtype and not m.weight.is_meta:
             if id(m) not in packed:
-                packed[id(m)] = PackedLinear(m.weight.detach(), m.bias)
+                packed[id(m)] = PackedLinear(m.weight.detach(), m.bias, backend)
             _replace(model, name, packed[id(m)])
     return swapped + len(packed)
 
 
-def set_linear_factories(model: nn.Module, dtype: torch.dtype, device: str) -> None:
+def set_linear_factories(model: nn.Module, dtype: torch.dtype, device: str, backend: str = "auto") -> None:
     """Modules that rebuild linears at run time (LoRA layers when an adapter loads: `linear_factory`) build
     packed ones; pack_linears packs the ones they hold now."""
     if not can_pack(dtype, device):
         return
     for m in model.modules():
         if hasattr(m, "linear_factory"):
-            m.linear_factory = _packed_linear
+            m.linear_factory = partial(_packed_linear, backend=backend)
 
 
-def _packed_linear(weight: torch.Tensor) -> PackedLinear:
-    return PackedLinear(weight.detach(), None)
+def _packed_linear(weight: torch.Tensor, backend: str) -> PackedLinear:
+    return PackedLinear(weight.detach(), None, backend)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

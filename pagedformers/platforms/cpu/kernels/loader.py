@@ -91,8 +91,8 @@ def cpu_kernels() -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    name, folder, isa_flags = _BUILDS[isa]
-    cflags = ["-O3", "-fopenmp", *isa_flags]
+    name, folder, _ = _BUILDS[isa]
+    cflags = _cflags(isa)
     stamp = _build_stamp(cflags)
     built = _built_library(name, stamp)
     if built is not None:
@@ -111,6 +111,16 @@ def cpu_kernels() -> Any | None:
         return None
     _write_stamp(Path(library).with_suffix(".stamp"), stamp)
     return torch.ops.pagedformers
+
+
+def _cflags(isa: str) -> list[str]:
+    return ["-O3", "-fopenmp", *_BUILDS[isa][2]]
+
+
+def kernel_build_stamp() -> str:
+    """What this machine's kernel build is built from (sources, flags, torch): "" where it has none."""
+    isa = cpu_kernel_isa()
+    return "" if isa is None else _build_stamp(_cflags(isa))
 
 
 # A process whose kernels are already built loads the library straight away: torch's `load` would first run

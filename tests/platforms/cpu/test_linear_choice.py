@@ -1,0 +1,73 @@
+"""The bf16 linears' matmul is measured at load per shape and row range, cached, and each choice computes nn.Linear."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedformers import LLM
+from pagedformers.platforms.cpu import linear_choice
+from pagedformers.platforms.cpu.kernels import cpu_kernel_isa
+from pagedformers.platforms.cpu.linear import PackedLinear, pack_pairs
+from pagedformers.platforms.cpu.linear_choice import KERNEL_ONLY, ONEDNN_ONLY, LinearChoice, choose
+from pagedformers.tools.tiny_models import save_tiny_model
+from support.tensors import BF16_LOGPROB_TOLERANCE, assert_bf16_close, bf16_prompt_logprob_error
+
+pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="the choice is between the linear kernel and oneDNN's bf16 matmul")
+
+
+def test_row_ranges():
+    split = LinearChoice(batch="onednn", prefill="pagedformers")
+    assert [split.kernel_for(rows) for rows in (1, 4, 5, 128, 129, 4096)] == [True, True, False, False, True, True]
+    assert not any(ONEDNN_ONLY.kernel_for(rows) for rows in (1, 32, 512))  # one layout: oneDNN's, for all rows
+    assert all(KERNEL_ONLY.kernel_for(rows) for rows in (1, 32, 512))
+
+
+def test_measured_once_then_cached_and_logged_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(linear_choice, "_cache_path", lambda: tmp_path / "linear_choices.json")
+    monkeypatch.setattr(linear_choice, "_entries", {})
+    weight = torch.randn(1024, 1024).to(torch.bfloat16)
+    assert choose(weight[:64], "auto", pack_pairs) is KERNEL_ONLY  # too small to measure
+    assert choose(weight, "pagedformers", pack_pairs) is KERNEL_ONLY and choose(weight, "onednn", pack_pairs) \
+        is ONEDNN_ONLY
+    logged = []
+    monkeypatch.setattr(linear_choice.logger, "info", logged.append)
+    first = choose(weight, "auto", pack_pairs)
+    assert choose(weight, "auto", pack_pairs) == first
+    assert len(logged) == 1 and logged[0].startswith("Linear 1024x1024 (bf16): 5-128 rows on ")
+    assert len(json.loads((tmp_path / "linear_choices.json").read_text())) == 1
+
+    def no_measuring(*args):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(linear_choice, "_measure", no_measuring)
+    monkeypatch.setattr(linear_choice, "_entries", {})  # a new process: only the file remembers
+    assert choose(weight, "auto", pack_pairs) == first
+
+
+@pytest.mark.parametrize("choice", [LinearChoice("onednn", "pagedformers"), LinearChoice("pagedformers", "onednn"),
+                                    ONEDNN_ONLY, KERNEL_ONLY])
+def test_every_choice_computes_nn_linear(choice, monkeypatch):
+    monkeypatch.setattr("pagedformers.platforms.cpu.linear.choose", lambda *args: choice)
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    packed = PackedLinear(linear.weight.detach(), linear.bias)
+    assert (packed.packed_weight is not None, packed.onednn_weight is not None) == \
+        (choice.kernel_layout, choice.onednn_layout)
+    for rows in (1, 4, 5, 32, 129, 300):
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        assert_bf16_close(packed(x), F.linear(x, linear.weight, linear.bias))
+        parts = packed.split_forward(x, [32, 48])
+        assert_bf16_close(torch.cat(parts, -1), F.linear(x, linear.weight, linear.bias))
+
+
+def test_the_engine_runs_the_backend_it_is_told(tmp_path):
+    path = str(save_tiny_model(tmp_path, "llama"))
+    llm = LLM(model=path, dtype="bfloat16", kv_cache_memory_bytes=1 << 24, linear_backend="onednn")
+    choices = llm.apply_model(lambda m: {x.choice for x in m.modules() if isinstance(x, PackedLinear)})[0]
+    assert choices == {ONEDNN_ONLY}
+    assert bf16_prompt_logprob_error(path, linear_backend="onednn") < BF16_LOGPROB_TOLERANCE
+    with pytest.raises(ValueError, match="linear_backend"):
+        LLM(model=path, linear_backend="mkl")
