@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.engine.llm_engine import LLMEngine
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
-from pagedformers.tools.tiny_models import save_tiny_model
+from pagedformers.tools.tiny_models import CHAT_TEMPLATE, SPECIAL, save_tiny_model
 
 
 def add_model_args(p: argparse.ArgumentParser, hidden: int = 1024, layers: int = 12, heads: int = 16,
@@ -40,6 +42,31 @@ def save_llama(path: Path, args: argparse.Namespace) -> None:
                     num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                     intermediate_size=args.intermediate, vocab_size=args.vocab, max_position_embeddings=4096,
                     initializer_range=0.02, dtype=getattr(torch, args.dtype), **moe)
+    word_tokenizer(args.vocab).save_pretrained(path)
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer in which every one of the model's ids is a word ("▁" + letters), so that generated text has
+    as many characters as a real model's and the server detokenizes and streams every token (the tests' BPE
+    tokenizer has 300 ids: the random model's other ids would decode to nothing)."""
+    words = [_letters(i) for i in range(vocab_size - len(SPECIAL))]
+    vocab = {t: i for i, t in enumerate(SPECIAL + ["\u2581" + w for w in words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _letters(i: int) -> str:
+    word = ""
+    while True:
+        word += "abcdefghijklmnopqrstuvwxyz"[i % 26]
+        i //= 26
+        if i == 0:
+            return word
 
 
 def linear_implementations(llm: LLM) -> str:
