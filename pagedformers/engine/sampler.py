@@ -4,7 +4,8 @@ Order: logprobs are taken from the raw logits (as vLLM does); then min_tokens ma
 grammar masks, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. A draw inverts the row's
 cumulative distribution at one uniform number, taken from a seeded request's own generator, so a seeded request
 samples the same tokens whatever else is in the batch. (The exponential race, argmax p / Exp(1), needs a random
-number per vocabulary entry: 15 ms a step for 32 rows of 32K tokens on 2 Zen 5 cores, against 0.5 ms here.)
+number per vocabulary entry: ATen's exponential_ took 15 ms for 32 rows of 32K tokens on 2 Zen 5 cores, and the
+draw 22 ms in all, against ~7 ms for this whole call.)
 """
 
 from __future__ import annotations
