@@ -73,7 +73,8 @@ def linear_implementations(llm: LLM) -> str:
     """Which matmul each bf16 linear shape of the loaded model runs, by rows (platforms/cpu/linear_choice.py)."""
     def describe(model: nn.Module) -> list[str]:
         seen = {}
-        for m in model.modules():
+        linears = [getattr(getattr(m, "group", None), "linear", m) for m in model.modules()]  # siblings' shared one
+        for m in linears:
             choice = getattr(m, "choice", None)
             if choice is not None and hasattr(m, "packed_weight"):
                 seen[f"{m.out_features}x{m.in_features}"] = (

@@ -5,7 +5,9 @@ grammar masks, greedy argmax or temperature -> min-p -> top-k -> top-p -> draw. 
 cumulative distribution at one uniform number, taken from a seeded request's own generator, so a seeded request
 samples the same tokens whatever else is in the batch. (The exponential race, argmax p / Exp(1), needs a random
 number per vocabulary entry: ATen's exponential_ took 15 ms for 32 rows of 32K tokens on 2 Zen 5 cores, and the
-draw 22 ms in all, against ~7 ms for this whole call.)
+draw 22 ms in all, against ~7 ms for this whole call.) "Whatever else is in the batch" holds for the same logits:
+a linear whose row counts split between two matmuls (linear_backend="auto" on some CPUs, platforms/cpu/
+linear_choice.py) can give a row other logits in a batch of another size.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ class Sampler:
         # Strictly below the total, so that the first bound above it is a kept token's (rounding cannot land a
         # draw past the vocabulary, nor on a removed token at its end).
         target = torch.minimum(self._uniforms(rows, reqs) * total, torch.nextafter(total, torch.zeros_like(total)))
-        token_ids[rows] = torch.searchsorted(cdf, target, right=True)[:, 0]
+        drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+        # A row with a NaN or an infinite logit has no distribution to draw from: it keeps its argmax, a token id
+        # at least (the draw would be the vocabulary's size, out of range for the next step's embedding).
+        sampled = token_ids[rows]
+        token_ids[rows] = torch.where(torch.isfinite(total[:, 0]) & (total[:, 0] > 0), drawn, sampled)
         return token_ids
 
     def _uniforms(self, rows: list[int], reqs: list[Request]) -> torch.Tensor:

@@ -81,11 +81,18 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, args=(engine, built), name="pagedformers-engine",
                                         daemon=True)
         self._thread.start()
-        self.engine = built.result()  # NOTE: touched only on the engine thread from now on
-        self.config = self.engine.config
-        # The callers' own: HF fast tokenizers are not thread-safe, and the engine thread detokenizes with its own.
-        self.processor = InputProcessor(self.config, copy.deepcopy(self.engine.tokenizer), self.engine.num_kv_blocks,
-                                        self.engine.processor.structured, self.engine.processor.lora_check)
+        try:
+            self.engine = built.result()  # NOTE: touched only on the engine thread from now on
+            self.config = self.engine.config
+            # The callers' own: HF fast tokenizers are not thread-safe; the engine thread detokenizes with its own.
+            self.processor = InputProcessor(self.config, copy.deepcopy(self.engine.tokenizer),
+                                            self.engine.num_kv_blocks, self.engine.processor.structured,
+                                            self.engine.processor.lora_check)
+        except BaseException:  # e.g. Ctrl-C while the model loads: the thread shuts the engine down once built
+            with self._cond:
+                self._stopped = True
+                self._cond.notify()
+            raise
 
     @property
     def is_running(self) -> bool:
@@ -196,6 +203,10 @@ class AsyncLLM:
             built.set_exception(e)
             return
         built.set_result(engine)
+        with self._cond:
+            if self._stopped:  # the caller gave up while the engine was being built
+                engine.executor.shutdown()
+                return
         stopped = False
         while not stopped:
             with self._cond:

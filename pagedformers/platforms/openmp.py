@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 
 import torch
 
@@ -25,23 +26,31 @@ logger = init_logger(__name__)
 def stay_off_openmp() -> None:
     """The calling thread's ATen ops run on it alone, with no OpenMP region, so that it never forms a team. Call
     it before the thread runs any ATen op large enough to go parallel."""
-    runtime = _openmp_runtime()
-    if runtime is None:
+    runtimes = _openmp_runtimes()
+    if not runtimes:
         return
     torch.get_num_threads()  # ATen sets a thread's OpenMP thread count at its first call: let it, then override
-    runtime.omp_set_num_threads(1)  # this thread's own setting: the other threads keep theirs
+    for runtime in runtimes:  # this thread's own setting, in every runtime loaded (torch's may be a renamed copy)
+        runtime.omp_set_num_threads(1)
 
 
 @functools.cache
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (libgomp, or Intel's or LLVM's), or None: torch runs without one."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process (libgomp, maybe also a hash-renamed copy that torch bundles, or
+    Intel's or LLVM's), each that exports omp_set_num_threads; none where torch runs without one."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+            paths = {line.split()[-1] for line in maps if "/" in line}
     except OSError:  # not Linux
-        return None
-    found = sorted(p for p in paths if p.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp", "libomp")))
-    if not found:
+        return ()
+    runtimes = []
+    for path in sorted(p for p in paths if re.match(r"lib(gomp|iomp5|omp)[-.\w]*\.so(\.\d+)*$", p.rsplit("/", 1)[-1])):
+        try:
+            runtime = ctypes.CDLL(path)
+            runtime.omp_set_num_threads  # noqa: B018 (raises AttributeError where it is not exported)
+            runtimes.append(runtime)
+        except (OSError, AttributeError):
+            continue
+    if not runtimes:
         logger.debug("No OpenMP runtime loaded: nothing to keep off")
-        return None
-    return ctypes.CDLL(found[0])
+    return tuple(runtimes)

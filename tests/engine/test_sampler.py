@@ -51,6 +51,13 @@ def test_filtered_draws_follow_the_renormalised_distribution():
     assert freq[0] == freq[1] == 0
 
 
+def test_a_row_without_a_distribution_keeps_a_token_id():
+    # NaN, all -inf, +inf: no draw is possible; the row gets its argmax, never the vocabulary's size.
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [float("-inf")] * 3, [0.0, float("inf"), 1.0], [0.0, 0.0, 9.0]])
+    tokens = Sampler(0)(logits, [_req() for _ in range(4)]).token_ids
+    assert tokens[:3] == logits.argmax(-1).tolist()[:3] and tokens[3] in (0, 1, 2)
+
+
 def test_seeded_request_is_independent_of_batch():
     logits = torch.randn(1, 100)
     alone = [Sampler(0)(logits, [_req(seed=42)]).token_ids[0] for _ in range(1)]

@@ -15,7 +15,7 @@ from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (re
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
-from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernels
+from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cpu_kernels
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward
@@ -37,6 +37,9 @@ class CpuPlatform:
         fuse_rms_norms(model, dtype)
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
+        if config.device.linear_backend == "pagedformers" and bf16_cpu_kernels(dtype, "cpu") is None:
+            logger.warning("linear_backend='pagedformers': the kernel runs bf16 on x86 CPUs with AVX2 or AVX-512 "
+                           "only; this model's %s linears run on oneDNN.", dtype)
         set_linear_factories(model, dtype, "cpu", config.device.linear_backend)
         pack_linears(model, dtype, "cpu", siblings, config.device.linear_backend)
         pack_grouped_linears(model, dtype, "cpu")

@@ -28,7 +28,7 @@ from torch import nn
 from pagedformers.logger import init_logger
 from pagedformers.platforms.cpu.huge_pages import empty_on_huge_pages
 from pagedformers.platforms.cpu.kernels import bf16_cpu_kernels
-from pagedformers.platforms.cpu.linear_choice import ONEDNN_ONLY, choose, onednn_layout, onednn_linear
+from pagedformers.platforms.cpu.linear_choice import ONEDNN_ONLY, choose, onednn_layout, register_onednn_layer
 
 logger = init_logger(__name__)
 
@@ -47,6 +47,7 @@ class PackedLinear(nn.Linear):
         self.register_buffer("packed_weight", kernel_weight, persistent=False)
         self.register_buffer("onednn_weight", onednn_layout(weight) if self.choice.onednn_layout else None,
                              persistent=False)
+        self.onednn_id = register_onednn_layer(self) if self.choice.onednn_layout else None
         bias32 = torch.empty(0) if bias is None else F.pad(bias.detach().float(), (0, -len(bias) % 16))
         self.register_buffer("packed_bias", bias32, persistent=False)
         self.weight = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
@@ -56,7 +57,7 @@ class PackedLinear(nn.Linear):
         if x.dtype != self.weight.dtype:  # e.g. an fp32 branch: neither matmul takes the mix
             raise TypeError(f"PackedLinear expects {self.weight.dtype} input, got {x.dtype}")
         if not self.choice.kernel_for(x.numel() // self.in_features):
-            return onednn_linear(x, self.onednn_weight, self.bias)
+            return torch.ops.pagedformers_linear.onednn(x, self.onednn_id)  # traceable (linear_choice.py)
         return self.kernels.linear(x, self.packed_weight, self.packed_bias, [self.out_features])[0]
 
     def split_forward(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:

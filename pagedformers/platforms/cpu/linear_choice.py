@@ -4,7 +4,7 @@ Machines of one kind differ: on 2 Zen 3 cores (AVX2 only) the kernel is ~4x ATen
 1.04-1.24x oneDNN, on Zen 5 level with it, and an Intel CPU with AMX gives oneDNN tiles the kernel does not use.
 So nothing is assumed: for each weight shape, both run a forward of 32 rows (a batch of decodes) and of 256 rows
 (a prefill chunk's pass over the weight: longer prefills are repeats of it), best of a few, and each row range
-takes the faster (the kernel unless oneDNN is 3% faster). Up to 4 rows a linear streams its weight from memory
+takes the faster (the kernel unless oneDNN is 10% faster). Up to 4 rows a linear streams its weight from memory
 and both read the same bytes; the kernel's pool prefetches the next layer's weight meanwhile, which a one-layer
 timing cannot see, so those rows stay on the kernel, unless oneDNN won both ranges (then the weight is laid out
 for oneDNN alone rather than held twice). A weight with fewer than 2^20 entries is not measured (its time is
@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,10 @@ logger = init_logger(__name__)
 MEMORY_BOUND_ROWS = 4  # as the kernel's kMemoryBoundRows (csrc/linear.h)
 BATCH_ROWS, PREFILL_ROWS = 32, 256  # the row counts timed; a forward of more than 128 rows counts as a prefill
 MIN_MEASURED = 1 << 20  # weight entries
-ONEDNN_MARGIN = 0.97  # oneDNN must take at most this share of the kernel's time to be chosen
+# oneDNN must take at most this share of the kernel's time to be chosen: where the two are within 10% (as on Zen 5,
+# where they are level), one measurement against the next flips between them (a busy core, a warm cache), and a
+# linear split between two matmuls holds two layouts and loses its batch invariance for nothing.
+ONEDNN_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,23 @@ ONEDNN_ONLY = LinearChoice("onednn", "onednn")  # also where there are no kernel
 
 def choose(weight: torch.Tensor, backend: str, pack: Callable[[torch.Tensor], torch.Tensor]) -> LinearChoice:
     """The choice for this bf16 weight's shape: forced by `backend` ("pagedformers", "onednn"), else ("auto")
-    cached or measured now (`pack`: the kernel's layout of a weight)."""
-    if backend == "pagedformers" or (backend == "auto" and weight.numel() < MIN_MEASURED):
+    cached or measured now (`pack`: the kernel's layout of a weight).
+
+    Raises:
+        ValueError: "onednn" on a CPU where oneDNN has no bf16 matmul (AVX2-only CPUs).
+    """
+    onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if backend == "onednn" and not onednn_bf16:
+        raise ValueError("linear_backend='onednn': oneDNN has no bf16 matmul on this CPU (it needs AVX-512 or "
+                         "AVX-NE-CONVERT); use 'auto' or 'pagedformers'")
+    if backend == "pagedformers" or not onednn_bf16 or (backend == "auto" and weight.numel() < MIN_MEASURED):
         return KERNEL_ONLY
     if backend == "onednn":
         return ONEDNN_ONLY
     n, k = weight.shape
     entry = _entry(f"{_machine()}|{n}x{k}", weight, pack)
+    if entry is None:
+        return KERNEL_ONLY
     choice = LinearChoice(entry["batch"], entry["prefill"])
     both = "; both layouts held" if choice.kernel_layout and choice.onednn_layout else ""
     _log_once(f"Linear {n}x{k} (bf16): {MEMORY_BOUND_ROWS + 1}-128 rows on {choice.batch} (kernel "
@@ -95,24 +109,57 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+# A layer's oneDNN matmul as one dispatcher op that names the layer: a decode graph's trace records it as a node
+# (torch.jit.trace cannot hold oneDNN's opaque weight as a constant) and its replay runs the layer's matmul.
+_layers: dict[int, weakref.ref] = {}
+_library = torch.library.Library("pagedformers_linear", "DEF")
+_library.define("onednn(Tensor x, int layer) -> Tensor")
+
+
+def register_onednn_layer(layer: torch.nn.Module) -> int:
+    """The id that `torch.ops.pagedformers_linear.onednn(x, id)` runs `layer` (its onednn_weight, bias) by."""
+    _layers[id(layer)] = weakref.ref(layer)
+    return id(layer)
+
+
+def _run_layer(x: torch.Tensor, layer: int) -> torch.Tensor:
+    module = _layers[layer]()
+    return onednn_linear(x, module.onednn_weight, module.bias)
+
+
+_library.impl("onednn", _run_layer, "CPU")
+
+_SCHEMA = 1  # of a cached entry: part of its key, so that another layout of the entries is measured afresh
 _entries: dict[str, dict] = {}  # this process's: the cache file read once, the shapes measured since added
 
 
-def _entry(key: str, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+def _entry(key: str, weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> dict | None:
+    """The shape's measurement, cached or taken now; None where it failed (then the kernel runs)."""
     if not _entries:
         _entries.update(_load_cache())
-    if key not in _entries:
-        _entries[key] = _measure(weight, pack)
+    if not _valid(_entries.get(key)):
+        try:
+            _entries[key] = _measure(weight, pack)
+        except Exception as e:  # noqa: BLE001 (oneDNN refusing this shape: the kernel serves it)
+            _log_once(f"Linear {tuple(weight.shape)}: measuring oneDNN failed ({e}); the kernel runs it.")
+            return None
         _save_cache({**_load_cache(), key: _entries[key]})  # another process may have added its own meanwhile
     return _entries[key]
+
+
+def _valid(entry: object) -> bool:
+    ranges = ("batch", "prefill")
+    return (isinstance(entry, dict) and all(entry.get(name) in ("pagedformers", "onednn") for name in ranges)
+            and all(isinstance(entry.get(f"{name}_ms"), list) and len(entry[f"{name}_ms"]) == 2 for name in ranges))
 
 
 def _measure(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     kernels, packed, reordered = cpu_kernels(), pack(weight), onednn_layout(weight)
     no_bias = torch.empty(0)
+    inputs = torch.Generator().manual_seed(0)
     entry = {}
     for name, rows in (("batch", BATCH_ROWS), ("prefill", PREFILL_ROWS)):
-        x = torch.randn(rows, weight.shape[1]).to(weight.dtype)
+        x = torch.randn(rows, weight.shape[1], generator=inputs).to(weight.dtype)
         ours = _best_ms(lambda x=x: kernels.linear(x, packed, no_bias, [weight.shape[0]]))
         theirs = _best_ms(lambda x=x: onednn_linear(x, reordered, None))
         entry[name] = "onednn" if theirs < ONEDNN_MARGIN * ours else "pagedformers"
@@ -141,7 +188,8 @@ def _machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     build = kernel_build_stamp()[:12]
-    return f"{model}|{cpu_kernel_isa()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{build}"
+    return (f"v{_SCHEMA}|{model}|{cpu_kernel_isa()}|{torch.get_num_threads()} threads|torch {torch.__version__}|"
+            f"{build}")
 
 
 def _cache_path() -> Path:
@@ -150,16 +198,20 @@ def _cache_path() -> Path:
 
 def _load_cache() -> dict:
     try:
-        return json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
+        cache = json.loads(_cache_path().read_text())
+    except Exception:  # noqa: BLE001 (no file, a bad one, no cache folder: measure again)
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _save_cache(cache: dict) -> None:
-    path = _cache_path()
+    partial = None
     try:
+        path = _cache_path()
         partial = path.with_suffix(f".json.{os.getpid()}")
         partial.write_text(json.dumps(cache, indent=1, sort_keys=True))
         partial.replace(path)  # atomic: a concurrent start reads the old cache or the new one
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001
         logger.debug("Linear choices not cached (%s): the next start measures again.", e)
+        if partial is not None:
+            partial.unlink(missing_ok=True)

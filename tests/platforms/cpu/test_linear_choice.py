@@ -71,3 +71,34 @@ def test_the_engine_runs_the_backend_it_is_told(tmp_path):
     assert bf16_prompt_logprob_error(path, linear_backend="onednn") < BF16_LOGPROB_TOLERANCE
     with pytest.raises(ValueError, match="linear_backend"):
         LLM(model=path, linear_backend="mkl")
+
+
+def test_a_layer_on_onednn_is_traced_as_one_op(monkeypatch):
+    # Decode graphs trace the step forward: oneDNN's opaque weight cannot be a graph constant, the layer's op can.
+    monkeypatch.setattr("pagedformers.platforms.cpu.linear.choose", lambda *args: LinearChoice("onednn", "onednn"))
+    linear = nn.Linear(96, 80).to(torch.bfloat16)
+    packed = PackedLinear(linear.weight.detach(), linear.bias)
+    x = torch.randn(8, 96, dtype=torch.bfloat16)
+    traced = torch.jit.trace(packed, x, check_trace=False)
+    assert "pagedformers_linear::onednn" in str(traced.graph)
+    assert torch.equal(traced(x), packed(x))
+
+
+def test_a_bad_cache_file_or_entry_is_measured_again(tmp_path, monkeypatch):
+    cache = tmp_path / "linear_choices.json"
+    monkeypatch.setattr(linear_choice, "_cache_path", lambda: cache)
+    monkeypatch.setattr(linear_choice, "_machine", lambda: "m")
+    weight = torch.randn(1024, 1024).to(torch.bfloat16)
+    for stale in ("[1, 2]", "{not json", json.dumps({"m|1024x1024": {"batch": "onednn"}})):  # a foreign file, a
+        cache.write_text(stale)                                                           # torn one, an old entry
+        monkeypatch.setattr(linear_choice, "_entries", {})
+        choose(weight, "auto", pack_pairs)
+        assert linear_choice._valid(json.loads(cache.read_text())["m|1024x1024"])
+
+
+def test_without_onednn_bf16_the_kernel_runs_and_onednn_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # as on an AVX2-only CPU
+    weight = torch.randn(1024, 1024).to(torch.bfloat16)
+    assert choose(weight, "auto", pack_pairs) is KERNEL_ONLY
+    with pytest.raises(ValueError, match="oneDNN has no bf16 matmul on this CPU"):
+        choose(weight, "onednn", pack_pairs)

@@ -42,9 +42,6 @@ using ItemRange = void (*)(const void* context, int64_t begin, int64_t end);
 // caller's core), inside a parallel region, or another thread using the pool.
 bool pool_run(int64_t items, int64_t grain, ItemRange range, const void* context, Stream streams);
 
-// f(begin, end) over [0, items), claimed `grain` items at a time by the threads as they come free (neither
-// streams alone at the end while the other waits: +2-3% of bandwidth over an even split): on the pool where
-// it takes the call, else inside an OpenMP region.
 // f(begin, end) over [0, items) in an OpenMP region, claimed `grain` items at a time. Even ranges would tie the
 // step to its slowest thread: on a server the event loop, the client and the network preempt one of the threads
 // now and then, and its half of the work would wait for it while the other thread sat idle. Claimed, the thread
@@ -58,6 +55,9 @@ void openmp_claims(int64_t items, int64_t grain, const F& f) {
   });
 }
 
+// f(begin, end) over [0, items), claimed `grain` items at a time by the threads as they come free (neither
+// streams alone at the end while the other waits: +2-3% of bandwidth over an even split): on the pool where
+// it takes the call, else inside an OpenMP region.
 template <typename F>
 void parallel_claims(int64_t items, int64_t grain, const F& f, Stream streams = {}) {
   const ItemRange range = [](const void* context, int64_t begin, int64_t end) {
