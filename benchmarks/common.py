@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import socket
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -179,3 +181,28 @@ def full_batch_step_ms(engine: LLMEngine, prompt: list[int], params: SamplingPar
         if full:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times[1:]), len(times) - 1  # the first full step may still hold prefill
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 180) -> subprocess.Popen:
+    """The server process once its /health answers 200; raises if it exits first or takes longer than timeout_s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
+        time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import add_model_args, save_llama
+from common import add_model_args, free_port, save_llama, wait_ready
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama"
         save_llama(path, args)
-        port = _free_port()
+        port = free_port()
         server = _serve(path, port, args)
         try:
             codes, seconds = asyncio.run(_burst(port, 4 * capacity, args.max_tokens))
@@ -54,29 +53,12 @@ def main() -> None:
                 server.kill()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(path: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pagedformers", "serve", str(path), "--port", str(port),
            "--max-num-seqs", str(args.max_num_seqs), "--max-waiting-requests", str(args.max_waiting_requests),
            "--shutdown-timeout", str(args.shutdown_timeout), "--dtype", args.dtype]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the server was not ready within 180 s")
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)),
+                      port)
 
 
 async def _complete(client: httpx.AsyncClient, port: int, max_tokens: int) -> str:

