@@ -56,15 +56,18 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:  # e.g. an fp32 branch: neither matmul takes the mix
             raise TypeError(f"PackedLinear expects {self.weight.dtype} input, got {x.dtype}")
-        if not self.choice.kernel_for(x.numel() // self.in_features):
+        if not self._on_kernel(x):
             return torch.ops.pagedformers_linear.onednn(x, self.onednn_id)  # traceable (linear_choice.py)
         return self.kernels.linear(x, self.packed_weight, self.packed_bias, [self.out_features])[0]
+
+    def _on_kernel(self, x: torch.Tensor) -> bool:
+        # NOTE: on every step's hot path: a layer with one layout (nearly all) decides by one attribute
+        return self.onednn_id is None or self.choice.kernel_for(x.numel() // self.in_features)
 
     def split_forward(self, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
         """The output cut into consecutive column groups of these widths, each contiguous. The kernel
         writes them apart directly where every width but the last is a multiple of 16."""
-        if x.dtype == self.weight.dtype and self.choice.kernel_for(x.numel() // self.in_features) \
-                and all(w % 16 == 0 for w in widths[:-1]):
+        if x.dtype == self.weight.dtype and self._on_kernel(x) and all(w % 16 == 0 for w in widths[:-1]):
             return self.kernels.linear(x, self.packed_weight, self.packed_bias, widths)
         out = self.forward(x)
         bounds = list(itertools.accumulate(widths, initial=0))
