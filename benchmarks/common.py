@@ -79,9 +79,7 @@ def linear_implementations(llm: LLM) -> str:
         for m in linears:
             choice = getattr(m, "choice", None)
             if choice is not None and hasattr(m, "packed_weight"):
-                seen[f"{m.out_features}x{m.in_features}"] = (
-                    "pagedformers" if not choice.onednn_layout else "onednn" if not choice.kernel_layout
-                    else f"<=4 rows pagedformers, 5-128 {choice.batch}, more {choice.prefill}")
+                seen[f"{m.out_features}x{m.in_features}"] = str(choice)
         return [f"{shape}: {what}" for shape, what in seen.items()]
     return "; ".join(llm.apply_model(describe)[0]) or "no packed linears"
 

@@ -61,6 +61,11 @@ class LinearChoice:
     def onednn_layout(self) -> bool:
         return "onednn" in (self.batch, self.prefill)
 
+    def __str__(self) -> str:
+        if not self.onednn_layout or not self.kernel_layout:
+            return self.batch
+        return f"<={MEMORY_BOUND_ROWS} rows pagedformers, {MEMORY_BOUND_ROWS + 1}-128 {self.batch}, more {self.prefill}"
+
     def kernel_for(self, rows: int) -> bool:
         """Whether a forward of this many rows runs the kernel."""
         if not self.onednn_layout:

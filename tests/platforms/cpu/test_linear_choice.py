@@ -24,6 +24,8 @@ def test_row_ranges():
     assert [split.kernel_for(rows) for rows in (1, 4, 5, 128, 129, 4096)] == [True, True, False, False, True, True]
     assert not any(ONEDNN_ONLY.kernel_for(rows) for rows in (1, 32, 512))  # one layout: oneDNN's, for all rows
     assert all(KERNEL_ONLY.kernel_for(rows) for rows in (1, 32, 512))
+    assert (str(KERNEL_ONLY), str(ONEDNN_ONLY), str(split)) == \
+        ("pagedformers", "onednn", "<=4 rows pagedformers, 5-128 onednn, more pagedformers")
 
 
 FAKE = {"batch": "onednn", "batch_ms": [1.0, 0.5], "prefill": "pagedformers", "prefill_ms": [2.0, 2.5]}
