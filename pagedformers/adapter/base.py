@@ -97,8 +97,13 @@ class TransformersBase(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
 
     def load_weights(self, source: ModelSource) -> None:
-        self.load_tensors(iterate_weights(source.path, source.gguf_file, self.checkpoint_model()),
-                          self.checkpoint_name_map())
+        quantized = {} if self.config.model.quantization == "gguf" else None
+        name_map = self.checkpoint_name_map()
+        self.load_tensors(iterate_weights(source.path, source.gguf_file, self.checkpoint_model(), quantized=quantized),
+                          name_map)
+        targets = dict(self.named_parameters(remove_duplicate=False))
+        # by our parameter names: the platform may run these linears on them (platforms/cpu/quantized_linear.py)
+        self.quantized_weights = {_rename(n, name_map, targets): w for n, w in (quantized or {}).items()}
 
     def load_tensors(self, weights: Iterable[tuple[str, torch.Tensor]], name_map: dict[str, str]) -> None:
         """Load checkpoint tensors; `name_map` renames checkpoint prefixes to ours (first match wins)."""

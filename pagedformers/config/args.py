@@ -24,6 +24,7 @@ MODEL_IMPLS = ("auto", "transformers", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 LINEAR_BACKENDS = ("auto", "pagedformers", "onednn")  # platforms/cpu/linear_choice.py
+QUANTIZATIONS = (None, "gguf", "none")  # loading/gguf_quantized.py
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify", "reward")
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig]
@@ -70,6 +71,11 @@ class EngineArgs:
     linear_backend: str = _arg("auto", "Which matmul runs bf16 linears on a CPU: auto (for each weight shape and "
                                        "row count, the faster of pagedformers' kernel and oneDNN, measured at "
                                        "load and cached), pagedformers or onednn.")
+    quantization: str | None = _arg(None, "How a quantized checkpoint's weights run. Unset: a GGUF file's "
+                                          "quantized linears (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) stay quantized "
+                                          "on the CPU kernels, single-rank on a CPU; other tensors are dequantized. "
+                                          "gguf: the same, or an error where it cannot; none: dequantize every "
+                                          "weight to dtype.")
     runner: Runner = _arg("auto", "generate or pooling; auto: from the model's architecture.")
     convert: Convert = _arg("auto", "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.")
     pooler_config: PoolerConfig | dict[str, Any] | None = _arg(
@@ -102,6 +108,7 @@ class EngineArgs:
         _check_choice("distributed_executor_backend", self.distributed_executor_backend, ("mp", "ray"))
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("linear_backend", self.linear_backend, LINEAR_BACKENDS)
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is not one of {DEVICES} (or cuda:N)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",

@@ -57,7 +57,7 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
         hf_config=files.hf_config, dtype=_resolve_dtype(args.dtype, files.hf_config, device),
         max_model_len=_resolve_max_model_len(max_model_len, files.hf_config), runner=runner, pooling_head=head,
         pooler_config=pooler, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code, seed=args.seed,
-        check_hf_parity=not args.skip_hf_parity_check)
+        check_hf_parity=not args.skip_hf_parity_check, quantization=_resolve_quantization(args, files, device))
     return EngineConfig(
         model=model,
         cache=CacheConfig(args.block_size, args.kv_cache_memory_bytes, args.enable_prefix_caching),
@@ -131,6 +131,23 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
     if config_dtype == torch.float16 and device == "cpu":
         return torch.bfloat16  # CPUs have bf16 kernels (AVX-512/AMX) but slow fp16 ones.
     return config_dtype
+
+
+def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> str | None:
+    """"gguf" where a GGUF file's quantized linears can stay quantized: one rank on a CPU (the kernel's home; a
+    tensor-parallel rank would need its shard of every block)."""
+    if args.quantization == "none" or (args.quantization is None and files.gguf_file is None):
+        return None
+    why_not = ("the checkpoint is not a GGUF file" if files.gguf_file is None
+               else f"device {device!r} has no quantized kernels (CPU only)" if device != "cpu"
+               else "tensor_parallel_size > 1 (a rank's shard of quantized blocks)" if args.tensor_parallel_size > 1
+               else None)
+    if why_not is None:
+        return "gguf"
+    if args.quantization == "gguf":
+        advice = " Use quantization='none' to dequantize it." if files.gguf_file else ""
+        raise ValueError(f"quantization='gguf' cannot run here: {why_not}.{advice}")
+    return None
 
 
 def _resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:

@@ -24,7 +24,9 @@ logger = init_logger(__name__)
 
 PROMPT_LEN = 12
 # Relative to the largest |value| of the layer's HF output: kernels and summation orders differ, masks must not.
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}  # tiny bf16 models: 1-2e-2
+# bf16 rounding grows with depth: 1-2e-2 on tiny models, 0.10-0.11 on SmolLM2-135M's 30 layers (GGUF Q8_0 and Q4_0,
+# dense or quantized linears) whose float32 run agrees to 2e-6; a missing mask moves the states by O(1).
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
 class ParityError(ValueError):

@@ -1,4 +1,5 @@
-"""Stream checkpoint tensors: safetensors (sharded or not), PyTorch .bin, or GGUF (dequantized)."""
+"""Stream checkpoint tensors: safetensors (sharded or not), PyTorch .bin, or GGUF (dequantized, and its quantized
+linears as stored where asked)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from pagedformers.loading.gguf_quantized import QuantizedWeight, quantized_linears
 
 WeightStream = Iterator[tuple[str, torch.Tensor]]
 
@@ -32,10 +35,12 @@ def list_weight_files(path: str) -> tuple[str, list[str]]:
 
 
 def iterate_weights(path: str, gguf_file: str | None, meta_causal_lm: nn.Module | None,
-                    use_tqdm: bool = True) -> WeightStream:
-    """Yield (checkpoint name, tensor) pairs, one shard at a time, with a progress bar."""
+                    use_tqdm: bool = True, quantized: dict[str, QuantizedWeight] | None = None) -> WeightStream:
+    """Yield (checkpoint name, tensor) pairs, one shard at a time, with a progress bar. A GGUF file's tensors come
+    dequantized; given `quantized`, its quantized linear weights are put there too as they are stored
+    (loading/gguf_quantized.py), by checkpoint name."""
     if gguf_file is not None:
-        yield from _iterate_gguf(os.path.join(path, gguf_file), meta_causal_lm)
+        yield from _iterate_gguf(os.path.join(path, gguf_file), meta_causal_lm, quantized)
         return
     kind, files = list_weight_files(path)
     for file in tqdm(files, desc=f"Loading {kind} shards", disable=not use_tqdm or len(files) < 2):
@@ -75,9 +80,12 @@ def _iterate_bin(file: str) -> WeightStream:
     yield from state.items()
 
 
-def _iterate_gguf(file: str, meta_causal_lm: nn.Module | None) -> WeightStream:
+def _iterate_gguf(file: str, meta_causal_lm: nn.Module | None,
+                  quantized: dict[str, QuantizedWeight] | None) -> WeightStream:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     # The HF model (on meta) tells transformers how GGUF tensor names map to HF names.
     parsed = load_gguf_checkpoint(file, return_tensors=True, model_to_load=meta_causal_lm)
+    if quantized is not None:
+        quantized.update(quantized_linears(file, meta_causal_lm, parsed.get("config", {}), parsed["tensors"]))
     yield from parsed["tensors"].items()

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from pagedformers.attention import ForwardContext, forward_context
 from pagedformers.config import EngineConfig
+from pagedformers.loading.gguf_quantized import QuantizedWeight, stack_rows
 from pagedformers.loading.source import ModelSource
 from pagedformers.loading.weights import iterate_weights
 from pagedformers.model.interface import KVCacheSpecs
@@ -152,7 +153,20 @@ class NativeCausalLM(nn.Module):
 
     def load_weights(self, source: ModelSource) -> None:
         gguf_model = self.checkpoint_model() if source.gguf_file else None
-        self.load_tensors(iterate_weights(source.path, source.gguf_file, gguf_model))
+        quantized = {} if self.config.model.quantization == "gguf" else None
+        self.load_tensors(iterate_weights(source.path, source.gguf_file, gguf_model, quantized=quantized))
+        self.quantized_weights = self.fused_quantized(quantized or {})
+
+    def fused_quantized(self, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+        """Checkpoint weights kept quantized -> our parameters': a fused one's shards one under the other, in the
+        order of `fused` (the platform checks the result against the loaded parameter before using it)."""
+        order = [rule.shard for rule in self.fused]
+        parts: dict[str, list[tuple[int, QuantizedWeight]]] = defaultdict(list)
+        for ckpt_name, weight in quantized.items():
+            for name, shard in self.checkpoint_targets(ckpt_name):
+                parts[name].append((order.index(shard) if shard in order else -1, weight))
+        stacked = {name: stack_rows([w for _, w in sorted(ps, key=lambda p: p[0])]) for name, ps in parts.items()}
+        return {name: weight for name, weight in stacked.items() if weight is not None}
 
     def load_tensors(self, weights: Iterable[tuple[str, Any]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))

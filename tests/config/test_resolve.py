@@ -48,10 +48,28 @@ def test_the_config_is_frozen_and_other_processes_rebuild_it_from_local_sources(
     ({"runner": "decode"}, "runner='decode' is not one of"),
     ({"device": "tpu"}, "device='tpu' is not one of"),
     ({"distributed_timeout_s": 0}, "distributed_timeout_s must be > 0"),
+    ({"quantization": "awq"}, r"quantization='awq' is not one of \(None, 'gguf', 'none'\)"),
 ])
 def test_engine_args_refuse_what_is_wrong_whatever_the_model(kwargs, error):
     with pytest.raises(ValueError, match=error):
         EngineArgs(model="m", **kwargs)
+
+
+def test_gguf_weights_stay_quantized_where_they_can_and_say_why_not_where_asked():
+    llama = LlamaConfig(architectures=["LlamaForCausalLM"])
+    gguf = ModelFiles("/models/m", "m.Q8_0.gguf", "/models/m", llama, {})
+    assert resolve(EngineArgs(model="m"), gguf, cuda_available=False).model.quantization == "gguf"
+    assert resolve(EngineArgs(model="m", quantization="none"), gguf, cuda_available=False).model.quantization is None
+    assert resolve(EngineArgs(model="m"), _files(llama), cuda_available=False).model.quantization is None
+    # unset, where it cannot: dequantized; asked for: an error naming why
+    assert resolve(EngineArgs(model="m", tensor_parallel_size=2), gguf, False).model.quantization is None
+    asked = [(dict(), _files(llama), "the checkpoint is not a GGUF file"),
+             (dict(device="cuda"), gguf, "device 'cuda' has no quantized kernels"),
+             (dict(tensor_parallel_size=2, device="cpu"), gguf, "tensor_parallel_size > 1")]
+    for kwargs, files, why in asked:
+        args = EngineArgs(model="m", quantization="gguf", **kwargs)
+        with pytest.raises(ValueError, match=f"quantization='gguf' cannot run here: {why}"):
+            resolve(args, files, cuda_available=True)
 
 
 def test_unknown_arguments_are_refused_with_the_valid_ones():

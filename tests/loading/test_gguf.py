@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from pagedformers import LLM, SamplingParams, StructuredOutputsParams
+from pagedformers.platforms.cpu.kernels import cpu_kernels
+from pagedformers.platforms.cpu.quantized_linear import QuantizedLinear
+from pagedformers.tools.gguf_requantize import requantize
 from pagedformers.tools.tiny_models import hf_greedy
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
@@ -41,6 +44,17 @@ def test_the_load_parses_the_file_once(smollm2):
     """transformers reads it for the config, the tokenizer and the weights: ~5 s a parse on a slow core."""
     path, _, parsed = smollm2
     assert [Path(f).resolve() for f in parsed] == [Path(path).resolve()]
+
+
+def quantized_kinds(llm: LLM) -> list[str]:
+    return llm.apply_model(lambda m: sorted({x.kind for x in m.modules() if isinstance(x, QuantizedLinear)}))[0]
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no CPU kernels on this machine")
+def test_its_linears_run_on_the_weights_kept_quantized(smollm2):
+    """Q4_1 layers (the native model's fused q/k/v and gate/up too) and the head tied to the Q8_0 embedding."""
+    _, llm, _ = smollm2
+    assert quantized_kinds(llm) == ["Q4_1", "Q8_0"]
 
 
 def test_chat_answers_paris(smollm2):
@@ -86,3 +100,20 @@ def test_sampled_structured_outputs_validate_on_real_weights(smollm2):
                                      structured_outputs=StructuredOutputsParams(choice=["Paris", "Rome", "Madrid"])),
                       use_tqdm=False)[0].outputs[0]
     assert choice.text == "Paris"
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no CPU kernels on this machine")
+def test_q8_0_and_q4_0_files_match_hf_on_their_dequantized_weights(tmp_path):
+    """The same model requantized by gguf-py: Q8_0 (8-bit groups without mins) and Q4_0 (4-bit, signed)."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    for kind in ("Q8_0", "Q4_0"):
+        path = tmp_path / f"smollm2.{kind}.gguf"
+        requantize(smollm2_gguf(), str(path), kind)
+        llm = LLM(model=str(path), dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 28)
+        assert quantized_kinds(llm) == [kind]
+        ids = [llm.get_tokenizer().encode(p) for p in prompts]
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(str(tmp_path), ids, 12, dtype=torch.float32,
+                                                                   gguf_file=path.name), kind
+        del llm

@@ -1,6 +1,6 @@
-"""The CPU platform: compiled kernels (kernels/), layers swapped for them after loading (linear.py, rms_norm.py,
-gated_mlp.py, experts.py), their weights on huge pages (huge_pages.py), an attention backend on the kernels
-(attention.py), and decode steps replayed from traced graphs (decode_graphs.py, graph_rewrites.py)."""
+"""The CPU platform: compiled kernels (kernels/), layers swapped for them after loading (quantized_linear.py,
+linear.py, rms_norm.py, gated_mlp.py, experts.py), their weights on huge pages (huge_pages.py), an attention backend
+on the kernels (attention.py), and decode steps replayed from traced graphs (decode_graphs.py, graph_rewrites.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
 from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cpu_kernels
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
+from pagedformers.platforms.cpu.quantized_linear import swap_quantized_linears
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward
 
@@ -33,7 +34,8 @@ class CpuPlatform:
         """Norms, then linears (packed once, siblings that a probe saw take one input sharing one matmul), then
         SwiGLU MLPs on the kernels; decode steps on traced graphs where they can be."""
         dtype = config.model.dtype
-        cpu_kernels()  # built (once, ~1 min) or loaded now, at load, rather than within the first step
+        kernels = cpu_kernels()  # built (once, ~1 min) or loaded now, at load, rather than within the first step
+        _swap_quantized_linears(model, kernels)
         fuse_rms_norms(model, dtype)
         with record_siblings(model) as siblings:
             model.kv_cache_specs()
@@ -64,6 +66,17 @@ class CpuPlatform:
         with LoRA: which rows run which adapter changes the computation's shape from step to step."""
         return (not config.device.enforce_eager and config.parallel.world_size == 1
                 and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)
+
+
+def _swap_quantized_linears(model: Model, kernels: object | None) -> None:
+    if not getattr(model, "quantized_weights", None):
+        return
+    if kernels is None:
+        logger.warning("The GGUF file's quantized weights run dequantized: this CPU has no kernels for them "
+                       "(x86-64 with AVX2 or AVX-512 needed).")
+        model.quantized_weights = {}
+        return
+    logger.info("%d linears run on their GGUF weights kept quantized.", swap_quantized_linears(model, kernels))
 
 
 def _attention_backend(config: EngineConfig) -> str:

@@ -22,6 +22,9 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
 - `grouped_linear` (csrc/grouped_linear.cpp, one source for both builds): an MoE layer's experts, each expert's
   rows through `linear`; `torch._grouped_mm` runs oneDNN per expert, 2-2.5x slower at decode's few rows.
+- `quantized_linear` (csrc/quantized_linear.cpp, GCC vector extensions: one source for both builds): x W^T on a
+  GGUF weight kept quantized (8- or 4-bit groups with a scale and a min each), widened in registers; and
+  `dequantize_weight`, the whole weight as float32 for long prefills.
 - `rotary_embed` (csrc/rotary.cpp): HF's rotate-half rotary embedding in one call, bitwise as HF's eight ops
   round; decode graphs put it in their place (platforms/cpu/graph_rewrites.py).
 
@@ -54,7 +57,7 @@ logger = init_logger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _KERNELS = ("decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "argmax.cpp", "linear.cpp", "rotary.cpp")
-_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp")
+_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp", "quantized_linear.cpp")
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_kernel_isa` decides at run time which build this machine may load (the other one would crash it
 # with an illegal instruction).

@@ -18,6 +18,10 @@ at::Tensor rotary_embed(const at::Tensor& x, const at::Tensor& cos, const at::Te
 std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths);
 at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& ends, int64_t n);
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins,
+                            int64_t bits, int64_t group);
+at::Tensor dequantize_weight(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
+                             int64_t group);
 
 TORCH_LIBRARY(pagedformers, m) {
   // bf16 paged decode attention (AVX512-BF16)
@@ -36,6 +40,10 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor bias, int[] widths) -> Tensor[]");
   // an MoE layer's experts: rows sorted by expert, each expert's through `linear` on its packed weight
   m.def("grouped_linear(Tensor x, Tensor packed, Tensor ends, int n) -> Tensor");
+  // float32 x W^T on a weight kept in groups of 8- or 4-bit values with a scale (and a min) each (GGUF's)
+  m.def("quantized_linear(Tensor x, Tensor q, Tensor scales, Tensor mins, int bits, int group) -> Tensor");
+  // that weight as float32 [N, K]
+  m.def("dequantize_weight(Tensor q, Tensor scales, Tensor mins, int bits, int group) -> Tensor");
   // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
   m.def("argmax_rows(Tensor logits) -> Tensor");
   // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
@@ -50,6 +58,8 @@ TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("write_kv", &write_kv);
   m.impl("linear", &linear);
   m.impl("grouped_linear", &grouped_linear);
+  m.impl("quantized_linear", &quantized_linear);
+  m.impl("dequantize_weight", &dequantize_weight);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("rotary_embed", &rotary_embed);
 }

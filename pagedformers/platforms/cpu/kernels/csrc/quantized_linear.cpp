@@ -1,0 +1,223 @@
+// Weight-only quantized linears: x W^T with W kept as GGUF's blocks regrouped (loading/gguf_quantized.py),
+// w[n, k] = scale[n, g] * q[n, k] + min[n, g] for g = k / group. Each group of q is widened to floats in
+// registers and dotted with x in float32; the weight is never written out whole. A batch-1 decode then reads
+// 8.5 (Q8_0) or 4.5-5 (Q4_*) bits a weight instead of bf16's 16: the step's time is that read.
+//
+// GCC vector extensions, no intrinsics: one source for both builds (AVX-512 and AVX2, each compiled with its
+// flags).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// A vector is one register: 16 floats with AVX-512, 8 with AVX2 (wider types split into halves badly: GCC
+// moved each upper-half byte through a general register).
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float fvec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t i32vec __attribute__((vector_size(4 * kLanes)));
+typedef uint8_t u8vec __attribute__((vector_size(kLanes)));
+
+constexpr int kMaxRows = 4;  // rows of x that one widened group serves
+constexpr int64_t kPanel = 16;  // weight rows whose groups stay in L1 while the row tiles of x pass over them
+
+inline fvec load(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Bytes -> int32 -> float: vpmovzxbd and vcvtdq2ps. (GCC 12 widens a *signed* byte vector loaded from memory
+// lane by lane, through general registers: int8 goes through unsigned bytes, below.)
+inline fvec to_floats(u8vec b) {
+  return __builtin_convertvector(__builtin_convertvector(b, i32vec), fvec);
+}
+
+// The group's values as floats, a vector at a time: int8 as stored, or 4-bit pairs (byte l: element l in its low
+// nibble, element l + 16 in its high one).
+template <int kBits, int kGroup>
+inline void widen_group(const uint8_t* q, fvec* w) {
+  if constexpr (kBits == 8) {
+    for (int h = 0; h < kGroup / kLanes; ++h) {
+      u8vec raw;
+      std::memcpy(&raw, q + kLanes * h, sizeof raw);
+      w[h] = to_floats(raw ^ 0x80) - 128.f;  // v ^ 0x80 read unsigned is v + 128
+    }
+  } else {
+    static_assert(kBits == 4 && kGroup == 32, "4-bit groups are 32 wide");
+    for (int h = 0; h < 16 / kLanes; ++h) {
+      u8vec raw;
+      std::memcpy(&raw, q + kLanes * h, sizeof raw);
+      w[h] = to_floats(raw & 0x0F);
+      w[h + 16 / kLanes] = to_floats(raw >> 4);
+    }
+  }
+}
+
+inline float sum_lanes(fvec v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// sums[r] = sum over groups g of scale[g] * dot(x[r, g], q[g]) + min[g] * x_sums[r, g], for R rows of x against
+// one weight row (the mins' share in a scalar chain beside the vector one).
+template <int kBits, int kGroup, int R>
+void row_dots(const float* x, int64_t ldx, const uint8_t* q, const float* scale, const float* min,
+              const float* x_sums, int64_t groups, float* sums) {
+  fvec acc[R] = {};
+  float min_acc[R] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    fvec w[kGroup / kLanes];
+    widen_group<kBits, kGroup>(q + g * (kGroup * kBits / 8), w);
+    const float s = scale[g];
+    for (int r = 0; r < R; ++r) {
+      const float* xg = x + r * ldx + g * kGroup;
+      fvec d = w[0] * load(xg);
+      for (int h = 1; h < kGroup / kLanes; ++h) d += w[h] * load(xg + kLanes * h);
+      acc[r] += d * s;
+      if (min != nullptr) min_acc[r] += min[g] * x_sums[r * groups + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = sum_lanes(acc[r]) + min_acc[r];
+}
+
+template <typename Out>
+struct Job {
+  const float* x;  // [m, k] float32, contiguous
+  int64_t m, k, n;
+  const uint8_t* q;
+  const float *scales, *mins, *x_sums;  // mins and x_sums null where every min is 0
+  Out* out;  // [m, n]
+};
+
+template <int kBits, int kGroup, typename Out>
+void run_panels(const Job<Out>& job, int64_t begin, int64_t end) {
+  using RowDots = void (*)(const float*, int64_t, const uint8_t*, const float*, const float*, const float*, int64_t,
+                           float*);
+  constexpr RowDots kDots[kMaxRows] = {row_dots<kBits, kGroup, 1>, row_dots<kBits, kGroup, 2>,
+                                       row_dots<kBits, kGroup, 3>, row_dots<kBits, kGroup, 4>};
+  const int64_t groups = job.k / kGroup, row_bytes = job.k * kBits / 8;
+  for (int64_t panel = begin; panel < end; ++panel) {
+    const int64_t first = panel * kPanel, last = std::min(job.n, first + kPanel);
+    for (int64_t row = 0; row < job.m; row += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, job.m - row));
+      for (int64_t col = first; col < last; ++col) {
+        float sums[kMaxRows];
+        kDots[rows - 1](job.x + row * job.k, job.k, job.q + col * row_bytes, job.scales + col * groups,
+                        job.mins ? job.mins + col * groups : nullptr, job.x_sums ? job.x_sums + row * groups : nullptr,
+                        groups, sums);
+        for (int r = 0; r < rows; ++r) job.out[(row + r) * job.n + col] = static_cast<Out>(sums[r]);
+      }
+    }
+  }
+}
+
+template <int kBits, int kGroup, typename Out>
+void run(const Job<Out>& job) {
+  const int64_t panels = (job.n + kPanel - 1) / kPanel;
+  const auto f = [&job](int64_t begin, int64_t end) { run_panels<kBits, kGroup>(job, begin, end); };
+  at::parallel_for(0, panels, 1, f);
+}
+
+template <typename Out>
+void dispatch(const Job<Out>& job, int64_t bits, int64_t group) {
+  if (bits == 4) {
+    run<4, 32>(job);
+  } else if (group == 32) {
+    run<8, 32>(job);
+  } else {
+    run<8, 16>(job);
+  }
+}
+
+void check(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits, int64_t group,
+           int64_t k) {
+  TORCH_CHECK((bits == 8 && (group == 16 || group == 32)) || (bits == 4 && group == 32),
+              "quantized_linear: 8-bit groups of 16 or 32, or 4-bit groups of 32");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte) &&
+                  q.size(1) * 8 == k * bits && k % group == 0,
+              "quantized_linear: values [N, K * bits / 8] (int8 or uint8) for a K that groups divide");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({q.size(0), k / group}) &&
+                  (mins.numel() == 0 || (mins.scalar_type() == at::kFloat && mins.is_contiguous() &&
+                                         mins.sizes() == scales.sizes())),
+              "quantized_linear: float32 scales (and mins, or none) [N, K / group]");
+}
+
+}  // namespace
+
+// x [..., K] float32 or bf16 -> [..., N] in x's dtype.
+at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& q, const at::Tensor& scales,
+                            const at::Tensor& mins, int64_t bits, int64_t group) {
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || input.scalar_type() == at::kFloat, "quantized_linear: float32 or bf16 input expected");
+  const int64_t k = input.size(-1), n = q.size(0), m = input.numel() / std::max<int64_t>(k, 1);
+  check(q, scales, mins, bits, group, k);
+  const at::Tensor x = input.reshape({m, k}).contiguous();
+  // x as float32 rows, and each group's sum where there are mins: plain loops (ATen ops cost more than these)
+  std::vector<float> widened, x_sums;
+  const float* xp;
+  if (bf16) {
+    widened.resize(m * k);
+    const at::BFloat16* src = x.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < m * k; ++i) widened[i] = static_cast<float>(src[i]);
+    xp = widened.data();
+  } else {
+    xp = x.data_ptr<float>();
+  }
+  if (mins.numel()) {
+    x_sums.assign(m * (k / group), 0.f);
+    for (int64_t i = 0; i < m * k; ++i) x_sums[i / group] += xp[i];
+  }
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, input.options());
+  const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float* mp = mins.numel() ? mins.data_ptr<float>() : nullptr;
+  const float* xs = mins.numel() ? x_sums.data() : nullptr;
+  if (bf16) {
+    dispatch(Job<at::BFloat16>{xp, m, k, n, qp, scales.data_ptr<float>(), mp, xs, out.data_ptr<at::BFloat16>()}, bits,
+             group);
+  } else {
+    dispatch(Job<float>{xp, m, k, n, qp, scales.data_ptr<float>(), mp, xs, out.data_ptr<float>()}, bits, group);
+  }
+  return out;
+}
+
+// The whole weight as float32 [N, K]: for a long prefill, which a dense matmul then runs at full speed.
+at::Tensor dequantize_weight(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
+                             int64_t group) {
+  const int64_t n = q.size(0), k = q.size(1) * 8 / bits, groups = k / group;
+  check(q, scales, mins, bits, group, k);
+  at::Tensor out = at::empty({n, k}, scales.options());
+  const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float *sp = scales.data_ptr<float>(), *mp = mins.numel() ? mins.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t col = begin; col < end; ++col) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = sp[col * groups + g], mn = mp ? mp[col * groups + g] : 0.f;
+        float* o = op + col * k + g * group;
+        const uint8_t* src = qp + col * (k * bits / 8) + g * (group * bits / 8);
+        for (int64_t l = 0; l < group; ++l) {
+          const float v = bits == 8 ? static_cast<float>(static_cast<int8_t>(src[l]))
+                                    : static_cast<float>(l < 16 ? src[l] & 0x0F : src[l - 16] >> 4);
+          o[l] = s * v + mn;
+        }
+      }
+    }
+  });
+  return out;
+}
