@@ -135,7 +135,14 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
 
 def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> str | None:
     """"gguf" where a GGUF file's quantized linears can stay quantized: one rank on a CPU (the kernel's home; a
-    tensor-parallel rank would need its shard of every block)."""
+    tensor-parallel rank would need its shard of every block). A checkpoint quantized otherwise is refused by
+    name: its weights would load as something else, or not at all."""
+    method = getattr(files.hf_config, "quantization_config", None)
+    if method:
+        method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
+        raise ValueError(f"The checkpoint is quantized with {str(method)!r} (config.json's quantization_config): "
+                         "pagedformers runs quantized weights from GGUF files only; use the model's unquantized "
+                         "checkpoint or a GGUF file of it.")
     if args.quantization == "none" or (args.quantization is None and files.gguf_file is None):
         return None
     why_not = ("the checkpoint is not a GGUF file" if files.gguf_file is None

@@ -66,6 +66,9 @@ def test_gguf_weights_stay_quantized_where_they_can_and_say_why_not_where_asked(
     asked = [(dict(), _files(llama), "the checkpoint is not a GGUF file"),
              (dict(device="cuda"), gguf, "device 'cuda' has no quantized kernels"),
              (dict(tensor_parallel_size=2, device="cpu"), gguf, "tensor_parallel_size > 1")]
+    gptq = LlamaConfig(architectures=["LlamaForCausalLM"], quantization_config={"quant_method": "gptq", "bits": 4})
+    with pytest.raises(ValueError, match="The checkpoint is quantized with 'gptq'"):
+        resolve(EngineArgs(model="m"), _files(gptq), cuda_available=False)
     for kwargs, files, why in asked:
         args = EngineArgs(model="m", quantization="gguf", **kwargs)
         with pytest.raises(ValueError, match=f"quantization='gguf' cannot run here: {why}"):
