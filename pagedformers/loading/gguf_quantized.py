@@ -7,7 +7,7 @@ and mins are parsed from the blocks; q is recovered from transformers' own dequa
 through the architecture's row permutations, e.g. Llama's q/k), and the result must give that tensor back
 bitwise, or the weight stays dense. So a layout this module misreads can cost speed, never correctness.
 
-Storage: 4-bit values two a byte (Q4_*: 4.5-5 bits a weight with the float32 scales and mins), the others int8
+Storage: 4-bit values two a byte (Q4_*: 6 bits a weight with the float32 scales and mins), the others int8
 (Q8_0: 9 bits a weight with its float32 scales; Q5_* and Q6_K: 9-10).
 """
 

@@ -1,8 +1,9 @@
 """Linears on GGUF weights kept quantized (loading/gguf_quantized.py), on the CPU kernel `quantized_linear`.
 
-A step of a few rows (decodes) runs the kernel: it reads the weight's 4.5-8.5 bits a value once and widens each
-group in registers, where a dense bf16 step reads 16. A step of more rows (a prefill) is compute-bound: it
-dequantizes the weight (`dequantize_weight`, a pass over N x K) and runs a dense matmul on it.
+A step of a few rows (decodes) runs the kernel: it reads the weight's 6 (4-bit types) or 9-10 bits a value once and widens each
+group in registers, where a dense bf16 step reads 16. A step of more rows (a prefill, a large batch of decodes) is
+compute-bound: it dequantizes the weight into the activations' dtype (`dequantize_weight`, one vectorised pass
+over N x K) and runs a dense matmul on it.
 
 Swapped in after loading, where the loaded parameter is exactly the quantized weight's dequantization in the
 model's dtype: a weight this cannot read, or that a model fused in a way it does not know, stays dense.
@@ -21,8 +22,10 @@ from pagedformers.logger import init_logger
 
 logger = init_logger(__name__)
 
-# Rows up to which the kernel beats dequantize + dense matmul (benchmarks/quantized.py: 576 x 1536, Zen 5).
-KERNEL_ROWS = 16
+# Rows up to which the kernel beats dequantizing to bf16 + a dense matmul: 2 Zen 5 cores, 576x1536 and 1536x576
+# Q4_1, Q8_0, Q6_K weights, kernel / dense us: 4 rows 45-58 / 105-113, 8 rows 85-93 / 115-120, 12 rows 124-195 /
+# 131-134 (the kernel's time grows with the rows, the dense path's mostly with the weight).
+KERNEL_ROWS = 8
 
 
 class QuantizedLinear(nn.Linear):
@@ -44,10 +47,10 @@ class QuantizedLinear(nn.Linear):
         if rows <= KERNEL_ROWS:
             out = self.kernels.quantized_linear(x, self.values, self.scales, self.mins, self.bits, self.group)
             return out if self.bias is None else out + self.bias
-        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.kernels.dequantize_weight(self.values, self.scales, self.mins, self.bits, self.group)
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.kernels.dequantize_weight(self.values, self.scales, self.mins, self.bits, self.group, dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} ({self.bits}-bit)"

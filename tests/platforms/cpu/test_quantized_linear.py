@@ -76,8 +76,9 @@ def test_kernel_matches_a_dense_matmul_on_the_same_weight(kind, rows):
     reference16 = x.bfloat16().double() @ dense.double().T
     assert out16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.double(), reference16, rtol=1e-2, atol=1e-2 * reference16.abs().max().item())
-    assert torch.allclose(kernels.dequantize_weight(weight.values, weight.scales, mins, weight.bits, weight.group),
-                          dense, rtol=1e-6, atol=1e-6)
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        full = kernels.dequantize_weight(weight.values, weight.scales, mins, weight.bits, weight.group, dtype)
+        assert full.dtype == dtype and torch.allclose(full.float(), dense.to(dtype).float(), rtol=rtol, atol=1e-6)
 
 
 @needs_kernels

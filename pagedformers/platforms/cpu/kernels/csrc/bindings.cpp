@@ -21,7 +21,7 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& packed, const a
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins,
                             int64_t bits, int64_t group);
 at::Tensor dequantize_weight(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
-                             int64_t group);
+                             int64_t group, at::ScalarType dtype);
 
 TORCH_LIBRARY(pagedformers, m) {
   // bf16 paged decode attention (AVX512-BF16)
@@ -42,8 +42,8 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("grouped_linear(Tensor x, Tensor packed, Tensor ends, int n) -> Tensor");
   // float32 x W^T on a weight kept in groups of 8- or 4-bit values with a scale (and a min) each (GGUF's)
   m.def("quantized_linear(Tensor x, Tensor q, Tensor scales, Tensor mins, int bits, int group) -> Tensor");
-  // that weight as float32 [N, K]
-  m.def("dequantize_weight(Tensor q, Tensor scales, Tensor mins, int bits, int group) -> Tensor");
+  // that weight as float32 or bf16 [N, K]
+  m.def("dequantize_weight(Tensor q, Tensor scales, Tensor mins, int bits, int group, ScalarType dtype) -> Tensor");
   // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
   m.def("argmax_rows(Tensor logits) -> Tensor");
   // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
