@@ -2,8 +2,8 @@
 
 A step of a few rows (decodes) runs the kernel: it reads the weight's 6 (4-bit types) or 9-10 bits a value once
 and widens each group in registers, where a dense bf16 step reads 16. A step of more rows (a prefill, a large batch
-of decodes) is compute-bound: it dequantizes the weight into the activations' dtype (`dequantize_weight`, one vectorised pass
-over N x K) and runs a dense matmul on it.
+of decodes) is compute-bound: it dequantizes the weight into the activations' dtype (`dequantize_weight`, one
+vectorised pass over N x K) and runs a dense matmul on it.
 
 Swapped in after loading, where the loaded parameter is exactly the quantized weight's dequantization in the
 model's dtype: a weight this cannot read, or that a model fused in a way it does not know, stays dense.
