@@ -97,10 +97,11 @@ class TransformersBase(nn.Module):
     # -- weights ------------------------------------------------------------------------------------
 
     def load_weights(self, source: ModelSource) -> None:
-        quantized = {} if self.config.model.quantization == "gguf" else None
+        quantized = {} if self.config.model.quantization else None
         name_map = self.checkpoint_name_map()
-        self.load_tensors(iterate_weights(source.path, source.gguf_file, self.checkpoint_model(), quantized=quantized),
-                          name_map)
+        packed = getattr(self.config.model.hf_config, "quantization_config", None)  # compressed-tensors
+        self.load_tensors(iterate_weights(source.path, source.gguf_file, self.checkpoint_model(), quantized=quantized,
+                                          quantization_config=packed), name_map)
         targets = dict(self.named_parameters(remove_duplicate=False))
         # by our parameter names: the platform may run these linears on them (platforms/cpu/quantized_linear.py)
         self.quantized_weights = {_rename(n, name_map, targets): w for n, w in (quantized or {}).items()}

@@ -24,7 +24,7 @@ MODEL_IMPLS = ("auto", "transformers", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 LINEAR_BACKENDS = ("auto", "pagedformers", "onednn")  # platforms/cpu/linear_choice.py
-QUANTIZATIONS = (None, "gguf", "none")  # loading/gguf_quantized.py
+QUANTIZATIONS = (None, "gguf", "compressed-tensors", "none")  # loading/gguf_quantized.py, compressed_tensors.py
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify", "reward")
 HfOverrides = dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig]
@@ -71,11 +71,12 @@ class EngineArgs:
     linear_backend: str = _arg("auto", "Which matmul runs bf16 linears on a CPU: auto (for each weight shape and "
                                        "row count, the faster of pagedformers' kernel and oneDNN, measured at "
                                        "load and cached), pagedformers or onednn.")
-    quantization: str | None = _arg(None, "How a quantized checkpoint's weights run. Unset: a GGUF file's "
-                                          "quantized linears (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) stay quantized "
-                                          "on the CPU kernels, single-rank on a CPU; other tensors are dequantized. "
-                                          "gguf: the same, or an error where it cannot; none: dequantize every "
-                                          "weight to dtype.")
+    quantization: str | None = _arg(None, "How a quantized checkpoint's weights run. Unset: the quantized linears "
+                                          "of a GGUF file (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K) or of a "
+                                          "compressed-tensors W4A16 / W8A16 checkpoint stay quantized on the CPU "
+                                          "kernels, single-rank on a CPU; elsewhere they are dequantized. gguf, "
+                                          "compressed-tensors: the same, or an error where it cannot; none: "
+                                          "dequantize every weight to dtype.")
     runner: Runner = _arg("auto", "generate or pooling; auto: from the model's architecture.")
     convert: Convert = _arg("auto", "Run a causal LM as a pooling model: embed, classify or reward; auto: as it is.")
     pooler_config: PoolerConfig | dict[str, Any] | None = _arg(

@@ -38,7 +38,7 @@ class ModelConfig:
     trust_remote_code: bool
     seed: int
     check_hf_parity: bool = True  # the load-time guard (engine/parity_guard.py)
-    quantization: Literal["gguf"] | None = None  # "gguf": the GGUF file's quantized linears stay quantized
+    quantization: Literal["gguf", "compressed-tensors"] | None = None  # the checkpoint's quantized linears stay so
 
     @property
     def text_config(self) -> PretrainedConfig:

@@ -20,6 +20,7 @@ from pagedformers.config.engine_config import (
     SchedulerConfig,
 )
 from pagedformers.config.pooler import PoolerConfig
+from pagedformers.config.quantization import packed_scheme
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -134,27 +135,38 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
 
 
 def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> str | None:
-    """"gguf" where a GGUF file's quantized linears can stay quantized: one rank on a CPU (the kernel's home; a
-    tensor-parallel rank would need its shard of every block). A checkpoint quantized otherwise is refused by
-    name: its weights would load as something else, or not at all."""
-    method = getattr(files.hf_config, "quantization_config", None)
-    if method:
-        method = method.get("quant_method") if isinstance(method, dict) else getattr(method, "quant_method", method)
-        raise ValueError(f"The checkpoint is quantized with {str(method)!r} (config.json's quantization_config): "
-                         "pagedformers runs quantized weights from GGUF files only; use the model's unquantized "
-                         "checkpoint or a GGUF file of it.")
-    if args.quantization == "none" or (args.quantization is None and files.gguf_file is None):
+    """The checkpoint's quantization format ("gguf", "compressed-tensors") where its linears can stay quantized: one
+    rank on a CPU (the kernel's home; a tensor-parallel rank would need its shard of every group); else None, and
+    the weights are dequantized at load. A format this cannot read is refused by name."""
+    stored = _stored_quantization(files)
+    if args.quantization == "none" or (args.quantization is None and stored is None):
         return None
-    why_not = ("the checkpoint is not a GGUF file" if files.gguf_file is None
+    why_not = ("the checkpoint is not quantized" if stored is None
+               else f"the checkpoint is {stored}" if args.quantization not in (None, stored)
                else f"device {device!r} has no quantized kernels (CPU only)" if device != "cpu"
-               else "tensor_parallel_size > 1 (a rank's shard of quantized blocks)" if args.tensor_parallel_size > 1
+               else "tensor_parallel_size > 1 (a rank's shard of quantized groups)" if args.tensor_parallel_size > 1
                else None)
     if why_not is None:
-        return "gguf"
-    if args.quantization == "gguf":
-        advice = " Use quantization='none' to dequantize it." if files.gguf_file else ""
-        raise ValueError(f"quantization='gguf' cannot run here: {why_not}.{advice}")
+        return stored
+    if args.quantization is not None:
+        advice = " Use quantization='none' to dequantize it." if stored else ""
+        raise ValueError(f"quantization={args.quantization!r} cannot run here: {why_not}.{advice}")
     return None
+
+
+def _stored_quantization(files: ModelFiles) -> str | None:
+    if files.gguf_file is not None:
+        return "gguf"
+    config = getattr(files.hf_config, "quantization_config", None)
+    if not config:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", config)
+    if method == "compressed-tensors":
+        packed_scheme(config)  # raises, naming what it cannot run
+        return "compressed-tensors"
+    raise ValueError(f"The checkpoint is quantized with {str(method)!r} (config.json's quantization_config): "
+                     "pagedformers runs GGUF files and compressed-tensors W4A16 / W8A16 checkpoints; use the "
+                     "model's unquantized checkpoint or one of those.")
 
 
 def _resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:

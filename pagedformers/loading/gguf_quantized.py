@@ -115,8 +115,7 @@ def regroup(kind: str, dense: torch.Tensor, scales: np.ndarray, mins: np.ndarray
         m, q = _fold_constant_min(s, m, q.view(n, -1, group))
         q = q.view(n, k)
     if bits == 4:
-        q = q.to(torch.uint8).view(n, -1, 2, 16)
-        values = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
+        values = pack_nibbles(q.to(torch.uint8))
     else:
         values = q.to(torch.int8)
     weight = QuantizedWeight(values.contiguous(), s, m, bits, group, kind)
@@ -155,6 +154,14 @@ def quantized_linears(file: str, meta_model: torch.nn.Module, config: dict,
         if weight is not None:
             kept[name] = weight
     return kept
+
+
+def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0-15 -> [N, K // 2]: in each group of 32, byte l holds element l (low nibble) and
+    element l + 16 (high)."""
+    n, k = u.shape
+    halves = u.view(n, -1, 2, 16)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
 def _fold_constant_min(scales: torch.Tensor, mins: torch.Tensor,

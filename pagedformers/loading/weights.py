@@ -1,17 +1,21 @@
-"""Stream checkpoint tensors: safetensors (sharded or not), PyTorch .bin, or GGUF (dequantized, and its quantized
-linears as stored where asked)."""
+"""Stream checkpoint tensors: safetensors (sharded or not), PyTorch .bin, or GGUF; quantized ones (GGUF,
+compressed-tensors) dequantized, and their linears in the CPU kernel's form where asked."""
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pagedformers.config.quantization import packed_scheme
+from pagedformers.loading.compressed_tensors import dense_weights
 from pagedformers.loading.gguf_quantized import QuantizedWeight, quantized_linears
 
 WeightStream = Iterator[tuple[str, torch.Tensor]]
@@ -35,16 +39,21 @@ def list_weight_files(path: str) -> tuple[str, list[str]]:
 
 
 def iterate_weights(path: str, gguf_file: str | None, meta_causal_lm: nn.Module | None,
-                    use_tqdm: bool = True, quantized: dict[str, QuantizedWeight] | None = None) -> WeightStream:
-    """Yield (checkpoint name, tensor) pairs, one shard at a time, with a progress bar. A GGUF file's tensors come
-    dequantized; given `quantized`, its quantized linear weights are put there too as they are stored
-    (loading/gguf_quantized.py), by checkpoint name."""
+                    use_tqdm: bool = True, quantized: dict[str, QuantizedWeight] | None = None,
+                    quantization_config: Any = None) -> WeightStream:
+    """Yield (checkpoint name, tensor) pairs, one shard at a time, with a progress bar. Quantized tensors come
+    dequantized (a GGUF file's; a compressed-tensors checkpoint's, given its config.json `quantization_config`);
+    given `quantized`, the quantized linear weights are put there too in the CPU kernel's form, by checkpoint name."""
     if gguf_file is not None:
         yield from _iterate_gguf(os.path.join(path, gguf_file), meta_causal_lm, quantized)
         return
     kind, files = list_weight_files(path)
-    for file in tqdm(files, desc=f"Loading {kind} shards", disable=not use_tqdm or len(files) < 2):
-        yield from (_iterate_safetensors(file) if kind == "safetensors" else _iterate_bin(file))
+    stream = itertools.chain.from_iterable(
+        _iterate_safetensors(file) if kind == "safetensors" else _iterate_bin(file)
+        for file in tqdm(files, desc=f"Loading {kind} shards", disable=not use_tqdm or len(files) < 2))
+    if quantization_config:
+        stream = dense_weights(stream, packed_scheme(quantization_config), quantized)
+    yield from stream
 
 
 class LazyTensor:

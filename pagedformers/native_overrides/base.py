@@ -153,8 +153,10 @@ class NativeCausalLM(nn.Module):
 
     def load_weights(self, source: ModelSource) -> None:
         gguf_model = self.checkpoint_model() if source.gguf_file else None
-        quantized = {} if self.config.model.quantization == "gguf" else None
-        self.load_tensors(iterate_weights(source.path, source.gguf_file, gguf_model, quantized=quantized))
+        quantized = {} if self.config.model.quantization else None
+        packed = getattr(self.config.model.hf_config, "quantization_config", None)  # compressed-tensors
+        self.load_tensors(iterate_weights(source.path, source.gguf_file, gguf_model, quantized=quantized,
+                                          quantization_config=packed))
         self.quantized_weights = self.fused_quantized(quantized or {})
 
     def fused_quantized(self, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:

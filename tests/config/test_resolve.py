@@ -48,7 +48,7 @@ def test_the_config_is_frozen_and_other_processes_rebuild_it_from_local_sources(
     ({"runner": "decode"}, "runner='decode' is not one of"),
     ({"device": "tpu"}, "device='tpu' is not one of"),
     ({"distributed_timeout_s": 0}, "distributed_timeout_s must be > 0"),
-    ({"quantization": "awq"}, r"quantization='awq' is not one of \(None, 'gguf', 'none'\)"),
+    ({"quantization": "awq"}, r"quantization='awq' is not one of \(None, 'gguf', 'compressed-tensors', 'none'\)"),
 ])
 def test_engine_args_refuse_what_is_wrong_whatever_the_model(kwargs, error):
     with pytest.raises(ValueError, match=error):
@@ -63,9 +63,15 @@ def test_gguf_weights_stay_quantized_where_they_can_and_say_why_not_where_asked(
     assert resolve(EngineArgs(model="m"), _files(llama), cuda_available=False).model.quantization is None
     # unset, where it cannot: dequantized; asked for: an error naming why
     assert resolve(EngineArgs(model="m", tensor_parallel_size=2), gguf, False).model.quantization is None
-    asked = [(dict(), _files(llama), "the checkpoint is not a GGUF file"),
+    asked = [(dict(), _files(llama), "the checkpoint is not quantized"),
              (dict(device="cuda"), gguf, "device 'cuda' has no quantized kernels"),
              (dict(tensor_parallel_size=2, device="cpu"), gguf, "tensor_parallel_size > 1")]
+    packed = LlamaConfig(architectures=["LlamaForCausalLM"], quantization_config={
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {"weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}}})
+    assert resolve(EngineArgs(model="m"), _files(packed), False).model.quantization == "compressed-tensors"
+    with pytest.raises(ValueError, match="quantization='gguf' cannot run here: the checkpoint is compressed-tensors"):
+        resolve(EngineArgs(model="m", quantization="gguf"), _files(packed), False)
     gptq = LlamaConfig(architectures=["LlamaForCausalLM"], quantization_config={"quant_method": "gptq", "bits": 4})
     with pytest.raises(ValueError, match="The checkpoint is quantized with 'gptq'"):
         resolve(EngineArgs(model="m"), _files(gptq), cuda_available=False)

@@ -72,11 +72,11 @@ def _swap_quantized_linears(model: Model, kernels: object | None) -> None:
     if not getattr(model, "quantized_weights", None):
         return
     if kernels is None:
-        logger.warning("The GGUF file's quantized weights run dequantized: this CPU has no kernels for them "
+        logger.warning("The checkpoint's quantized weights run dequantized: this CPU has no kernels for them "
                        "(x86-64 with AVX2 or AVX-512 needed).")
         model.quantized_weights = {}
         return
-    logger.info("%d linears run on their GGUF weights kept quantized.", swap_quantized_linears(model, kernels))
+    logger.info("%d linears run on their weights kept quantized.", swap_quantized_linears(model, kernels))
 
 
 def _attention_backend(config: EngineConfig) -> str:

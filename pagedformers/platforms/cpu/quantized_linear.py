@@ -1,12 +1,13 @@
-"""Linears on GGUF weights kept quantized (loading/gguf_quantized.py), on the CPU kernel `quantized_linear`.
+"""Linears on weights kept quantized (GGUF: loading/gguf_quantized.py; compressed-tensors:
+loading/compressed_tensors.py), on the CPU kernel `quantized_linear`.
 
 A step of a few rows (decodes) runs the kernel: it reads the weight's 6 (4-bit types) or 9-10 bits a value once
 and widens each group in registers, where a dense bf16 step reads 16. A step of more rows (a prefill, a large batch
 of decodes) is compute-bound: it dequantizes the weight into the activations' dtype (`dequantize_weight`, one
 vectorised pass over N x K) and runs a dense matmul on it.
 
-Swapped in after loading, where the loaded parameter is exactly the quantized weight's dequantization in the
-model's dtype: a weight this cannot read, or that a model fused in a way it does not know, stays dense.
+Swapped in after loading, where the loaded parameter is the quantized weight's dequantization in the model's dtype
+(to its rounding): a weight this cannot read, or that a model fused in a way it does not know, stays dense.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ class QuantizedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} ({self.bits}-bit)"
 
 
+def _same_weight(weight: QuantizedWeight, loaded: torch.Tensor) -> bool:
+    """Whether the loaded parameter is the quantized weight, within its dtype's rounding: a row or group misplaced
+    differs by the weights themselves, not by an ulp (a scale times a 4-bit value rounds differently summed with a
+    min than scaled once: compressed-tensors' float32 scales)."""
+    eps = torch.finfo(loaded.dtype).eps
+    return torch.allclose(weight.dequantize(), loaded.float(), rtol=2 * eps, atol=eps * loaded.abs().max().item())
+
+
 def swap_quantized_linears(model: nn.Module, kernels: Any) -> int:
     """Every nn.Linear whose weight the model kept quantized at load (`quantized_weights`, by parameter name; a
     tied head by its embedding's) becomes a QuantizedLinear; returns how many did."""
@@ -69,15 +78,14 @@ def swap_quantized_linears(model: nn.Module, kernels: Any) -> int:
         weight = by_tensor.get(id(getattr(module, "weight", None)))
         if type(module) is not nn.Linear or weight is None:
             continue
-        if weight.shape != tuple(module.weight.shape) or \
-                not torch.equal(weight.dequantize().to(module.weight.dtype), module.weight):
+        if weight.shape != tuple(module.weight.shape) or not _same_weight(weight, module.weight):
             dense.append(name)
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, QuantizedLinear(module, weight, kernels))
         swapped += 1
     if dense:
-        logger.warning("%d quantized GGUF weights run dequantized (their layer is laid out otherwise than the file), "
+        logger.warning("%d quantized weights run dequantized (their layer is laid out otherwise than the file), "
                        "e.g. %s", len(dense), dense[0])
     model.quantized_weights = {}  # held by the layers now
     return swapped
