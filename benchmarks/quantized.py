@@ -97,7 +97,12 @@ def dense_checkpoint(path: Path) -> Path:
     """SmolLM2 from the shipped Q4_1 file, dequantized and saved as a float32 safetensors checkpoint (once)."""
     if not path.exists():
         folder, name = Path(smollm2_gguf()).parent, Path(smollm2_gguf()).name
-        AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).save_pretrained(path)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = loaded.config
+        config.__dict__.pop("quantization_config", None)  # "gguf": a model loaded from it will not save
+        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        dense.load_state_dict(loaded.state_dict())
+        dense.save_pretrained(path)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
     return path
 
@@ -131,10 +136,12 @@ def step_bytes(model: torch.nn.Module) -> tuple[int, str]:
     """(bytes a decode step reads: every weight and buffer but the input embedding's table, unless the head is
     it; what the linears hold)."""
     embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).weight
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta and t.numel()}
+    def key(t: torch.Tensor) -> int:  # shared tensors once; a oneDNN-laid-out weight has no data pointer
+        return id(t) if t.is_mkldnn else t.data_ptr()
+    tensors = {key(t): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta and t.numel()}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if all(m.weight is not embedding for m in linears):  # no dense head reads the table whole
-        tensors.pop(embedding.data_ptr(), None)
+        tensors.pop(key(embedding), None)
     kinds = sorted({kind for m in linears for kind in getattr(m, "kind", "dense").split("+")})
     return sum(t.numel() * t.element_size() for t in tensors.values()), "+".join(kinds)
 

@@ -60,11 +60,13 @@ inline void widen_group(const uint8_t* q, fvec* w) {
     }
   } else {
     static_assert(kBits == 4 && kGroup == 32, "4-bit groups are 32 wide");
-    for (int h = 0; h < 16 / kLanes; ++h) {
+    for (int h = 0; h < 16 / kLanes; ++h) {  // widened to int32 lanes first: x86 has no byte shift
       u8vec raw;
       std::memcpy(&raw, q + kLanes * h, sizeof raw);
-      w[h] = to_floats(raw & 0x0F);
-      w[h + 16 / kLanes] = to_floats(raw >> 4);
+      asm("" : "+x"(raw));
+      const i32vec both = __builtin_convertvector(raw, i32vec);
+      w[h] = __builtin_convertvector(both & 0x0F, fvec);
+      w[h + 16 / kLanes] = __builtin_convertvector(both >> 4, fvec);
     }
   }
 }
@@ -201,7 +203,8 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& q, const 
   }
   if (mins.numel()) {
     x_sums.assign(m * (k / group), 0.f);
-    for (int64_t i = 0; i < m * k; ++i) x_sums[i / group] += xp[i];
+    for (int64_t g = 0; g < m * (k / group); ++g)
+      for (int64_t i = 0; i < group; ++i) x_sums[g] += xp[g * group + i];
   }
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
