@@ -136,8 +136,8 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
 
 def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> str | None:
     """The checkpoint's quantization format ("gguf", "compressed-tensors") where its linears can stay quantized: one
-    rank on a CPU (the kernel's home; a tensor-parallel rank would need its shard of every group); else None, and
-    the weights are dequantized at load. A format this cannot read is refused by name."""
+    rank on a CPU without LoRA (the kernel's home; a tensor-parallel rank would need its shard of every group); else
+    None, and the weights are dequantized at load. A format this cannot read is refused by name."""
     stored = _stored_quantization(files)
     if args.quantization == "none" or (args.quantization is None and stored is None):
         return None
@@ -145,6 +145,7 @@ def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> s
                else f"the checkpoint is {stored}" if args.quantization not in (None, stored)
                else f"device {device!r} has no quantized kernels (CPU only)" if device != "cpu"
                else "tensor_parallel_size > 1 (a rank's shard of quantized groups)" if args.tensor_parallel_size > 1
+               else "enable_lora (LoRA layers wrap every linear)" if args.enable_lora
                else None)
     if why_not is None:
         return stored
