@@ -181,6 +181,19 @@ def full_batch_step_ms(engine: LLMEngine, prompt: list[int], params: SamplingPar
     return statistics.median(times[1:]), len(times) - 1  # the first full step may still hold prefill
 
 
+def decode_step_ms(llm: LLM, prompt: list[int], steps: int) -> float:
+    """One batch-1 decode step in ms: a run of `steps` decode steps after the prompt, less that prompt's prefill
+    (timed alone just before). Warm the engine first: the first run traces its decode graph."""
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
+    return (time.perf_counter() - start - prefill) / steps * 1e3
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

@@ -14,10 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_model_args, linear_implementations, memory_bandwidth, save_llama, weights_read_per_step
+from common import (
+    add_model_args,
+    decode_step_ms,
+    linear_implementations,
+    memory_bandwidth,
+    save_llama,
+    weights_read_per_step,
+)
 from transformers import AutoModelForCausalLM
 
-from pagedformers import LLM, SamplingParams
+from pagedformers import LLM
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,17 +44,10 @@ def ours_steps_and_bandwidths(path: Path, args: argparse.Namespace, prompt: list
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
               kv_cache_memory_bytes=1 << 28, model_impl=args.model_impl)
     print(f"pagedformers linears: {linear_implementations(llm)}", flush=True)
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)  # warm-up; traces the decode graph
+    decode_step_ms(llm, prompt, args.steps)  # warm-up; traces the decode graph
     runs, before = [], memory_bandwidth()
     for _ in range(args.repeat):
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
-        step = (time.perf_counter() - start - prefill) / args.steps * 1e3
+        step = decode_step_ms(llm, prompt, args.steps)
         after = memory_bandwidth()
         runs.append((step, max(before, after)))
         before = after

@@ -18,11 +18,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import memory_bandwidth
+from common import decode_step_ms, memory_bandwidth
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedformers import LLM, SamplingParams
@@ -114,17 +113,10 @@ def ours_and_peer(path: Path, args: argparse.Namespace, prompt: list[int]) -> tu
     llm = LLM(model=str(path), dtype=args.dtype, max_model_len=512, enable_prefix_caching=False,
               kv_cache_memory_bytes=1 << 28)
     answer = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].outputs[0].text
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)  # warm-up; traces the decode graph
+    decode_step_ms(llm, prompt, args.steps)  # warm-up; traces the decode graph
     best, peer_best = float("inf"), None
     for _ in range(args.repeat):
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt}], many, use_tqdm=False)
-        best = min(best, (time.perf_counter() - start - prefill) / args.steps * 1e3)
+        best = min(best, decode_step_ms(llm, prompt, args.steps))
         if args.peer_python and path.suffix == ".gguf":
             peer = peer_step_ms(args.peer_python, path, args, prompt)
             peer_best = peer if peer_best is None else min(peer_best, peer)
