@@ -52,13 +52,14 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
         pooler = PoolerConfig.from_value(args.pooler_config).merged(st)
         if max_model_len is None and "max_seq_length" in st:
             max_model_len = st["max_seq_length"]
+    dtype = _resolve_dtype(args.dtype, files.hf_config, device)
     model = ModelConfig(
         name=args.model, path=files.path, gguf_file=files.gguf_file, tokenizer_path=files.tokenizer_path,
         tokenizer_gguf_file=files.gguf_file if args.tokenizer is None else None,
-        hf_config=files.hf_config, dtype=_resolve_dtype(args.dtype, files.hf_config, device),
+        hf_config=files.hf_config, dtype=dtype,
         max_model_len=_resolve_max_model_len(max_model_len, files.hf_config), runner=runner, pooling_head=head,
         pooler_config=pooler, model_impl=args.model_impl, trust_remote_code=args.trust_remote_code, seed=args.seed,
-        check_hf_parity=not args.skip_hf_parity_check, quantization=_resolve_quantization(args, files, device))
+        check_hf_parity=not args.skip_hf_parity_check, quantization=_resolve_quantization(args, files, device, dtype))
     return EngineConfig(
         model=model,
         cache=CacheConfig(args.block_size, args.kv_cache_memory_bytes, args.enable_prefix_caching),
@@ -134,7 +135,7 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device
     return config_dtype
 
 
-def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> str | None:
+def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str, dtype: torch.dtype) -> str | None:
     """The checkpoint's quantization format ("gguf", "compressed-tensors") where its linears can stay quantized: one
     rank on a CPU without LoRA (the kernel's home; a tensor-parallel rank would need its shard of every group); else
     None, and the weights are dequantized at load. A format this cannot read is refused by name."""
@@ -146,6 +147,8 @@ def _resolve_quantization(args: EngineArgs, files: ModelFiles, device: str) -> s
                else f"device {device!r} has no quantized kernels (CPU only)" if device != "cpu"
                else "tensor_parallel_size > 1 (a rank's shard of quantized groups)" if args.tensor_parallel_size > 1
                else "enable_lora (LoRA layers wrap every linear)" if args.enable_lora
+               else f"dtype {dtype} (the kernel takes float32 or bfloat16 activations)"
+               if dtype not in (torch.float32, torch.bfloat16)
                else None)
     if why_not is None:
         return stored

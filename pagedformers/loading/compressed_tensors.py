@@ -53,9 +53,12 @@ def dense_weights(weights: Iterator[tuple[str, Any]], scheme: PackedScheme,
         n, k = (int(d) for d in parts["weight_shape"])
         q, scale = unpack(parts["weight_packed"], (n, k), scheme.bits), parts["weight_scale"]
         group = k if scheme.group is None else scheme.group
+        if k % group or tuple(scale.shape) != (n, k // group):
+            raise ValueError(f"compressed-tensors: {prefix} has {k} columns and scales {tuple(scale.shape)}: groups of "
+                             f"{group} do not tile it")
         yield f"{prefix}.weight", (q.view(n, -1, group).float() * scale.float()[..., None]).view(n, k).to(scale.dtype)
         if quantized is not None:
-            kernel_form = _kernel_form(q, scale.float(), group, scheme.bits)
+            kernel_form = _kernel_form(q, scale.float(), group, scheme.bits, scale.dtype)
             if kernel_form is not None:
                 quantized[f"{prefix}.weight"] = kernel_form
     if pending:
@@ -63,13 +66,14 @@ def dense_weights(weights: Iterator[tuple[str, Any]], scheme: PackedScheme,
                          f"{', '.join(_PARTS)})")
 
 
-def _kernel_form(q: torch.Tensor, scale: torch.Tensor, group: int, bits: int) -> QuantizedWeight | None:
+def _kernel_form(q: torch.Tensor, scale: torch.Tensor, group: int, bits: int,
+                 scale_dtype: torch.dtype) -> QuantizedWeight | None:
     """The kernel's 32-wide groups (a wider group's scale repeated), or None where groups do not split so."""
     n, k = q.shape
     if group % 32 or k % 32:
         return None
     scales = scale.repeat_interleave(group // 32, dim=1).contiguous()
-    kind = f"W{bits}A16"
+    kind, rounded_to = f"W{bits}A16", scale_dtype
     if bits == 8:
-        return QuantizedWeight(q.contiguous(), scales, None, 8, 32, kind)
-    return QuantizedWeight(pack_nibbles((q + 8).to(torch.uint8)), scales, -8 * scales, 4, 32, kind)
+        return QuantizedWeight(q.contiguous(), scales, None, 8, 32, kind, rounded_to)
+    return QuantizedWeight(pack_nibbles((q + 8).to(torch.uint8)), scales, -8 * scales, 4, 32, kind, rounded_to)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ class QuantizedWeight:
     mins: torch.Tensor | None  # float32 [N, K // group], or None where every min is 0
     bits: int
     group: int
-    kind: str  # the GGUF type's name
+    kind: str  # the GGUF type's name, or W4A16 / W8A16
+    rounded_to: torch.dtype = torch.float32  # the dtype the checkpoint's own dequantization rounds to
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -144,16 +146,41 @@ def quantized_linears(file: str, meta_model: torch.nn.Module, config: dict,
         if groups is None:
             continue
         scales, mins, group, bits = groups
-        # the architecture's row permutation, as transformers applies it to the dense tensor
-        permuted = processor.process(weights=scales, name=tensor.name)
-        name = hf_names.get(permuted.name)
-        if name is None or not name.endswith(".weight") or name not in dense or dense[name].dim() != 2:
+        try:  # the architecture's row permutation, as transformers applies it to the dense tensor
+            permuted = _rows_as_transformers_orders_them(processor, scales, mins, tensor.name)
+        except Exception:  # noqa: BLE001 (a processor that reshapes or splits more than rows: stays dense)
             continue
-        mins = None if mins is None else processor.process(weights=mins, name=tensor.name).weights
-        weight = regroup(kind, dense[name], permuted.weights, mins, group, bits)
+        name = hf_names.get(permuted[0].name)
+        if name is None or not _runs_as_a_linear(meta_model, name) or name not in dense or dense[name].dim() != 2:
+            continue
+        weight = regroup(kind, dense[name], permuted[0].weights, permuted[1], group, bits)
         if weight is not None:
             kept[name] = weight
     return kept
+
+
+def _rows_as_transformers_orders_them(processor: Any, scales: np.ndarray, mins: np.ndarray | None,
+                                      name: str) -> tuple[Any, np.ndarray | None]:
+    """The processed scales (with the name transformers gives the tensor) and mins. Processors that store split
+    tensors aside (MoE experts, GPT-2's head) get a scratch dict to write into; any that cannot take [N, groups]
+    arrays raise, and the weight stays dense."""
+    def process(array: np.ndarray) -> Any:
+        return processor.process(weights=array, name=name, parsed_parameters={"tensors": {}})
+    scaled = process(scales)
+    return scaled, None if mins is None else process(mins).weights
+
+
+def _runs_as_a_linear(meta_model: torch.nn.Module | None, name: str) -> bool:
+    """Whether the weight is a linear's, or an input embedding the head is tied to (an untied embedding table is
+    only looked up: regrouping it would cost memory and time for nothing)."""
+    if meta_model is None or not name.endswith(".weight"):
+        return name.endswith(".weight")
+    try:
+        module = meta_model.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        return False
+    tied = getattr(meta_model.config.get_text_config(), "tie_word_embeddings", False)
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Embedding) and tied)
 
 
 def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
@@ -183,5 +210,6 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     if any(p.mins is not None for p in parts):
         mins = torch.cat([p.mins if p.mins is not None else torch.zeros_like(p.scales) for p in parts])
     kinds = "+".join(dict.fromkeys(p.kind for p in parts))
+    rounded_to = first.rounded_to if all(p.rounded_to == first.rounded_to for p in parts) else torch.float32
     return QuantizedWeight(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), mins,
-                           first.bits, first.group, kinds)
+                           first.bits, first.group, kinds, rounded_to)

@@ -167,7 +167,11 @@ class NativeCausalLM(nn.Module):
         for ckpt_name, weight in quantized.items():
             for name, shard in self.checkpoint_targets(ckpt_name):
                 parts[name].append((order.index(shard) if shard in order else -1, weight))
-        stacked = {name: stack_rows([w for _, w in sorted(ps, key=lambda p: p[0])]) for name, ps in parts.items()}
+        stacked = {}
+        for name, ps in parts.items():
+            shards = {rule.shard for rule in self.fused if rule.ours in name} or {None}
+            if len(ps) == len(shards):  # every shard kept quantized (a Q4_K_M file's Q6_K v leaves q/k/v dense)
+                stacked[name] = stack_rows([w for _, w in sorted(ps, key=lambda p: p[0])])
         return {name: weight for name, weight in stacked.items() if weight is not None}
 
     def load_tensors(self, weights: Iterable[tuple[str, Any]]) -> None:

@@ -66,7 +66,8 @@ def test_gguf_weights_stay_quantized_where_they_can_and_say_why_not_where_asked(
     asked = [(dict(), _files(llama), "the checkpoint is not quantized"),
              (dict(device="cuda"), gguf, "device 'cuda' has no quantized kernels"),
              (dict(tensor_parallel_size=2, device="cpu"), gguf, "tensor_parallel_size > 1"),
-             (dict(enable_lora=True, device="cpu"), gguf, "enable_lora")]
+             (dict(enable_lora=True, device="cpu"), gguf, "enable_lora"),
+             (dict(dtype="float16", device="cpu"), gguf, "dtype torch.float16")]
     packed = LlamaConfig(architectures=["LlamaForCausalLM"], quantization_config={
         "quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {"weights": {
             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}}})

@@ -82,3 +82,15 @@ def test_what_it_cannot_run_is_refused_by_name(config, named):
     with pytest.raises(ValueError, match=f"compressed-tensors checkpoint not supported: .*{named}"):
         packed_scheme(config)
     assert packed_scheme(_config()).bits == 4
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no CPU kernels on this machine")
+def test_bf16_scales_stay_quantized_in_a_float32_model(tmp_path):
+    """llm-compressor stores bf16 scales: the dense weight is rounded to bf16 once, which the swap's check knows."""
+    path = str(save_compressed_llama(tmp_path, "W4A16", 32, dtype=torch.bfloat16))
+    llm = LLM(model=path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=1 << 26)
+    assert llm.apply_model(lambda m: sorted({getattr(x, "kind", "dense") for x in m.modules()
+                                              if isinstance(x, torch.nn.Linear)}))[0] == ["W4A16", "dense"]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, PROMPTS, 16, dtype=torch.float32)

@@ -58,11 +58,16 @@ class QuantizedLinear(nn.Linear):
 
 
 def _same_weight(weight: QuantizedWeight, loaded: torch.Tensor) -> bool:
-    """Whether the loaded parameter is the quantized weight, within its dtype's rounding: a row or group misplaced
-    differs by the weights themselves, not by an ulp (a scale times a 4-bit value rounds differently summed with a
-    min than scaled once: compressed-tensors' float32 scales)."""
+    """Whether the loaded parameter is the quantized weight: bitwise once rounded as the checkpoint's own
+    dequantization rounds (GGUF, bf16 / fp16 scales), else element by element within two roundings of the loaded
+    dtype (float32 scales times 4-bit values sum differently with a min than scaled once). A row or group out of
+    place differs by the weights themselves."""
+    exact = weight.dequantize()
+    if torch.equal(exact.to(weight.rounded_to).to(loaded.dtype), loaded):
+        return True
     eps = torch.finfo(loaded.dtype).eps
-    return torch.allclose(weight.dequantize(), loaded.float(), rtol=2 * eps, atol=eps * loaded.abs().max().item())
+    scale = weight.scales.abs().repeat_interleave(weight.group, dim=1)
+    return bool(((exact - loaded.float()).abs() <= 2 * eps * (loaded.float().abs() + scale)).all())
 
 
 def swap_quantized_linears(model: nn.Module, kernels: Any) -> int:

@@ -40,7 +40,7 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("linear(Tensor x, Tensor packed, Tensor bias, int[] widths) -> Tensor[]");
   // an MoE layer's experts: rows sorted by expert, each expert's through `linear` on its packed weight
   m.def("grouped_linear(Tensor x, Tensor packed, Tensor ends, int n) -> Tensor");
-  // float32 x W^T on a weight kept in groups of 8- or 4-bit values with a scale (and a min) each (GGUF's)
+  // float32 or bf16 x W^T on a weight kept in groups of 8- or 4-bit values with a scale (and a min) each
   m.def("quantized_linear(Tensor x, Tensor q, Tensor scales, Tensor mins, int bits, int group) -> Tensor");
   // that weight as float32 or bf16 [N, K]
   m.def("dequantize_weight(Tensor q, Tensor scales, Tensor mins, int bits, int group, ScalarType dtype) -> Tensor");

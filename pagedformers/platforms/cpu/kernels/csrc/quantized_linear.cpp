@@ -170,9 +170,10 @@ void check(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins
            int64_t k) {
   TORCH_CHECK((bits == 8 && (group == 16 || group == 32)) || (bits == 4 && group == 32),
               "quantized_linear: 8-bit groups of 16 or 32, or 4-bit groups of 32");
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && (q.scalar_type() == at::kChar || q.scalar_type() == at::kByte) &&
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == (bits == 8 ? at::kChar : at::kByte) &&
                   q.size(1) * 8 == k * bits && k % group == 0,
-              "quantized_linear: values [N, K * bits / 8] (int8 or uint8) for a K that groups divide");
+              "quantized_linear: values [N, K * bits / 8] (int8 for 8 bits, uint8 pairs for 4) for a K that groups "
+              "divide");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({q.size(0), k / group}) &&
                   (mins.numel() == 0 || (mins.scalar_type() == at::kFloat && mins.is_contiguous() &&
@@ -252,6 +253,7 @@ void dequantize_rows(const uint8_t* q, const float* scales, const float* mins, i
 // The whole weight [N, K] in `dtype` (float32 or bf16): for a prefill, which a dense matmul then runs at full speed.
 at::Tensor dequantize_weight(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
                              int64_t group, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 4 || bits == 8, "dequantize_weight: 4 or 8 bits");
   const int64_t n = q.size(0), k = q.size(1) * 8 / bits;
   check(q, scales, mins, bits, group, k);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_weight: float32 or bf16 out");
