@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pagedformers.platforms.cpu.kernels.loader import _BUILDS, _built_library, cpu_kernel_isa, cpu_kernels, library_path
+from pagedformers.platforms.cpu.kernels.loader import (
+    _built_library,
+    build_name,
+    cpu_kernel_isa,
+    cpu_kernels,
+    library_path,
+)
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernels need AVX512-BF16 or AVX2 (this CPU has neither)")
@@ -34,7 +40,7 @@ def _load_in_fresh_process() -> tuple[bool, list[str]]:
 
 def _library() -> Path:
     assert cpu_kernels() is not None  # the machine can build them: a build failure must fail here
-    return library_path(_BUILDS[cpu_kernel_isa()][0])
+    return library_path(build_name(cpu_kernel_isa()))
 
 
 def test_built_kernels_load_without_a_subprocess():

@@ -36,7 +36,8 @@ They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings
 decode step (platforms/cpu/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4
 cores, ~60 s on 2 Zen 3 cores (g++ and ninja needed) and lands in torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions); later processes whose sources match the
-build's stamp load the library directly (~0.1 s, no subprocess). Where it cannot be built or run, every
+build's stamp load the library directly (~0.1 s, no subprocess); the stamp is in the build's name, so trees with
+other sources never share a build folder. Where it cannot be built or run, every
 caller stays on its plain PyTorch path, with one warning.
 """
 
@@ -94,9 +95,10 @@ def cpu_kernels() -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    name, folder, _ = _BUILDS[isa]
+    folder = _BUILDS[isa][1]
     cflags = _cflags(isa)
     stamp = _build_stamp(cflags)
+    name = build_name(isa, stamp)
     built = _built_library(name, stamp)
     if built is not None:
         try:
@@ -114,6 +116,14 @@ def cpu_kernels() -> Any | None:
         return None
     _write_stamp(Path(library).with_suffix(".stamp"), stamp)
     return torch.ops.pagedformers
+
+
+def build_name(isa: str, stamp: str | None = None) -> str:
+    """The extension's name, its build stamp in it: trees with other sources on one machine (two checkouts, a CI
+    clone beside a working tree) build into folders of their own. Under one name, one tree's rebuild replaced the
+    library another was about to load, between its stamp check and the load. Old builds stay in the cache (a few
+    MB each)."""
+    return f"{_BUILDS[isa][0]}_{(stamp or _build_stamp(_cflags(isa)))[:12]}"
 
 
 def _cflags(isa: str) -> list[str]:
