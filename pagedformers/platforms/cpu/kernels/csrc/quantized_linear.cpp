@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
