@@ -78,7 +78,7 @@ class MultiprocExecutor(Executor):
         self._release = weakref.finalize(self, _stop_workers, self.procs)
         try:
             _wait_for_workers(store, self.procs, config.parallel.distributed_timeout_s)
-            self.driver_worker = _init_rank(config, 0, self.world_size, store)
+            self.driver_worker, self.control = _init_rank(config, 0, self.world_size, store)
         except Exception:
             self.shutdown(graceful=False)
             raise
@@ -106,12 +106,12 @@ class MultiprocExecutor(Executor):
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
                               is_master=master_hosts, timeout=timeout, wait_for_workers=False)
         if rank != 0:
-            _serve(_init_rank(config, rank, self.world_size, store))
+            _serve(*_init_rank(config, rank, self.world_size, store))
             dist.destroy_process_group()
             raise SystemExit(0)
         self.procs = []  # started by the launcher: not ours to watch or stop
         self._release = weakref.finalize(self, _stop_workers, self.procs)
-        self.driver_worker = _init_rank(config, 0, self.world_size, store)
+        self.driver_worker, self.control = _init_rank(config, 0, self.world_size, store)
         self.num_blocks = self.driver_worker.num_blocks
         self._start_heartbeat()
 
@@ -125,7 +125,7 @@ class MultiprocExecutor(Executor):
         def run() -> list[Any]:
             self._broadcast(("apply", cloudpickle.dumps(fn)))
             results = [None] * self.world_size
-            dist.gather_object(self.driver_worker.apply_model(fn), results, dst=0)
+            dist.gather_object(self.driver_worker.apply_model(fn), results, dst=0, group=self.control)
             return results
         return self._collective(run)
 
@@ -139,7 +139,7 @@ class MultiprocExecutor(Executor):
             self._release()  # once: the process group, then the workers
 
     def _broadcast(self, message: tuple[str, Any]) -> None:
-        dist.broadcast_object_list([message], src=0)
+        dist.broadcast_object_list([message], src=0, group=self.control)
         self._last_message = time.monotonic()
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
@@ -220,15 +220,20 @@ def _wait_for_workers(store: dist.TCPStore, procs: list[mp.Process], timeout_s: 
         time.sleep(0.05)
 
 
-def _init_rank(config: EngineConfig, rank: int, world_size: int, store: dist.Store) -> Worker:
+def _init_rank(config: EngineConfig, rank: int, world_size: int,
+               store: dist.Store) -> tuple[Worker, dist.ProcessGroup]:
+    """This rank's worker, and the process group of the engine's own messages (steps, apply_model, shutdown).
+    Not the default group: a collective other code in the driver runs on that one (transformers broadcasts while it
+    loads a compressed-tensors checkpoint, where a group exists) reached a worker as an engine message."""
     backend = "nccl" if config.device.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=config.parallel.distributed_timeout_s))
+    control = dist.new_group(backend="gloo")  # every rank creates it first, before the parallel plans' groups
     state = create_parallel_state(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
     worker = Worker(config, state)
     num_blocks = _min_over_ranks(worker.num_blocks)  # every rank's block tables index the same blocks
     worker.allocate_kv_cache(num_blocks)
-    return worker
+    return worker, control
 
 
 def _min_over_ranks(value: int) -> int:
@@ -246,8 +251,8 @@ def worker_main(config_blob: bytes, rank: int, world_size: int, store_host: str,
         store.set(f"started/{rank}", "1")
         with gguf_parsed_once(args.model, args.gguf_file):
             config = create_engine_config(args)
-            worker = _init_rank(config, rank, world_size, store)
-        _serve(worker)
+            worker, control = _init_rank(config, rank, world_size, store)
+        _serve(worker, control)
     except Exception:
         traceback.print_exc()
         raise SystemExit(1) from None
@@ -256,18 +261,20 @@ def worker_main(config_blob: bytes, rank: int, world_size: int, store_host: str,
             dist.destroy_process_group()
 
 
-def _serve(worker: Worker) -> None:
-    """A worker rank's loop: run what rank 0 broadcasts until it says shutdown."""
+def _serve(worker: Worker, control: dist.ProcessGroup) -> None:
+    """A worker rank's loop: run what rank 0 broadcasts on `control` until it says shutdown."""
     while True:
         message = [None]
         try:
-            dist.broadcast_object_list(message, src=0)
+            dist.broadcast_object_list(message, src=0, group=control)
         except RuntimeError as e:
             if "Connection closed" not in str(e) and "Connection reset" not in str(e):
                 raise  # a timeout or another failure: worker_main prints it and exits 1
             # The driver released the group without a word (an LLM dropped, or its process ended)
             logger.info("rank %d: the driver is gone (%s); this worker exits", dist.get_rank(), str(e)[:200])
             return
+        if not (isinstance(message[0], tuple) and len(message[0]) == 2):
+            raise RuntimeError(f"rank {dist.get_rank()}: not an engine message: {str(message[0])[:200]}")
         kind, payload = message[0]
         if kind == "noop":  # the driver's heartbeat: it is idle, not gone
             continue
@@ -276,7 +283,7 @@ def _serve(worker: Worker) -> None:
         if kind == "execute":
             worker.execute(payload)
         elif kind == "apply":
-            dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0)
+            dist.gather_object(worker.apply_model(cloudpickle.loads(payload)), None, dst=0, group=control)
 
 
 def launched_rank(world_size: int) -> int | None:
