@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -153,15 +154,22 @@ void run(const Job<Out>& job) {
   at::parallel_for(0, panels, 1, f);
 }
 
+// f(bits, group) with the two as compile-time constants, for the layouts `check` lets through.
+template <typename F>
+void with_layout(int64_t bits, int64_t group, const F& f) {
+  using std::integral_constant;
+  if (bits == 4) {
+    f(integral_constant<int, 4>{}, integral_constant<int, 32>{});
+  } else if (group == 32) {
+    f(integral_constant<int, 8>{}, integral_constant<int, 32>{});
+  } else {
+    f(integral_constant<int, 8>{}, integral_constant<int, 16>{});
+  }
+}
+
 template <typename Out>
 void dispatch(const Job<Out>& job, int64_t bits, int64_t group) {
-  if (bits == 4) {
-    run<4, 32>(job);
-  } else if (group == 32) {
-    run<8, 32>(job);
-  } else {
-    run<8, 16>(job);
-  }
+  with_layout(bits, group, [&](auto b, auto g) { run<decltype(b)::value, decltype(g)::value>(job); });
 }
 
 void check(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins, int64_t bits, int64_t group,
@@ -259,13 +267,9 @@ at::Tensor dequantize_weight(const at::Tensor& q, const at::Tensor& scales, cons
   const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float *sp = scales.data_ptr<float>(), *mp = mins.numel() ? mins.data_ptr<float>() : nullptr;
   const auto run = [&](auto* o) {
-    if (bits == 4) {
-      dequantize_rows<4, 32>(qp, sp, mp, n, k, o);
-    } else if (group == 32) {
-      dequantize_rows<8, 32>(qp, sp, mp, n, k, o);
-    } else {
-      dequantize_rows<8, 16>(qp, sp, mp, n, k, o);
-    }
+    with_layout(bits, group, [&](auto b, auto g) {
+      dequantize_rows<decltype(b)::value, decltype(g)::value>(qp, sp, mp, n, k, o);
+    });
   };
   if (dtype == at::kBFloat16) {
     run(out.data_ptr<at::BFloat16>());
