@@ -1,5 +1,11 @@
 """pagedformers: serve any transformers model with a paged KV cache and continuous batching."""
 
+from pagedformers.loading.torchvision_compat import make_torchvision_importable
+
+make_torchvision_importable()  # before anything imports torchvision (transformers' processors do)
+
+# ruff: noqa: E402
+
 from pagedformers.config import EngineArgs, EngineConfig, PoolerConfig
 from pagedformers.entrypoints.llm import LLM
 from pagedformers.lora import LoRARequest
