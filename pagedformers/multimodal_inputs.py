@@ -16,9 +16,11 @@ import torch
 
 @dataclass
 class MultiModalInputs:
-    modality: str  # "image": the encoder is the base model's get_image_features
-    data: dict[str, torch.Tensor]  # the processor's outputs for the encoder, e.g. pixel_values [N, C, H, W]
-    placeholders: list[int]  # sorted prompt positions whose embeddings are the encoder's features, in order
+    # Which encoder gives each placeholder's features: "image" the base model's get_image_features, "video" its
+    # get_video_features; each maps to its placeholders' indices in `placeholders` (its features' order).
+    modalities: dict[str, list[int]]
+    data: dict[str, torch.Tensor]  # the processor's outputs for the encoders, e.g. pixel_values [N, C, H, W]
+    placeholders: list[int]  # sorted prompt positions whose embeddings are the encoders' features, in order
     content_hash: int = field(default=0)  # of the media: prompts with equal tokens but other images differ
     # Prompt position ranges [start, end) whose tokens attend to each other both ways (Gemma 3's images,
     # PaliGemma's prefix); sorted, disjoint. A prefill chunk never ends inside one (chunk_end).

@@ -38,6 +38,9 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr"})
+# Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
+VIDEO_FAMILIES = frozenset({
+    "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -115,6 +118,15 @@ def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] 
             ranges.append((start, i))
             start = None
     return ranges
+
+
+def video_support(hf_config: PretrainedConfig) -> str | None:
+    """None if the transformers shell takes videos for this checkpoint, else why not (naming its family)."""
+    family = hf_config.model_type
+    if family in VIDEO_FAMILIES:
+        return None
+    return (f"video inputs are not supported for {family}: only {', '.join(sorted(VIDEO_FAMILIES))} are checked "
+            "against transformers with videos so far")
 
 
 def image_support(hf_config: PretrainedConfig) -> str | None:
@@ -254,16 +266,32 @@ class TransformersForMultimodalLM(CausalShell):
         features of the same shape where the encoder gives them (Qwen3-VL)."""
         if "image_embeds" in inputs.data:  # precomputed by the user (multimodal_processor.py)
             return (inputs.data["image_embeds"].to(device=self.config.device.device, dtype=self.config.model.dtype),)
-        encoder = getattr(self.model, f"get_{inputs.modality}_features")
+        if len(inputs.modalities) == 1:
+            return self.encode_one(next(iter(inputs.modalities)), inputs.data, len(inputs.placeholders))
+        by_modality = {m: (self.encode_one(m, inputs.data, len(indices)), indices)
+                       for m, indices in inputs.modalities.items()}
+        merged = []
+        for level in range(min(len(features) for features, _ in by_modality.values())):
+            first = next(iter(by_modality.values()))[0][level]
+            rows = first.new_empty(len(inputs.placeholders), first.shape[-1])
+            for features, indices in by_modality.values():
+                rows[indices] = features[level]
+            merged.append(rows)
+        return tuple(merged)
+
+    def encode_one(self, modality: str, data: dict[str, torch.Tensor], expected: int) -> tuple[torch.Tensor, ...]:
+        """The base model's get_{modality}_features on what it reads of `data` -> its features [expected, hidden]
+        (and the deepstack ones)."""
+        encoder = getattr(self.model, f"get_{modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                  for k, v in inputs.data.items() if k in params}
+                  for k, v in data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)
         features = [_flat(out.pooler_output), *(_flat(f) for f in getattr(out, "deepstack_features", None) or [])]
-        if features[0].shape[0] != len(inputs.placeholders):
-            raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
-                             f"{len(inputs.placeholders)} placeholder tokens in the prompt")
+        if features[0].shape[0] != expected:
+            raise ValueError(f"get_{modality}_features gave {features[0].shape[0]} feature rows for {expected} "
+                             f"{modality} placeholder tokens in the prompt")
         return tuple(features)
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedformers.adapter.multimodal import image_support
+from pagedformers.adapter.multimodal import image_support, video_support
 from pagedformers.config import EngineConfig
-from pagedformers.engine.chat_media import has_media, split_media
+from pagedformers.engine.chat_media import media_kinds, split_media
 from pagedformers.engine.multimodal_processor import MultiModalProcessor
 from pagedformers.engine.structured_outputs import StructuredOutputs
 from pagedformers.loading.tokenizer import eos_token_ids
@@ -111,9 +111,9 @@ class InputProcessor:
         """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}; with images,
         {"prompt": text, "multi_modal_data": {"image": [...]}} through the model's processor's template. `tools`
         (OpenAI's function definitions) are the template's to render; one that ignores them is refused."""
-        if has_media(conversation):
+        if media_kinds(conversation):
             if tools:
-                raise InvalidRequest(f"{name} has images and tools: tools with images are not supported yet",
+                raise InvalidRequest(f"{name} has media and tools: tools with images or videos are not supported yet",
                                      "tools")
             return self._media_chat_prompt(conversation, chat_template, add_generation_prompt, template_kwargs, name)
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -134,14 +134,15 @@ class InputProcessor:
     def _media_chat_prompt(self, conversation: Conversation, chat_template: str | None, add_generation_prompt: bool,
                            template_kwargs: dict[str, Any] | None, name: str) -> dict[str, Any]:
         try:
-            reason = image_support(self.config.model.hf_config)
-            if reason:
-                raise ValueError(f"{name} has images: {reason}")
-            messages, images = split_media(conversation, name)
+            for modality in media_kinds(conversation):  # before anything is decoded
+                reason = (image_support if modality == "image" else video_support)(self.config.model.hf_config)
+                if reason:
+                    raise ValueError(f"{name} has {modality}s: {reason}")
+            messages, media = split_media(conversation, name)
             text = self.multi_modal.render_chat(messages, chat_template, add_generation_prompt, template_kwargs)
         except ValueError as e:
             raise InvalidRequest(str(e), "messages") from None
-        return {"prompt": text, "multi_modal_data": {"image": images}}
+        return {"prompt": text, "multi_modal_data": media.as_data()}
 
     def _render(self, messages: Conversation, chat_template: str | None, add_generation_prompt: bool,
                 template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str:

@@ -20,12 +20,14 @@ from pagedformers.adapter.multimodal import (
     bidirectional_ranges,
     image_support,
     rope_index,
+    video_support,
 )
 from pagedformers.config import EngineConfig
+from pagedformers.engine.video import videos
 from pagedformers.loading.processor import load_processor
 from pagedformers.multimodal_inputs import MultiModalInputs
 
-MODALITIES = ("image",)
+MODALITIES = ("image", "video")
 # What a precomputed-features image may carry beside image_embeds: the processor's outputs the model still reads.
 _BESIDE_PIXELS = ("image_grid_thw", "image_sizes")
 # Processor outputs that describe the text, not the media.
@@ -44,36 +46,40 @@ class MultiModalProcessor:
         Raises ValueError (naming the prompt) for media the model cannot take."""
         data = prompt["multi_modal_data"]
         unknown = sorted(set(data) - set(MODALITIES))
-        if unknown:
-            raise ValueError(f"{name}: multi_modal_data has {unknown}; pagedformers takes {list(MODALITIES)}")
-        reason = image_support(self.config.model.hf_config)
-        if reason:
-            raise ValueError(f"{name}: {reason}")
+        if unknown or not data:
+            raise ValueError(f"{name}: multi_modal_data has {unknown or 'nothing'}; pagedformers takes "
+                             f"{list(MODALITIES)}")
+        hf_config = self.config.model.hf_config
+        for modality in data:
+            reason = (image_support if modality == "image" else video_support)(hf_config)
+            if reason:
+                raise ValueError(f"{name}: {reason}")
         if not isinstance(prompt.get("prompt"), str):
-            raise ValueError(f"{name}: a prompt with multi_modal_data needs its text in 'prompt' (with the image "
+            raise ValueError(f"{name}: a prompt with multi_modal_data needs its text in 'prompt' (with the media "
                              "placeholders), so that the model's processor can expand them")
         text = prompt["prompt"]
         bos = getattr(self.processor.tokenizer, "bos_token", None)
         # A chat template's text holds its special tokens already: do not add them twice.
         special = not (bos and text.startswith(bos))
-        image_token = _image_token_id(self.config)
-        if isinstance(data["image"], dict):
-            out = self._with_embeddings(text, data["image"], image_token, special, name)
+        if isinstance(data.get("image"), dict):
+            if "video" in data:
+                raise ValueError(f"{name}: image_embeds cannot go with a video in one prompt")
+            out = self._with_embeddings(text, data["image"], _media_token_id(self.config, "image"), special, name)
         else:
-            images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
-            # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
-            out = self.processor(text=text, images=images[0] if len(images) == 1 else [images], return_tensors="pt",
-                                 add_special_tokens=special)
+            out = self._process(text, data, special, name)
         token_ids = out["input_ids"][0].tolist()
-        placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
-        if not placeholders:
-            raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
-                             "image placeholder in the prompt text")
+        token_of = {m: _media_token_id(self.config, m) for m in data}
+        placeholders = [i for i, t in enumerate(token_ids) if t in token_of.values()]
+        modalities = {m: [j for j, i in enumerate(placeholders) if token_ids[i] == token] for m, token in
+                      token_of.items()}
+        for modality, indices in modalities.items():
+            if not indices:
+                raise ValueError(f"{name}: the processed prompt has no {modality} token ({token_of[modality]}); put "
+                                 f"the model's {modality} placeholder in the prompt text")
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
-        hf_config = self.config.model.hf_config
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
-        media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups,
+        media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
                                  bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
@@ -81,6 +87,17 @@ class MultiModalProcessor:
                                                                      if k in params and k != "input_ids"})
             media.mrope_positions, media.mrope_delta = positions[:, 0], int(delta)
         return token_ids, media
+
+    def _process(self, text: str, data: dict[str, Any], special: bool, name: str) -> dict[str, Any]:
+        """The processor on one prompt's text, images and videos."""
+        media: dict[str, Any] = {}
+        if "image" in data:
+            images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+            # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
+            media["images"] = images[0] if len(images) == 1 else [images]
+        if "video" in data:
+            media["videos"] = videos(data["video"], name)
+        return self.processor(text=text, **media, return_tensors="pt", add_special_tokens=special)
 
     def _with_embeddings(self, text: str, given: dict[str, Any], image_token: int, special: bool,
                          name: str) -> dict[str, torch.Tensor]:
@@ -153,11 +170,11 @@ class MultiModalProcessor:
         return self._processor
 
 
-def _image_token_id(config: EngineConfig) -> int:
-    """The token whose embeddings the image features replace (HF's get_placeholder_mask reads the same)."""
+def _media_token_id(config: EngineConfig, modality: str) -> int:
+    """The token whose embeddings the image (video) features replace (HF's get_placeholder_mask reads the same)."""
     hf_config = config.model.hf_config
-    token = next((getattr(hf_config, k) for k in ("image_token_id", "image_token_index")
+    token = next((getattr(hf_config, k) for k in (f"{modality}_token_id", f"{modality}_token_index")
                   if isinstance(getattr(hf_config, k, None), int)), None)
     if token is None:
-        raise ValueError(f"{hf_config.model_type}'s config names no image token (image_token_id)")
+        raise ValueError(f"{hf_config.model_type}'s config names no {modality} token ({modality}_token_id)")
     return token

@@ -1,8 +1,8 @@
 """A checkpoint's HF processor, loaded for images where the parts it cannot run here need torchvision.
 
 transformers 5 builds a processor with every sub-processor its class names. The video processors of
-Qwen2-VL, SmolVLM, InternVL or the LLaVA-OneVision/NeXT-Video families need torchvision, which cannot be
-installed beside a CPU build of torch; AutoProcessor then fails for the whole checkpoint. Where that is
+Qwen2-VL, SmolVLM, InternVL or the LLaVA-OneVision/NeXT-Video families need torchvision (an optional
+dependency: the "video" extra); without it AutoProcessor fails for the whole checkpoint. Where that is
 the cause, the same processor class is loaded without its video processor: images (PIL backend) and text
 work as in HF, and its saved settings (image_seq_len, ...) are kept. Mistral 3's PixtralProcessor needs
 torchvision only for one helper its module imports, which the PIL image processor's module has too.

@@ -143,7 +143,7 @@ def _llava_onevision(path: Path, seed: int) -> str:
         image_processor=images, tokenizer=tok, video_processor=None, num_image_tokens=16,
         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
     _save(path, transformers.LlavaOnevisionForConditionalGeneration, config, processor, seed)
-    _with_video_config(path, "LlavaOnevisionVideoProcessor")
+    _with_video_config(path, "LlavaOnevisionVideoProcessor", size={"height": 28, "width": 28})
     return tok.image_token
 
 
@@ -264,7 +264,8 @@ def _llava_next_video(path: Path, seed: int) -> str:
         vision_feature_select_strategy="default", image_token="<image>", video_token="<video>",
         num_additional_image_tokens=1)
     _save(path, transformers.LlavaNextVideoForConditionalGeneration, config, processor, seed)
-    _with_video_config(path, "LlavaNextVideoVideoProcessor")
+    _with_video_config(path, "LlavaNextVideoVideoProcessor", size={"shortest_edge": 28},
+                       crop_size={"height": 28, "width": 28})
     return tok.image_token
 
 
@@ -459,7 +460,10 @@ def _qwen_vl_like(family: str, model_cls: str, processor_cls: str, vision: dict,
         processor = image_only(getattr(transformers, processor_cls))(image_processor=images, tokenizer=tok,
                                                                      video_processor=None)
         _save(path, getattr(transformers, model_cls), config, processor, seed)
-        _with_video_config(path, video_cls)
+        # frames of the images' sizes: 2 of them (the temporal patch) make one 4x4-patch grid, 4 tokens
+        capped = {"cap_pixels_per_frame": False} if video_cls == "Qwen2VLVideoProcessor" else {}
+        _with_video_config(path, video_cls, size={"shortest_edge": side * side, "longest_edge": side * side * 3 // 2},
+                           patch_size=vision["patch_size"], merge_size=2, **capped)
         return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
     return build
@@ -481,7 +485,8 @@ def _exaone4_5(path: Path, seed: int) -> str:
     processor = image_only(transformers.Exaone4_5_Processor)(image_processor=images, tokenizer=tok,
                                                              video_processor=None)
     _save(path, transformers.Exaone4_5_ForConditionalGeneration, config, processor, seed)
-    _with_video_config(path, "Qwen2VLVideoProcessor")
+    _with_video_config(path, "Qwen2VLVideoProcessor", size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2},
+                       patch_size=14, merge_size=2, cap_pixels_per_frame=False)
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_REFUSALS
+from pagedformers.adapter.multimodal import IMAGE_REFUSALS, VIDEO_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, FamilyResult, Greedy, compare
 from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm
@@ -51,12 +51,21 @@ def images(n: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, shapes[(seed + i) % 3], dtype=np.uint8)) for i in range(n)]
 
 
-def hf_greedy(path: str, text: str, pictures: list[Image.Image]) -> tuple[list[int], torch.Tensor]:
+def clips(n: int, seed: int) -> list[np.ndarray]:
+    """Random videos of 4 frames [4, H, W, 3] (2 temporal patches where a family groups frames in twos)."""
+    rng = np.random.default_rng(100 + seed)
+    return [rng.integers(0, 256, (4, *shape[:2], 3), dtype=np.uint8) for shape in [(40, 36), (30, 60)][:n]]
+
+
+def hf_greedy(path: str, text: str, pictures: list[Image.Image],
+              videos: list[np.ndarray] = ()) -> tuple[list[int], torch.Tensor]:
     """HF generate on the processor's outputs, eager attention, EOS ignored -> tokens, [steps, vocab] logprobs."""
     config = AutoConfig.from_pretrained(path)
     # AutoProcessor where it loads; without torchvision, Qwen2-VL's processor loads for images only (HF's class)
-    nested = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
-    inputs = load_processor(path, config.model_type)(text=text, images=nested, return_tensors="pt")
+    media: dict[str, Any] = {"videos": list(videos)} if videos else {}
+    if pictures:
+        media["images"] = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
+    inputs = load_processor(path, config.model_type)(text=text, **media, return_tensors="pt")
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
@@ -106,6 +115,29 @@ def check_images(family: str, root: Path) -> FamilyResult:
                         round(time.perf_counter() - start, 1))
 
 
+def check_videos(family: str, root: Path) -> FamilyResult:
+    """A one-video prompt, a prompt with an image and two videos, and a text-only prompt in one batch (token
+    budget 8), against HF generate one prompt at a time."""
+    start = time.perf_counter()
+    vlm = save_tiny_vlm(family, root / family)
+    architecture = AutoConfig.from_pretrained(vlm.path).architectures[0]
+    processor = load_processor(vlm.path, AutoConfig.from_pretrained(vlm.path).model_type)
+    video_text = vlm.image_text.replace(processor.image_token, processor.video_token)  # within Qwen's start/end
+    cases = [(f"What happens in {video_text}?", [], clips(1, 0)),
+             (f"Compare {vlm.image_text} with {video_text} and {video_text}.", images(1, 1), clips(2, 1))]
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=TOKEN_BUDGETS.get(family, 8),
+              kv_cache_memory_bytes=1 << 22)
+    prompts = [{"prompt": text, "multi_modal_data": {"video": v, **({"image": p} if p else {})}}
+               for text, p, v in cases]
+    ours = pagedformers_greedy(llm, [*prompts, TEXT_ONLY])
+    theirs = [hf_greedy(vlm.path, text, p, v) for text, p, v in cases]
+    worst, mismatch = compare(ours[:len(cases)], theirs)
+    if mismatch is None and worst > TOLERANCE:
+        mismatch = f"same tokens, but logprobs differ by {worst:.2e} (> {TOLERANCE:g})"
+    return FamilyResult(family, architecture, "fail" if mismatch else "pass", worst, mismatch or "",
+                        round(time.perf_counter() - start, 1))
+
+
 # -- the table --------------------------------------------------------------------------------------------
 
 
@@ -114,20 +146,28 @@ def image_families() -> dict[str, str]:
     return {config.model_type: model.__name__ for config, model in AutoModelForImageTextToText._model_mapping.items()}
 
 
-def sweep(families: dict[str, str]) -> list[FamilyResult]:
+def sweep(families: dict[str, str]) -> list[tuple[FamilyResult, FamilyResult | None]]:
+    """Each family's image result, and its video result where it is said to take videos."""
     results = []
     with tempfile.TemporaryDirectory() as root:
         for i, (family, architecture) in enumerate(sorted(families.items()), 1):
             if family in BUILDERS:
-                try:
-                    result = check_images(family, Path(root))
-                except Exception as e:  # one family's failure is its row, not the sweep's end
-                    result = FamilyResult(family, architecture, "fail", reason=f"{type(e).__name__}: {e}"[:300])
+                result = _checked(check_images, family, architecture, Path(root) / "images")
             else:
                 result = FamilyResult(family, architecture, "unsupported", reason=_not_checked(family))
-            print(f"[{i}/{len(families)}] {family}: {result.status} {result.reason[:120]}", file=sys.stderr)
-            results.append(result)
+            video = _checked(check_videos, family, architecture, Path(root) / "videos") if family in VIDEO_FAMILIES \
+                else None
+            print(f"[{i}/{len(families)}] {family}: {result.status} {result.reason[:120]}"
+                  f"{f'; videos: {video.status} {video.reason[:120]}' if video else ''}", file=sys.stderr)
+            results.append((result, video))
     return results
+
+
+def _checked(check: Callable[[str, Path], FamilyResult], family: str, architecture: str, root: Path) -> FamilyResult:
+    try:
+        return check(family, root)
+    except Exception as e:  # one family's failure is its row, not the sweep's end
+        return FamilyResult(family, architecture, "fail", reason=f"{type(e).__name__}: {e}"[:300])
 
 
 def _not_checked(family: str) -> str:
@@ -137,14 +177,16 @@ def _not_checked(family: str) -> str:
     return "no tiny checkpoint with its processor in tools/tiny_vlms.py yet: images are refused by name"
 
 
-def render_markdown(results: Sequence[FamilyResult]) -> str:
+def render_markdown(rows: Sequence[tuple[FamilyResult, FamilyResult | None]]) -> str:
+    results = [r for r, _ in rows]
     passed = sum(r.status == "pass" for r in results)
+    with_video = sum(v is not None and v.status == "pass" for _, v in rows)
     lines = [
         "# Conformance: image prompts through TransformersForMultimodalLM",
         "",
         f"**{passed} of {len(results)}** image-text-to-text families of transformers {transformers.__version__} "
         f"pass with images ({100 * passed // max(len(results), 1)}%); every other family refuses images by name "
-        "(text-only prompts run, docs/conformance.md).",
+        f"(text-only prompts run, docs/conformance.md). **{with_video}** of them also pass with videos.",
         "",
         "Generated by `python -m pagedformers.tools.vlm_check`; do not edit by hand. Each checked family is a tiny "
         "random-weight checkpoint with its real HF processor (`pagedformers/tools/tiny_vlms.py`; the PIL image "
@@ -154,15 +196,20 @@ def render_markdown(results: Sequence[FamilyResult]) -> str:
         f"{', '.join(sorted(TOKEN_BUDGETS))}; one image a prompt for {', '.join(sorted(ONE_IMAGE_FAMILIES))}) "
         "and one at a time by HF `generate` with "
         f"eager attention. **pass**: the same tokens and every generated position's logprobs within {TOLERANCE:g} "
-        "over the whole vocabulary.",
+        "over the whole vocabulary. **videos**: a one-video prompt, a prompt with an image and two videos (4 random "
+        "frames each) and a text-only prompt, checked the same way; blank where videos are refused by name.",
         "",
-        "| family | architecture | images | max Δlogprob | reason |",
-        "|---|---|---|---|---|",
+        "| family | architecture | images | videos | max Δlogprob | reason |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in results:
-        diff = "" if r.max_logprob_diff is None else f"{r.max_logprob_diff:.1e}"
-        reason = r.reason.replace("|", "\\|")
-        lines.append(f"| {r.family} | {r.architecture} | {r.status} | {diff} | {reason} |")
+    for r, video in rows:
+        worst = max((x.max_logprob_diff for x in (r, video) if x is not None and x.max_logprob_diff is not None),
+                    default=None)
+        diff = "" if worst is None else f"{worst:.1e}"
+        reason = "; ".join(x for x in (r.reason, video and video.reason and f"videos: {video.reason}") if x)
+        reason = reason.replace("|", "\\|")
+        lines.append(f"| {r.family} | {r.architecture} | {r.status} | {video.status if video else ''} | {diff} | "
+                     f"{reason} |")
     return "\n".join(lines) + "\n"
 
 

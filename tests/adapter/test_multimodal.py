@@ -9,7 +9,7 @@ import transformers
 from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_FAMILIES, TransformersForMultimodalLM
+from pagedformers.adapter.multimodal import IMAGE_FAMILIES, VIDEO_FAMILIES, TransformersForMultimodalLM
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
 from pagedformers.tools.tiny_models import save_tiny_llava
@@ -18,6 +18,7 @@ from pagedformers.tools.vlm_check import (
     MAX_NEW_TOKENS,
     PROMPTS,
     check_images,
+    check_videos,
     hf_greedy,
     images,
     pagedformers_greedy,
@@ -61,6 +62,16 @@ def test_image_prompts_match_transformers(family, tmp_path):
     Qwen2-VL family: M-RoPE, 3-D positions over each image's grid, and past the prompt index + delta; Qwen3-VL:
     deepstack features into the first layers."""
     result = check_images(family, tmp_path)
+    assert result.status == "pass", result.reason
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_FAMILIES))
+def test_video_prompts_match_transformers(family, tmp_path):
+    """A video prompt, a prompt with an image and two videos (the features of both encoders merged in placeholder
+    order), and a text-only one in one batch, chunked (tools/vlm_check.py): Qwen-VL's M-RoPE positions walk each
+    video's time-height-width grid; Qwen3-VL's deepstack features come for both modalities."""
+    pytest.importorskip("torchvision")  # transformers' video processors run on it
+    result = check_videos(family, tmp_path)
     assert result.status == "pass", result.reason
 
 
@@ -142,7 +153,7 @@ def test_families_without_image_support_refuse_images_by_name(tmp_path):
 
 def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
     llm = LLM(model=tiny_llava, dtype="float32", kv_cache_memory_bytes=1 << 22)
-    with pytest.raises(ValueError, match=r"multi_modal_data has \['audio'\]; pagedformers takes \['image'\]"):
+    with pytest.raises(ValueError, match=r"multi_modal_data has \['audio'\]; pagedformers takes \['image', 'video'\]"):
         llm.generate({"prompt": "x", "multi_modal_data": {"audio": np.zeros(16)}})
     with pytest.raises(ValueError, match="needs its text in 'prompt'"):
         llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": images(1, 0)}})
@@ -161,5 +172,7 @@ def test_the_multimodal_conformance_table_is_current():
     """docs/conformance_multimodal.md (python -m pagedformers.tools.vlm_check) lists as passing exactly the families
     checked above."""
     table = (Path(__file__).parents[2] / "docs" / "conformance_multimodal.md").read_text()
-    passing = {row.split("|")[1].strip() for row in table.splitlines() if row.startswith("| ") and "| pass |" in row}
-    assert passing == IMAGE_FAMILIES
+    rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table.splitlines()
+            if row.startswith("| ") and not row.startswith("| family")]
+    assert {row[0] for row in rows if row[2] == "pass"} == IMAGE_FAMILIES
+    assert {row[0] for row in rows if row[3] == "pass"} == VIDEO_FAMILIES

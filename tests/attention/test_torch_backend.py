@@ -91,7 +91,7 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
     row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise))."""
     torch.manual_seed(0)
     length, cached, ranges = 20, 5, [(3, 9), (12, 16)]
-    media = MultiModalInputs("image", {}, list(range(3, 9)) + list(range(12, 16)), bidirectional=ranges)
+    media = MultiModalInputs({"image": list(range(10))}, {}, [*range(3, 9), *range(12, 16)], bidirectional=ranges)
     table = list(range(-(-length // BS)))
     q = torch.randn(length - cached, H, D)
     k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)

@@ -73,7 +73,7 @@ def test_bidirectional_ranges_run_beside_the_kernel():
     """A prefill whose image runs attend both ways (Gemma 3) goes through the PyTorch reference, the decode
     beside it through the kernel: the step equals the torch backend's."""
     torch.manual_seed(0)
-    media = MultiModalInputs("image", {}, [6, 7, 8, 9], bidirectional=[(6, 10)])
+    media = MultiModalInputs({"image": [0, 1, 2, 3]}, {}, [6, 7, 8, 9], bidirectional=[(6, 10)])
     chunks = [Chunk(20, [1], [5, 2]), Chunk(3, [1] * 11, [7, 8], multi_modal=media)]
     params = AttentionParams(0.3, window=5)
     caches = (torch.randn(12, 2, 16, 32), torch.randn(12, 2, 16, 32))

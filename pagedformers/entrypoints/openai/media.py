@@ -1,7 +1,8 @@
-"""Images the server fetches for chat requests: `image_url` parts with http(s) URLs (only from the allowed domains,
-when the operator names some) and file:// URLs (only under --allowed-local-media-path), read with a timeout and a
-size cap, decoded, and handed on as images. Fetching is asynchronous: the event loop keeps serving meanwhile. A
-URL that is not allowed, not reachable, too large or not an image is a 400 naming the message part.
+"""Media the server fetches for chat requests: `image_url` and `video_url` parts with http(s) URLs (only from the
+allowed domains, when the operator names some) and file:// URLs (only under --allowed-local-media-path), read with a
+timeout and a size cap, decoded, and handed on as images and frames. Fetching is asynchronous and videos decode in a
+thread: the event loop keeps serving meanwhile. A URL that is not allowed, not reachable, too large or not an image
+(a video) is a 400 naming the message part.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
+import numpy as np
 from PIL import Image
 
+from pagedformers.engine.video import decode_video
 from pagedformers.entrypoints.openai.errors import OpenAIError
 
 
@@ -31,9 +34,9 @@ class MediaPolicy:
     max_bytes: int = 20 << 20
 
 
-async def fetch_images(messages: list[dict[str, Any]], policy: MediaPolicy) -> list[dict[str, Any]]:
-    """The messages with every http(s) or file:// `image_url` part replaced by an `image_pil` part holding the
-    decoded image; other parts (data: URLs included) as they were."""
+async def fetch_media(messages: list[dict[str, Any]], policy: MediaPolicy) -> list[dict[str, Any]]:
+    """The messages with every http(s) or file:// `image_url` (`video_url`) part replaced by an `image_pil`
+    (`video`) part holding the decoded image (frames); other parts (data: URLs included) as they were."""
     out = []
     async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
         for i, message in enumerate(messages):
@@ -49,15 +52,18 @@ async def fetch_images(messages: list[dict[str, Any]], policy: MediaPolicy) -> l
                     continue
                 where = f"messages[{i}].content[{j}]"
                 data = await _read(client, url, policy, where)
-                parts.append({"type": "image_pil", "image_pil": _decode(data, where)})
+                if part["type"] == "video_url":
+                    parts.append({"type": "video", "video": await asyncio.to_thread(_decode_video, data, where)})
+                else:
+                    parts.append({"type": "image_pil", "image_pil": _decode(data, where)})
             out.append({**message, "content": parts})
     return out
 
 
 def _remote_url(part: Any) -> str | None:
-    if not isinstance(part, dict) or part.get("type") != "image_url":
+    if not isinstance(part, dict) or part.get("type") not in ("image_url", "video_url"):
         return None
-    value = part.get("image_url")
+    value = part.get(part["type"])
     url = value.get("url") if isinstance(value, dict) else value
     return url if isinstance(url, str) and url.split(":", 1)[0].lower() in ("http", "https", "file") else None
 
@@ -68,10 +74,10 @@ async def _read(client: httpx.AsyncClient, url: str, policy: MediaPolicy, where:
         return _read_local(unquote(parsed.path), policy, where)
     host = (parsed.hostname or "").lower()
     if policy.allowed_domains is not None and host not in policy.allowed_domains:
-        raise OpenAIError(f"{where}: images from {host!r} are not allowed on this server (--allowed-media-domains)",
+        raise OpenAIError(f"{where}: media from {host!r} are not allowed on this server (--allowed-media-domains)",
                           400, "messages")
     if policy.allowed_domains is None and await _is_internal(host, parsed.port):
-        raise OpenAIError(f"{where}: {host!r} is a loopback, private or link-local address: images from it are "
+        raise OpenAIError(f"{where}: {host!r} is a loopback, private or link-local address: media from it are "
                           "refused unless --allowed-media-domains names it", 400, "messages")
     try:
         async with client.stream("GET", url) as response:
@@ -114,6 +120,13 @@ def _read_local(path: str, policy: MediaPolicy, where: str) -> bytes:
             return f.read()
     except OSError as e:
         raise OpenAIError(f"{where}: could not read {path}: {e.strerror}", 400, "messages") from None
+
+
+def _decode_video(data: bytes, where: str) -> np.ndarray:
+    try:
+        return decode_video(data, where)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, "messages") from None
 
 
 def _decode(data: bytes, where: str) -> Image.Image:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedformers.entrypoints.async_engine import EngineError
 from pagedformers.entrypoints.openai.errors import OpenAIError
-from pagedformers.entrypoints.openai.media import fetch_images
+from pagedformers.entrypoints.openai.media import fetch_media
 from pagedformers.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -63,7 +63,7 @@ async def create_chat_completion(ctx: ServingContext,
     params = to_sampling_params(request, request.max_completion_tokens or request.max_tokens, logprobs,
                                 tools.structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    messages = await fetch_images([m.model_dump(exclude_none=True) for m in request.messages], ctx.media)
+    messages = await fetch_media([m.model_dump(exclude_none=True) for m in request.messages], ctx.media)
     engine_request = ctx.process(request_id, _chat_prompt(ctx, request, tools, messages), params, "The conversation",
                                  lora_request=lora_request)
     num_prompt_tokens = len(engine_request.prompt_token_ids)

@@ -1,0 +1,53 @@
+"""Videos as the model's processor takes them: frames [T, H, W, 3], from what users give (vLLM's shapes) or from
+an encoded file (decoded with av, the "video" extra)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_VIDEO_FRAMES = 32  # frames kept of a decoded video file, evenly spaced (vLLM's default)
+
+
+def videos(given: Any, name: str) -> list[Any]:
+    """One prompt's videos, each frames [T, H, W, C] (an array or tensor) or a list of PIL images, from one video
+    as such, a file path (decoded), or a list of these."""
+    if isinstance(given, (str, Path)):
+        return [decode_video(Path(given), name)]
+    if isinstance(given, (np.ndarray, torch.Tensor)) or (isinstance(given, (list, tuple)) and given
+                                                         and isinstance(given[0], Image.Image)):
+        return [given]
+    if isinstance(given, (list, tuple)) and given:
+        return [v for one in given for v in videos(one, name)]
+    raise ValueError(f"{name}: a video is frames [T, H, W, C] (array or tensor), a list of PIL images or a file "
+                     f"path; got {type(given).__name__}")
+
+
+def decode_video(source: Path | bytes, name: str, max_frames: int = MAX_VIDEO_FRAMES) -> np.ndarray:
+    """An encoded video's frames [T, H, W, 3] (RGB), at most `max_frames` of them, evenly spaced.
+    Raises ValueError naming `name` where it does not decode."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{name}: decoding a video file needs av (pip install 'pagedformers[video]')") from None
+    what = source.name if isinstance(source, Path) else "given"
+    try:
+        with av.open(str(source) if isinstance(source, Path) else io.BytesIO(source)) as container:
+            total = container.streams.video[0].frames  # 0 where the container does not say
+            keep = set(_evenly(total, max_frames)) if total else None
+            frames = [frame.to_ndarray(format="rgb24") for i, frame in enumerate(container.decode(video=0))
+                      if keep is None or i in keep]
+    except (av.FFmpegError, OSError, IndexError) as e:  # IndexError: no video stream
+        raise ValueError(f"{name}: the {what} video does not decode ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise ValueError(f"{name}: the {what} video has no frames")
+    return np.stack([frames[i] for i in _evenly(len(frames), max_frames)])
+
+
+def _evenly(total: int, most: int) -> list[int]:
+    return np.linspace(0, total - 1, min(total, most)).round().astype(int).tolist()
