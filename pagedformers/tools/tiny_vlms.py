@@ -576,6 +576,23 @@ def _hunyuan_vl(path: Path, seed: int) -> str:
     return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
 
 
+def _minimax_m3_vl(path: Path, seed: int) -> str:
+    """MiniMax M3 VL: CLIP-like tower (Conv3d patch embed over 2 frames, 3-D RoPE; 14x14 patches, 56x56-ish images)
+    whose projector fuses 2x2 patches: 4+ ]<]image[>[ an image between its start/end tokens; 1-D RoPE in its MoE
+    language model (full-attention layers: the default layer_types)."""
+    tok = _tokenizer(image_token="]<]image[>[", video_token="]<]video[>[", vision_start_token="]<]start of image[>[",
+                     vision_end_token="]<]end of image[>[")
+    config = tiny_config("minimax_m3_vl", len(tok), image_token_index=tok.image_token_id,
+                         video_token_index=tok.video_token_id, projector_hidden_size=64,
+                         vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+    images = transformers.MiniMaxM3VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2},
+                                                    patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = transformers.MiniMaxM3VLProcessor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.MiniMaxM3VLVideoProcessor())
+    _save(path, transformers.MiniMaxM3SparseForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -606,7 +623,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
-        "Qwen3VLVideoProcessor")}
+        "Qwen3VLVideoProcessor"),
+    "minimax_m3_vl": _minimax_m3_vl}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
