@@ -78,6 +78,11 @@ IMAGE_REFUSALS = {
                        "decoder that generates one token a step",
     "blip": "its text decoder (BlipTextLMHeadModel) reads the image through cross-attention in every layer, whose "
             "keys come from the image, not from the prompt: the paged KV cache holds self-attention keys only",
+    "mistral4": "transformers maps it to Mistral4ForCausalLM, a text-only decoder with no vision tower nor image "
+                "processor; Mistral 4 with images is a mistral3 checkpoint (Mistral3ForConditionalGeneration around "
+                "a mistral4 text_config), which takes images",
+    "mistral_large4": "every layer of its language model is 'indexed_attention' (DeepSeek-V3.2-style sparse "
+                      "attention whose indexer keeps a key cache of its own), which pagedformers refuses at load",
     **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
                     "its image processor (or its timm vision tower) needs torchvision, which the test machines "
                     "cannot install beside a CPU build of torch: not checked against transformers"),
