@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "minimax_m3_vl"})
+    "glm_ocr", "minimax_m3_vl", "cosmos3_edge"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -97,6 +97,16 @@ def rope_index(hf_config: PretrainedConfig) -> Callable[..., tuple[torch.Tensor,
     if base is None or not hasattr(base, "get_rope_index"):
         return None
     return _ConfigOnly(base, hf_config).get_rope_index
+
+
+def processor_kwargs(hf_config: PretrainedConfig) -> dict[str, Any]:
+    """What a call of the checkpoint's processor must ask for beyond its defaults: the mm_token_type_ids that the
+    model's get_rope_index reads (Cosmos3 Edge's processor returns them only when asked; HF `generate` refuses an
+    image prompt without them)."""
+    index = rope_index(hf_config)
+    if index is not None and "mm_token_type_ids" in inspect.signature(index).parameters:
+        return {"return_mm_token_type_ids": True}
+    return {}
 
 
 class _ConfigOnly:

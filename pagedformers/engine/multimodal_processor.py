@@ -19,6 +19,7 @@ from pagedformers.adapter.multimodal import (
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    processor_kwargs,
     rope_index,
 )
 from pagedformers.config import EngineConfig
@@ -63,7 +64,7 @@ class MultiModalProcessor:
             images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
             # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
             out = self.processor(text=text, images=images[0] if len(images) == 1 else [images], return_tensors="pt",
-                                 add_special_tokens=special)
+                                 add_special_tokens=special, **processor_kwargs(self.config.model.hf_config))
         token_ids = out["input_ids"][0].tolist()
         placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
         if not placeholders:

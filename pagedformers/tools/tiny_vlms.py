@@ -593,6 +593,25 @@ def _minimax_m3_vl(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _cosmos3_edge(path: Path, seed: int) -> str:
+    """Cosmos3 Edge: SigLIP2-style tower (16x16 patches, one frame, a 4x4 learned position grid interpolated) over
+    64x64-ish images, 2x2-merged by the projector: 4+ <|image_pad|> an image between <|vision_start|> and
+    <|vision_end|> (written by the prompt); interleaved M-RoPE (get_rope_index; sections in tiny_configs.OVERRIDES)
+    in its Llama-style language model."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    config = tiny_config("cosmos3_edge", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                         vision_end_token_id=tok.vision_end_token_id, projector_hidden_size=64,
+                         vision_config=dict(patch_size=16, num_patches=16, spatial_merge_size=2))
+    images = transformers.Cosmos3EdgeImageProcessorPil(
+        size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2}, patch_size=16, merge_size=2)
+    processor = transformers.Cosmos3EdgeProcessor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor())
+    _save(path, transformers.Cosmos3EdgeForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -624,7 +643,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
         "Qwen3VLVideoProcessor"),
-    "minimax_m3_vl": _minimax_m3_vl}
+    "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_REFUSALS
+from pagedformers.adapter.multimodal import IMAGE_REFUSALS, processor_kwargs
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, FamilyResult, Greedy, compare
 from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm
@@ -56,7 +56,8 @@ def hf_greedy(path: str, text: str, pictures: list[Image.Image]) -> tuple[list[i
     config = AutoConfig.from_pretrained(path)
     # AutoProcessor where it loads; without torchvision, Qwen2-VL's processor loads for images only (HF's class)
     nested = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
-    inputs = load_processor(path, config.model_type)(text=text, images=nested, return_tensors="pt")
+    inputs = load_processor(path, config.model_type)(text=text, images=nested, return_tensors="pt",
+                                                     **processor_kwargs(config))
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
