@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "minimax_m3_vl", "cosmos3_edge"})
+    "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -127,12 +127,19 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
     return BIDIRECTIONAL_GROUPS.get(hf_config.model_type) == "prefix"
 
 
-# Families whose language model reads more of the encoder than the features at the image tokens.
+# Families whose prompt the processor cannot lay out from precomputed features (deepstack: no_precomputed_features).
 NO_PRECOMPUTED_FEATURES = {
-    "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
-    "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
 }
+
+
+def no_precomputed_features(hf_config: PretrainedConfig) -> str | None:
+    """Why vLLM's image_embeds cannot stand for images with this checkpoint, None where they can: its language
+    model also reads the vision tower's deepstack features (Qwen3-VL, Cosmos3 Omni, Granite-Docling: the vision
+    config's deepstack_visual_indexes), or its processor lays the prompt out itself."""
+    if getattr(getattr(hf_config, "vision_config", None), "deepstack_visual_indexes", None):
+        return "its language model also adds the vision tower's deepstack features at its first layers"
+    return NO_PRECOMPUTED_FEATURES.get(hf_config.model_type)
 
 
 def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] | None) -> list[tuple[int, int]]:

@@ -15,10 +15,10 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
-    NO_PRECOMPUTED_FEATURES,
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    no_precomputed_features,
     processor_kwargs,
     rope_index,
 )
@@ -89,10 +89,9 @@ class MultiModalProcessor:
         what the processor would have given beside pixels (Qwen2-VL: image_grid_thw)}: the text expands as the
         processor expands it (its replace_image_token, from what was given; else as for blank images, exact
         where the token count does not depend on the image); the encoder does not run."""
-        family = self.config.model.hf_config.model_type
-        if family in NO_PRECOMPUTED_FEATURES:
-            raise ValueError(f"{name}: image_embeds cannot stand for images with {family}: "
-                             f"{NO_PRECOMPUTED_FEATURES[family]}")
+        hf_config = self.config.model.hf_config
+        if reason := no_precomputed_features(hf_config):
+            raise ValueError(f"{name}: image_embeds cannot stand for images with {hf_config.model_type}: {reason}")
         unknown = sorted(set(given) - {"image_embeds", *_BESIDE_PIXELS})
         if "image_embeds" not in given or unknown:
             raise ValueError(f"{name}: multi_modal_data['image'] as a dict takes 'image_embeds' (and "

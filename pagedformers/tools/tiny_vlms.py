@@ -643,7 +643,10 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
         "Qwen3VLVideoProcessor"),
-    "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge}
+    "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge,
+    # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
+    "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
+                                  _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor")}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
