@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni"})
+    "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -194,6 +194,11 @@ class TransformersForMultimodalLM(CausalShell):
             self.logits_scaling = 1.0
         if source is not None and "final_logit_softcapping" not in source:
             self.final_logit_softcapping = None
+        # Muse Glimmer's and Muse Spark's forward multiply the logits by the text config's output_multiplier before
+        # the soft-cap (Muse Spark's router reads an attribute of that name too: only the class's forward counts).
+        multiplier = getattr(self.text_config, "output_multiplier", None)
+        if isinstance(multiplier, (int, float)) and "output_multiplier" in _source(type(self.meta_causal_lm()).forward):
+            self.logit_scale *= float(multiplier)
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         rope = getattr(self.text_config, "rope_parameters", None) or {}
@@ -320,6 +325,14 @@ def _module_source(cls: type) -> str | None:
         return inspect.getsource(inspect.getmodule(cls))
     except (OSError, TypeError):
         return None
+
+
+def _source(function: Callable) -> str:
+    """The source of `function` ("" where it cannot be read)."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
 
 
 def _flat(features: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -612,6 +612,26 @@ def _cosmos3_edge(path: Path, seed: int) -> str:
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
 
+def _muse_glimmer(path: Path, seed: int) -> str:
+    """Muse Glimmer: Kimi-K2.5-style tower (14x14 patches over 2 frames, a 2x2 learned position grid, windows of
+    28 pixels in its first layer, full attention in its second), 2x2 pixel-shuffled, an MLP adapter and an RMS norm:
+    4+ <|patch|> an image between <|image_start|> and <|image_end|>; Gemma-2-style language model (sliding + NoPE
+    full layers, gated attention), its logits scaled by output_multiplier before the soft-cap."""
+    tok = _tokenizer(image_token="<|patch|>", image_start_token="<|image_start|>", image_end_token="<|image_end|>",
+                     video_token="<|video|>", video_sep_token="<|vid_frame_separator|>",
+                     video_start_token="<|vid_start|>", video_end_token="<|vid_end|>")
+    config = tiny_config("muse_glimmer", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, out_hidden_size=4 * 32, projector_hidden_size=64,
+                         vision_config=dict(patch_size=14, merge_size=2, pos_emb_height=2, pos_emb_width=2,
+                                            max_position_embeddings=4, num_hidden_layers=2,
+                                            layer_types=["window_attention", "full_attention"]))
+    images = transformers.MuseGlimmerImageProcessor(patch_size=14, merge_size=2, max_image_tokens=6)
+    processor = transformers.MuseGlimmerProcessor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.MuseGlimmerVideoProcessor())
+    _save(path, transformers.MuseGlimmerForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -646,7 +666,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge,
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
-                                  _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor")}
+                                  _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
+    "muse_glimmer": _muse_glimmer}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
