@@ -617,18 +617,32 @@ def _muse_glimmer(path: Path, seed: int) -> str:
     28 pixels in its first layer, full attention in its second), 2x2 pixel-shuffled, an MLP adapter and an RMS norm:
     4+ <|patch|> an image between <|image_start|> and <|image_end|>; Gemma-2-style language model (sliding + NoPE
     full layers, gated attention), its logits scaled by output_multiplier before the soft-cap."""
+    return _muse_like("muse_glimmer", "MuseGlimmerForConditionalGeneration", "MuseGlimmerProcessor", path, seed)
+
+
+def _muse_spark(path: Path, seed: int) -> str:
+    """Muse Spark: Muse Glimmer's vision path and head; its language model is MoE (pooled experts, residual gates)
+    and it has an audio encoder beside (a one-stage conv pyramid here, unused by image prompts)."""
+    return _muse_like("muse_spark", "MuseSparkForConditionalGeneration", "MuseSparkProcessor", path, seed, audio=True)
+
+
+def _muse_like(family: str, model_cls: str, processor_cls: str, path: Path, seed: int, audio: bool = False) -> str:
     tok = _tokenizer(image_token="<|patch|>", image_start_token="<|image_start|>", image_end_token="<|image_end|>",
                      video_token="<|video|>", video_sep_token="<|vid_frame_separator|>",
-                     video_start_token="<|vid_start|>", video_end_token="<|vid_end|>")
-    config = tiny_config("muse_glimmer", len(tok), image_token_id=tok.image_token_id,
+                     video_start_token="<|vid_start|>", video_end_token="<|vid_end|>", audio_token="<|audio|>",
+                     audio_start_token="<|soft_audio_start|>", audio_end_token="<|soft_audio_end|>")
+    audio_kwargs = dict(audio_config=dict(out_hidden_size=64, hidden_sizes=[32]), audio_token_id=tok.audio_token_id)
+    config = tiny_config(family, len(tok), image_token_id=tok.image_token_id,
                          video_token_id=tok.video_token_id, out_hidden_size=4 * 32, projector_hidden_size=64,
                          vision_config=dict(patch_size=14, merge_size=2, pos_emb_height=2, pos_emb_width=2,
                                             max_position_embeddings=4, num_hidden_layers=2,
-                                            layer_types=["window_attention", "full_attention"]))
+                                            layer_types=["window_attention", "full_attention"]),
+                         **(audio_kwargs if audio else {}))
     images = transformers.MuseGlimmerImageProcessor(patch_size=14, merge_size=2, max_image_tokens=6)
-    processor = transformers.MuseGlimmerProcessor(image_processor=images, tokenizer=tok,
-                                                  video_processor=transformers.MuseGlimmerVideoProcessor())
-    _save(path, transformers.MuseGlimmerForConditionalGeneration, config, processor, seed)
+    extra = {"feature_extractor": transformers.MuseSparkFeatureExtractor()} if audio else {}
+    processor = getattr(transformers, processor_cls)(image_processor=images, tokenizer=tok,
+                                                     video_processor=transformers.MuseGlimmerVideoProcessor(), **extra)
+    _save(path, getattr(transformers, model_cls), config, processor, seed)
     return tok.image_token
 
 
@@ -667,7 +681,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
                                   _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
-    "muse_glimmer": _muse_glimmer}
+    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
