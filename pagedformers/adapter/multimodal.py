@@ -84,6 +84,17 @@ IMAGE_REFUSALS = {
                 "a mistral4 text_config), which takes images",
     "mistral_large4": "every layer of its language model is 'indexed_attention' (DeepSeek-V3.2-style sparse "
                       "attention whose indexer keeps a key cache of its own), which pagedformers refuses at load",
+    **dict.fromkeys(("inkling2", "inkling_mm_model"),
+                    "its attention adds a per-token relative-position bias over the keys (position_bias, from "
+                    "InklingRelativeLogits) and runs short convolutions over K and V, which paged attention does not "
+                    "compute; its text model does not declare _supports_attention_backend, so the checkpoint is "
+                    "refused at load, text included"),
+    "nemotron_h_omni": "its language model, NemotronHModel (Mamba-2, attention and MoE layers), does not declare "
+                       "_supports_attention_backend in transformers 5.23, so the checkpoint is refused at load, text "
+                       "included",
+    "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
+           "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
+           "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
     **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
                     "its image processor (or its timm vision tower) needs torchvision, which the test machines "
                     "cannot install beside a CPU build of torch: not checked against transformers"),
