@@ -89,9 +89,9 @@ IMAGE_REFUSALS = {
                     "InklingRelativeLogits) and runs short convolutions over K and V, which paged attention does not "
                     "compute; its text model does not declare _supports_attention_backend, so the checkpoint is "
                     "refused at load, text included"),
-    "nemotron_h_omni": "its language model, NemotronHModel (Mamba-2, attention and MoE layers), does not declare "
-                       "_supports_attention_backend in transformers 5.23, so the checkpoint is refused at load, text "
-                       "included",
+    "nemotron_h_omni": "transformers 5.23 maps no base model (AutoModel) to its config, and its language model, "
+                       "NemotronHModel (Mamba-2, attention and MoE layers), does not declare "
+                       "_supports_attention_backend: the checkpoint is refused at load, text included",
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
