@@ -13,6 +13,7 @@ the placeholder rows, as HF's own merge does, and later chunks of the prompt tak
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -38,7 +39,7 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer",
-    "muse_spark"})
+    "muse_spark", "kosmos-2"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -142,7 +143,13 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
 # Families whose prompt the processor cannot lay out from precomputed features (deepstack: no_precomputed_features).
 NO_PRECOMPUTED_FEATURES = {
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
+    "kosmos-2": "its processor lays out the image tokens (a range of ids, marked by image_embeds_position_mask) "
+                "before the prompt itself",
 }
+# Families whose HF generate leaves the positions to the text model, which counts them from its position
+# embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
+# position_ids that generate makes.
+POSITIONS_FROM_PADDING_IDX = frozenset({"kosmos-2"})
 
 
 def no_precomputed_features(hf_config: PretrainedConfig) -> str | None:
@@ -229,6 +236,11 @@ class TransformersForMultimodalLM(CausalShell):
                 if getattr(module, "is_causal", None) is False:
                     module.is_causal = True
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
+        _keep_hf_attention_outside(lm, decoder, self.hf_config.get_text_config())
+        self.position_offset = 0
+        if self.hf_config.model_type in POSITIONS_FROM_PADDING_IDX:
+            embedding = next(m for m in decoder.modules() if hasattr(m, "create_position_ids_from_input_ids"))
+            self.position_offset = embedding.padding_idx + 1
         return super().create_model()
 
     def split_for_rank(self, parallel: ParallelState) -> ShardedModel:
@@ -271,7 +283,10 @@ class TransformersForMultimodalLM(CausalShell):
                 raise ValueError(f"the prompt's M-RoPE positions have {mrope_positions.shape[0]} axes, the model's "
                                  f"rope_parameters.mrope_section {self.mrope_axes}")
             mrope_positions = mrope_positions[:1].expand(self.mrope_axes, -1)  # no image rows: every axis the index
-        position_ids = mrope_positions[:, None] if mrope_positions is not None else positions[None]
+        if mrope_positions is not None:
+            position_ids = mrope_positions[:, None]
+        else:
+            position_ids = positions[None] + self.position_offset
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
         assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
@@ -318,7 +333,7 @@ class TransformersForMultimodalLM(CausalShell):
         features of the same shape where the encoder gives them (Qwen3-VL)."""
         if "image_embeds" in inputs.data:  # precomputed by the user (multimodal_processor.py)
             return (inputs.data["image_embeds"].to(device=self.config.device.device, dtype=self.config.model.dtype),)
-        encoder = getattr(self.model, f"get_{inputs.modality}_features")
+        encoder = _encoder(self.model, self.hf_config, f"get_{inputs.modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -329,6 +344,31 @@ class TransformersForMultimodalLM(CausalShell):
             raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
                              f"{len(inputs.placeholders)} placeholder tokens in the prompt")
         return tuple(features)
+
+
+def _keep_hf_attention_outside(lm: nn.Module, decoder: nn.Module, text_config: PretrainedConfig) -> None:
+    """Modules outside the language model that attend with its config (Kosmos-2's image-to-text projection: latent
+    queries over the image features) take a copy of it with transformers' attention, as the encoders keep theirs:
+    the paged cache holds the language model's layers only."""
+    inside = {id(m) for m in decoder.modules()}
+    outside = [m for m in lm.modules() if id(m) not in inside and getattr(m, "config", None) is text_config
+               and not isinstance(m, transformers.PreTrainedModel)]
+    if outside:
+        own = copy.copy(text_config)
+        own._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
+        for module in outside:
+            module.config = own
+
+
+def _encoder(model: nn.Module, hf_config: PretrainedConfig, name: str) -> Callable[..., Any]:
+    """The trunk's `name` (get_image_features), else its base model class's, bound to the trunk: Kosmos-2's
+    conditional-generation class has the same encoder modules as Kosmos2Model but computes the features inline."""
+    if hasattr(model, name):
+        return getattr(model, name)
+    base = AutoModel._model_mapping.get(type(hf_config), None)
+    if base is None or not hasattr(base, name):
+        raise ValueError(f"{type(model).__name__} has no {name}, nor has its base model class")
+    return getattr(base, name).__get__(model)
 
 
 def _module_source(cls: type) -> str | None:

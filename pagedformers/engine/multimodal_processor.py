@@ -57,8 +57,8 @@ class MultiModalProcessor:
         bos = getattr(self.processor.tokenizer, "bos_token", None)
         # A chat template's text holds its special tokens already: do not add them twice.
         special = not (bos and text.startswith(bos))
-        image_token = _image_token_id(self.config)
         if isinstance(data["image"], dict):
+            image_token = _image_token_id(self.config)
             out = self._with_embeddings(text, data["image"], image_token, special, name)
         else:
             images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
@@ -66,10 +66,7 @@ class MultiModalProcessor:
             out = self.processor(text=text, images=images[0] if len(images) == 1 else [images], return_tensors="pt",
                                  add_special_tokens=special, **processor_kwargs(self.config.model.hf_config))
         token_ids = out["input_ids"][0].tolist()
-        placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
-        if not placeholders:
-            raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
-                             "image placeholder in the prompt text")
+        placeholders = self._placeholders(out, token_ids, name)
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         hf_config = self.config.model.hf_config
@@ -82,6 +79,20 @@ class MultiModalProcessor:
                                                                      if k in params and k != "input_ids"})
             media.mrope_positions, media.mrope_delta = positions[:, 0], int(delta)
         return token_ids, media
+
+    def _placeholders(self, out: dict[str, Any], token_ids: list[int], name: str) -> list[int]:
+        """The prompt positions whose embeddings the image features replace: where the processor marks them
+        (Kosmos-2's image_embeds_position_mask: its image tokens are a range of ids), else the image token's."""
+        if (mask := out.get("image_embeds_position_mask")) is not None:
+            placeholders, what = mask[0].nonzero().flatten().tolist(), "image_embeds_position_mask row"
+        else:
+            image_token = _image_token_id(self.config)
+            placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
+            what = f"image token ({image_token})"
+        if not placeholders:
+            raise ValueError(f"{name}: the processed prompt has no {what}; put the model's image placeholder in the "
+                             "prompt text")
+        return placeholders
 
     def _with_embeddings(self, text: str, given: dict[str, Any], image_token: int, special: bool,
                          name: str) -> dict[str, torch.Tensor]:

@@ -646,6 +646,24 @@ def _muse_like(family: str, model_cls: str, processor_cls: str, path: Path, seed
     return tok.image_token
 
 
+def _kosmos2(path: Path, seed: int) -> str:
+    """Kosmos-2: CLIP over 28x28 images in 7x7 patches, a resampler of 64 latent queries: the processor puts
+    <image>, 64 image tokens (ids from unk + 1, marked by image_embeds_position_mask) and </image> before the prompt;
+    M2M-style sinusoidal positions from padding_idx + 1. As in the Hub's tokenizer, <unk> comes after <pad>, so the
+    image ids do not take the pad id (whose rows HF's positions skip); its processor adds 1,035 tag and
+    patch-index tokens."""
+    base = build_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(base._tokenizer), unk_token="<kosmos_unk>",
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.Kosmos2Processor(image_processor=images, tokenizer=tok)  # adds its tokens to `tok`
+    config = tiny_config("kosmos-2", len(tok), latent_query_num=64, vision_config=dict(image_size=28, patch_size=7),
+                         # its text config names its widths its own way (embed_dim, layers...): tiny_config misses them
+                         text_config=dict(embed_dim=64, layers=2, attention_heads=4, ffn_dim=128, init_std=0.2))
+    _save(path, transformers.Kosmos2ForConditionalGeneration, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -681,7 +699,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
                                   _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
-    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark}
+    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

@@ -39,9 +39,9 @@ TEXT_ONLY = "Hello, my name is"
 # GOT-OCR2's processor writes 256 tokens an image; Gemma 4's image runs (up to 70 tokens) attend both ways.
 TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
-# BLIP-2 and InstructBLIP put one image's query tokens before the prompt).
+# BLIP-2, InstructBLIP and Kosmos-2 put one image's tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip"})
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
