@@ -15,10 +15,11 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
-    NO_PRECOMPUTED_FEATURES,
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    no_precomputed_features,
+    processor_kwargs,
     rope_index,
     video_support,
 )
@@ -68,14 +69,7 @@ class MultiModalProcessor:
         else:
             out = self._process(text, data, special, name)
         token_ids = out["input_ids"][0].tolist()
-        token_of = {m: _media_token_id(self.config, m) for m in data}
-        placeholders = [i for i, t in enumerate(token_ids) if t in token_of.values()]
-        modalities = {m: [j for j, i in enumerate(placeholders) if token_ids[i] == token] for m, token in
-                      token_of.items()}
-        for modality, indices in modalities.items():
-            if not indices:
-                raise ValueError(f"{name}: the processed prompt has no {modality} token ({token_of[modality]}); put "
-                                 f"the model's {modality} placeholder in the prompt text")
+        placeholders, modalities = self._placeholders(out, token_ids, list(data), name)
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
@@ -97,7 +91,29 @@ class MultiModalProcessor:
             media["images"] = images[0] if len(images) == 1 else [images]
         if "video" in data:
             media["videos"] = videos(data["video"], name)
-        return self.processor(text=text, **media, return_tensors="pt", add_special_tokens=special)
+        return self.processor(text=text, **media, return_tensors="pt", add_special_tokens=special,
+                              **processor_kwargs(self.config.model.hf_config))
+
+    def _placeholders(self, out: dict[str, Any], token_ids: list[int], modalities: list[str],
+                      name: str) -> tuple[list[int], dict[str, list[int]]]:
+        """The prompt positions whose embeddings the media features replace, and each modality's among them (indices
+        into those positions): where the processor marks them (Kosmos-2's image_embeds_position_mask: its image
+        tokens are a range of ids), else at each modality's token."""
+        if (mask := out.get("image_embeds_position_mask")) is not None:
+            placeholders = mask[0].nonzero().flatten().tolist()
+            if not placeholders:
+                raise ValueError(f"{name}: the processed prompt has no image_embeds_position_mask row; put the "
+                                 "model's image placeholder in the prompt text")
+            return placeholders, {"image": list(range(len(placeholders)))}
+        token_of = {m: _media_token_id(self.config, m) for m in modalities}
+        placeholders = [i for i, t in enumerate(token_ids) if t in token_of.values()]
+        by_modality = {m: [j for j, i in enumerate(placeholders) if token_ids[i] == token]
+                       for m, token in token_of.items()}
+        for modality, indices in by_modality.items():
+            if not indices:
+                raise ValueError(f"{name}: the processed prompt has no {modality} token ({token_of[modality]}); put "
+                                 f"the model's {modality} placeholder in the prompt text")
+        return placeholders, by_modality
 
     def _with_embeddings(self, text: str, given: dict[str, Any], image_token: int, special: bool,
                          name: str) -> dict[str, torch.Tensor]:
@@ -105,10 +121,9 @@ class MultiModalProcessor:
         what the processor would have given beside pixels (Qwen2-VL: image_grid_thw)}: the text expands as the
         processor expands it (its replace_image_token, from what was given; else as for blank images, exact
         where the token count does not depend on the image); the encoder does not run."""
-        family = self.config.model.hf_config.model_type
-        if family in NO_PRECOMPUTED_FEATURES:
-            raise ValueError(f"{name}: image_embeds cannot stand for images with {family}: "
-                             f"{NO_PRECOMPUTED_FEATURES[family]}")
+        hf_config = self.config.model.hf_config
+        if reason := no_precomputed_features(hf_config):
+            raise ValueError(f"{name}: image_embeds cannot stand for images with {hf_config.model_type}: {reason}")
         unknown = sorted(set(given) - {"image_embeds", *_BESIDE_PIXELS})
         if "image_embeds" not in given or unknown:
             raise ValueError(f"{name}: multi_modal_data['image'] as a dict takes 'image_embeds' (and "

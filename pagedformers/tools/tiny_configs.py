@@ -110,6 +110,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "dots3_note": dict(vision_config=dict(adapter_in_dim=32, adapter_out_dim=HIDDEN, moe_intermediate_size=32,
                                           num_local_experts=4),
                        audio_config=dict(adapter_input_size=32, adapter_out_dim=HIDDEN)),
+    # Its M-RoPE sections must add up to half the (tiny) head_dim: the default's are for head_dim 128.
+    "cosmos3_edge_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e8, "mrope_section": [2, 3, 3]}),
     "roc_bert": dict(shape_vocab_size=64, pronunciation_vocab_size=64, shape_embed_dim=16, pronunciation_embed_dim=16),
 }
 

@@ -581,6 +581,94 @@ def _hunyuan_vl(path: Path, seed: int) -> str:
     return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
 
 
+def _minimax_m3_vl(path: Path, seed: int) -> str:
+    """MiniMax M3 VL: CLIP-like tower (Conv3d patch embed over 2 frames, 3-D RoPE; 14x14 patches, 56x56-ish images)
+    whose projector fuses 2x2 patches: 4+ ]<]image[>[ an image between its start/end tokens; 1-D RoPE in its MoE
+    language model (full-attention layers: the default layer_types)."""
+    tok = _tokenizer(image_token="]<]image[>[", video_token="]<]video[>[", vision_start_token="]<]start of image[>[",
+                     vision_end_token="]<]end of image[>[")
+    config = tiny_config("minimax_m3_vl", len(tok), image_token_index=tok.image_token_id,
+                         video_token_index=tok.video_token_id, projector_hidden_size=64,
+                         vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+    images = transformers.MiniMaxM3VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2},
+                                                    patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = transformers.MiniMaxM3VLProcessor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.MiniMaxM3VLVideoProcessor())
+    _save(path, transformers.MiniMaxM3SparseForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _cosmos3_edge(path: Path, seed: int) -> str:
+    """Cosmos3 Edge: SigLIP2-style tower (16x16 patches, one frame, a 4x4 learned position grid interpolated) over
+    64x64-ish images, 2x2-merged by the projector: 4+ <|image_pad|> an image between <|vision_start|> and
+    <|vision_end|> (written by the prompt); interleaved M-RoPE (get_rope_index; sections in tiny_configs.OVERRIDES)
+    in its Llama-style language model."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    config = tiny_config("cosmos3_edge", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                         vision_end_token_id=tok.vision_end_token_id, projector_hidden_size=64,
+                         vision_config=dict(patch_size=16, num_patches=16, spatial_merge_size=2))
+    images = transformers.Cosmos3EdgeImageProcessorPil(
+        size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2}, patch_size=16, merge_size=2)
+    processor = transformers.Cosmos3EdgeProcessor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor())
+    _save(path, transformers.Cosmos3EdgeForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
+def _muse_glimmer(path: Path, seed: int) -> str:
+    """Muse Glimmer: Kimi-K2.5-style tower (14x14 patches over 2 frames, a 2x2 learned position grid, windows of
+    28 pixels in its first layer, full attention in its second), 2x2 pixel-shuffled, an MLP adapter and an RMS norm:
+    4+ <|patch|> an image between <|image_start|> and <|image_end|>; Gemma-2-style language model (sliding + NoPE
+    full layers, gated attention), its logits scaled by output_multiplier before the soft-cap."""
+    return _muse_like("muse_glimmer", "MuseGlimmerForConditionalGeneration", "MuseGlimmerProcessor", path, seed)
+
+
+def _muse_spark(path: Path, seed: int) -> str:
+    """Muse Spark: Muse Glimmer's vision path and head; its language model is MoE (pooled experts, residual gates)
+    and it has an audio encoder beside (a one-stage conv pyramid here, unused by image prompts)."""
+    return _muse_like("muse_spark", "MuseSparkForConditionalGeneration", "MuseSparkProcessor", path, seed, audio=True)
+
+
+def _muse_like(family: str, model_cls: str, processor_cls: str, path: Path, seed: int, audio: bool = False) -> str:
+    tok = _tokenizer(image_token="<|patch|>", image_start_token="<|image_start|>", image_end_token="<|image_end|>",
+                     video_token="<|video|>", video_sep_token="<|vid_frame_separator|>",
+                     video_start_token="<|vid_start|>", video_end_token="<|vid_end|>", audio_token="<|audio|>",
+                     audio_start_token="<|soft_audio_start|>", audio_end_token="<|soft_audio_end|>")
+    audio_kwargs = dict(audio_config=dict(out_hidden_size=64, hidden_sizes=[32]), audio_token_id=tok.audio_token_id)
+    config = tiny_config(family, len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, out_hidden_size=4 * 32, projector_hidden_size=64,
+                         vision_config=dict(patch_size=14, merge_size=2, pos_emb_height=2, pos_emb_width=2,
+                                            max_position_embeddings=4, num_hidden_layers=2,
+                                            layer_types=["window_attention", "full_attention"]),
+                         **(audio_kwargs if audio else {}))
+    images = transformers.MuseGlimmerImageProcessor(patch_size=14, merge_size=2, max_image_tokens=6)
+    extra = {"feature_extractor": transformers.MuseSparkFeatureExtractor()} if audio else {}
+    processor = getattr(transformers, processor_cls)(image_processor=images, tokenizer=tok,
+                                                     video_processor=transformers.MuseGlimmerVideoProcessor(), **extra)
+    _save(path, getattr(transformers, model_cls), config, processor, seed)
+    return tok.image_token
+
+
+def _kosmos2(path: Path, seed: int) -> str:
+    """Kosmos-2: CLIP over 28x28 images in 7x7 patches, a resampler of 64 latent queries: the processor puts
+    <image>, 64 image tokens (ids from unk + 1, marked by image_embeds_position_mask) and </image> before the prompt;
+    M2M-style sinusoidal positions from padding_idx + 1. As in the Hub's tokenizer, <unk> comes after <pad>, so the
+    image ids do not take the pad id (whose rows HF's positions skip); its processor adds 1,035 tag and
+    patch-index tokens."""
+    base = build_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(base._tokenizer), unk_token="<kosmos_unk>",
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.Kosmos2Processor(image_processor=images, tokenizer=tok)  # adds its tokens to `tok`
+    config = tiny_config("kosmos-2", len(tok), latent_query_num=64, vision_config=dict(image_size=28, patch_size=7),
+                         # its text config names its widths its own way (embed_dim, layers...): tiny_config misses them
+                         text_config=dict(embed_dim=64, layers=2, attention_heads=4, ffn_dim=128, init_std=0.2))
+    _save(path, transformers.Kosmos2ForConditionalGeneration, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -611,7 +699,12 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
-        "Qwen3VLVideoProcessor")}
+        "Qwen3VLVideoProcessor"),
+    "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge,
+    # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
+    "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
+                                  _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
+    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:

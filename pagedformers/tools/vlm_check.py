@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_REFUSALS, VIDEO_FAMILIES
+from pagedformers.adapter.multimodal import IMAGE_REFUSALS, VIDEO_FAMILIES, processor_kwargs
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, FamilyResult, Greedy, compare
 from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm
@@ -39,9 +39,9 @@ TEXT_ONLY = "Hello, my name is"
 # GOT-OCR2's processor writes 256 tokens an image; Gemma 4's image runs (up to 70 tokens) attend both ways.
 TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
-# BLIP-2 and InstructBLIP put one image's query tokens before the prompt).
+# BLIP-2, InstructBLIP and Kosmos-2 put one image's tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip"})
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -65,7 +65,8 @@ def hf_greedy(path: str, text: str, pictures: list[Image.Image],
     media: dict[str, Any] = {"videos": list(videos)} if videos else {}
     if pictures:
         media["images"] = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
-    inputs = load_processor(path, config.model_type)(text=text, **media, return_tensors="pt")
+    inputs = load_processor(path, config.model_type)(text=text, **media, return_tensors="pt",
+                                                     **processor_kwargs(config))
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
