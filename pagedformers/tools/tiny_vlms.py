@@ -576,6 +576,26 @@ def _hunyuan_vl(path: Path, seed: int) -> str:
     return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
 
 
+_LFM2_TILES = {f"row{i}col{j}": f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5)}
+
+
+def _lfm2_vl(path: Path, seed: int) -> str:
+    """LFM2-VL: SigLIP2 NaFlex tower (4x4 patches, interpolated positions) over aspect-preserved images of 16-64
+    patches, pixel-unshuffled by 2 into a layer-normed projector: one <image> per 8x8 pixels; an image larger than
+    ~1.9x the 1,024-pixel budget is cut into 2-4 16x16 tiles (4 tokens each, <|img_row_i_col_j|> tags) plus a
+    thumbnail, between <|image_start|> and <|image_end|>; LFM2 conv/attention hybrid language model."""
+    tok = _tokenizer(image_token="<image>", image_start_token="<|image_start|>", image_end_token="<|image_end|>",
+                     image_thumbnail_token="<|img_thumbnail|>", **_LFM2_TILES)
+    config = tiny_config("lfm2_vl", len(tok), image_token_id=tok.image_token_id, projector_hidden_size=64,
+                         downsample_factor=2, vision_config=dict(patch_size=4, num_patches=64))
+    images = transformers.Lfm2VlImageProcessor(encoder_patch_size=4, downsample_factor=2, tile_size=16, min_tiles=2,
+                                               max_tiles=4, min_image_tokens=4, max_image_tokens=16,
+                                               max_pixels_tolerance=1.9)
+    processor = transformers.Lfm2VlProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Lfm2VlForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -594,6 +614,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
+    "lfm2_vl": _lfm2_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
