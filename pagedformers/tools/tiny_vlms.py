@@ -596,6 +596,21 @@ def _lfm2_vl(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _cohere2_vision(path: Path, seed: int) -> str:
+    """Command A Vision: SigLIP over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <image> a tile, each
+    tile's tokens followed by <|IMG_LINE_BREAK|>; images cut into up to 4 tiles plus a global one (its own torchvision
+    image processor), between <|START_OF_IMG|> and <|END_OF_IMG|>; Cohere 2 language model."""
+    tok = _tokenizer(image_token="<image>", boi_token="<|START_OF_IMG|>", eoi_token="<|END_OF_IMG|>",
+                     img_line_break_token="<|IMG_LINE_BREAK|>")
+    config = tiny_config("cohere2_vision", len(tok), image_token_id=tok.image_token_id, downsample_factor=2,
+                         alignment_intermediate_size=64, vision_config=dict(image_size=28, patch_size=7))
+    images = transformers.Cohere2VisionImageProcessor(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                      min_patches=1, max_patches=4, patch_size=2)
+    processor = transformers.Cohere2VisionProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Cohere2VisionForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -614,7 +629,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
-    "lfm2_vl": _lfm2_vl,
+    "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
