@@ -611,6 +611,25 @@ def _cohere2_vision(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _perception_lm(path: Path, seed: int) -> str:
+    """PerceptionLM: a timm Perception Encoder (vit_pe_core: 2-D RoPE, CLS dropped) over 32x32 tiles in 8x8 patches
+    (16), a 2-layer projector and 2x2 average pooling: 4 <|image|> a tile; an image is a thumbnail plus one tile
+    ("thumb+tile" with max_num_tiles 1: the processor stacks a prompt's images into one tensor, so images cut into
+    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower)."""
+    tok = _tokenizer(image_token="<|image|>", video_token="<|video|>")
+    timm_args = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
+    config = tiny_config("perception_lm", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, projector_pooling_ratio=2,
+                         vision_config=dict(model_type="timm_wrapper", architecture="vit_pe_core_tiny_patch16_384",
+                                            model_args=timm_args, do_pooling=False))
+    images = transformers.PerceptionLMImageProcessor(tile_size=32, max_num_tiles=1, size={"height": 32, "width": 32})
+    processor = transformers.PerceptionLMProcessor(video_processor=transformers.PerceptionLMVideoProcessor(),
+                                                   image_processor=images, tokenizer=tok, patch_size=8,
+                                                   pooling_ratio=2)
+    _save(path, transformers.PerceptionLMForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -630,6 +649,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
+    "perception_lm": _perception_lm,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
