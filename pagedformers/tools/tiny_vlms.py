@@ -630,6 +630,23 @@ def _perception_lm(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _fast_vlm(path: Path, seed: int) -> str:
+    """FastVLM: a timm FastViT-HD tower (fastvit_mci3's 5 stages, one block each, widths 8-128; conv stages, then
+    attention) over 128x128 images, downsampled 64x: 2x2 features of 256 channels, projected to 4 <image> an image
+    (all of them: strategy "full"); LlavaProcessor with a CLIP image processor, as the Hub's FastVLM checkpoints ship
+    (transformers maps no processor to fast_vlm); Qwen2 language model. Needs timm."""
+    tok = _tokenizer(image_token="<image>")
+    timm_args = dict(inference_mode=True, layers=[1, 1, 1, 1, 1], embed_dims=[8, 16, 32, 64, 128])
+    config = tiny_config("fast_vlm", len(tok), image_token_index=tok.image_token_id, image_seq_length=4,
+                         vision_config=dict(architecture="fastvit_mci3", hidden_size=256, model_args=timm_args))
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=64,
+                                            vision_feature_select_strategy="full", image_token="<image>",
+                                            num_additional_image_tokens=0)
+    _save(path, transformers.FastVlmForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -649,7 +666,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
-    "perception_lm": _perception_lm,
+    "perception_lm": _perception_lm, "fast_vlm": _fast_vlm,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
