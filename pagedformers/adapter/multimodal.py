@@ -53,6 +53,10 @@ IMAGE_REFUSALS = {
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
+    **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
+                    "neither its base model nor its Qwen3.5 language model (qwen3_5_text) sets "
+                    "`_supports_attention_backend`, so the transformers shell refuses the checkpoint at load (rule 3), "
+                    "text and images alike"),
 }
 
 
