@@ -647,6 +647,24 @@ def _fast_vlm(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _lfm3_vl(path: Path, seed: int) -> str:
+    """LFM3-VL: its own conv/attention hybrid tower (2-D axial RoPE) over Qwen2-VL-style patches (16x16, 2 frames;
+    a 64x64 image is 4x4 patches, 2x2 merged: 4+ <|image_pad|> an image) between <|vision_start|> and <|vision_end|>;
+    LFM3 language model (conv, full and sliding attention layers), 1-D positions."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    config = tiny_config("lfm3_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+                         projector_hidden_size=64,
+                         vision_config=dict(num_hidden_layers=3, layer_types=["conv", "conv", "full_attention"]))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=64 * 64 * 3 // 2, patch_size=16,
+                                                   merge_size=2, temporal_patch_size=2)
+    processor = transformers.Lfm3VlProcessor(image_processor=images, tokenizer=tok,
+                                             video_processor=transformers.Qwen3VLVideoProcessor(patch_size=16))
+    _save(path, transformers.Lfm3VlForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -666,7 +684,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
-    "perception_lm": _perception_lm, "fast_vlm": _fast_vlm,
+    "perception_lm": _perception_lm, "fast_vlm": _fast_vlm, "lfm3_vl": _lfm3_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
