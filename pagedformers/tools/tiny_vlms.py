@@ -665,6 +665,20 @@ def _lfm3_vl(path: Path, seed: int) -> str:
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
 
+def _video_llama_3(path: Path, seed: int) -> str:
+    """VideoLLaMA 3: SigLIP-style NaViT tower (2-D RoPE) over aspect-preserved images of 28x28 to 56x56 pixels in
+    14x14 patches, unmerged for images (merge size 1): one <|image_pad|> a patch, 4-16 an image; Qwen2 language
+    model, 1-D positions. Its video processor (torchvision) is the real one."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
+    config = tiny_config("video_llama_3", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_config=dict(patch_size=14, num_hidden_layers=2))
+    images = transformers.VideoLlama3ImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
+    processor = transformers.VideoLlama3Processor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.VideoLlama3VideoProcessor())
+    _save(path, transformers.VideoLlama3ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -685,6 +699,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
     "perception_lm": _perception_lm, "fast_vlm": _fast_vlm, "lfm3_vl": _lfm3_vl,
+    "video_llama_3": _video_llama_3,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
