@@ -679,6 +679,33 @@ def _video_llama_3(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+_MOLMO2_TOKENS = {"im_patch": "<im_patch>", "im_col": "<im_col>", "im_start": "<im_start>",
+                  "low_res_im_start": "<low_res_im_start>", "frame_start": "<frame_start>", "im_end": "<im_end>",
+                  "frame_end": "<frame_end>", "im_low": "<im_low>"}
+
+
+def _molmo2(path: Path, seed: int) -> str:
+    """Molmo2: SigLIP-style tower over 28x28 crops in 7x7 patches (16), two layers' features concatenated and
+    attention-pooled 2x2 into <im_patch> tokens: a low-res view, then overlapping high-res crops (up to 4), each view
+    between its start token and <im_end> with an <im_col> a row; the features are ADDED to the <im_patch> embeddings,
+    and all of a prompt's image tokens attend to each other both ways (one block); Qwen3-style language model."""
+    tok = _tokenizer(image_token="<|image|>", video_token="<|video|>", **_MOLMO2_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in _MOLMO2_TOKENS.items()}
+    config = tiny_config("molmo2", len(tok), image_patch_id=ids["im_patch"], image_start_token_id=ids["im_start"],
+                         low_res_image_start_token_id=ids["low_res_im_start"], image_end_token_id=ids["im_end"],
+                         frame_start_token_id=ids["frame_start"], frame_end_token_id=ids["frame_end"],
+                         text_config=dict(additional_vocab_size=8),
+                         vision_config=dict(image_size=[28, 28], patch_size=7, num_hidden_layers=2, head_dim=16),
+                         adapter_config=dict(vision_feature_layer=[-1, -2], hidden_size=32, head_dim=16,
+                                             intermediate_size=64, text_hidden_size=64))
+    images = transformers.Molmo2ImageProcessor(size={"height": 28, "width": 28}, patch_size=7, max_crops=4,
+                                               overlap_margins=[1, 1], pooling_size=[2, 2])
+    videos = transformers.Molmo2VideoProcessor()
+    processor = transformers.Molmo2Processor(image_processor=images, video_processor=videos, tokenizer=tok)
+    _save(path, transformers.Molmo2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -699,7 +726,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
     "perception_lm": _perception_lm, "fast_vlm": _fast_vlm, "lfm3_vl": _lfm3_vl,
-    "video_llama_3": _video_llama_3,
+    "video_llama_3": _video_llama_3, "molmo2": _molmo2,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
