@@ -1,8 +1,8 @@
 """Tiny random-weight VLMs with their real HF processors, written to disk the way the Hub ships them.
 
-One builder per family: the checkpoint's own processor class (with the PIL image backend: no torchvision here),
-a tokenizer holding the family's special tokens, and a config whose vision tower matches the image processor's
-sizes. Used by the multimodal checks against HF `generate` (tests/adapter/test_multimodal.py, the multimodal
+One builder per family: the checkpoint's own processor class (the PIL image backend where the family has one, else
+its torchvision one; torchvision video processors too), a tokenizer holding the family's special tokens, and a
+config whose vision tower matches the image processor's sizes. Used by the multimodal checks against HF `generate` (tests/adapter/test_multimodal.py, the multimodal
 conformance table).
 """
 
