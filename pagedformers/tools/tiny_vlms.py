@@ -2,8 +2,8 @@
 
 One builder per family: the checkpoint's own processor class (the PIL image backend where the family has one, else
 its torchvision one; torchvision video processors too), a tokenizer holding the family's special tokens, and a
-config whose vision tower matches the image processor's sizes. Used by the multimodal checks against HF `generate` (tests/adapter/test_multimodal.py, the multimodal
-conformance table).
+config whose vision tower matches the image processor's sizes. Used by the multimodal checks against HF `generate`
+(tests/adapter/test_multimodal.py, the multimodal conformance table).
 """
 
 from __future__ import annotations
