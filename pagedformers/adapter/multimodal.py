@@ -99,6 +99,8 @@ NO_PRECOMPUTED_FEATURES = {
     "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
     "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
+    "molmo2": "all of a prompt's image tokens (patches, column and start/end markers) attend to each other both ways, "
+              "and only its processor's mm_token_type_ids mark which they are",
 }
 
 
