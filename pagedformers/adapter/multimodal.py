@@ -38,13 +38,15 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer", "muse_spark", "kosmos-2"})
+    "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer", "muse_spark", "kosmos-2", "lfm2_vl",
+    "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
-# token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
-BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
+# token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt);
+# "all_images", every image token of the prompt, across runs (Molmo2 puts all media tokens in one block).
+BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix", "molmo2": "all_images"}
 # Families whose image runs attend both ways in their sliding-window layers only (full layers stay causal), where
 # the text config asks for it (Gemma 4: use_bidirectional_attention == "vision").
 SLIDING_ONLY_GROUPS = {"gemma4": ("use_bidirectional_attention", "vision")}
@@ -98,9 +100,10 @@ IMAGE_REFUSALS = {
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
-    **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
-                    "its image processor (or its timm vision tower) needs torchvision, which the test machines "
-                    "cannot install beside a CPU build of torch: not checked against transformers"),
+    **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
+                    "neither its base model nor its Qwen3.5 language model (qwen3_5_text) sets "
+                    "`_supports_attention_backend`, so the transformers shell refuses the checkpoint at load (rule 3), "
+                    "text and images alike"),
 }
 
 
@@ -142,11 +145,16 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
     return BIDIRECTIONAL_GROUPS.get(hf_config.model_type) == "prefix"
 
 
+# Families whose model adds the image features to the placeholder tokens' own embeddings (a residual: Molmo2's
+# masked_scatter of embeddings + features), where the others put the features in their place.
+FEATURES_ADDED = frozenset({"molmo2"})
 # Families whose prompt the processor cannot lay out from precomputed features (deepstack: no_precomputed_features).
 NO_PRECOMPUTED_FEATURES = {
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
     "kosmos-2": "its processor lays out the image tokens (a range of ids, marked by image_embeds_position_mask) "
                 "before the prompt itself",
+    "molmo2": "all of a prompt's image tokens (patches, column and start/end markers) attend to each other both ways, "
+              "and only its processor's mm_token_type_ids mark which they are",
 }
 # Families whose HF generate leaves the positions to the text model, which counts them from its position
 # embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
@@ -163,18 +171,21 @@ def no_precomputed_features(hf_config: PretrainedConfig) -> str | None:
     return NO_PRECOMPUTED_FEATURES.get(hf_config.model_type)
 
 
-def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] | None) -> list[tuple[int, int]]:
+def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] | None
+                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The prompt's position ranges [start, end) whose tokens attend to each other both ways, as transformers'
-    mask for this family builds them from the processor's token_type_ids."""
+    mask for this family builds them from the processor's token_type_ids; and where a range is one group of
+    several runs ("all_images": the span from the first image token to the last, prefilled in one step), the runs
+    whose tokens do, the text between them causal (else [])."""
     kind = BIDIRECTIONAL_GROUPS.get(hf_config.model_type)
     if kind is None and (rule := SLIDING_ONLY_GROUPS.get(hf_config.model_type)):
         kind = "images" if getattr(hf_config.get_text_config(), rule[0], None) == rule[1] else None
     if kind is None:
-        return []
+        return [], []
     if token_type_ids is None:
         raise ValueError(f"{hf_config.model_type}'s processor gave no token_type_ids: its image tokens attend both "
                          "ways, and without them the engine cannot tell which")
-    member = 1 if kind == "images" else 0
+    member = 0 if kind == "prefix" else 1
     ranges, start = [], None
     for i, t in enumerate([*token_type_ids, None]):
         if t == member and start is None:
@@ -182,7 +193,9 @@ def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] 
         elif t != member and start is not None:
             ranges.append((start, i))
             start = None
-    return ranges
+    if kind == "all_images":
+        return [(ranges[0][0], ranges[-1][1])] if ranges else [], ranges
+    return ranges, []
 
 
 def video_support(hf_config: PretrainedConfig) -> str | None:
@@ -308,8 +321,10 @@ class TransformersForMultimodalLM(CausalShell):
         """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its
         placeholder rows; with deepstack features (Qwen3-VL), also their rows for the first layers."""
         rows = torch.cat([s.rows for s in multi_modal]).to(input_ids.device)
-        # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too).
-        embeds = self.model.get_input_embeddings()(input_ids.index_fill(0, rows, 0))
+        added = self.hf_config.model_type in FEATURES_ADDED
+        # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too), except where
+        # the features add to their embeddings.
+        embeds = self.model.get_input_embeddings()(input_ids if added else input_ids.index_fill(0, rows, 0))
         step_keys = {s.key for s in multi_modal}
         deepstack: list[list[torch.Tensor]] = []
         for s in multi_modal:
@@ -317,7 +332,8 @@ class TransformersForMultimodalLM(CausalShell):
             if features is None:
                 features = self.encoder_cache[s.key] = self.encode(s.inputs)
             main, *deep = (f[s.first:s.first + len(s.rows)].to(embeds.dtype) for f in features)
-            embeds[s.rows.to(embeds.device)] = main
+            placeholder_rows = s.rows.to(embeds.device)
+            embeds[placeholder_rows] = embeds[placeholder_rows] + main if added else main
             deepstack = deepstack or [[] for _ in deep]
             for level, rows_of_level in zip(deepstack, deep):
                 level.append(rows_of_level)

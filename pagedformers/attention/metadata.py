@@ -27,6 +27,8 @@ class PrefillSpan:
     # (Gemma 3's images, PaliGemma's prefix); the scheduler never cuts one (MultiModalInputs.chunk_end).
     bidirectional: tuple[tuple[int, int], ...] = ()
     bidirectional_sliding_only: bool = False  # the ranges apply in sliding-window layers only (Gemma 4)
+    # Runs inside those ranges that attend to each other across the runs of a range, the rest causal (Molmo2)
+    bidirectional_runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def q_len(self) -> int:
@@ -132,13 +134,22 @@ class AttentionMetadata:
             distance = q_pos - k_pos
             visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
             for lo, hi in groups:
-                visible |= (q_pos >= lo) & (q_pos < hi) & (k_pos >= lo) & (k_pos < hi)
+                runs = [(a, b) for a, b in span.bidirectional_runs if lo <= a and b <= hi] or [(lo, hi)]
+                visible |= _within(q_pos, runs) & _within(k_pos, runs)
             if window is not None:
                 visible &= (distance if causal else distance.abs()) < window
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
             self._cached[key] = visible[None, None]
         return self._cached[key]
+
+
+def _within(positions: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Where `positions` lie in one of the runs [start, end)."""
+    inside = torch.zeros_like(positions, dtype=torch.bool)
+    for lo, hi in runs:
+        inside |= (positions >= lo) & (positions < hi)
+    return inside
 
 
 def _run(start: int, end: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> QueryRun:

@@ -226,9 +226,9 @@ class InputProcessor:
         media, budget = request.multi_modal_inputs, self.config.scheduler.max_num_batched_tokens
         widest = max((hi - lo for lo, hi in media.bidirectional), default=0) if media is not None else 0
         if widest > budget:
-            raise InvalidRequest(f"{name} holds {widest} tokens that attend to each other both ways (an image, or "
-                                 f"PaliGemma's prefix): they must prefill in one step, and max_num_batched_tokens="
-                                 f"{budget} is fewer (raise it)")
+            raise InvalidRequest(f"{name} holds {widest} tokens that attend to each other both ways (an image, "
+                                 "PaliGemma's prefix, or Molmo2's images from the first to the last): they must "
+                                 f"prefill in one step, and max_num_batched_tokens={budget} is fewer (raise it)")
         if not request.is_pooling:
             most = self.config.scheduler.max_num_seqs
             if params.n > most:

@@ -72,9 +72,10 @@ class MultiModalProcessor:
         placeholders, modalities = self._placeholders(out, token_ids, list(data), name)
         tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
-        groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
+        groups, runs = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
-                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS)
+                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
+                                 bidirectional_runs=runs)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()

@@ -1,9 +1,9 @@
 """Tiny random-weight VLMs with their real HF processors, written to disk the way the Hub ships them.
 
-One builder per family: the checkpoint's own processor class (with the PIL image backend: no torchvision here),
-a tokenizer holding the family's special tokens, and a config whose vision tower matches the image processor's
-sizes. Used by the multimodal checks against HF `generate` (tests/adapter/test_multimodal.py, the multimodal
-conformance table).
+One builder per family: the checkpoint's own processor class (the PIL image backend where the family has one, else
+its torchvision one; torchvision video processors too), a tokenizer holding the family's special tokens, and a
+config whose vision tower matches the image processor's sizes. Used by the multimodal checks against HF `generate`
+(tests/adapter/test_multimodal.py, the multimodal conformance table).
 """
 
 from __future__ import annotations
@@ -669,6 +669,136 @@ def _kosmos2(path: Path, seed: int) -> str:
     return ""  # the processor puts the image's tokens before the prompt
 
 
+_LFM2_TILES = {f"row{i}col{j}": f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5)}
+
+
+def _lfm2_vl(path: Path, seed: int) -> str:
+    """LFM2-VL: SigLIP2 NaFlex tower (4x4 patches, interpolated positions) over aspect-preserved images of 16-64
+    patches, pixel-unshuffled by 2 into a layer-normed projector: one <image> per 8x8 pixels; an image larger than
+    ~1.9x the 1,024-pixel budget is cut into 2-4 16x16 tiles (4 tokens each, <|img_row_i_col_j|> tags) plus a
+    thumbnail, between <|image_start|> and <|image_end|>; LFM2 conv/attention hybrid language model."""
+    tok = _tokenizer(image_token="<image>", image_start_token="<|image_start|>", image_end_token="<|image_end|>",
+                     image_thumbnail_token="<|img_thumbnail|>", **_LFM2_TILES)
+    config = tiny_config("lfm2_vl", len(tok), image_token_id=tok.image_token_id, projector_hidden_size=64,
+                         downsample_factor=2, vision_config=dict(patch_size=4, num_patches=64))
+    images = transformers.Lfm2VlImageProcessor(encoder_patch_size=4, downsample_factor=2, tile_size=16, min_tiles=2,
+                                               max_tiles=4, min_image_tokens=4, max_image_tokens=16,
+                                               max_pixels_tolerance=1.9)
+    processor = transformers.Lfm2VlProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Lfm2VlForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _cohere2_vision(path: Path, seed: int) -> str:
+    """Command A Vision: SigLIP over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <image> a tile, each
+    tile's tokens followed by <|IMG_LINE_BREAK|>; images cut into up to 4 tiles plus a global one (its own torchvision
+    image processor), between <|START_OF_IMG|> and <|END_OF_IMG|>; Cohere 2 language model."""
+    tok = _tokenizer(image_token="<image>", boi_token="<|START_OF_IMG|>", eoi_token="<|END_OF_IMG|>",
+                     img_line_break_token="<|IMG_LINE_BREAK|>")
+    config = tiny_config("cohere2_vision", len(tok), image_token_id=tok.image_token_id, downsample_factor=2,
+                         alignment_intermediate_size=64, vision_config=dict(image_size=28, patch_size=7))
+    images = transformers.Cohere2VisionImageProcessor(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                      min_patches=1, max_patches=4, patch_size=2)
+    processor = transformers.Cohere2VisionProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Cohere2VisionForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _perception_lm(path: Path, seed: int) -> str:
+    """PerceptionLM: a timm Perception Encoder (vit_pe_core: 2-D RoPE, CLS dropped) over 32x32 tiles in 8x8 patches
+    (16), a 2-layer projector and 2x2 average pooling: 4 <|image|> a tile; an image is a thumbnail plus one tile
+    ("thumb+tile" with max_num_tiles 1: the processor stacks a prompt's images into one tensor, so images cut into
+    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower)."""
+    tok = _tokenizer(image_token="<|image|>", video_token="<|video|>")
+    timm_args = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
+    config = tiny_config("perception_lm", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, projector_pooling_ratio=2,
+                         vision_config=dict(model_type="timm_wrapper", architecture="vit_pe_core_tiny_patch16_384",
+                                            model_args=timm_args, do_pooling=False))
+    images = transformers.PerceptionLMImageProcessor(tile_size=32, max_num_tiles=1, size={"height": 32, "width": 32})
+    processor = transformers.PerceptionLMProcessor(video_processor=transformers.PerceptionLMVideoProcessor(),
+                                                   image_processor=images, tokenizer=tok, patch_size=8,
+                                                   pooling_ratio=2)
+    _save(path, transformers.PerceptionLMForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _fast_vlm(path: Path, seed: int) -> str:
+    """FastVLM: a timm FastViT-HD tower (fastvit_mci3's 5 stages, one block each, widths 8-128; conv stages, then
+    attention) over 128x128 images, downsampled 64x: 2x2 features of 256 channels, projected to 4 <image> an image
+    (all of them: strategy "full"); LlavaProcessor with a CLIP image processor, as the Hub's FastVLM checkpoints ship
+    (transformers maps no processor to fast_vlm); Qwen2 language model. Needs timm."""
+    tok = _tokenizer(image_token="<image>")
+    timm_args = dict(inference_mode=True, layers=[1, 1, 1, 1, 1], embed_dims=[8, 16, 32, 64, 128])
+    config = tiny_config("fast_vlm", len(tok), image_token_index=tok.image_token_id, image_seq_length=4,
+                         vision_config=dict(architecture="fastvit_mci3", hidden_size=256, model_args=timm_args))
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=64,
+                                            vision_feature_select_strategy="full", image_token="<image>",
+                                            num_additional_image_tokens=0)
+    _save(path, transformers.FastVlmForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _lfm3_vl(path: Path, seed: int) -> str:
+    """LFM3-VL: its own conv/attention hybrid tower (2-D axial RoPE) over Qwen2-VL-style patches (16x16, 2 frames;
+    a 64x64 image is 4x4 patches, 2x2 merged: 4+ <|image_pad|> an image) between <|vision_start|> and <|vision_end|>;
+    LFM3 language model (conv, full and sliding attention layers), 1-D positions."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    config = tiny_config("lfm3_vl", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
+                         projector_hidden_size=64,
+                         vision_config=dict(num_hidden_layers=3, layer_types=["conv", "conv", "full_attention"]))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=64 * 64 * 3 // 2, patch_size=16,
+                                                   merge_size=2, temporal_patch_size=2)
+    processor = transformers.Lfm3VlProcessor(image_processor=images, tokenizer=tok,
+                                             video_processor=transformers.Qwen3VLVideoProcessor(patch_size=16))
+    _save(path, transformers.Lfm3VlForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
+def _video_llama_3(path: Path, seed: int) -> str:
+    """VideoLLaMA 3: SigLIP-style NaViT tower (2-D RoPE) over aspect-preserved images of 28x28 to 56x56 pixels in
+    14x14 patches, unmerged for images (merge size 1): one <|image_pad|> a patch, 4-16 an image; Qwen2 language
+    model, 1-D positions. Its video processor (torchvision) is the real one."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
+    config = tiny_config("video_llama_3", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_config=dict(patch_size=14, num_hidden_layers=2))
+    images = transformers.VideoLlama3ImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
+    processor = transformers.VideoLlama3Processor(image_processor=images, tokenizer=tok,
+                                                  video_processor=transformers.VideoLlama3VideoProcessor())
+    _save(path, transformers.VideoLlama3ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+_MOLMO2_TOKENS = {"im_patch": "<im_patch>", "im_col": "<im_col>", "im_start": "<im_start>",
+                  "low_res_im_start": "<low_res_im_start>", "frame_start": "<frame_start>", "im_end": "<im_end>",
+                  "frame_end": "<frame_end>", "im_low": "<im_low>"}
+
+
+def _molmo2(path: Path, seed: int) -> str:
+    """Molmo2: SigLIP-style tower over 28x28 crops in 7x7 patches (16), two layers' features concatenated and
+    attention-pooled 2x2 into <im_patch> tokens: a low-res view, then overlapping high-res crops (up to 4), each view
+    between its start token and <im_end> with an <im_col> a row; the features are ADDED to the <im_patch> embeddings,
+    and all of a prompt's image tokens attend to each other both ways (one block); Qwen3-style language model."""
+    tok = _tokenizer(image_token="<|image|>", video_token="<|video|>", **_MOLMO2_TOKENS)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in _MOLMO2_TOKENS.items()}
+    config = tiny_config("molmo2", len(tok), image_patch_id=ids["im_patch"], image_start_token_id=ids["im_start"],
+                         low_res_image_start_token_id=ids["low_res_im_start"], image_end_token_id=ids["im_end"],
+                         frame_start_token_id=ids["frame_start"], frame_end_token_id=ids["frame_end"],
+                         text_config=dict(additional_vocab_size=8),
+                         vision_config=dict(image_size=[28, 28], patch_size=7, num_hidden_layers=2, head_dim=16),
+                         adapter_config=dict(vision_feature_layer=[-1, -2], hidden_size=32, head_dim=16,
+                                             intermediate_size=64, text_hidden_size=64))
+    images = transformers.Molmo2ImageProcessor(size={"height": 28, "width": 28}, patch_size=7, max_crops=4,
+                                               overlap_margins=[1, 1], pooling_size=[2, 2])
+    videos = transformers.Molmo2VideoProcessor()
+    processor = transformers.Molmo2Processor(image_processor=images, video_processor=videos, tokenizer=tok)
+    _save(path, transformers.Molmo2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -687,6 +817,9 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
+    "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
+    "perception_lm": _perception_lm, "fast_vlm": _fast_vlm, "lfm3_vl": _lfm3_vl,
+    "video_llama_3": _video_llama_3, "molmo2": _molmo2,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",

@@ -86,12 +86,16 @@ def test_bidirectional_for_encoders():
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpu"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window):
+@pytest.mark.parametrize("one_block", [False, True])
+def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window, one_block):
     """Gemma 3's image runs: a chunk over a cached prefix holds two ranges (one begun in the cache); each
-    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise))."""
+    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise)). one_block:
+    Molmo2's, both runs one block (one range over them, the text between causal)."""
     torch.manual_seed(0)
     length, cached, ranges = 20, 5, [(3, 9), (12, 16)]
-    media = MultiModalInputs({"image": list(range(10))}, {}, [*range(3, 9), *range(12, 16)], bidirectional=ranges)
+    placeholders, image = [*range(3, 9), *range(12, 16)], {"image": list(range(10))}
+    media = MultiModalInputs(image, {}, placeholders, bidirectional=[(3, 16)], bidirectional_runs=ranges) \
+        if one_block else MultiModalInputs(image, {}, placeholders, bidirectional=ranges)
     table = list(range(-(-length // BS)))
     q = torch.randn(length - cached, H, D)
     k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
@@ -108,7 +112,7 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
 
     groups = torch.full((1, length), -1)
     for i, (lo, hi) in enumerate(ranges):
-        groups[0, lo:hi] = i
+        groups[0, lo:hi] = 0 if one_block else i
     mask_fn = or_masks(causal_mask_function, blockwise_overlay(groups))
     if window is not None:
         mask_fn = and_masks(sliding_window_overlay(window), mask_fn)
