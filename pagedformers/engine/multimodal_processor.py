@@ -84,7 +84,7 @@ class MultiModalProcessor:
         """The prompt positions whose embeddings the image features replace: where the processor marks them
         (Kosmos-2's image_embeds_position_mask: its image tokens are a range of ids), else the image token's."""
         if (mask := out.get("image_embeds_position_mask")) is not None:
-            placeholders, what = mask[0].nonzero().flatten().tolist(), "image_embeds_position_mask row"
+            placeholders, what = (mask[0] == 1).nonzero().flatten().tolist(), "image_embeds_position_mask row"
         else:
             image_token = _image_token_id(self.config)
             placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
