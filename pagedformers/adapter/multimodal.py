@@ -97,6 +97,10 @@ IMAGE_REFUSALS = {
     "nemotron_h_omni": "transformers 5.23 maps no base model (AutoModel) to its config, and its language model, "
                        "NemotronHModel (Mamba-2, attention and MoE layers), does not declare "
                        "_supports_attention_backend: the checkpoint is refused at load, text included",
+    "kosmos-2.5": "transformers 5.23 gives it no get_image_features (its forward computes the features inline), "
+                  "and its text model adds a segment embedding wherever image_embeds_position_mask is non-zero, "
+                  "which includes the <image> and </image> rows (-1) beside the image tokens: rows the shell does "
+                  "not carry into a prefill chunk without image tokens",
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",

@@ -101,7 +101,7 @@ class MultiModalProcessor:
         into those positions): where the processor marks them (Kosmos-2's image_embeds_position_mask: its image
         tokens are a range of ids), else at each modality's token."""
         if (mask := out.get("image_embeds_position_mask")) is not None:
-            placeholders = mask[0].nonzero().flatten().tolist()
+            placeholders = (mask[0] == 1).nonzero().flatten().tolist()  # Kosmos-2.5 marks its start/end with -1
             if not placeholders:
                 raise ValueError(f"{name}: the processed prompt has no image_embeds_position_mask row; put the "
                                  "model's image placeholder in the prompt text")

@@ -103,6 +103,33 @@ def test_precomputed_image_embeddings_skip_the_encoder(family, tmp_path):
         llm.generate({"prompt": text, "multi_modal_data": {"image": {"image_embeds": given["image_embeds"][:1]}}})
 
 
+@pytest.mark.parametrize("family", ["cosmos3_omni", "granite_docling"])
+def test_precomputed_features_are_refused_where_the_language_model_reads_deepstack_features(family, tmp_path):
+    """The vision config's deepstack_visual_indexes: the language model also adds features of early vision layers,
+    which image_embeds does not carry."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    given = {"image_embeds": torch.zeros(4, AutoConfig.from_pretrained(vlm.path).get_text_config().hidden_size)}
+    with pytest.raises(ValueError, match=f"image_embeds cannot stand for images with {family}: .* deepstack"):
+        llm.generate({"prompt": f"Hi {vlm.image_text}", "multi_modal_data": {"image": given}})
+
+
+def test_kosmos2_text_prompts_count_positions_from_padding_idx(tmp_path):
+    """Kosmos-2's HF generate leaves its positions to the text model (padding_idx + 1 onwards): a text-only prompt
+    matches its text model's generate."""
+    vlm = save_tiny_vlm("kosmos-2", tmp_path / "kosmos-2")
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    ours = pagedformers_greedy(llm, [PROMPTS[1][0].format(image="")])
+    ids = load_processor(vlm.path, "kosmos-2").tokenizer(PROMPTS[1][0].format(image=""), return_tensors="pt")
+    model = transformers.Kosmos2ForConditionalGeneration.from_pretrained(vlm.path, dtype=torch.float32)
+    with torch.inference_mode():
+        out = model.text_model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    theirs = (out.sequences[0, ids["input_ids"].shape[1]:].tolist(), torch.log_softmax(torch.cat(out.logits), -1))
+    worst, mismatch = compare(ours, [theirs])
+    assert mismatch is None and worst <= TOLERANCE, (mismatch, worst)
+
+
 def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
     llm = LLM(model=tiny_llava, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
     calls = []
