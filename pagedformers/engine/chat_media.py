@@ -25,7 +25,7 @@ MEDIA_PARTS = IMAGE_PARTS + VIDEO_PARTS
 class ChatMedia:
     """A conversation's media, in the order its parts name them."""
     images: list[Image.Image] = field(default_factory=list)
-    videos: list[Any] = field(default_factory=list)  # frames [T, H, W, 3] each
+    videos: list[Any] = field(default_factory=list)  # (frames [T, H, W, 3], metadata or None) each
 
     def as_data(self) -> dict[str, list[Any]]:
         """vLLM's multi_modal_data."""
@@ -68,8 +68,8 @@ def media_kinds(messages: list[dict[str, Any]]) -> list[str]:
     return [kind for kind, parts in (("image", IMAGE_PARTS), ("video", VIDEO_PARTS)) if kinds & set(parts)]
 
 
-def _video(part: dict[str, Any], kind: str, where: str) -> Any:
-    """A video part's frames: given as such (offline), or a data: URL's encoded video, decoded."""
+def _video(part: dict[str, Any], kind: str, where: str) -> tuple[Any, dict[str, Any] | None]:
+    """A video part's frames and metadata: given as such (offline), or a data: URL's encoded video, decoded."""
     value = part.get(kind)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):

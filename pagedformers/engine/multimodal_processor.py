@@ -91,7 +91,14 @@ class MultiModalProcessor:
             # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
             media["images"] = images[0] if len(images) == 1 else [images]
         if "video" in data:
-            media["videos"] = videos(data["video"], name)
+            clips = videos(data["video"], name)
+            media["videos"] = [frames for frames, _ in clips]
+            metadata = [m for _, m in clips if m is not None]
+            if metadata and len(metadata) < len(clips):
+                raise ValueError(f"{name}: give metadata for every video of a prompt or for none (the processor "
+                                 "reads it per video)")
+            if metadata:
+                media["video_metadata"] = metadata
         return self.processor(text=text, **media, return_tensors="pt", add_special_tokens=special,
                               **processor_kwargs(self.config.model.hf_config))
 

@@ -14,22 +14,27 @@ from PIL import Image
 MAX_VIDEO_FRAMES = 32  # frames kept of a decoded video file, evenly spaced (vLLM's default)
 
 
-def videos(given: Any, name: str) -> list[Any]:
-    """One prompt's videos, each frames [T, H, W, C] (an array or tensor) or a list of PIL images, from one video
-    as such, a file path (decoded), or a list of these."""
+def videos(given: Any, name: str) -> list[tuple[Any, dict[str, Any] | None]]:
+    """One prompt's videos, each (frames, metadata or None): frames [T, H, W, C] (an array or tensor) or a list of
+    PIL images, and vLLM's metadata dict (fps, duration, ...: what the processor samples frames and writes
+    timestamps by), from one video as such, a (frames, metadata) pair, a file path (decoded: its metadata comes
+    from the file), or a list of these."""
     if isinstance(given, (str, Path)):
         return [decode_video(Path(given), name)]
+    if isinstance(given, tuple) and len(given) == 2 and (given[1] is None or isinstance(given[1], dict)):
+        return [(videos(given[0], name)[0][0], given[1])]
     if isinstance(given, (np.ndarray, torch.Tensor)) or (isinstance(given, (list, tuple)) and given
                                                          and isinstance(given[0], Image.Image)):
-        return [given]
+        return [(given, None)]
     if isinstance(given, (list, tuple)) and given:
         return [v for one in given for v in videos(one, name)]
-    raise ValueError(f"{name}: a video is frames [T, H, W, C] (array or tensor), a list of PIL images or a file "
-                     f"path; got {type(given).__name__}")
+    raise ValueError(f"{name}: a video is frames [T, H, W, C] (array or tensor), a list of PIL images, a (frames, "
+                     f"metadata) pair or a file path; got {type(given).__name__}")
 
 
-def decode_video(source: Path | bytes, name: str, max_frames: int = MAX_VIDEO_FRAMES) -> np.ndarray:
-    """An encoded video's frames [T, H, W, 3] (RGB), at most `max_frames` of them, evenly spaced.
+def decode_video(source: Path | bytes, name: str, max_frames: int = MAX_VIDEO_FRAMES) -> tuple[np.ndarray, dict]:
+    """An encoded video's frames [T, H, W, 3] (RGB), at most `max_frames` of them, evenly spaced, and their metadata
+    as the processor reads it (the frames kept are the video: their rate is what spans the file's duration).
     Raises ValueError naming `name` where it does not decode."""
     try:
         import av
@@ -38,15 +43,23 @@ def decode_video(source: Path | bytes, name: str, max_frames: int = MAX_VIDEO_FR
     what = source.name if isinstance(source, Path) else "given"
     try:
         with av.open(str(source) if isinstance(source, Path) else io.BytesIO(source)) as container:
-            total = container.streams.video[0].frames  # 0 where the container does not say
+            stream = container.streams.video[0]
+            total = stream.frames  # 0 where the container does not say
             keep = set(_evenly(total, max_frames)) if total else None
             frames = [frame.to_ndarray(format="rgb24") for i, frame in enumerate(container.decode(video=0))
                       if keep is None or i in keep]
+            rate = float(stream.average_rate or 0)
+            seen = total or len(frames)
     except (av.FFmpegError, OSError, IndexError) as e:  # IndexError: no video stream
         raise ValueError(f"{name}: the {what} video does not decode ({type(e).__name__}: {e})") from None
     if not frames:
         raise ValueError(f"{name}: the {what} video has no frames")
-    return np.stack([frames[i] for i in _evenly(len(frames), max_frames)])
+    frames = np.stack([frames[i] for i in _evenly(len(frames), max_frames)])
+    if not rate:
+        return frames, None
+    duration = seen / rate
+    return frames, {"fps": len(frames) / duration, "duration": duration, "total_num_frames": len(frames),
+                    "height": frames.shape[1], "width": frames.shape[2]}
 
 
 def _evenly(total: int, most: int) -> list[int]:

@@ -52,18 +52,21 @@ def images(n: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, shapes[(seed + i) % 3], dtype=np.uint8)) for i in range(n)]
 
 
-def clips(n: int, seed: int) -> list[np.ndarray]:
-    """Random videos of 4 frames [4, H, W, 3] (2 temporal patches where a family groups frames in twos)."""
+def clips(n: int, seed: int) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Random videos of 4 frames [4, H, W, 3] (2 temporal patches where a family groups frames in twos), 2 seconds
+    at 2 frames a second (the metadata some processors sample frames and write timestamps by)."""
     rng = np.random.default_rng(100 + seed)
-    return [rng.integers(0, 256, (4, *shape[:2], 3), dtype=np.uint8) for shape in [(40, 36), (30, 60)][:n]]
+    return [(rng.integers(0, 256, (4, *shape[:2], 3), dtype=np.uint8),
+             {"fps": 2.0, "duration": 2.0, "total_num_frames": 4}) for shape in [(40, 36), (30, 60)][:n]]
 
 
 def hf_greedy(path: str, text: str, pictures: list[Image.Image],
-              videos: list[np.ndarray] = ()) -> tuple[list[int], torch.Tensor]:
+              videos: Sequence[tuple[np.ndarray, dict[str, Any]]] = ()) -> tuple[list[int], torch.Tensor]:
     """HF generate on the processor's outputs, eager attention, EOS ignored -> tokens, [steps, vocab] logprobs."""
     config = AutoConfig.from_pretrained(path)
     # AutoProcessor where it loads; without torchvision, Qwen2-VL's processor loads for images only (HF's class)
-    media: dict[str, Any] = {"videos": list(videos)} if videos else {}
+    media: dict[str, Any] = {"videos": [v for v, _ in videos], "video_metadata": [m for _, m in videos]} \
+        if videos else {}
     if pictures:
         media["images"] = pictures[0] if len(pictures) == 1 else [pictures]  # as the engine passes them
     inputs = load_processor(path, config.model_type)(text=text, **media, return_tensors="pt",

@@ -75,16 +75,36 @@ def test_chat_with_a_video_equals_hf_generate(tiny_qwen2_vl):
     assert outs[1].error is None and outs[1].outputs[0].token_ids != outs[0].outputs[0].token_ids
 
 
-def test_a_decoded_video_file_keeps_its_frames_evenly_spaced(tmp_path):
+def test_a_decoded_video_file_keeps_its_frames_evenly_spaced_and_its_timing(tmp_path):
     frames = np.repeat(np.arange(10, dtype=np.uint8)[:, None, None, None] * 25, 40 * 36 * 3).reshape(10, 40, 36, 3)
-    (tmp_path / "clip.mp4").write_bytes(_mp4(frames))  # frame k: all 25 k, which survives the lossy codec
-    decoded = decode_video(tmp_path / "clip.mp4", "test", max_frames=4)
+    (tmp_path / "clip.mp4").write_bytes(_mp4(frames))  # frame k: all 25 k, which survives the lossy codec; 4 fps
+    decoded, metadata = decode_video(tmp_path / "clip.mp4", "test", max_frames=4)
     assert decoded.shape == (4, 40, 36, 3)
     assert np.abs(decoded.astype(int) - frames[[0, 3, 6, 9]]).mean() < 4
-    assert decode_video(tmp_path / "clip.mp4", "test").shape == (10, 40, 36, 3)
+    # the 4 frames kept are the video the processor sees: 2.5 s of it, at 1.6 frames a second
+    assert metadata["duration"] == pytest.approx(2.5) and metadata["fps"] == pytest.approx(1.6)
+    assert metadata["total_num_frames"] == 4
+    assert decode_video(tmp_path / "clip.mp4", "test")[0].shape == (10, 40, 36, 3)
     (tmp_path / "clip.mp4").write_bytes(b"not a video")
     with pytest.raises(ValueError, match="test: the clip.mp4 video does not decode"):
         decode_video(tmp_path / "clip.mp4", "test")
+
+
+def test_a_video_files_timing_reaches_the_processor(tmp_path):
+    """Qwen3-VL's processor samples frames and writes timestamps by the video's fps: a decoded file's, as HF's own
+    video loading gives it; frames without metadata are taken at the processor's default rate."""
+    path = save_tiny_vlm("qwen3_vl", tmp_path / "qwen3_vl").path
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=64)
+    (tmp_path / "clip.mp4").write_bytes(_mp4(_frames(4, count=8)))
+    frames, metadata = decode_video(tmp_path / "clip.mp4", "test")
+    prompt = f"What happens in {VIDEO}?"
+    ids = {kind: llm.generate({"prompt": prompt, "multi_modal_data": {"video": video}}, GREEDY,
+                              use_tqdm=False)[0].prompt_token_ids
+           for kind, video in [("file", str(tmp_path / "clip.mp4")), ("pair", (frames, metadata)), ("bare", frames)]}
+    expected = load_processor(path, "qwen3_vl")(text=prompt, videos=[frames], video_metadata=[metadata],
+                                                return_tensors="pt")["input_ids"][0].tolist()
+    assert ids["file"] == ids["pair"] == expected
+    assert ids["bare"] != expected  # 24 fps assumed: other timestamps
 
 
 def test_the_server_takes_video_url_parts(tiny_qwen2_vl, tmp_path):

@@ -122,7 +122,7 @@ def _read_local(path: str, policy: MediaPolicy, where: str) -> bytes:
         raise OpenAIError(f"{where}: could not read {path}: {e.strerror}", 400, "messages") from None
 
 
-def _decode_video(data: bytes, where: str) -> np.ndarray:
+def _decode_video(data: bytes, where: str) -> tuple[np.ndarray, dict[str, Any] | None]:
     try:
         return decode_video(data, where)
     except ValueError as e:
