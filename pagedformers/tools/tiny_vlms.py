@@ -602,6 +602,9 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
                          "Glm4vVideoProcessor"),
     "glm46v": _glm4v_like("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                           "Glm46VVideoProcessor"),
+    # GLM-GA: GLM-4.6V's model and processor with its own image processor (transformers maps no processor to it)
+    "glmga": _glm4v_like("glmga", "Glm46VForConditionalGeneration", "Glm46VProcessor", "GlmgaImageProcessorPil",
+                         "GlmgaVideoProcessor"),
     "qwen3_vl_moe": _qwen_vl_like(
         "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
