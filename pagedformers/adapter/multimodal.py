@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForImageTextToText, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
+from pagedformers.adapter.resolve import auto_base_model
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
 from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
@@ -37,7 +38,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "glmga"})
+    "glm_ocr", "glmga", "pp_chart2table"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -63,7 +64,7 @@ def rope_index(hf_config: PretrainedConfig) -> Callable[..., tuple[torch.Tensor,
     """The base model's `get_rope_index` where it has one (M-RoPE: Qwen2-VL, Qwen2.5-VL, ...), else None: it
     gives a prompt's 3-D positions from its token ids, token types and media grids as HF `generate` computes
     them. It reads the model's config alone, so it runs on a config-only instance (no weights, no modules)."""
-    base = AutoModel._model_mapping.get(type(hf_config), None)
+    base = auto_base_model(type(hf_config))
     if base is None or not hasattr(base, "get_rope_index"):
         return None
     return _ConfigOnly(base, hf_config).get_rope_index

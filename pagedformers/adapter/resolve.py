@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from pagedformers.adapter.compat import RULE_FLAG, is_backend_compatible, state_layers
 from pagedformers.config import EngineConfig
@@ -30,13 +30,25 @@ def base_model_class(config: EngineConfig) -> type:
             f"auto_map (it has {sorted(auto_map)}). The transformers shell builds the base model with AutoModel: "
             "add `\"AutoModel\": \"modeling_x.XModel\"` to auto_map."
         )
-    try:
-        return AutoModel._model_mapping[type(hf_config)]
-    except KeyError:
+    base = auto_base_model(type(hf_config))
+    if base is None:
         raise ValueError(
             f"transformers has no base model (AutoModel) for config type {type(hf_config).__name__} "
             f"(model_type={getattr(hf_config, 'model_type', None)!r}); it cannot be served."
-        ) from None
+        )
+    return base
+
+
+def auto_base_model(config_type: type) -> type | None:
+    """AutoModel's class for a config type; for one AutoModel does not map, the base model of the class that
+    transformers builds for it: a family reusing another's model under a config of its own (PP-Chart2Table:
+    GotOcr2ForConditionalGeneration, whose own config class AutoModel maps to GotOcr2Model)."""
+    if config_type in AutoModel._model_mapping:
+        return AutoModel._model_mapping[config_type]
+    head = next((auto._model_mapping[config_type] for auto in (AutoModelForImageTextToText, AutoModelForCausalLM)
+                 if config_type in auto._model_mapping), None)
+    own = getattr(head, "config_class", None)
+    return AutoModel._model_mapping[own] if own is not None and own in AutoModel._model_mapping else None
 
 
 def shell_class(config: EngineConfig) -> type[TransformersBase]:

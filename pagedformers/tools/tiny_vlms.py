@@ -215,6 +215,20 @@ def _got_ocr2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _pp_chart2table(path: Path, seed: int) -> str:
+    """PP-Chart2Table: GOT-OCR2's model (SAM-style ViT over 64x64 images in 2x2 patches, two stride-2 convolutions
+    to 8x8: 64 <imgpad> an image) with its own processor, which expands nothing: the prompt writes the image's
+    <imgpad> tokens between <img> and </img> itself, as the checkpoint's chat template does; Qwen2 language model."""
+    tok = _tokenizer(img_pad_token="<imgpad>", img_start_token="<img>", img_end_token="</img>",
+                     im_start_token="<|im_start|>", im_end_token="<|im_end|>")
+    config = tiny_config("pp_chart2table", len(tok), image_token_index=tok.img_pad_token_id,
+                         vision_config=dict(image_size=64, patch_size=2, output_channels=16, window_size=14))
+    images = transformers.PPChart2TableImageProcessorPil(size={"height": 64, "width": 64})
+    processor = transformers.PPChart2TableProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.GotOcr2ForConditionalGeneration, config, processor, seed)
+    return f"{tok.img_start_token}{tok.img_pad_token * 64}{tok.img_end_token}"
+
+
 def _vipllava(path: Path, seed: int) -> str:
     """CLIP over 28x28 crops in 14x14 patches (4 <image> a crop, CLS dropped), features of three layers
     concatenated (vision_feature_layer, a list) into a layer-normed projector; LlavaProcessor, as the Hub's
@@ -590,7 +604,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
-    "got_ocr2": _got_ocr2, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr, "aria": _aria,
+    "got_ocr2": _got_ocr2, "pp_chart2table": _pp_chart2table, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr,
+    "aria": _aria,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
