@@ -617,6 +617,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
                          "Glm4vVideoProcessor"),
     "glm46v": _glm4v_like("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                           "Glm46VVideoProcessor"),
+    "glm4v_moe": _glm4v_like("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor",
+                             "Glm4vImageProcessorPil", "Glm4vVideoProcessor"),
     # GLM-GA: GLM-4.6V's model and processor with its own image processor (transformers maps no processor to it)
     "glmga": _glm4v_like("glmga", "Glm46VForConditionalGeneration", "Glm46VProcessor", "GlmgaImageProcessorPil",
                          "GlmgaVideoProcessor"),
