@@ -84,6 +84,14 @@ _QWEN_VISION = {
 }
 
 
+# Qwen3.5: Qwen3-VL's tower without deepstack; its language model interleaves 3 gated-DeltaNet (linear attention)
+# layers with 1 full-attention layer: small linear-attention heads.
+_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+_GATED_DELTANET = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                       linear_num_value_heads=4)
+
+
 def _with_video_config(path: Path, video_processor_type: str, **video_kwargs) -> None:
     """Record the video sub-processor in processor_config.json, as a Hub checkpoint saved with torchvision does
     (the processor was built image-only here: its video processor class needs torchvision)."""
@@ -626,7 +634,11 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
-        "Qwen3VLVideoProcessor")}
+        "Qwen3VLVideoProcessor"),
+    "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
+                             "Qwen3VLVideoProcessor", _GATED_DELTANET),
+    "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
+                                 _QWEN3_5_VISION, "Qwen3VLVideoProcessor", _GATED_DELTANET)}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
