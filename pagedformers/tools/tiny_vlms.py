@@ -208,6 +208,21 @@ def _internvl(path: Path, seed: int) -> str:
     return tok.context_image_token
 
 
+def _qianfan_ocr(path: Path, seed: int) -> str:
+    """Qianfan-OCR: InternVL's layout (an InternViT-style tower over 28x28 tiles in 7x7 patches, CLS dropped,
+    pixel-shuffled by 0.5 to 4 <IMG_CONTEXT> a tile; up to 4 tiles plus a thumbnail, GOT-OCR2 image processor)
+    with its own processor, which expands an <image> placeholder into <img>...</img>; Qwen3 language model."""
+    tok = _tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    config = tiny_config("qianfan_ocr", len(tok), image_token_id=tok.context_image_token_id, image_seq_length=4,
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         vision_config=dict(image_size=[28, 28], patch_size=[7, 7]))
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=4)
+    processor = transformers.QianfanOCRProcessor(image_processor=images, tokenizer=tok, image_seq_length=4)
+    _save(path, transformers.QianfanOCRForConditionalGeneration, config, processor, seed)
+    return processor.image_placeholder_token
+
+
 def _got_ocr2(path: Path, seed: int) -> str:
     """SAM-style ViT (windowed attention, relative positions) over 128x128 images in 2x2 patches (64x64), two
     stride-2 convolutions to 16x16: 256 <imgpad> an image, the count GotOcr2Processor always writes (its
@@ -613,7 +628,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
     "got_ocr2": _got_ocr2, "pp_chart2table": _pp_chart2table, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr,
-    "aria": _aria,
+    "aria": _aria, "qianfan_ocr": _qianfan_ocr,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
