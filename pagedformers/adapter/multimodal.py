@@ -39,7 +39,7 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "glmga", "pp_chart2table", "glm4v_moe", "qwen3_5", "qwen3_5_moe",
-    "qianfan_ocr"})
+    "qianfan_ocr", "qwen2_5_omni_thinker"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -78,8 +78,22 @@ class _ConfigOnly:
         self.cls, self.config = cls, config
 
     def __getattr__(self, name: str):  # noqa: ANN204
-        attr = inspect.getattr_static(self.cls, name)
+        try:
+            attr = inspect.getattr_static(self.cls, name)
+        except AttributeError:
+            return self._copied_from_config(name)
         return attr.__get__(self, self.cls) if hasattr(attr, "__get__") else attr
+
+    def _copied_from_config(self, name: str) -> Any:
+        """An attribute the model's __init__ copies from its config (Qwen2.5-Omni's thinker: `spatial_merge_size`
+        from its vision config): the config's own, else the one value its sub-configs that have it agree on."""
+        if hasattr(self.config, name):
+            return getattr(self.config, name)
+        subs = [getattr(self.config, key, None) for key in getattr(self.config, "sub_configs", {})]
+        values = {repr(v): v for v in (getattr(sub, name, None) for sub in subs if sub is not None) if v is not None}
+        if len(values) != 1:
+            raise AttributeError(f"{self.cls.__name__}.{name}: an instance attribute its config does not determine")
+        return next(iter(values.values()))
 
 
 def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
