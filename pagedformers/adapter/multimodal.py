@@ -39,7 +39,7 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "glmga", "pp_chart2table", "glm4v_moe", "qwen3_5", "qwen3_5_moe",
-    "qianfan_ocr", "qwen2_5_omni_thinker"})
+    "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -107,6 +107,7 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
 NO_PRECOMPUTED_FEATURES = {
     "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
     "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
+    "qwen3_omni_moe_thinker": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
 }
 

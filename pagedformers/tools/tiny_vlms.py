@@ -502,7 +502,8 @@ def _qwen_vl_like(family: str, model_cls: str, processor_cls: str, vision: dict,
     return build
 
 
-def _omni_thinker(family: str, model_cls: str, processor_cls: str, vision: dict, video_cls: str):
+def _omni_thinker(family: str, model_cls: str, processor_cls: str, vision: dict, video_cls: str,
+                  audio_overrides: dict | None = None):
     """Qwen-Omni thinkers (the text-generating half of an Omni model): a Qwen-VL tower (56x56 images in 14x14
     patches, 64x64 in 16x16: 4 <|IMAGE|> an image, 2x2 merged) between <|vision_bos|> and <|vision_eos|>, a tiny
     Whisper-style audio encoder beside it (no audio here), M-RoPE from get_rope_index. The processor is saved
@@ -513,19 +514,19 @@ def _omni_thinker(family: str, model_cls: str, processor_cls: str, vision: dict,
                          vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
                          audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
         text = _mrope_text_config(family, len(tok))
-        config = tiny_config(family, len(tok), image_token_index=tok.image_token_id,
-                             video_token_index=tok.video_token_id, audio_token_index=tok.audio_token_id,
-                             vision_start_token_id=tok.vision_bos_token_id,
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             audio_token_id=tok.audio_token_id, vision_start_token_id=tok.vision_bos_token_id,
                              audio_start_token_id=tok.audio_bos_token_id, audio_end_token_id=tok.audio_eos_token_id,
                              text_config=text, vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
                              audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2,
-                                               encoder_ffn_dim=64, output_dim=text["hidden_size"]))
+                                               encoder_ffn_dim=64, output_dim=text["hidden_size"],
+                                               **(audio_overrides or {})))
         side = 4 * vision["patch_size"]
         images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
                                                        patch_size=vision["patch_size"], merge_size=2)
-        audio = transformers.WhisperFeatureExtractor(feature_size=128)
-        processor = image_only(getattr(transformers, processor_cls))(image_processor=images, video_processor=None,
-                                                                     feature_extractor=audio, tokenizer=tok)
+        processor = image_only(getattr(transformers, processor_cls))(
+            image_processor=images, video_processor=None, tokenizer=tok,
+            feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128))
         _save(path, getattr(transformers, model_cls), config, processor, seed)
         _with_video_config(path, video_cls)
         return f"{tok.vision_bos_token}{tok.image_token}{tok.vision_eos_token}"
@@ -685,6 +686,10 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56, fullatt_block_indexes=[1],
              patch_size=14), "Qwen2VLVideoProcessor"),
+    "qwen3_omni_moe_thinker": _omni_thinker(
+        "qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeProcessor",
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
+             deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
