@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
@@ -39,7 +39,8 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "glmga", "pp_chart2table", "glm4v_moe", "qwen3_5", "qwen3_5_moe",
-    "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"})
+    "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+    "ernie4_5_vl_moe"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -69,6 +70,31 @@ def rope_index(hf_config: PretrainedConfig) -> Callable[..., tuple[torch.Tensor,
     if base is None or not hasattr(base, "get_rope_index"):
         return None
     return _ConfigOnly(base, hf_config).get_rope_index
+
+
+def language_model_inputs(hf_config: PretrainedConfig) -> frozenset[str]:
+    """The inputs the language model's forward names beside its tokens, positions and cache: a processor output of
+    one of these names, one value a token, goes to it with the tokens (ERNIE-4.5-VL's moe_mm_token_type_ids)."""
+    model = _language_model_class(hf_config)
+    if model is None:
+        return frozenset()
+    common = {"self", "input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values", "use_cache",
+              "cache_position", "kwargs"}
+    return frozenset(inspect.signature(model.forward).parameters) - common
+
+
+def _language_model_class(hf_config: PretrainedConfig) -> type | None:
+    """The language model's class: AutoModel's for the text config, else the base model built beside the
+    checkpoint's own (ERNIE-4.5-VL's Ernie4_5_VLMoeTextModel, which AutoModel does not map)."""
+    text_type = type(hf_config.get_text_config())
+    if (found := auto_base_model(text_type)) is not None:
+        return found
+    base = auto_base_model(type(hf_config))
+    if base is None:
+        return None
+    module = inspect.getmodule(base)
+    return next((c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+                 and getattr(c, "config_class", None) is text_type and "For" not in c.__name__), None)
 
 
 class _ConfigOnly:
@@ -209,16 +235,18 @@ class TransformersForMultimodalLM(CausalShell):
         return own._from_config(self.hf_config, dtype=self.config.model.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
-                multi_modal: list[MultiModalSlice] | None = None,
-                mrope_positions: torch.Tensor | None = None) -> torch.Tensor:
+                multi_modal: list[MultiModalSlice] | None = None, mrope_positions: torch.Tensor | None = None,
+                token_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions: [T]; multi_modal: the step's placeholder rows; mrope_positions: [3, T] where a
-        request has M-RoPE positions (the language model then takes them as its [3, 1, T] position_ids)
+        request has M-RoPE positions (the language model then takes them as its [3, 1, T] position_ids);
+        token_inputs: name -> [T], per-token inputs of the language model (MultiModalInputs.token_inputs)
         -> hidden states [T, hidden]."""
         ctx = get_forward_context()
         if multi_modal:
             inputs = self.embed_with_features(input_ids, multi_modal)
         else:
             inputs = {"input_ids": input_ids[None]}
+        inputs.update({name: values[None] for name, values in (token_inputs or {}).items()})
         if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:
             if not (mrope_positions == mrope_positions[:1]).all():
                 raise ValueError(f"the prompt's M-RoPE positions have {mrope_positions.shape[0]} axes, the model's "

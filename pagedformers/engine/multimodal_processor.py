@@ -19,6 +19,7 @@ from pagedformers.adapter.multimodal import (
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    language_model_inputs,
     rope_index,
 )
 from pagedformers.config import EngineConfig
@@ -37,6 +38,7 @@ class MultiModalProcessor:
         self.config = config
         self._processor: ProcessorMixin | None = None  # loaded on the first prompt with media
         self._rope_index = rope_index(config.model.hf_config)  # M-RoPE models' 3-D positions, else None
+        self._language_model_inputs = language_model_inputs(config.model.hf_config)
 
     def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
         """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
@@ -69,12 +71,16 @@ class MultiModalProcessor:
         if not placeholders:
             raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
                              "image placeholder in the prompt text")
-        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
+                        and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
+        tensors = {k: v for k, v in out.items()
+                   if k not in _TEXT_KEYS and k not in token_inputs and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         hf_config = self.config.model.hf_config
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups,
-                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS)
+                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
+                                 token_inputs=token_inputs)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()

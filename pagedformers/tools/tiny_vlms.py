@@ -534,6 +534,31 @@ def _omni_thinker(family: str, model_cls: str, processor_cls: str, vision: dict,
     return build
 
 
+def _ernie4_5_vl_moe(path: Path, seed: int) -> str:
+    """ERNIE-4.5-VL: a Qwen2-VL-style tower (14x14 patches; 56x56 images -> 4 <|IMAGE_PLACEHOLDER|>, 2x2 merged,
+    a resampler into the text width) between <|IMAGE_START|> and <|IMAGE_END|>; M-RoPE from get_rope_index; an MoE
+    language model whose image tokens (and their start/end tokens) go to vision experts, text tokens to text
+    experts (the processor's moe_mm_token_type_ids). Its video processor is saved without drawing timestamps
+    (no font file here)."""
+    tok = _tokenizer(image_token="<|IMAGE_PLACEHOLDER|>", image_start_token="<|IMAGE_START|>",
+                     image_end_token="<|IMAGE_END|>", video_token="<|VIDEO_PLACEHOLDER|>",
+                     video_start_token="<|VIDEO_START|>", video_end_token="<|VIDEO_END|>")
+    ids = {f"{kind}{part}_token_id": tok.convert_tokens_to_ids(getattr(tok, f"{kind}{part}_token"))
+           for kind in ("image", "video") for part in ("", "_start", "_end")}
+    config = tiny_config("ernie4_5_vl_moe", len(tok), **ids,
+                         text_config=dict(moe_intermediate_size=[32, 32],  # text experts', vision experts'
+                                          rope_parameters=dict(rope_theta=500000.0, rope_type="default",
+                                                               mrope_section=[3, 3, 2])),  # h, w, t: 8 pairs
+                         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            patch_size=14, spatial_merge_size=2, temporal_merge_size=2))
+    images = transformers.Ernie4_5_VLMoeImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2}, patch_size=14, merge_size=2)
+    videos = transformers.Ernie4_5_VLMoeVideoProcessor(draw_on_frames=False)
+    processor = transformers.Ernie4_5_VLMoeProcessor(image_processor=images, tokenizer=tok, video_processor=videos)
+    _save(path, transformers.Ernie4_5_VLMoeForConditionalGeneration, config, processor, seed)
+    return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
+
+
 def _exaone4_5(path: Path, seed: int) -> str:
     """EXAONE 4.5: Qwen2.5-VL-style windowed tower with GQA (14x14 patches, 56x56 images -> 4+ tokens, windows of
     56, the second block full), 1-D RoPE in its EXAONE 4 language model (sliding/full layers); image-only."""
@@ -690,6 +715,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe,
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
