@@ -559,6 +559,24 @@ def _ernie4_5_vl_moe(path: Path, seed: int) -> str:
     return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
 
 
+def _kimi_k25(path: Path, seed: int) -> str:
+    """Kimi-K2.5: MoonViT-style tower (14x14 patches, images of at most 56 a side, 2x2 merged: one <|media_pad|>
+    a 28x28) between <|media_begin|>image<|media_content|> and <|media_end|>, as its chat template writes an image;
+    DeepSeek-V3 language model (MLA, MoE). Its image processor exists with the torchvision backend only; its
+    processor is saved without the video processor, recorded in processor_config.json."""
+    tok = _tokenizer(image_token="<|media_pad|>", video_token="<|kimi_k25_video_placeholder|>",
+                     media_begin="<|media_begin|>", media_content="<|media_content|>", media_end="<|media_end|>")
+    config = tiny_config("kimi_k25", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.convert_tokens_to_ids("<|media_begin|>"),
+                         vision_end_token_id=tok.convert_tokens_to_ids("<|media_end|>"), projection_hidden_size=32)
+    images = transformers.Kimi_K25ImageProcessor(size={"max_height": 56, "max_width": 56})
+    processor = image_only(transformers.Kimi_K25Processor)(image_processor=images, tokenizer=tok,
+                                                          video_processor=None)
+    _save(path, transformers.Kimi_K25ForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "Kimi_K25VideoProcessor")
+    return f"<|media_begin|>image<|media_content|>{tok.image_token}<|media_end|>"
+
+
 def _exaone4_5(path: Path, seed: int) -> str:
     """EXAONE 4.5: Qwen2.5-VL-style windowed tower with GQA (14x14 patches, 56x56 images -> 4+ tokens, windows of
     56, the second block full), 1-D RoPE in its EXAONE 4 language model (sliding/full layers); image-only."""
@@ -715,7 +733,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
-    "ernie4_5_vl_moe": _ernie4_5_vl_moe,
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25,
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
