@@ -40,7 +40,7 @@ IMAGE_FAMILIES = frozenset({
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "glmga", "pp_chart2table", "glm4v_moe", "qwen3_5", "qwen3_5_moe",
     "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-    "ernie4_5_vl_moe", "kimi_k25"})
+    "ernie4_5_vl_moe", "kimi_k25", "step3p7"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}

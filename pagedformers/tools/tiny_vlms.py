@@ -577,6 +577,24 @@ def _kimi_k25(path: Path, seed: int) -> str:
     return f"<|media_begin|>image<|media_content|>{tok.image_token}<|media_end|>"
 
 
+def _step3p7(path: Path, seed: int) -> str:
+    """Step-3.7: a ViT over a 112x112 global view in 14x14 patches, two stride-2 convolutions: 4 <im_patch> between
+    <im_start> and <im_end>, after local 56x56 crops of 1 <im_patch> each between <patch_start> and <patch_end>
+    (a sliding-window plan over the image, <patch_newline> after each row); Step-3.5 language model, a sliding
+    (window 8) and a full-attention layer, the second MoE. Its image processor has the torchvision backend only."""
+    tok = _tokenizer(image_token="<im_patch>", patch_start="<patch_start>", patch_end="<patch_end>",
+                     patch_newline="<patch_newline>", im_start="<im_start>", im_end="<im_end>")
+    config = tiny_config("step3p7", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=112, max_position_embeddings=64),
+                         # its text model builds a sliding-window mask whatever its layers: one of each kind
+                         text_config=dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                                          mlp_layer_types=["dense", "sparse"], sliding_window=8))
+    images = transformers.Step3p7ImageProcessor(size={"height": 112, "width": 112}, patch_size=56, max_image_size=168)
+    processor = transformers.Step3p7Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Step3p7ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _exaone4_5(path: Path, seed: int) -> str:
     """EXAONE 4.5: Qwen2.5-VL-style windowed tower with GQA (14x14 patches, 56x56 images -> 4+ tokens, windows of
     56, the second block full), 1-D RoPE in its EXAONE 4 language model (sliding/full layers); image-only."""
@@ -733,7 +751,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         "qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
-    "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25,
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25, "step3p7": _step3p7,
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
