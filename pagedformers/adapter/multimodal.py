@@ -56,6 +56,10 @@ IMAGE_REFUSALS = {
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
+    **dict.fromkeys(("qwen4_exp", "glm5_next"),
+                    "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
+                    "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
+                    "the shell refuses the whole model (compat.non_attention_layers), text-only prompts too"),
     **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
                     "its image processor (or its timm vision tower) needs torchvision, which the test machines "
                     "cannot install beside a CPU build of torch: not checked against transformers"),
