@@ -139,6 +139,8 @@ NO_PRECOMPUTED_FEATURES = {
     "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
     "qwen3_omni_moe_thinker": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
+    "ernie4_5_vl_moe": "its MoE layers route the image tokens to vision experts by the processor's "
+                       "moe_mm_token_type_ids, which it gives for images only",
 }
 
 

@@ -20,6 +20,7 @@ logger = init_logger(__name__)
 # Transformers backend, which packs a batch's requests into one row and serves softmax attention only; their
 # gated-DeltaNet layers keep one recurrent state a row. The hybrid shells never pack: each request runs as its own
 # row with its own state cache (hybrid.py), so rule 3 is read on what uses the paged cache, the attention layers.
+# Multimodal checkpoints only: the image check runs them against HF; their text-only classes are not checked yet.
 PER_REQUEST_ONLY_RULE3 = frozenset({"qwen3_5_text", "qwen3_5_moe_text"})
 
 
@@ -79,7 +80,7 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
     report = is_backend_compatible(base_model_class(config), model.hf_config, model.trust_remote_code)
     language_model = AutoModel._model_mapping.get(type(model.text_config), None) if model.is_multimodal else None
     if getattr(language_model, "_supports_attention_backend", False) or \
-            model.text_config.model_type in PER_REQUEST_ONLY_RULE3:
+            (model.is_multimodal and model.text_config.model_type in PER_REQUEST_ONLY_RULE3):
         # Only the language model attends through the paged cache (JanusModel, DeepseekVLModel lack the flag)
         report.broken = [b for b in report.broken if not b.startswith(RULE_FLAG)]
     report.raise_if_broken()
