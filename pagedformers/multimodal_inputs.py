@@ -35,6 +35,9 @@ class MultiModalInputs:
     # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
+    # Per-token inputs the language model's forward takes beside the tokens, [prompt_len] each, as the processor
+    # gives them (ERNIE-4.5-VL's moe_mm_token_type_ids: which tokens its MoE layers route to vision experts).
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.content_hash:

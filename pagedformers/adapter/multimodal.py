@@ -21,10 +21,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
+from pagedformers.adapter.resolve import auto_base_model
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
 from pagedformers.attention.interface import take_over_query_temperature
 from pagedformers.config import EngineConfig
@@ -39,7 +40,9 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer", "muse_spark", "kosmos-2", "lfm2_vl",
-    "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2"})
+    "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2", "glmga", "pp_chart2table",
+    "glm4v_moe", "qwen3_5", "qwen3_5_moe", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+    "ernie4_5_vl_moe", "kimi_k25", "step3p7"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
@@ -109,6 +112,10 @@ IMAGE_REFUSALS = {
                     "neither its base model nor its Qwen3.5 language model (qwen3_5_text) sets "
                     "`_supports_attention_backend`, so the transformers shell refuses the checkpoint at load (rule 3), "
                     "text and images alike"),
+    **dict.fromkeys(("qwen4_exp", "glm5_next"),
+                    "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
+                    "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
+                    "the shell refuses the whole model (compat.non_attention_layers), text-only prompts too"),
 }
 
 
@@ -116,7 +123,7 @@ def rope_index(hf_config: PretrainedConfig) -> Callable[..., tuple[torch.Tensor,
     """The base model's `get_rope_index` where it has one (M-RoPE: Qwen2-VL, Qwen2.5-VL, ...), else None: it
     gives a prompt's 3-D positions from its token ids, token types and media grids as HF `generate` computes
     them. It reads the model's config alone, so it runs on a config-only instance (no weights, no modules)."""
-    base = AutoModel._model_mapping.get(type(hf_config), None)
+    base = auto_base_model(type(hf_config))
     if base is None or not hasattr(base, "get_rope_index"):
         return None
     return _ConfigOnly(base, hf_config).get_rope_index
@@ -132,6 +139,31 @@ def processor_kwargs(hf_config: PretrainedConfig) -> dict[str, Any]:
     return {}
 
 
+def language_model_inputs(hf_config: PretrainedConfig) -> frozenset[str]:
+    """The inputs the language model's forward names beside its tokens, positions and cache: a processor output of
+    one of these names, one value a token, goes to it with the tokens (ERNIE-4.5-VL's moe_mm_token_type_ids)."""
+    model = _language_model_class(hf_config)
+    if model is None:
+        return frozenset()
+    common = {"self", "input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values", "use_cache",
+              "cache_position", "kwargs"}
+    return frozenset(inspect.signature(model.forward).parameters) - common
+
+
+def _language_model_class(hf_config: PretrainedConfig) -> type | None:
+    """The language model's class: AutoModel's for the text config, else the base model built beside the
+    checkpoint's own (ERNIE-4.5-VL's Ernie4_5_VLMoeTextModel, which AutoModel does not map)."""
+    text_type = type(hf_config.get_text_config())
+    if (found := auto_base_model(text_type)) is not None:
+        return found
+    base = auto_base_model(type(hf_config))
+    if base is None:
+        return None
+    module = inspect.getmodule(base)
+    return next((c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+                 and getattr(c, "config_class", None) is text_type and "For" not in c.__name__), None)
+
+
 class _ConfigOnly:
     """Stands for an instance of `cls` to its methods that read `self.config` and call each other only."""
 
@@ -139,8 +171,22 @@ class _ConfigOnly:
         self.cls, self.config = cls, config
 
     def __getattr__(self, name: str):  # noqa: ANN204
-        attr = inspect.getattr_static(self.cls, name)
+        try:
+            attr = inspect.getattr_static(self.cls, name)
+        except AttributeError:
+            return self._copied_from_config(name)
         return attr.__get__(self, self.cls) if hasattr(attr, "__get__") else attr
+
+    def _copied_from_config(self, name: str) -> Any:
+        """An attribute the model's __init__ copies from its config (Qwen2.5-Omni's thinker: `spatial_merge_size`
+        from its vision config): the config's own, else the one value its sub-configs that have it agree on."""
+        if hasattr(self.config, name):
+            return getattr(self.config, name)
+        subs = [getattr(self.config, key, None) for key in getattr(self.config, "sub_configs", {})]
+        values = {repr(v): v for v in (getattr(sub, name, None) for sub in subs if sub is not None) if v is not None}
+        if len(values) != 1:
+            raise AttributeError(f"{self.cls.__name__}.{name}: an instance attribute its config does not determine")
+        return next(iter(values.values()))
 
 
 def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
@@ -160,6 +206,9 @@ NO_PRECOMPUTED_FEATURES = {
                 "before the prompt itself",
     "molmo2": "all of a prompt's image tokens (patches, column and start/end markers) attend to each other both ways, "
               "and only its processor's mm_token_type_ids mark which they are",
+    "qwen3_omni_moe_thinker": "its language model also adds the vision tower's deepstack features at its first layers",
+    "ernie4_5_vl_moe": "its MoE layers route the image tokens to vision experts by the processor's "
+                       "moe_mm_token_type_ids, which it gives for images only",
 }
 # Families whose HF generate leaves the positions to the text model, which counts them from its position
 # embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
@@ -297,16 +346,18 @@ class TransformersForMultimodalLM(CausalShell):
         return own._from_config(self.hf_config, dtype=self.config.model.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
-                multi_modal: list[MultiModalSlice] | None = None,
-                mrope_positions: torch.Tensor | None = None) -> torch.Tensor:
+                multi_modal: list[MultiModalSlice] | None = None, mrope_positions: torch.Tensor | None = None,
+                token_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions: [T]; multi_modal: the step's placeholder rows; mrope_positions: [3, T] where a
-        request has M-RoPE positions (the language model then takes them as its [3, 1, T] position_ids)
+        request has M-RoPE positions (the language model then takes them as its [3, 1, T] position_ids);
+        token_inputs: name -> [T], per-token inputs of the language model (MultiModalInputs.token_inputs)
         -> hidden states [T, hidden]."""
         ctx = get_forward_context()
         if multi_modal:
             inputs = self.embed_with_features(input_ids, multi_modal)
         else:
             inputs = {"input_ids": input_ids[None]}
+        inputs.update({name: values[None] for name, values in (token_inputs or {}).items()})
         if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:
             if not (mrope_positions == mrope_positions[:1]).all():
                 raise ValueError(f"the prompt's M-RoPE positions have {mrope_positions.shape[0]} axes, the model's "
@@ -413,7 +464,7 @@ def _encoder(model: nn.Module, hf_config: PretrainedConfig, name: str) -> Callab
     conditional-generation class has the same encoder modules as Kosmos2Model but computes the features inline."""
     if hasattr(model, name):
         return getattr(model, name)
-    base = AutoModel._model_mapping.get(type(hf_config), None)
+    base = auto_base_model(type(hf_config))
     if base is None or not hasattr(base, name):
         raise ValueError(f"{type(model).__name__} has no {name}, nor has its base model class")
     return getattr(base, name).__get__(model)

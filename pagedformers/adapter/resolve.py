@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from pagedformers.adapter.compat import RULE_FLAG, is_backend_compatible, state_layers
 from pagedformers.config import EngineConfig
@@ -14,6 +14,14 @@ if TYPE_CHECKING:
     from pagedformers.adapter.base import TransformersBase
 
 logger = init_logger(__name__)
+
+# Hybrid language models whose class withholds `_supports_attention_backend` while their attention layers go through
+# ALL_ATTENTION_FUNCTIONS with the kwargs (rules 1-2, which the dry run checks). The flag admits a model to vLLM's
+# Transformers backend, which packs a batch's requests into one row and serves softmax attention only; their
+# gated-DeltaNet layers keep one recurrent state a row. The hybrid shells never pack: each request runs as its own
+# row with its own state cache (hybrid.py), so rule 3 is read on what uses the paged cache, the attention layers.
+# Multimodal checkpoints only: the image check runs them against HF; their text-only classes are not checked yet.
+PER_REQUEST_ONLY_RULE3 = frozenset({"qwen3_5_text", "qwen3_5_moe_text"})
 
 
 def base_model_class(config: EngineConfig) -> type:
@@ -30,13 +38,25 @@ def base_model_class(config: EngineConfig) -> type:
             f"auto_map (it has {sorted(auto_map)}). The transformers shell builds the base model with AutoModel: "
             "add `\"AutoModel\": \"modeling_x.XModel\"` to auto_map."
         )
-    try:
-        return AutoModel._model_mapping[type(hf_config)]
-    except KeyError:
+    base = auto_base_model(type(hf_config))
+    if base is None:
         raise ValueError(
             f"transformers has no base model (AutoModel) for config type {type(hf_config).__name__} "
             f"(model_type={getattr(hf_config, 'model_type', None)!r}); it cannot be served."
-        ) from None
+        )
+    return base
+
+
+def auto_base_model(config_type: type) -> type | None:
+    """AutoModel's class for a config type; for one AutoModel does not map, the base model of the class that
+    transformers builds for it: a family reusing another's model under a config of its own (PP-Chart2Table:
+    GotOcr2ForConditionalGeneration, whose own config class AutoModel maps to GotOcr2Model)."""
+    if config_type in AutoModel._model_mapping:
+        return AutoModel._model_mapping[config_type]
+    head = next((auto._model_mapping[config_type] for auto in (AutoModelForImageTextToText, AutoModelForCausalLM)
+                 if config_type in auto._model_mapping), None)
+    own = getattr(head, "config_class", None)
+    return AutoModel._model_mapping[own] if own is not None and own in AutoModel._model_mapping else None
 
 
 def shell_class(config: EngineConfig) -> type[TransformersBase]:
@@ -59,7 +79,8 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
             "checkpoint.")
     report = is_backend_compatible(base_model_class(config), model.hf_config, model.trust_remote_code)
     language_model = AutoModel._model_mapping.get(type(model.text_config), None) if model.is_multimodal else None
-    if getattr(language_model, "_supports_attention_backend", False):
+    if getattr(language_model, "_supports_attention_backend", False) or \
+            (model.is_multimodal and model.text_config.model_type in PER_REQUEST_ONLY_RULE3):
         # Only the language model attends through the paged cache (JanusModel, DeepseekVLModel lack the flag)
         report.broken = [b for b in report.broken if not b.startswith(RULE_FLAG)]
     report.raise_if_broken()

@@ -59,9 +59,9 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
     media = s.request.multi_modal_inputs
     delta = media.mrope_delta if media is not None else 0
     if media is not None:  # sent only with the chunks that hold some of its placeholders or bidirectional ranges,
-        first, last = media.feature_range(s.start, end)  # or of its prompt's M-RoPE positions
+        first, last = media.feature_range(s.start, end)  # or of its prompt's M-RoPE positions or token inputs
         needed = first < last or _ranges_within(media, s.start, end) or (
-            media.mrope_positions is not None and s.start < s.request.num_prompt_tokens)
+            (media.mrope_positions is not None or media.token_inputs) and s.start < s.request.num_prompt_tokens)
         media = media if needed else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
                  types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot, delta)
@@ -99,7 +99,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
     )
     return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
                        _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps,
-                       _mrope_positions(chunks, positions_t, device))
+                       _mrope_positions(chunks, positions_t, device), _token_inputs(chunks, device))
 
 
 def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
@@ -138,6 +138,28 @@ def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) 
             shifted = torch.cat([within, shifted[:, within.shape[1]:]], dim=1)
         rows.append(shifted)
     return torch.cat(rows, dim=1).to(device)
+
+
+def _token_inputs(chunks: list[Chunk], device: str) -> dict[str, torch.Tensor] | None:
+    """name -> [T] per-token language-model inputs: the prompt's from its media, 0 past the prompt and for requests
+    without them (HF passes none once the prompt is in the cache)."""
+    names = sorted({k for c in chunks if c.multi_modal is not None for k in c.multi_modal.token_inputs})
+    if not names:
+        return None
+    out = {}
+    for name in names:
+        dtype = next(c.multi_modal.token_inputs[name].dtype for c in chunks
+                     if c.multi_modal is not None and name in c.multi_modal.token_inputs)
+        rows = []
+        for c in chunks:
+            row = torch.zeros(len(c.token_ids), dtype=dtype)
+            prompt = c.multi_modal.token_inputs.get(name) if c.multi_modal is not None else None
+            if prompt is not None:
+                within = prompt[c.start:c.start + len(c.token_ids)]
+                row[:len(within)] = within
+            rows.append(row)
+        out[name] = torch.cat(rows).to(device)
+    return out
 
 
 def _ranges_within(media: MultiModalInputs, start: int, end: int) -> tuple[tuple[int, int], ...]:

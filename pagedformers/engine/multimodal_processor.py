@@ -18,6 +18,7 @@ from pagedformers.adapter.multimodal import (
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    language_model_inputs,
     no_precomputed_features,
     processor_kwargs,
     rope_index,
@@ -40,6 +41,7 @@ class MultiModalProcessor:
         self.config = config
         self._processor: ProcessorMixin | None = None  # loaded on the first prompt with media
         self._rope_index = rope_index(config.model.hf_config)  # M-RoPE models' 3-D positions, else None
+        self._language_model_inputs = language_model_inputs(config.model.hf_config)
 
     def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
         """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
@@ -70,12 +72,15 @@ class MultiModalProcessor:
             out = self._process(text, data, special, name)
         token_ids = out["input_ids"][0].tolist()
         placeholders, modalities = self._placeholders(out, token_ids, list(data), name)
-        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
+                        and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
+        tensors = {k: v for k, v in out.items()
+                   if k not in _TEXT_KEYS and k not in token_inputs and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         groups, runs = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
                                  bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
-                                 bidirectional_runs=runs)
+                                 bidirectional_runs=runs, token_inputs=token_inputs)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()

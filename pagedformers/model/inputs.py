@@ -23,6 +23,8 @@ class ModelInputs:
     # it cannot say): a platform that captures graphs on demand weighs a capture's cost against it.
     stable_steps: int = 0
     mrope_positions: torch.Tensor | None = None  # [3, T] M-RoPE positions where a request has them (multimodal)
+    # name -> [T]: per-token language-model inputs where a request's processor gave some (multimodal), 0 elsewhere
+    token_inputs: dict[str, torch.Tensor] | None = None
 
     @property
     def is_decode_only(self) -> bool:
@@ -31,5 +33,5 @@ class ModelInputs:
     def model_kwargs(self) -> dict[str, Any]:
         """The optional inputs of the model's forward that this step has (model/interface.py names them)."""
         extra = {"token_type_ids": self.token_type_ids, "multi_modal": self.multi_modal,
-                 "mrope_positions": self.mrope_positions}
+                 "mrope_positions": self.mrope_positions, "token_inputs": self.token_inputs}
         return {k: v for k, v in extra.items() if v is not None}

@@ -86,7 +86,9 @@ class SupportsPooling(Protocol):
 @runtime_checkable
 class SupportsMultiModal(Protocol):
     """forward takes `multi_modal: list[MultiModalSlice]`: each request's placeholder rows in this step and its
-    media (multimodal_inputs.py), whose features replace the placeholders' token embeddings."""
+    media (multimodal_inputs.py), whose features replace the placeholders' token embeddings; `mrope_positions:
+    [axes, T]` where a request has M-RoPE positions; `token_inputs: {name: [T]}` where a request's processor gave
+    per-token inputs of the language model (ERNIE-4.5-VL's moe_mm_token_type_ids)."""
 
     supports_multimodal: ClassVar[Literal[True]]
 

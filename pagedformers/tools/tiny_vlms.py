@@ -84,6 +84,14 @@ _QWEN_VISION = {
 }
 
 
+# Qwen3.5: Qwen3-VL's tower without deepstack; its language model interleaves 3 gated-DeltaNet (linear attention)
+# layers with 1 full-attention layer: small linear-attention heads.
+_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.2)
+_GATED_DELTANET = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                       linear_num_value_heads=4)
+
+
 def _with_video_config(path: Path, video_processor_type: str, **video_kwargs) -> None:
     """Record the video sub-processor in processor_config.json, as a Hub checkpoint saved with torchvision does
     (the processor was built image-only here: its video processor class needs torchvision)."""
@@ -200,6 +208,21 @@ def _internvl(path: Path, seed: int) -> str:
     return tok.context_image_token
 
 
+def _qianfan_ocr(path: Path, seed: int) -> str:
+    """Qianfan-OCR: InternVL's layout (an InternViT-style tower over 28x28 tiles in 7x7 patches, CLS dropped,
+    pixel-shuffled by 0.5 to 4 <IMG_CONTEXT> a tile; up to 4 tiles plus a thumbnail, GOT-OCR2 image processor)
+    with its own processor, which expands an <image> placeholder into <img>...</img>; Qwen3 language model."""
+    tok = _tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    config = tiny_config("qianfan_ocr", len(tok), image_token_id=tok.context_image_token_id, image_seq_length=4,
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         vision_config=dict(image_size=[28, 28], patch_size=[7, 7]))
+    images = transformers.GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=4)
+    processor = transformers.QianfanOCRProcessor(image_processor=images, tokenizer=tok, image_seq_length=4)
+    _save(path, transformers.QianfanOCRForConditionalGeneration, config, processor, seed)
+    return processor.image_placeholder_token
+
+
 def _got_ocr2(path: Path, seed: int) -> str:
     """SAM-style ViT (windowed attention, relative positions) over 128x128 images in 2x2 patches (64x64), two
     stride-2 convolutions to 16x16: 256 <imgpad> an image, the count GotOcr2Processor always writes (its
@@ -213,6 +236,20 @@ def _got_ocr2(path: Path, seed: int) -> str:
     processor = transformers.GotOcr2Processor(image_processor=images, tokenizer=tok)
     _save(path, transformers.GotOcr2ForConditionalGeneration, config, processor, seed)
     return tok.image_token
+
+
+def _pp_chart2table(path: Path, seed: int) -> str:
+    """PP-Chart2Table: GOT-OCR2's model (SAM-style ViT over 64x64 images in 2x2 patches, two stride-2 convolutions
+    to 8x8: 64 <imgpad> an image) with its own processor, which expands nothing: the prompt writes the image's
+    <imgpad> tokens between <img> and </img> itself, as the checkpoint's chat template does; Qwen2 language model."""
+    tok = _tokenizer(img_pad_token="<imgpad>", img_start_token="<img>", img_end_token="</img>",
+                     im_start_token="<|im_start|>", im_end_token="<|im_end|>")
+    config = tiny_config("pp_chart2table", len(tok), image_token_index=tok.img_pad_token_id,
+                         vision_config=dict(image_size=64, patch_size=2, output_channels=16, window_size=14))
+    images = transformers.PPChart2TableImageProcessorPil(size={"height": 64, "width": 64})
+    processor = transformers.PPChart2TableProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.GotOcr2ForConditionalGeneration, config, processor, seed)
+    return f"{tok.img_start_token}{tok.img_pad_token * 64}{tok.img_end_token}"
 
 
 def _vipllava(path: Path, seed: int) -> str:
@@ -467,6 +504,99 @@ def _qwen_vl_like(family: str, model_cls: str, processor_cls: str, vision: dict,
         return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
     return build
+
+
+def _omni_thinker(family: str, model_cls: str, processor_cls: str, vision: dict, video_cls: str,
+                  audio_overrides: dict | None = None):
+    """Qwen-Omni thinkers (the text-generating half of an Omni model): a Qwen-VL tower (56x56 images in 14x14
+    patches, 64x64 in 16x16: 4 <|IMAGE|> an image, 2x2 merged) between <|vision_bos|> and <|vision_eos|>, a tiny
+    Whisper-style audio encoder beside it (no audio here), M-RoPE from get_rope_index. The processor is saved
+    without its video processor, recorded in processor_config.json."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(image_token="<|IMAGE|>", audio_token="<|AUDIO|>", video_token="<|VIDEO|>",
+                         vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
+                         audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
+        text = _mrope_text_config(family, len(tok))
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             audio_token_id=tok.audio_token_id, vision_start_token_id=tok.vision_bos_token_id,
+                             audio_start_token_id=tok.audio_bos_token_id, audio_end_token_id=tok.audio_eos_token_id,
+                             text_config=text, vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
+                             audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                                               encoder_ffn_dim=64, output_dim=text["hidden_size"],
+                                               **(audio_overrides or {})))
+        side = 4 * vision["patch_size"]
+        images = transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side * 3 // 2,
+                                                       patch_size=vision["patch_size"], merge_size=2)
+        processor = image_only(getattr(transformers, processor_cls))(
+            image_processor=images, video_processor=None, tokenizer=tok,
+            feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128))
+        _save(path, getattr(transformers, model_cls), config, processor, seed)
+        _with_video_config(path, video_cls)
+        return f"{tok.vision_bos_token}{tok.image_token}{tok.vision_eos_token}"
+
+    return build
+
+
+def _ernie4_5_vl_moe(path: Path, seed: int) -> str:
+    """ERNIE-4.5-VL: a Qwen2-VL-style tower (14x14 patches; 56x56 images -> 4 <|IMAGE_PLACEHOLDER|>, 2x2 merged,
+    a resampler into the text width) between <|IMAGE_START|> and <|IMAGE_END|>; M-RoPE from get_rope_index; an MoE
+    language model whose image tokens (and their start/end tokens) go to vision experts, text tokens to text
+    experts (the processor's moe_mm_token_type_ids). Its video processor is saved without drawing timestamps
+    (no font file here)."""
+    tok = _tokenizer(image_token="<|IMAGE_PLACEHOLDER|>", image_start_token="<|IMAGE_START|>",
+                     image_end_token="<|IMAGE_END|>", video_token="<|VIDEO_PLACEHOLDER|>",
+                     video_start_token="<|VIDEO_START|>", video_end_token="<|VIDEO_END|>")
+    ids = {f"{kind}{part}_token_id": tok.convert_tokens_to_ids(getattr(tok, f"{kind}{part}_token"))
+           for kind in ("image", "video") for part in ("", "_start", "_end")}
+    config = tiny_config("ernie4_5_vl_moe", len(tok), **ids,
+                         text_config=dict(moe_intermediate_size=[32, 32],  # text experts', vision experts'
+                                          rope_parameters=dict(rope_theta=500000.0, rope_type="default",
+                                                               mrope_section=[3, 3, 2])),  # h, w, t: 8 pairs
+                         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            patch_size=14, spatial_merge_size=2, temporal_merge_size=2))
+    images = transformers.Ernie4_5_VLMoeImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56 * 3 // 2}, patch_size=14, merge_size=2)
+    videos = transformers.Ernie4_5_VLMoeVideoProcessor(draw_on_frames=False)
+    processor = transformers.Ernie4_5_VLMoeProcessor(image_processor=images, tokenizer=tok, video_processor=videos)
+    _save(path, transformers.Ernie4_5_VLMoeForConditionalGeneration, config, processor, seed)
+    return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
+
+
+def _kimi_k25(path: Path, seed: int) -> str:
+    """Kimi-K2.5: MoonViT-style tower (14x14 patches, images of at most 56 a side, 2x2 merged: one <|media_pad|>
+    a 28x28) between <|media_begin|>image<|media_content|> and <|media_end|>, as its chat template writes an image;
+    DeepSeek-V3 language model (MLA, MoE). Its image processor exists with the torchvision backend only; its
+    processor is saved without the video processor, recorded in processor_config.json."""
+    tok = _tokenizer(image_token="<|media_pad|>", video_token="<|kimi_k25_video_placeholder|>",
+                     media_begin="<|media_begin|>", media_content="<|media_content|>", media_end="<|media_end|>")
+    config = tiny_config("kimi_k25", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         vision_start_token_id=tok.convert_tokens_to_ids("<|media_begin|>"),
+                         vision_end_token_id=tok.convert_tokens_to_ids("<|media_end|>"), projection_hidden_size=32)
+    images = transformers.Kimi_K25ImageProcessor(size={"max_height": 56, "max_width": 56})
+    processor = image_only(transformers.Kimi_K25Processor)(image_processor=images, tokenizer=tok,
+                                                          video_processor=None)
+    _save(path, transformers.Kimi_K25ForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "Kimi_K25VideoProcessor")
+    return f"<|media_begin|>image<|media_content|>{tok.image_token}<|media_end|>"
+
+
+def _step3p7(path: Path, seed: int) -> str:
+    """Step-3.7: a ViT over a 112x112 global view in 14x14 patches, two stride-2 convolutions: 4 <im_patch> between
+    <im_start> and <im_end>, after local 56x56 crops of 1 <im_patch> each between <patch_start> and <patch_end>
+    (a sliding-window plan over the image, <patch_newline> after each row); Step-3.5 language model, a sliding
+    (window 8) and a full-attention layer, the second MoE. Its image processor has the torchvision backend only."""
+    tok = _tokenizer(image_token="<im_patch>", patch_start="<patch_start>", patch_end="<patch_end>",
+                     patch_newline="<patch_newline>", im_start="<im_start>", im_end="<im_end>")
+    config = tiny_config("step3p7", len(tok), image_token_id=tok.image_token_id,
+                         vision_config=dict(image_size=112, max_position_embeddings=64),
+                         # its text model builds a sliding-window mask whatever its layers: one of each kind
+                         text_config=dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                                          mlp_layer_types=["dense", "sparse"], sliding_window=8))
+    images = transformers.Step3p7ImageProcessor(size={"height": 112, "width": 112}, patch_size=56, max_image_size=168)
+    processor = transformers.Step3p7Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.Step3p7ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
 
 
 def _exaone4_5(path: Path, seed: int) -> str:
@@ -813,7 +943,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
     "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
-    "got_ocr2": _got_ocr2, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr, "aria": _aria,
+    "got_ocr2": _got_ocr2, "pp_chart2table": _pp_chart2table, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr,
+    "aria": _aria, "qianfan_ocr": _qianfan_ocr,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
@@ -828,6 +959,11 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
                          "Glm4vVideoProcessor"),
     "glm46v": _glm4v_like("glm46v", "Glm46VForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                           "Glm46VVideoProcessor"),
+    "glm4v_moe": _glm4v_like("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor",
+                             "Glm4vImageProcessorPil", "Glm4vVideoProcessor"),
+    # GLM-GA: GLM-4.6V's model and processor with its own image processor (transformers maps no processor to it)
+    "glmga": _glm4v_like("glmga", "Glm46VForConditionalGeneration", "Glm46VProcessor", "GlmgaImageProcessorPil",
+                         "GlmgaVideoProcessor"),
     "qwen3_vl_moe": _qwen_vl_like(
         "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
@@ -837,7 +973,20 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
                                   _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
-    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2}
+    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2,
+    "qwen2_5_omni_thinker": _omni_thinker(
+        "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniProcessor",
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56, fullatt_block_indexes=[1],
+             patch_size=14), "Qwen2VLVideoProcessor"),
+    "qwen3_omni_moe_thinker": _omni_thinker(
+        "qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeProcessor",
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
+             deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25, "step3p7": _step3p7,
+    "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
+                             "Qwen3VLVideoProcessor", _GATED_DELTANET),
+    "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
+                                 _QWEN3_5_VISION, "Qwen3VLVideoProcessor", _GATED_DELTANET)}
 
 
 def save_tiny_vlm(family: str, path: Path, seed: int = 0) -> TinyVLM:
