@@ -29,6 +29,9 @@ class MultiModalInputs:
     # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
+    # Where placeholders are of several kinds (Ovis2's visual indicators around its image tokens): for each
+    # placeholder, -1 where the encoder's features go in order, else the index of the marker embedding it takes.
+    markers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.content_hash:

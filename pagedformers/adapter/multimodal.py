@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr"})
+    "glm_ocr", "ovis2"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -49,6 +49,9 @@ _BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in tran
 # Why a family cannot take images yet, where more is known than "not checked against transformers".
 IMAGE_REFUSALS = {
     "gemma4_unified": _BIDIRECTIONAL,
+    "shieldgemma2": "it is an image classifier (ShieldGemma2ForImageClassification: the yes/no logits of the last "
+                    "token, no generate), and its processor ignores the prompt's text, writing one policy prompt "
+                    "per image and policy",
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
@@ -87,8 +90,14 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
     return BIDIRECTIONAL_GROUPS.get(hf_config.model_type) == "prefix"
 
 
+# Families whose processor frames each image with marker tokens whose embeddings come from the encoder too, one per
+# marker id and the same for every image: config attribute listing the ids -> get_image_features' output field
+# holding their embeddings, in that order (Ovis2: the visual table's last rows, its "visual indicators").
+MARKER_TOKENS = {"ovis2": ("visual_indicator_token_ids", "visual_indicator_features")}
 # Families whose language model reads more of the encoder than the features at the image tokens.
 NO_PRECOMPUTED_FEATURES = {
+    "ovis2": "its language model also takes the encoder's visual-indicator embeddings at the tokens framing each "
+             "image",
     "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
     "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
@@ -261,10 +270,27 @@ class TransformersForMultimodalLM(CausalShell):
                   for k, v in inputs.data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)
         features = [_flat(out.pooler_output), *(_flat(f) for f in getattr(out, "deepstack_features", None) or [])]
+        if inputs.markers:
+            features[0] = _with_markers(features[0], getattr(out, MARKER_TOKENS[self.hf_config.model_type][1]),
+                                        inputs.markers)
         if features[0].shape[0] != len(inputs.placeholders):
             raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
                              f"{len(inputs.placeholders)} placeholder tokens in the prompt")
         return tuple(features)
+
+
+def marker_ids(hf_config: PretrainedConfig) -> list[int]:
+    """The token ids of the family's image-framing markers whose embeddings the encoder gives (MARKER_TOKENS)."""
+    rule = MARKER_TOKENS.get(hf_config.model_type)
+    return list(getattr(hf_config, rule[0])) if rule else []
+
+
+def _with_markers(features: torch.Tensor, marker_embeds: torch.Tensor, markers: list[int]) -> torch.Tensor:
+    """One row per placeholder: the image features in order where markers[i] is -1, else that marker's embedding."""
+    index = torch.tensor(markers, device=features.device)
+    out = marker_embeds.to(features.dtype)[index.clamp(min=0)]
+    out[index < 0] = features
+    return out
 
 
 def _module_source(cls: type) -> str | None:

@@ -19,6 +19,7 @@ from pagedformers.adapter.multimodal import (
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
+    marker_ids,
     rope_index,
 )
 from pagedformers.config import EngineConfig
@@ -65,7 +66,8 @@ class MultiModalProcessor:
             out = self.processor(text=text, images=images[0] if len(images) == 1 else [images], return_tensors="pt",
                                  add_special_tokens=special)
         token_ids = out["input_ids"][0].tolist()
-        placeholders = [i for i, t in enumerate(token_ids) if t == image_token]
+        markers = {t: i for i, t in enumerate(marker_ids(self.config.model.hf_config))}
+        placeholders = [i for i, t in enumerate(token_ids) if t == image_token or t in markers]
         if not placeholders:
             raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
                              "image placeholder in the prompt text")
@@ -74,7 +76,8 @@ class MultiModalProcessor:
         hf_config = self.config.model.hf_config
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups,
-                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS)
+                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
+                                 markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()

@@ -576,6 +576,27 @@ def _hunyuan_vl(path: Path, seed: int) -> str:
     return f"{tok.image_start_token}{tok.image_token}{tok.image_end_token}"
 
 
+_OVIS_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+
+
+def _ovis2(path: Path, seed: int) -> str:
+    """Ovis2: ViT over 28x28 tiles in 7x7 patches (16), 2x2 hidden-stride merged to 4 <IMG_ATOM> a tile, each a
+    softmax over a 64-entry visual vocabulary embedded by its table; images cut into up to 4 tiles (plus the whole
+    image) framed by <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>, whose embeddings are the table's last
+    5 rows (visual indicators); the prompt writes <image>; Qwen2 language model."""
+    tok = _tokenizer(image_token="<image>", atom_token="<IMG_ATOM>",
+                     **{f"indicator{i}": t for i, t in enumerate(_OVIS_INDICATORS)})
+    config = tiny_config("ovis2", len(tok), image_token_id=tok.atom_token_id, hidden_size=64,
+                         visual_indicator_token_ids=tok.convert_tokens_to_ids(list(_OVIS_INDICATORS)),
+                         vision_config=dict(image_size=28, patch_size=7, hidden_stride=2, vocab_size=64))
+    config.vocab_size = len(tok)  # the root's copy of the text vocabulary (tiny_config's vocab_size is the text's)
+    images = transformers.Ovis2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                 max_patches=4)
+    processor = transformers.Ovis2Processor(image_processor=images, tokenizer=tok, image_seq_length=4)
+    _save(path, transformers.Ovis2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -594,7 +615,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
-    "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
+    "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
