@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2"})
+    "glm_ocr", "ovis2", "granite4_vision"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -160,6 +160,9 @@ class TransformersForMultimodalLM(CausalShell):
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         rope = getattr(self.text_config, "rope_parameters", None) or {}
         self.mrope_axes = len(rope.get("mrope_section") or [0] * 3)  # HunYuan-VL's XD-RoPE: 4
+        # The language-model layer of each deepstack level, where the encoder names them (encode); None where
+        # level i goes to layer i (Qwen3-VL)
+        self.deepstack_layers: list[int] | None = None
 
     def create_model(self) -> nn.Module:
         lm = self.meta_causal_lm()
@@ -251,11 +254,15 @@ class TransformersForMultimodalLM(CausalShell):
             pad = self.text_config.pad_token_id  # what HF looks them up with at the media rows
             inputs["per_layer_inputs"] = self.decoder.get_per_layer_inputs(input_ids.index_fill(0, rows, pad)[None],
                                                                           None)
-        if deepstack:  # the language model adds them to its first layers' hidden states at the placeholder rows
+        if deepstack:  # the language model adds them to some layers' hidden states at the placeholder rows
             order = rows.argsort()
-            inputs["visual_pos_masks"] = torch.zeros(1, len(input_ids), dtype=torch.bool,
-                                                     device=embeds.device).index_fill_(1, rows, True)
-            inputs["deepstack_visual_embeds"] = [torch.cat(level)[order] for level in deepstack]
+            mask = torch.zeros(1, len(input_ids), dtype=torch.bool, device=embeds.device).index_fill_(1, rows, True)
+            levels = [torch.cat(level)[order] for level in deepstack]
+            if self.deepstack_layers is None:  # Qwen3-VL: one level for each of the first layers
+                inputs["visual_pos_masks"], inputs["deepstack_visual_embeds"] = mask, levels
+            else:  # Granite 4 Vision: keyed by layer, a later level for the same layer replacing the earlier (HF's)
+                inputs["vision_mask"] = mask[..., None]
+                inputs["deepstack_features"] = dict(zip(self.deepstack_layers, levels))
         return inputs
 
     def encode(self, inputs: MultiModalInputs) -> tuple[torch.Tensor, ...]:
@@ -269,7 +276,14 @@ class TransformersForMultimodalLM(CausalShell):
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in inputs.data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)
-        features = [_flat(out.pooler_output), *(_flat(f) for f in getattr(out, "deepstack_features", None) or [])]
+        deep = list(getattr(out, "deepstack_features", None) or [])
+        if deep and isinstance(deep[0], tuple):  # (language-model layer, features) pairs: Granite 4 Vision
+            self.deepstack_layers = [layer for layer, _ in deep]
+            deep = [f for _, f in deep]
+        # No features at the image tokens themselves (Granite 4 Vision): HF zeroes their embeddings, and the
+        # deepstack levels add everything
+        main = _flat(out.pooler_output) if out.pooler_output is not None else torch.zeros_like(_flat(deep[0]))
+        features = [main, *(_flat(f) for f in deep)]
         if inputs.markers:
             features[0] = _with_markers(features[0], getattr(out, MARKER_TOKENS[self.hf_config.model_type][1]),
                                         inputs.markers)

@@ -597,6 +597,32 @@ def _ovis2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _granite4_vision(path: Path, seed: int) -> str:
+    """Granite 4 Vision: CLIP over 28x28 crops in 7x7 patches (4x4, CLS dropped), LLaVA-NeXT's AnyRes crops over a
+    28/56 grid (base view + crops, unpadded, a newline a row); window Q-Formers downsample each crop by 1/2 (2x2
+    <image>): one per deepstack_layer_map entry (vision layer 0 -> LM layer 0) and four spatial-offset ones (the
+    last vision layer -> LM layers 1-4), each added to its layer's hidden states at the image tokens, whose own
+    embeddings are zero; 5-layer Granite language model."""
+    tok = _tokenizer(image_token="<image>")
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    text = dict(tiny_config("granite4_vision", len(tok)).text_config.to_dict(), num_hidden_layers=5)
+    config = tiny_config("granite4_vision", len(tok), image_token_index=tok.image_token_id, image_grid_pinpoints=grid,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, downsample_rate="1/2",
+                         deepstack_layer_map=[[0, 0]], spatial_vision_layer=-1, spatial_target_layers=[1, 2, 3, 4],
+                         projector_dropout=0.0, text_config=text,
+                         # the Q-Former takes the vision width with a head per 64
+                         vision_config=dict(image_size=28, patch_size=7, hidden_size=64, intermediate_size=128),
+                         qformer_config=dict(intermediate_size=64, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0, initializer_range=0.2))
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                     image_grid_pinpoints=grid)
+    processor = transformers.Granite4VisionProcessor(image_processor=images, tokenizer=tok, patch_size=7,
+                                                     vision_feature_select_strategy="default",
+                                                     num_additional_image_tokens=1, downsample_rate="1/2")
+    _save(path, transformers.Granite4VisionForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -616,6 +642,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
+    "granite4_vision": _granite4_vision,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
