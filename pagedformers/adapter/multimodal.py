@@ -277,7 +277,7 @@ class TransformersForMultimodalLM(CausalShell):
                   for k, v in inputs.data.items() if k in params}
         out = encoder(**kwargs, return_dict=True)
         deep = list(getattr(out, "deepstack_features", None) or [])
-        if deep and isinstance(deep[0], tuple):  # (language-model layer, features) pairs: Granite 4 Vision
+        if deep and isinstance(deep[0], tuple) and isinstance(deep[0][0], int):  # (LM layer, features): Granite 4
             self.deepstack_layers = [layer for layer, _ in deep]
             deep = [f for _, f in deep]
         # No features at the image tokens themselves (Granite 4 Vision): HF zeroes their embeddings, and the
