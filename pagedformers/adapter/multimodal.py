@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2", "granite4_vision"})
+    "glm_ocr", "ovis2", "granite4_vision", "chameleon"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -94,6 +94,9 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
 # marker id and the same for every image: config attribute listing the ids -> get_image_features' output field
 # holding their embeddings, in that order (Ovis2: the visual table's last rows, its "visual indicators").
 MARKER_TOKENS = {"ovis2": ("visual_indicator_token_ids", "visual_indicator_features")}
+# Families whose checkpoint class forbids tokens in its head (their logits set to the dtype's minimum): the config's
+# vocabulary map and the prefix of the names it forbids. Chameleon: its VQ image tokens (it writes text only).
+SUPPRESSED_TOKENS = {"chameleon": ("vocabulary_map", "IMGIMG")}
 # Families whose language model reads more of the encoder than the features at the image tokens.
 NO_PRECOMPUTED_FEATURES = {
     "ovis2": "its language model also takes the encoder's visual-indicator embeddings at the tokens framing each "
@@ -156,6 +159,7 @@ class TransformersForMultimodalLM(CausalShell):
             self.logits_scaling = 1.0
         if source is not None and "final_logit_softcapping" not in source:
             self.final_logit_softcapping = None
+        self.suppressed = suppressed_tokens(self.hf_config)
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         rope = getattr(self.text_config, "rope_parameters", None) or {}
@@ -202,6 +206,12 @@ class TransformersForMultimodalLM(CausalShell):
         if own is None:
             return super().build_causal_lm()
         return own._from_config(self.hf_config, dtype=self.config.model.dtype)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden_states)
+        if self.suppressed:  # as the checkpoint's class does after its head
+            logits[:, self.suppressed] = torch.finfo(logits.dtype).min
+        return logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
                 multi_modal: list[MultiModalSlice] | None = None,
@@ -291,6 +301,14 @@ class TransformersForMultimodalLM(CausalShell):
             raise ValueError(f"get_{inputs.modality}_features gave {features[0].shape[0]} feature rows for "
                              f"{len(inputs.placeholders)} placeholder tokens in the prompt")
         return tuple(features)
+
+
+def suppressed_tokens(hf_config: PretrainedConfig) -> list[int]:
+    """The token ids whose logits the checkpoint's class sets to the minimum (SUPPRESSED_TOKENS)."""
+    if (rule := SUPPRESSED_TOKENS.get(hf_config.model_type)) is None:
+        return []
+    names = getattr(hf_config, rule[0], None) or {}
+    return sorted(i for name, i in names.items() if name.startswith(rule[1]))
 
 
 def marker_ids(hf_config: PretrainedConfig) -> list[int]:

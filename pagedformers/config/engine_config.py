@@ -50,8 +50,11 @@ class ModelConfig:
 
     @property
     def is_multimodal(self) -> bool:
-        """A checkpoint whose text model has a config of its own (encoders beside it)."""
-        return self.text_config is not self.hf_config
+        """A checkpoint whose text model has a config of its own (encoders beside it), or whose root text config
+        holds an image encoder's that the transformers shell takes images through (Chameleon's VQ model)."""
+        from pagedformers.adapter.multimodal import IMAGE_FAMILIES  # the adapter imports this module
+
+        return self.text_config is not self.hf_config or self.hf_config.model_type in IMAGE_FAMILIES
 
 
 @dataclass(frozen=True)

@@ -623,6 +623,23 @@ def _granite4_vision(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _chameleon(path: Path, seed: int) -> str:
+    """Chameleon: a VQ-GAN (spatial factor 8: 4 levels) turns a 32x32 crop into 4x4 codes of an 8-entry codebook,
+    each the text embedding of its IMGIMG<code>Z token (the root text config's vocabulary_map), between
+    <racm3:break> and <eoss>: 16 <image> an image; the head forbids the IMGIMG tokens."""
+    codes = {f"code{i}": f"IMGIMG{chr(ord('A') + i)}Z" for i in range(8)}
+    tok = _tokenizer(image_token="<image>", boi_token="<racm3:break>", eoi_token="<eoss>", **codes)
+    tok.add_special_tokens({"sep_token": "<reserved08706>"})  # the processor ends a chat prompt with it
+    config = tiny_config("chameleon", len(tok), vocabulary_map=dict(tok.get_vocab()),
+                         vq_config=dict(resolution=32, num_embeddings=8, embed_dim=4, latent_channels=4,
+                                        base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1,
+                                        attn_resolutions=[]))
+    images = transformers.ChameleonImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.ChameleonProcessor(image_processor=images, tokenizer=tok, image_seq_length=16)
+    _save(path, transformers.ChameleonForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -642,7 +659,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
-    "granite4_vision": _granite4_vision,
+    "granite4_vision": _granite4_vision, "chameleon": _chameleon,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
