@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2", "granite4_vision", "chameleon"})
+    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -290,9 +290,12 @@ class TransformersForMultimodalLM(CausalShell):
         if deep and isinstance(deep[0], tuple) and isinstance(deep[0][0], int):  # (LM layer, features): Granite 4
             self.deepstack_layers = [layer for layer, _ in deep]
             deep = [f for _, f in deep]
-        # No features at the image tokens themselves (Granite 4 Vision): HF zeroes their embeddings, and the
-        # deepstack levels add everything
-        main = _flat(out.pooler_output) if out.pooler_output is not None else torch.zeros_like(_flat(deep[0]))
+        if out.pooler_output is not None:
+            main = _flat(out.pooler_output)
+        elif deep:  # no features at the image tokens (Granite 4 Vision): HF zeroes them, the deepstack levels add all
+            main = torch.zeros_like(_flat(deep[0]))
+        else:  # the encoder's output is the features (Fuyu's patch projection, which HF's forward reads there)
+            main = _flat(out.last_hidden_state)
         features = [main, *(_flat(f) for f in deep)]
         if inputs.markers:
             features[0] = _with_markers(features[0], getattr(out, MARKER_TOKENS[self.hf_config.model_type][1]),

@@ -29,6 +29,9 @@ from pagedformers.multimodal_inputs import MultiModalInputs
 MODALITIES = ("image",)
 # What a precomputed-features image may carry beside image_embeds: the processor's outputs the model still reads.
 _BESIDE_PIXELS = ("image_grid_thw", "image_sizes")
+# Processor outputs under a legacy name, as the model's encoder takes them (FuyuProcessor still returns
+# image_patches, which Fuyu's forward renames with deprecate_kwarg).
+_KEY_ALIASES = {"image_patches": "pixel_values"}
 # Processor outputs that describe the text, not the media.
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
@@ -71,7 +74,8 @@ class MultiModalProcessor:
         if not placeholders:
             raise ValueError(f"{name}: the processed prompt has no image token ({image_token}); put the model's "
                              "image placeholder in the prompt text")
-        tensors = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        tensors = {_KEY_ALIASES.get(k, k): v for k, v in out.items()
+                   if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         hf_config = self.config.model.hf_config
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from pagedformers.loading.processor import image_only, pixtral_without_torchvision
@@ -640,6 +641,35 @@ def _chameleon(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _sentencepiece_like(pieces: list[str]) -> PreTrainedTokenizerFast:
+    """A character-level Unigram tokenizer shaped like a SentencePiece one: every text starts with "▁" (spaces are
+    "▁" too), and `pieces` are ordinary vocabulary entries (not added tokens), so a text starting with one
+    tokenizes to "▁" first, as FuyuProcessor expects (it strips that token before the image tokens)."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = ["▁", *(chr(c) for c in range(33, 127))]
+    vocab = [(t, 0.0) for t in specials] + [(p, -1.0) for p in pieces] + [(c, -5.0) for c in chars]
+    model = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.decoder = decoders.Metaspace()
+    model.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+
+
+def _fuyu(path: Path, seed: int) -> str:
+    """Fuyu: no vision tower: each 7x7 patch of the image (at most 28x28 here, cut to whole patches) is one linear
+    projection, one |SPEAKER| a patch and a |NEWLINE| a row, which the processor puts before the prompt (then BOS)
+    and <0x04> after it; one image a prompt; Persimmon language model. Its image processor is the torchvision one
+    (the PIL one's numpy patchify gets torch tensors from FuyuProcessor in transformers 5.23)."""
+    tok = _sentencepiece_like(["|SPEAKER|", "|NEWLINE|", "<0x04>"])
+    config = tiny_config("fuyu", len(tok), image_token_id=tok.convert_tokens_to_ids("|SPEAKER|"), patch_size=7,
+                         image_size=28)
+    images = transformers.FuyuImageProcessor(size={"height": 28, "width": 28}, patch_size={"height": 7, "width": 7})
+    processor = transformers.FuyuProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.FuyuForCausalLM, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -659,7 +689,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
-    "granite4_vision": _granite4_vision, "chameleon": _chameleon,
+    "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

@@ -41,7 +41,8 @@ TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
 # BLIP-2 and InstructBLIP put one image's query tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip"})
+# Fuyu's processor puts one image before each prompt.
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "fuyu"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
