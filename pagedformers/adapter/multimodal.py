@@ -54,6 +54,11 @@ IMAGE_REFUSALS = {
                     "per image and policy",
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
               "image, not from the prompt: the paged KV cache holds self-attention keys only",
+    "idefics": "its language model reads the images through gated cross-attention layers, whose keys come from the "
+               "image (perceiver) features, not from the prompt: the paged KV cache holds self-attention keys only",
+    "instructblipvideo": "its processor takes `images` as one 4-frame video and always writes 4 x num_query_tokens "
+                         "video tokens, so a single image gives one frame's features for four frames' tokens (HF "
+                         "generate fails too) and its model has get_video_features only",
     "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
               "forward applies; the shell takes get_image_features as the features",
     **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
