@@ -37,7 +37,7 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu"})
+    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -59,8 +59,6 @@ IMAGE_REFUSALS = {
     "instructblipvideo": "its processor takes `images` as one 4-frame video and always writes 4 x num_query_tokens "
                          "video tokens, so a single image gives one frame's features for four frames' tokens (HF "
                          "generate fails too) and its model has get_video_features only",
-    "llama4": "its get_image_features returns the vision model's output before the projector, which HF's own "
-              "forward applies; the shell takes get_image_features as the features",
     **dict.fromkeys(("lfm2_vl", "cohere2_vision", "fast_vlm", "perception_lm"),
                     "its image processor (or its timm vision tower) needs torchvision, which the test machines "
                     "cannot install beside a CPU build of torch: not checked against transformers"),
@@ -301,6 +299,8 @@ class TransformersForMultimodalLM(CausalShell):
             main = torch.zeros_like(_flat(deep[0]))
         else:  # the encoder's output is the features (Fuyu's patch projection, which HF's forward reads there)
             main = _flat(out.last_hidden_state)
+        if (projector := _projector_after_features(self.model)) is not None:
+            main = projector(main)
         features = [main, *(_flat(f) for f in deep)]
         if inputs.markers:
             features[0] = _with_markers(features[0], getattr(out, MARKER_TOKENS[self.hf_config.model_type][1]),
@@ -331,6 +331,19 @@ def _with_markers(features: torch.Tensor, marker_embeds: torch.Tensor, markers: 
     out = marker_embeds.to(features.dtype)[index.clamp(min=0)]
     out[index < 0] = features
     return out
+
+
+def _projector_after_features(model: nn.Module) -> nn.Module | None:
+    """The model's multi_modal_projector where its get_image_features does not apply it: HF's forward then projects
+    the features itself (Llama 4: get_image_features is the vision model's output)."""
+    projector = getattr(model, "multi_modal_projector", None)
+    if not isinstance(projector, nn.Module):
+        return None
+    try:
+        source = inspect.getsource(type(model).get_image_features)
+    except (OSError, TypeError, AttributeError):
+        return None
+    return projector if "multi_modal_projector" not in source else None
 
 
 def _module_source(cls: type) -> str | None:

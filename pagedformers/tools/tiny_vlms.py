@@ -670,6 +670,24 @@ def _fuyu(path: Path, seed: int) -> str:
     return ""  # the processor puts the image's tokens before the prompt
 
 
+def _llama4(path: Path, seed: int) -> str:
+    """Llama 4: its ViT over 28x28 tiles in 7x7 patches (16, 2-D RoPE), pixel-shuffled by 0.5 to 4 <|patch|> a
+    tile; images cut into up to 4 tiles (separated by <|tile_x_separator|> / <|tile_y_separator|>) plus a global
+    view after <|image|>, between <|image_start|> and <|image_end|>; the multi-modal projector that HF's forward
+    applies after get_image_features; Llama 4 text model (MoE, chunked attention, NoPE layers)."""
+    tok = _tokenizer(fake_image_token="<|image|>", boi_token="<|image_start|>", eoi_token="<|image_end|>",
+                     patch_token="<|patch|>", tile_x="<|tile_x_separator|>", tile_y="<|tile_y_separator|>")
+    config = tiny_config("llama4", len(tok), image_token_index=tok.patch_token_id, boi_token_index=tok.boi_token_id,
+                         eoi_token_index=tok.eoi_token_id,
+                         # the pixel-shuffled width (4 x 32) is the adapter MLP's input (intermediate_size)
+                         vision_config=dict(image_size=28, patch_size=7, intermediate_size=128))
+    images = transformers.Llama4ImageProcessor(size={"height": 28, "width": 28}, max_patches=4)
+    processor = transformers.Llama4Processor(image_processor=images, tokenizer=tok, patch_size=7,
+                                             pixel_shuffle_ratio=0.5)
+    _save(path, transformers.Llama4ForConditionalGeneration, config, processor, seed)
+    return tok.fake_image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -689,7 +707,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "blip-2": _blip2, "instructblip": _instructblip, "exaone4_5": _exaone4_5, "janus": _janus,
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
-    "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu,
+    "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

@@ -61,6 +61,8 @@ def hf_greedy(path: str, text: str, pictures: list[Image.Image]) -> tuple[list[i
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
+    # As HF's model cards do (processor outputs .to(model.dtype)): Llama 4's image processor gives bfloat16 pixels
+    inputs = inputs.to(dtype=model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
