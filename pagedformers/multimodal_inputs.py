@@ -24,6 +24,7 @@ class MultiModalInputs:
     # PaliGemma's prefix); sorted, disjoint. A prefill chunk never ends inside one (chunk_end).
     bidirectional: list[tuple[int, int]] = field(default_factory=list)
     bidirectional_sliding_only: bool = False  # ... in the sliding-window layers only (Gemma 4's "vision")
+    bidirectional_past_window: bool = False  # ... whole, a sliding window not cutting them (Gemma 4 unified's)
     # M-RoPE (Qwen2-VL family): the prompt's 3-D positions [3, prompt_len] (time, height, width: an image's
     # tokens share a time and walk its grid), and how far the positions after the prompt lie from the
     # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.

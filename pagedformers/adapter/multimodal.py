@@ -37,18 +37,20 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4"})
+    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4", "gemma4_unified"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
 # Families whose image runs attend both ways in their sliding-window layers only (full layers stay causal), where
 # the text config asks for it (Gemma 4: use_bidirectional_attention == "vision").
 SLIDING_ONLY_GROUPS = {"gemma4": ("use_bidirectional_attention", "vision")}
-_BIDIRECTIONAL = ("its image tokens attend to each other bidirectionally in transformers (the token_type_ids "
-                  "mask), which pagedformers does not build for this family yet")
+# Families whose image runs attend both ways in every layer, whole, where the text config asks for it: Gemma 4
+# unified's forward hands its block_sequence_ids to transformers' generic create_masks_for_generate, which ORs them
+# over each layer's mask, full-attention layers and sliding windows included (5.23; only its static-cache
+# create_masks_for_generate keeps them to sliding layers, windowed).
+GATED_IMAGE_GROUPS = {"gemma4_unified": ("use_bidirectional_attention", "vision")}
 # Why a family cannot take images yet, where more is known than "not checked against transformers".
 IMAGE_REFUSALS = {
-    "gemma4_unified": _BIDIRECTIONAL,
     "shieldgemma2": "it is an image classifier (ShieldGemma2ForImageClassification: the yes/no logits of the last "
                     "token, no generate), and its processor ignores the prompt's text, writing one policy prompt "
                     "per image and policy",
@@ -114,7 +116,8 @@ def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] 
     """The prompt's position ranges [start, end) whose tokens attend to each other both ways, as transformers'
     mask for this family builds them from the processor's token_type_ids."""
     kind = BIDIRECTIONAL_GROUPS.get(hf_config.model_type)
-    if kind is None and (rule := SLIDING_ONLY_GROUPS.get(hf_config.model_type)):
+    rule = SLIDING_ONLY_GROUPS.get(hf_config.model_type) or GATED_IMAGE_GROUPS.get(hf_config.model_type)
+    if kind is None and rule:
         kind = "images" if getattr(hf_config.get_text_config(), rule[0], None) == rule[1] else None
     if kind is None:
         return []

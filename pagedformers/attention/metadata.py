@@ -27,6 +27,9 @@ class PrefillSpan:
     # (Gemma 3's images, PaliGemma's prefix); the scheduler never cuts one (MultiModalInputs.chunk_end).
     bidirectional: tuple[tuple[int, int], ...] = ()
     bidirectional_sliding_only: bool = False  # the ranges apply in sliding-window layers only (Gemma 4)
+    # The ranges are whole even where a window cuts (transformers' generic OR(AND(causal, window), blockwise):
+    # Gemma 4 unified), not windowed (Gemma 4's AND(window, OR(causal, blockwise)))
+    bidirectional_past_window: bool = False
 
     @property
     def q_len(self) -> int:
@@ -131,12 +134,16 @@ class AttentionMetadata:
             k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
             distance = q_pos - k_pos
             visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+            grouped = torch.zeros_like(distance, dtype=torch.bool)
             for lo, hi in groups:
-                visible |= (q_pos >= lo) & (q_pos < hi) & (k_pos >= lo) & (k_pos < hi)
+                grouped |= (q_pos >= lo) & (q_pos < hi) & (k_pos >= lo) & (k_pos < hi)
+            visible |= grouped
             if window is not None:
                 visible &= (distance if causal else distance.abs()) < window
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
+            if span.bidirectional_past_window:
+                visible |= grouped
             self._cached[key] = visible[None, None]
         return self._cached[key]
 

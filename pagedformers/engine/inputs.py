@@ -85,7 +85,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
                     torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)], device=device)
                     if c.start else None,
                     _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else (),
-                    c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only)
+                    c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only,
+                    c.multi_modal is not None and c.multi_modal.bidirectional_past_window)
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(

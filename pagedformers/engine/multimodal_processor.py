@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
+    GATED_IMAGE_GROUPS,
     NO_PRECOMPUTED_FEATURES,
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
@@ -81,6 +82,7 @@ class MultiModalProcessor:
         groups = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         media = MultiModalInputs("image", tensors, placeholders, bidirectional=groups,
                                  bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
+                                 bidirectional_past_window=hf_config.model_type in GATED_IMAGE_GROUPS,
                                  markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters

@@ -510,6 +510,29 @@ def _gemma4(path: Path, seed: int, bidirectional: str | None = None) -> str:
     return tok.image_token
 
 
+def _gemma4_unified(path: Path, seed: int) -> str:
+    """Gemma 4 unified (encoder-free): aspect-preserved images in 4x4 patches merged 3x3 (12x12 model patches, at
+    most 70 an image), each a row of raw pixels through LayerNorm, a dense layer, factorized 2-D position
+    embeddings and a projection: <= 70 soft tokens an image between <|image> and <image|>, which attend both ways
+    in the sliding-window layers (use_bidirectional_attention="vision"); the processor also has audio and video
+    parts (its torchvision video processor too)."""
+    tok = _tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>", audio_token="<|audio|>",
+                     boa_token="<|audio>", eoa_token="<audio|>")
+    config = tiny_config("gemma4_unified", len(tok), image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                         eoi_token_id=tok.eoi_token_id, audio_token_id=tok.audio_token_id,
+                         video_token_id=len(tok),  # the processor adds <|video|> next
+                         vision_config=dict(patch_size=4, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=64,
+                                            output_proj_dims=32, initializer_range=0.2))
+    images = transformers.Gemma4UnifiedImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    videos = transformers.Gemma4UnifiedVideoProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = transformers.Gemma4UnifiedProcessor(
+        feature_extractor=transformers.Gemma4UnifiedAudioFeatureExtractor(), image_processor=images, tokenizer=tok,
+        video_processor=videos, image_seq_length=70)
+    config.text_config.vocab_size = len(processor.tokenizer)
+    _save(path, transformers.Gemma4UnifiedForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -708,6 +731,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
+    "gemma4_unified": _gemma4_unified,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

@@ -36,8 +36,9 @@ PROMPTS = [  # (text, number of images): the processor expands each {image} (the
 TEXT_ONLY = "Hello, my name is"
 # The smallest token budget each family can run these prompts with: PaliGemma's whole prompt (32 image tokens
 # and the text) is one bidirectional prefix, prefilled in one step.
-# GOT-OCR2's processor writes 256 tokens an image; Gemma 4's image runs (up to 70 tokens) attend both ways.
-TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80}
+# GOT-OCR2's processor writes 256 tokens an image; Gemma 4's (and unified's) image runs (up to 70 tokens) attend
+# both ways.
+TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80, "gemma4_unified": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
 # BLIP-2 and InstructBLIP put one image's query tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
