@@ -533,6 +533,27 @@ def _gemma4_unified(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _hyperclovax_vision_v2(path: Path, seed: int) -> str:
+    """HyperCLOVA X vision v2: Qwen2.5-VL's windowed tower (14x14 patches, 56x56 images -> 4+ tokens, windows of
+    56, the second block full) and a linear projector, 1-D RoPE in its HyperCLOVA X language model; Qwen2-VL image
+    and video processors."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
+    config = tiny_config("hyperclovax_vision_v2", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id,
+                         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            out_hidden_size=32, window_size=56, fullatt_block_indexes=[1],
+                                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                            initializer_range=0.2))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                   merge_size=2)
+    videos = transformers.Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                merge_size=2)
+    processor = transformers.HyperCLOVAXVisionV2Processor(image_processor=images, tokenizer=tok,
+                                                          video_processor=videos)
+    _save(path, transformers.HyperCLOVAXVisionV2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -731,7 +752,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "deepseek_vl": _deepseek_vl, "deepseek_vl_hybrid": _deepseek_vl_hybrid, "hunyuan_vl": _hunyuan_vl,
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
-    "gemma4_unified": _gemma4_unified,
+    "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
