@@ -37,7 +37,8 @@ IMAGE_FAMILIES = frozenset({
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
-    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4", "gemma4_unified", "hyperclovax_vision_v2"})
+    "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4", "gemma4_unified", "hyperclovax_vision_v2",
+    "cohere_compass"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}

@@ -554,6 +554,32 @@ def _hyperclovax_vision_v2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _cohere_compass(path: Path, seed: int) -> str:
+    """Cohere Compass: Qwen3-VL's tower (16x16 patches, 64x64 images -> 4+ tokens, 2x2 merged, interpolated
+    positions) with deepstack features of its first block into the first language-model layer, M-RoPE positions
+    (get_rope_index from mm_token_type_ids); image between <|VISION_START|> and <|VISION_END|>; Cohere-style
+    language model with sliding-window layers; its own image processor (PIL) and video processor (torchvision)."""
+    tok = _tokenizer(image_token="<|IMAGE_PAD|>", video_token="<|VIDEO_PAD|>", vision_start_token="<|VISION_START|>",
+                     vision_end_token="<|VISION_END|>")
+    text = tiny_config("cohere_compass", len(tok)).text_config.to_dict()
+    sections = [2, 3, 3]  # the 8 rotary pairs of a 16-wide head; its RoPE parameters are per layer type
+    text["rope_parameters"] = {kind: {**params, "mrope_section": sections}
+                               for kind, params in text["rope_parameters"].items()}
+    config = tiny_config("cohere_compass", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                         vision_end_token_id=tok.vision_end_token_id, text_config=text,
+                         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            out_hidden_size=text["hidden_size"], num_position_embeddings=16,
+                                            deepstack_visual_indexes=[0], patch_size=16, initializer_range=0.2))
+    images = transformers.CohereCompassImageProcessorPil(min_pixels=64 * 64, max_pixels=64 * 64 * 3 // 2,
+                                                         patch_size=16, merge_size=2)
+    videos = transformers.CohereCompassVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 2},
+                                                      patch_size=16, merge_size=2)
+    processor = transformers.CohereCompassProcessor(image_processor=images, tokenizer=tok, video_processor=videos)
+    _save(path, transformers.CohereCompassForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -753,6 +779,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
+    "cohere_compass": _cohere_compass,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
