@@ -580,6 +580,29 @@ def _cohere_compass(path: Path, seed: int) -> str:
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
 
+def _deepseek_ocr2(path: Path, seed: int) -> str:
+    """DeepSeek-OCR-2: a SAM tower (16x16 patches, windows of 14 and one global layer, a neck and two stride-2
+    convolutions) over a 1024x1024 global view and 768x768 tiles (2 to 6, for images larger than a tile), a small
+    Qwen2-style encoder reading the patches both ways and its learned queries causally: 256 query features for the
+    global view, 144 a tile (the counts its queries are built for), projected, plus a view separator: 256 + 144 x
+    tiles + 1 <image> an image; DeepSeek-V2-style (MoE) language model."""
+    tok = _tokenizer(image_token="<image>")
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+               global_attn_indexes=[1], downsample_channels=[16, 32], initializer_range=0.02)
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, vocab_size=len(tok), initializer_range=0.2)
+    text = tiny_config("deepseek_ocr2", len(tok)).text_config.to_dict()
+    # None does not build: a dense layer, then MoE ones routing to 2 of the 4 experts
+    text |= dict(mlp_layer_types=["dense"] + ["sparse"] * (text["num_hidden_layers"] - 1), num_experts_per_tok=2,
+                 max_position_embeddings=2048)  # prompts of two images: 514 image tokens
+    config = tiny_config("deepseek_ocr2", len(tok), image_token_id=tok.image_token_id, text_config=text,
+                         vision_config=dict(sam_config=sam, encoder_config=encoder))
+    images = transformers.DeepseekOcr2ImageProcessorPil()
+    processor = transformers.DeepseekOcr2Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.DeepseekOcr2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -779,7 +802,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
-    "cohere_compass": _cohere_compass,
+    "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
