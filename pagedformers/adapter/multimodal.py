@@ -38,7 +38,7 @@ IMAGE_FAMILIES = frozenset({
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4", "gemma4_unified", "hyperclovax_vision_v2",
-    "cohere_compass", "deepseek_ocr2"})
+    "cohere_compass", "deepseek_ocr2", "gemma3n"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt).
 BIDIRECTIONAL_GROUPS = {"gemma3": "images", "paligemma": "prefix"}
@@ -108,6 +108,10 @@ MARKER_TOKENS = {"ovis2": ("visual_indicator_token_ids", "visual_indicator_featu
 # Families whose checkpoint class forbids tokens in its head (their logits set to the dtype's minimum): the config's
 # vocabulary map and the prefix of the names it forbids. Chameleon: its VQ image tokens (it writes text only).
 SUPPRESSED_TOKENS = {"chameleon": ("vocabulary_map", "IMGIMG")}
+# Families whose base model embeds the ids of its media vocabularies with its media embedders (each covering
+# vocab_offset + vocab_size ids), not with the text table: Gemma 3n's <end_of_image> and the like. Every step of
+# theirs goes to the language model as embeddings.
+MEDIA_VOCAB_EMBEDDERS = {"gemma3n": ("embed_vision", "embed_audio")}
 # Families whose language model reads more of the encoder than the features at the image tokens.
 NO_PRECOMPUTED_FEATURES = {
     "ovis2": "its language model also takes the encoder's visual-indicator embeddings at the tokens framing each "
@@ -234,6 +238,8 @@ class TransformersForMultimodalLM(CausalShell):
         ctx = get_forward_context()
         if multi_modal:
             inputs = self.embed_with_features(input_ids, multi_modal)
+        elif MEDIA_VOCAB_EMBEDDERS.get(self.hf_config.model_type):  # its media ids embed apart from the text's
+            inputs = self.embed_tokens(input_ids, input_ids.new_empty(0))
         else:
             inputs = {"input_ids": input_ids[None]}
         if mrope_positions is not None and mrope_positions.shape[0] != self.mrope_axes:
@@ -252,8 +258,8 @@ class TransformersForMultimodalLM(CausalShell):
         """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its
         placeholder rows; with deepstack features (Qwen3-VL), also their rows for the first layers."""
         rows = torch.cat([s.rows for s in multi_modal]).to(input_ids.device)
-        # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too).
-        embeds = self.model.get_input_embeddings()(input_ids.index_fill(0, rows, 0))
+        inputs = self.embed_tokens(input_ids, rows)
+        embeds = inputs["inputs_embeds"][0]
         step_keys = {s.key for s in multi_modal}
         deepstack: list[list[torch.Tensor]] = []
         for s in multi_modal:
@@ -271,11 +277,6 @@ class TransformersForMultimodalLM(CausalShell):
         for s in multi_modal:
             if s.is_last:
                 self.encoder_cache.pop(s.key, None)
-        inputs: dict[str, Any] = {"inputs_embeds": embeds[None]}
-        if getattr(self.decoder, "hidden_size_per_layer_input", None):  # Gemma 4: per-layer embeddings by token id
-            pad = self.text_config.pad_token_id  # what HF looks them up with at the media rows
-            inputs["per_layer_inputs"] = self.decoder.get_per_layer_inputs(input_ids.index_fill(0, rows, pad)[None],
-                                                                          None)
         if deepstack:  # the language model adds them to some layers' hidden states at the placeholder rows
             order = rows.argsort()
             mask = torch.zeros(1, len(input_ids), dtype=torch.bool, device=embeds.device).index_fill_(1, rows, True)
@@ -285,6 +286,24 @@ class TransformersForMultimodalLM(CausalShell):
             else:  # Granite 4 Vision: keyed by layer, a later level for the same layer replacing the earlier (HF's)
                 inputs["vision_mask"] = mask[..., None]
                 inputs["deepstack_features"] = dict(zip(self.deepstack_layers, levels))
+        return inputs
+
+    def embed_tokens(self, input_ids: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+        """The language model's inputs for token ids [T] whose `rows` are placeholders (their embeddings to be
+        replaced): {"inputs_embeds": [1, T, hidden]}, and the per-layer embeddings where the model has them."""
+        # Placeholder ids may lie outside the embedding table (HF maps them to 0 before embedding too).
+        embeds = self.model.get_input_embeddings()(input_ids.index_fill(0, rows, 0))
+        for name in MEDIA_VOCAB_EMBEDDERS.get(self.hf_config.model_type, ()):
+            embedder = getattr(self.model, name)
+            own = (input_ids >= embedder.vocab_offset) & (input_ids < embedder.vocab_offset + embedder.vocab_size)
+            if own.any():
+                embeds[own] = embedder(input_ids=input_ids[own][None])[0].to(embeds.dtype)
+        inputs: dict[str, Any] = {"inputs_embeds": embeds[None]}
+        if getattr(self.decoder, "hidden_size_per_layer_input", None):  # Gemma 3n / 4: per-layer embeddings by id
+            pad = self.text_config.pad_token_id  # what HF looks them up with at the media rows
+            ids = input_ids.index_fill(0, rows, pad)[None]
+            extra = (None,) * (len(inspect.signature(self.decoder.get_per_layer_inputs).parameters) - 1)
+            inputs["per_layer_inputs"] = self.decoder.get_per_layer_inputs(ids, *extra)  # Gemma 4's: and embeddings
         return inputs
 
     def encode(self, inputs: MultiModalInputs) -> tuple[torch.Tensor, ...]:

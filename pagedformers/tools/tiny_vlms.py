@@ -603,6 +603,35 @@ def _deepseek_ocr2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _gemma3n(path: Path, seed: int) -> str:
+    """Gemma 3n: MobileNetV5's encoder (timm; channels x 1/16, its multi-scale fusion still 2048 wide at 16x16)
+    over 64x64 images: 256 soft tokens an image between <start_of_image> and <end_of_image>, embedded by the vision
+    embedder; the token ids keep Gemma 3n's layout: text, then a vision vocabulary (<end_of_image>, the image token:
+    ids the vision embedder embeds), then an audio one (the audio embedder's); language model with per-layer
+    inputs, AltUp, LAuReL and shared K/V layers."""
+    tok = _tokenizer(boi_token="<start_of_image>", boa_token="<start_of_audio>", eoi_token="<end_of_image>",
+                     image_token="<image_soft_token>", vision2="<vision2>", vision3="<vision3>",
+                     eoa_token="<end_of_audio>", audio_token="<audio_soft_token>", audio2="<audio2>",
+                     audio3="<audio3>")
+    vision_offset, audio_offset = tok.eoi_token_id, tok.eoa_token_id  # each 4 ids wide
+    text = tiny_config("gemma3n", len(tok)).text_config.to_dict()
+    text |= dict(vocab_size=len(tok), vocab_size_per_layer_input=vision_offset,
+                 max_position_embeddings=2048)  # prompts of two images: 512 soft tokens
+    config = tiny_config("gemma3n", len(tok), text_config=text, boi_token_id=tok.boi_token_id,
+                         eoi_token_id=tok.eoi_token_id, image_token_id=tok.image_token_id,
+                         boa_token_id=tok.boa_token_id, eoa_token_id=tok.eoa_token_id,
+                         audio_token_id=tok.audio_token_id,
+                         vision_config=dict(model_args={"channel_multiplier": 0.0625}, vocab_size=4,
+                                            vocab_offset=vision_offset, hidden_size=2048),
+                         audio_config=dict(vocab_size=4, vocab_offset=audio_offset))
+    images = transformers.SiglipImageProcessorPil(size={"height": 64, "width": 64})
+    processor = transformers.Gemma3nProcessor(feature_extractor=transformers.Gemma3nAudioFeatureExtractor(),
+                                              image_processor=images, tokenizer=tok, image_seq_length=256,
+                                              audio_seq_length=4)
+    _save(path, transformers.Gemma3nForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -803,6 +832,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
     "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
+    "gemma3n": _gemma3n,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),
