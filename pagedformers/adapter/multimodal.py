@@ -13,6 +13,7 @@ the placeholder rows, as HF's own merge does, and later chunks of the prompt tak
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -116,6 +117,9 @@ MEDIA_VOCAB_EMBEDDERS = {"gemma3n": ("embed_vision", "embed_audio")}
 NO_PRECOMPUTED_FEATURES = {
     "ovis2": "its language model also takes the encoder's visual-indicator embeddings at the tokens framing each "
              "image",
+    "cohere_compass": "its language model also adds the vision tower's deepstack features at its first layers",
+    "granite4_vision": "its language model takes the image only as deepstack features added at some of its layers "
+                       "(the image tokens' own embeddings are zero)",
     "qwen3_vl": "its language model also adds the vision tower's deepstack features at its first layers",
     "qwen3_vl_moe": "its language model also adds the vision tower's deepstack features at its first layers",
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
@@ -365,13 +369,18 @@ def _projector_after_features(model: nn.Module) -> nn.Module | None:
     """The model's multi_modal_projector where its get_image_features does not apply it: HF's forward then projects
     the features itself (Llama 4: get_image_features is the vision model's output)."""
     projector = getattr(model, "multi_modal_projector", None)
-    if not isinstance(projector, nn.Module):
+    if not isinstance(projector, nn.Module) or _applies_projector(type(model)):
         return None
+    return projector
+
+
+@functools.cache
+def _applies_projector(cls: type) -> bool:
+    """Whether `cls.get_image_features` names its multi_modal_projector (unreadable source: assume it does)."""
     try:
-        source = inspect.getsource(type(model).get_image_features)
+        return "multi_modal_projector" in inspect.getsource(cls.get_image_features)
     except (OSError, TypeError, AttributeError):
-        return None
-    return projector if "multi_modal_projector" not in source else None
+        return True
 
 
 def _module_source(cls: type) -> str | None:
