@@ -85,13 +85,15 @@ def test_bidirectional_for_encoders():
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpu"])
-@pytest.mark.parametrize("window", [None, 6])
-def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window):
+@pytest.mark.parametrize("window, whole", [(None, False), (6, False), (4, False), (4, True)])  # 4: ranges past it
+def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window, whole):
     """Gemma 3's image runs: a chunk over a cached prefix holds two ranges (one begun in the cache); each
-    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise))."""
+    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise)); whole ranges
+    (Gemma 4 unified's, through the generic create_masks_for_generate): OR(AND(sliding_window, causal), blockwise)."""
     torch.manual_seed(0)
     length, cached, ranges = 20, 5, [(3, 9), (12, 16)]
-    media = MultiModalInputs("image", {}, list(range(3, 9)) + list(range(12, 16)), bidirectional=ranges)
+    media = MultiModalInputs("image", {}, list(range(3, 9)) + list(range(12, 16)), bidirectional=ranges,
+                             bidirectional_past_window=whole)
     table = list(range(-(-length // BS)))
     q = torch.randn(length - cached, H, D)
     k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
@@ -112,6 +114,8 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
     mask_fn = or_masks(causal_mask_function, blockwise_overlay(groups))
     if window is not None:
         mask_fn = and_masks(sliding_window_overlay(window), mask_fn)
+    if whole:
+        mask_fn = or_masks(and_masks(sliding_window_overlay(window), causal_mask_function), blockwise_overlay(groups))
     visible = torch.tensor([[bool(mask_fn(0, 0, torch.tensor(i), torch.tensor(j))) for j in range(length)]
                             for i in range(cached, length)])
     kk, vv = k.repeat_interleave(H // H_KV, 1), v.repeat_interleave(H // H_KV, 1)
