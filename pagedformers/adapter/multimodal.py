@@ -56,9 +56,9 @@ IMAGE_REFUSALS = {
     "shieldgemma2": "it is an image classifier (ShieldGemma2ForImageClassification: the yes/no logits of the last "
                     "token, no generate), and its processor ignores the prompt's text, writing one policy prompt "
                     "per image and policy",
-    "unlimited_ocr": "its language model's reference sliding-window attention lets each generated token see the "
-                     "whole prompt plus the last sliding_window generated tokens (a per-request prompt-length mask "
-                     "its cache layer keeps), which the paged attention's windows do not build",
+    "unlimited_ocr": "its language model is refused as a whole: its reference sliding-window attention lets each "
+                     "generated token see the whole prompt plus the last sliding_window generated tokens (a "
+                     "per-request prompt-length mask its cache layer keeps), which the paged attention does not build",
     "dots3_note": "its language model is refused as a whole: its indexed_attention layers pick each query's top-k "
                   "keys from an indexer-key cache of their own, which the paged KV cache does not hold",
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
