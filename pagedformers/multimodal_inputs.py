@@ -30,6 +30,7 @@ class MultiModalInputs:
     # runs of one range (Molmo2: a prompt's image tokens are one block, the text between them stays causal); a
     # range holding none is one group as a whole.
     bidirectional_runs: list[tuple[int, int]] = field(default_factory=list)
+    bidirectional_past_window: bool = False  # ... whole, a sliding window not cutting them (Gemma 4 unified's)
     # M-RoPE (Qwen2-VL family): the prompt's 3-D positions [3, prompt_len] (time, height, width: an image's
     # tokens share a time and walk its grid), and how far the positions after the prompt lie from the
     # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.
@@ -38,6 +39,9 @@ class MultiModalInputs:
     # Per-token inputs the language model's forward takes beside the tokens, [prompt_len] each, as the processor
     # gives them (ERNIE-4.5-VL's moe_mm_token_type_ids: which tokens its MoE layers route to vision experts).
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Where placeholders are of several kinds (Ovis2's visual indicators around its image tokens): for each
+    # placeholder, -1 where the encoder's features go in order, else the index of the marker embedding it takes.
+    markers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.content_hash:

@@ -126,6 +126,9 @@ _WHY_NOT = {
                                    "which the paged KV cache does not hold",
     "heavily_compressed_attention": "attention over compressed KV blocks that the model builds in its own cache, "
                                     "which the paged KV cache does not hold",
+    "reference_sliding_attention": "sliding-window attention that keeps the whole prompt too (each generated token "
+                                   "sees the prompt and the last sliding_window generated tokens: Unlimited-OCR), a "
+                                   "per-request mask the paged attention does not build",
     None: "not softmax attention, nor a conv or linear-attention layer whose state the model keeps in its "
           "transformers cache, so neither the paged KV cache nor a per-request state cache can serve it",
 }

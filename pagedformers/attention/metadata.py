@@ -29,6 +29,9 @@ class PrefillSpan:
     bidirectional_sliding_only: bool = False  # the ranges apply in sliding-window layers only (Gemma 4)
     # Runs inside those ranges that attend to each other across the runs of a range, the rest causal (Molmo2)
     bidirectional_runs: tuple[tuple[int, int], ...] = ()
+    # The ranges are whole even where a window cuts (transformers' generic OR(AND(causal, window), blockwise):
+    # Gemma 4 unified), not windowed (Gemma 4's AND(window, OR(causal, blockwise)))
+    bidirectional_past_window: bool = False
 
     @property
     def q_len(self) -> int:
@@ -133,13 +136,17 @@ class AttentionMetadata:
             k_pos = torch.arange(span.num_cached + span.q_len, device=device)[None, :]
             distance = q_pos - k_pos
             visible = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+            grouped = torch.zeros_like(distance, dtype=torch.bool)
             for lo, hi in groups:
                 runs = [(a, b) for a, b in span.bidirectional_runs if lo <= a and b <= hi] or [(lo, hi)]
-                visible |= _within(q_pos, runs) & _within(k_pos, runs)
+                grouped |= _within(q_pos, runs) & _within(k_pos, runs)
+            visible |= grouped
             if window is not None:
                 visible &= (distance if causal else distance.abs()) < window
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
+            if span.bidirectional_past_window:
+                visible |= grouped
             self._cached[key] = visible[None, None]
         return self._cached[key]
 

@@ -50,8 +50,18 @@ class ModelConfig:
 
     @property
     def is_multimodal(self) -> bool:
-        """A checkpoint whose text model has a config of its own (encoders beside it)."""
-        return self.text_config is not self.hf_config
+        return is_multimodal_config(self.hf_config)
+
+
+# Families whose root config is the text model's and also holds an image encoder's, whose images the multimodal
+# shell takes (adapter/multimodal.py's IMAGE_FAMILIES): Chameleon's VQ model.
+ROOT_TEXT_IMAGE_FAMILIES = frozenset({"chameleon"})
+
+
+def is_multimodal_config(hf_config: PretrainedConfig) -> bool:
+    """A checkpoint whose text model has a config of its own (encoders beside it), or one of
+    ROOT_TEXT_IMAGE_FAMILIES: the multimodal shell serves it."""
+    return hf_config.get_text_config() is not hf_config or hf_config.model_type in ROOT_TEXT_IMAGE_FAMILIES
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pagedformers.config.engine_config import (
     ParallelConfig,
     PoolingHead,
     SchedulerConfig,
+    is_multimodal_config,
 )
 from pagedformers.config.pooler import PoolerConfig
 from pagedformers.config.quantization import packed_scheme
@@ -76,7 +77,7 @@ def resolve(args: EngineArgs, files: ModelFiles, cuda_available: bool) -> Engine
 def _resolve_lora(args: EngineArgs, runner: str, hf_config: PretrainedConfig) -> LoRAConfig:
     if not args.enable_lora:
         return LoRAConfig()
-    if runner == "pooling" or hf_config.get_text_config() is not hf_config:
+    if runner == "pooling" or is_multimodal_config(hf_config):
         raise ValueError("enable_lora=True runs text generation models only (not pooling or multimodal ones) yet")
     if args.data_parallel_size > 1:
         raise ValueError("enable_lora=True with data_parallel_size > 1 is not supported yet")

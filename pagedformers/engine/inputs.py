@@ -86,7 +86,8 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
                     if c.start else None,
                     _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else (),
                     c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only,
-                    tuple(c.multi_modal.bidirectional_runs) if c.multi_modal else ())
+                    tuple(c.multi_modal.bidirectional_runs) if c.multi_modal else (),
+                    c.multi_modal is not None and c.multi_modal.bidirectional_past_window)
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(

@@ -15,10 +15,12 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
+    GATED_IMAGE_GROUPS,
     SLIDING_ONLY_GROUPS,
     bidirectional_ranges,
     image_support,
     language_model_inputs,
+    marker_ids,
     no_precomputed_features,
     processor_kwargs,
     rope_index,
@@ -32,6 +34,9 @@ from pagedformers.multimodal_inputs import MultiModalInputs
 MODALITIES = ("image", "video")
 # What a precomputed-features image may carry beside image_embeds: the processor's outputs the model still reads.
 _BESIDE_PIXELS = ("image_grid_thw", "image_sizes")
+# Processor outputs under a legacy name, as the model's encoder takes them (FuyuProcessor still returns
+# image_patches, which Fuyu's forward renames with deprecate_kwarg).
+_KEY_ALIASES = {"image_patches": "pixel_values"}
 # Processor outputs that describe the text, not the media.
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "labels")
 
@@ -74,13 +79,16 @@ class MultiModalProcessor:
         placeholders, modalities = self._placeholders(out, token_ids, list(data), name)
         token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
                         and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
-        tensors = {k: v for k, v in out.items()
+        tensors = {_KEY_ALIASES.get(k, k): v for k, v in out.items()
                    if k not in _TEXT_KEYS and k not in token_inputs and isinstance(v, torch.Tensor)}
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         groups, runs = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
+        markers = {t: i for i, t in enumerate(marker_ids(hf_config))}
         media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
                                  bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
-                                 bidirectional_runs=runs, token_inputs=token_inputs)
+                                 bidirectional_runs=runs, token_inputs=token_inputs,
+                                 bidirectional_past_window=hf_config.model_type in GATED_IMAGE_GROUPS,
+                                 markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()
@@ -119,11 +127,13 @@ class MultiModalProcessor:
                                  "model's image placeholder in the prompt text")
             return placeholders, {"image": list(range(len(placeholders)))}
         token_of = {m: _media_token_id(self.config, m) for m in modalities}
-        placeholders = [i for i, t in enumerate(token_ids) if t in token_of.values()]
-        by_modality = {m: [j for j, i in enumerate(placeholders) if token_ids[i] == token]
-                       for m, token in token_of.items()}
+        # Ovis2's image markers take the encoder's embeddings too: placeholders of the image's
+        markers = marker_ids(self.config.model.hf_config)
+        ids_of = {m: {t, *(markers if m == "image" else ())} for m, t in token_of.items()}
+        placeholders = [i for i, t in enumerate(token_ids) if any(t in ids for ids in ids_of.values())]
+        by_modality = {m: [j for j, i in enumerate(placeholders) if token_ids[i] in ids] for m, ids in ids_of.items()}
         for modality, indices in by_modality.items():
-            if not indices:
+            if not any(token_ids[placeholders[j]] == token_of[modality] for j in indices):
                 raise ValueError(f"{name}: the processed prompt has no {modality} token ({token_of[modality]}); put "
                                  f"the model's {modality} placeholder in the prompt text")
         return placeholders, by_modality

@@ -24,6 +24,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pagedformers.adapter.compat import non_attention_layers, state_layers
 from pagedformers.adapter.multimodal import image_support
+from pagedformers.config.engine_config import is_multimodal_config
 from pagedformers.native_overrides import NATIVE_MODELS
 from pagedformers.tools.tiny_configs import tiny_config
 
@@ -100,14 +101,14 @@ def _generation(model_type: str, config: transformers.PretrainedConfig) -> str:
         return ""
     if config.is_encoder_decoder:
         return "refused: encoder-decoder"
-    multimodal = config.get_text_config() is not config
+    multimodal = is_multimodal_config(config)
     shell = f"Transformers{'Hybrid' if state_layers(config) else ''}For{'MultimodalLM' if multimodal else 'CausalLM'}"
     native = f"; native {lm} (preferred by model_impl='auto')" if lm in NATIVE_MODELS else ""
     return f"{shell} ({lm}){native}"
 
 
 def _images(config: transformers.PretrainedConfig) -> str:
-    if config.get_text_config() is config:
+    if not is_multimodal_config(config):
         return ""
     reason = image_support(config)
     if reason is None:
@@ -119,7 +120,7 @@ def _images(config: transformers.PretrainedConfig) -> str:
 def _pooling(model_type: str, config: transformers.PretrainedConfig) -> str:
     """The pooling shell runs text models: a config of its own text, a base model that takes input_ids."""
     base = _class(auto.MODEL_MAPPING_NAMES[model_type])
-    if config.get_text_config() is not config or "input_ids" not in inspect.signature(base.forward).parameters:
+    if is_multimodal_config(config) or "input_ids" not in inspect.signature(base.forward).parameters:
         return ""
     heads = ["embed"]
     if model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:

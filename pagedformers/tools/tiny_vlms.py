@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from pagedformers.loading.processor import image_only, pixtral_without_torchvision
@@ -644,6 +645,128 @@ def _gemma4(path: Path, seed: int, bidirectional: str | None = None) -> str:
     return tok.image_token
 
 
+def _gemma4_unified(path: Path, seed: int) -> str:
+    """Gemma 4 unified (encoder-free): aspect-preserved images in 4x4 patches merged 3x3 (12x12 model patches, at
+    most 70 an image), each a row of raw pixels through LayerNorm, a dense layer, factorized 2-D position
+    embeddings and a projection: <= 70 soft tokens an image between <|image> and <image|>, which attend both ways
+    in the sliding-window layers (use_bidirectional_attention="vision"); the processor also has audio and video
+    parts (its torchvision video processor too)."""
+    tok = _tokenizer(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>", audio_token="<|audio|>",
+                     boa_token="<|audio>", eoa_token="<audio|>")
+    config = tiny_config("gemma4_unified", len(tok), image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                         eoi_token_id=tok.eoi_token_id, audio_token_id=tok.audio_token_id,
+                         video_token_id=len(tok),  # the processor adds <|video|> next
+                         vision_config=dict(patch_size=4, pooling_kernel_size=3, mm_embed_dim=32, mm_posemb_size=64,
+                                            output_proj_dims=32, initializer_range=0.2))
+    images = transformers.Gemma4UnifiedImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    videos = transformers.Gemma4UnifiedVideoProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = transformers.Gemma4UnifiedProcessor(
+        feature_extractor=transformers.Gemma4UnifiedAudioFeatureExtractor(), image_processor=images, tokenizer=tok,
+        video_processor=videos, image_seq_length=70)
+    config.text_config.vocab_size = len(processor.tokenizer)
+    _save(path, transformers.Gemma4UnifiedForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _hyperclovax_vision_v2(path: Path, seed: int) -> str:
+    """HyperCLOVA X vision v2: Qwen2.5-VL's windowed tower (14x14 patches, 56x56 images -> 4+ tokens, windows of
+    56, the second block full) and a linear projector, 1-D RoPE in its HyperCLOVA X language model; Qwen2-VL image
+    and video processors."""
+    tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
+    config = tiny_config("hyperclovax_vision_v2", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id,
+                         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            out_hidden_size=32, window_size=56, fullatt_block_indexes=[1],
+                                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                            initializer_range=0.2))
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                   merge_size=2)
+    videos = transformers.Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                merge_size=2)
+    processor = transformers.HyperCLOVAXVisionV2Processor(image_processor=images, tokenizer=tok,
+                                                          video_processor=videos)
+    _save(path, transformers.HyperCLOVAXVisionV2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _cohere_compass(path: Path, seed: int) -> str:
+    """Cohere Compass: Qwen3-VL's tower (16x16 patches, 64x64 images -> 4+ tokens, 2x2 merged, interpolated
+    positions) with deepstack features of its first block into the first language-model layer, M-RoPE positions
+    (get_rope_index from mm_token_type_ids); image between <|VISION_START|> and <|VISION_END|>; Cohere-style
+    language model with sliding-window layers; its own image processor (PIL) and video processor (torchvision)."""
+    tok = _tokenizer(image_token="<|IMAGE_PAD|>", video_token="<|VIDEO_PAD|>", vision_start_token="<|VISION_START|>",
+                     vision_end_token="<|VISION_END|>")
+    text = tiny_config("cohere_compass", len(tok)).text_config.to_dict()
+    sections = [2, 3, 3]  # the 8 rotary pairs of a 16-wide head; its RoPE parameters are per layer type
+    text["rope_parameters"] = {kind: {**params, "mrope_section": sections}
+                               for kind, params in text["rope_parameters"].items()}
+    config = tiny_config("cohere_compass", len(tok), image_token_id=tok.image_token_id,
+                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                         vision_end_token_id=tok.vision_end_token_id, text_config=text,
+                         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                            out_hidden_size=text["hidden_size"], num_position_embeddings=16,
+                                            deepstack_visual_indexes=[0], patch_size=16, initializer_range=0.2))
+    images = transformers.CohereCompassImageProcessorPil(min_pixels=64 * 64, max_pixels=64 * 64 * 3 // 2,
+                                                         patch_size=16, merge_size=2)
+    videos = transformers.CohereCompassVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 2},
+                                                      patch_size=16, merge_size=2)
+    processor = transformers.CohereCompassProcessor(image_processor=images, tokenizer=tok, video_processor=videos)
+    _save(path, transformers.CohereCompassForConditionalGeneration, config, processor, seed)
+    return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
+
+
+def _deepseek_ocr2(path: Path, seed: int) -> str:
+    """DeepSeek-OCR-2: a SAM tower (16x16 patches, windows of 14 and one global layer, a neck and two stride-2
+    convolutions) over a 1024x1024 global view and 768x768 tiles (2 to 6, for images larger than a tile), a small
+    Qwen2-style encoder reading the patches both ways and its learned queries causally: 256 query features for the
+    global view, 144 a tile (the counts its queries are built for), projected, plus a view separator: 256 + 144 x
+    tiles + 1 <image> an image; DeepSeek-V2-style (MoE) language model."""
+    tok = _tokenizer(image_token="<image>")
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+               global_attn_indexes=[1], downsample_channels=[16, 32], initializer_range=0.02)
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, vocab_size=len(tok), initializer_range=0.2)
+    text = tiny_config("deepseek_ocr2", len(tok)).text_config.to_dict()
+    # None does not build: a dense layer, then MoE ones routing to 2 of the 4 experts
+    text |= dict(mlp_layer_types=["dense"] + ["sparse"] * (text["num_hidden_layers"] - 1), num_experts_per_tok=2,
+                 max_position_embeddings=2048)  # prompts of two images: 514 image tokens
+    config = tiny_config("deepseek_ocr2", len(tok), image_token_id=tok.image_token_id, text_config=text,
+                         vision_config=dict(sam_config=sam, encoder_config=encoder))
+    images = transformers.DeepseekOcr2ImageProcessorPil()
+    processor = transformers.DeepseekOcr2Processor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.DeepseekOcr2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _gemma3n(path: Path, seed: int) -> str:
+    """Gemma 3n: MobileNetV5's encoder (timm; channels x 1/16, its multi-scale fusion still 2048 wide at 16x16)
+    over 64x64 images: 256 soft tokens an image between <start_of_image> and <end_of_image>, embedded by the vision
+    embedder; the token ids keep Gemma 3n's layout: text, then a vision vocabulary (<end_of_image>, the image token:
+    ids the vision embedder embeds), then an audio one (the audio embedder's); language model with per-layer
+    inputs, AltUp, LAuReL and shared K/V layers."""
+    tok = _tokenizer(boi_token="<start_of_image>", boa_token="<start_of_audio>", eoi_token="<end_of_image>",
+                     image_token="<image_soft_token>", vision2="<vision2>", vision3="<vision3>",
+                     eoa_token="<end_of_audio>", audio_token="<audio_soft_token>", audio2="<audio2>",
+                     audio3="<audio3>")
+    vision_offset, audio_offset = tok.eoi_token_id, tok.eoa_token_id  # each 4 ids wide
+    text = tiny_config("gemma3n", len(tok)).text_config.to_dict()
+    text |= dict(vocab_size=len(tok), vocab_size_per_layer_input=vision_offset,
+                 max_position_embeddings=2048)  # prompts of two images: 512 soft tokens
+    config = tiny_config("gemma3n", len(tok), text_config=text, boi_token_id=tok.boi_token_id,
+                         eoi_token_id=tok.eoi_token_id, image_token_id=tok.image_token_id,
+                         boa_token_id=tok.boa_token_id, eoa_token_id=tok.eoa_token_id,
+                         audio_token_id=tok.audio_token_id,
+                         vision_config=dict(model_args={"channel_multiplier": 0.0625}, vocab_size=4,
+                                            vocab_offset=vision_offset, hidden_size=2048),
+                         audio_config=dict(vocab_size=4, vocab_offset=audio_offset))
+    images = transformers.SiglipImageProcessorPil(size={"height": 64, "width": 64})
+    processor = transformers.Gemma3nProcessor(feature_extractor=transformers.Gemma3nAudioFeatureExtractor(),
+                                              image_processor=images, tokenizer=tok, image_seq_length=256,
+                                              audio_seq_length=4)
+    _save(path, transformers.Gemma3nForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _janus(path: Path, seed: int) -> str:
     """Janus: SigLIP-style tower over 28x28 images (padded square) in 7x7 patches: 16 <image_placeholder> an image
     between <begin_of_image> and <end_of_image>, through a 2-layer aligner MLP; a (tiny) VQ model for image
@@ -929,6 +1052,117 @@ def _molmo2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+_OVIS_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+
+
+def _ovis2(path: Path, seed: int) -> str:
+    """Ovis2: ViT over 28x28 tiles in 7x7 patches (16), 2x2 hidden-stride merged to 4 <IMG_ATOM> a tile, each a
+    softmax over a 64-entry visual vocabulary embedded by its table; images cut into up to 4 tiles (plus the whole
+    image) framed by <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>, whose embeddings are the table's last
+    5 rows (visual indicators); the prompt writes <image>; Qwen2 language model."""
+    tok = _tokenizer(image_token="<image>", atom_token="<IMG_ATOM>",
+                     **{f"indicator{i}": t for i, t in enumerate(_OVIS_INDICATORS)})
+    config = tiny_config("ovis2", len(tok), image_token_id=tok.atom_token_id, hidden_size=64,
+                         visual_indicator_token_ids=tok.convert_tokens_to_ids(list(_OVIS_INDICATORS)),
+                         vision_config=dict(image_size=28, patch_size=7, hidden_stride=2, vocab_size=64))
+    config.vocab_size = len(tok)  # the root's copy of the text vocabulary (tiny_config's vocab_size is the text's)
+    images = transformers.Ovis2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                 max_patches=4)
+    processor = transformers.Ovis2Processor(image_processor=images, tokenizer=tok, image_seq_length=4)
+    _save(path, transformers.Ovis2ForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _granite4_vision(path: Path, seed: int) -> str:
+    """Granite 4 Vision: CLIP over 28x28 crops in 7x7 patches (4x4, CLS dropped), LLaVA-NeXT's AnyRes crops over a
+    28/56 grid (base view + crops, unpadded, a newline a row); window Q-Formers downsample each crop by 1/2 (2x2
+    <image>): one per deepstack_layer_map entry (vision layer 0 -> LM layer 0) and four spatial-offset ones (the
+    last vision layer -> LM layers 1-4), each added to its layer's hidden states at the image tokens, whose own
+    embeddings are zero; 5-layer Granite language model."""
+    tok = _tokenizer(image_token="<image>")
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    text = dict(tiny_config("granite4_vision", len(tok)).text_config.to_dict(), num_hidden_layers=5)
+    config = tiny_config("granite4_vision", len(tok), image_token_index=tok.image_token_id, image_grid_pinpoints=grid,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, downsample_rate="1/2",
+                         deepstack_layer_map=[[0, 0]], spatial_vision_layer=-1, spatial_target_layers=[1, 2, 3, 4],
+                         projector_dropout=0.0, text_config=text,
+                         # the Q-Former takes the vision width with a head per 64
+                         vision_config=dict(image_size=28, patch_size=7, hidden_size=64, intermediate_size=128),
+                         qformer_config=dict(intermediate_size=64, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0, initializer_range=0.2))
+    images = transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                     image_grid_pinpoints=grid)
+    processor = transformers.Granite4VisionProcessor(image_processor=images, tokenizer=tok, patch_size=7,
+                                                     vision_feature_select_strategy="default",
+                                                     num_additional_image_tokens=1, downsample_rate="1/2")
+    _save(path, transformers.Granite4VisionForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _chameleon(path: Path, seed: int) -> str:
+    """Chameleon: a VQ-GAN (spatial factor 8: 4 levels) turns a 32x32 crop into 4x4 codes of an 8-entry codebook,
+    each the text embedding of its IMGIMG<code>Z token (the root text config's vocabulary_map), between
+    <racm3:break> and <eoss>: 16 <image> an image; the head forbids the IMGIMG tokens."""
+    codes = {f"code{i}": f"IMGIMG{chr(ord('A') + i)}Z" for i in range(8)}
+    tok = _tokenizer(image_token="<image>", boi_token="<racm3:break>", eoi_token="<eoss>", **codes)
+    tok.add_special_tokens({"sep_token": "<reserved08706>"})  # the processor ends a chat prompt with it
+    config = tiny_config("chameleon", len(tok), vocabulary_map=dict(tok.get_vocab()),
+                         vq_config=dict(resolution=32, num_embeddings=8, embed_dim=4, latent_channels=4,
+                                        base_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=1,
+                                        attn_resolutions=[]))
+    images = transformers.ChameleonImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.ChameleonProcessor(image_processor=images, tokenizer=tok, image_seq_length=16)
+    _save(path, transformers.ChameleonForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
+def _sentencepiece_like(pieces: list[str]) -> PreTrainedTokenizerFast:
+    """A character-level Unigram tokenizer shaped like a SentencePiece one: every text starts with "▁" (spaces are
+    "▁" too), and `pieces` are ordinary vocabulary entries (not added tokens), so a text starting with one
+    tokenizes to "▁" first, as FuyuProcessor expects (it strips that token before the image tokens)."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = ["▁", *(chr(c) for c in range(33, 127))]
+    vocab = [(t, 0.0) for t in specials] + [(p, -1.0) for p in pieces] + [(c, -5.0) for c in chars]
+    model = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    model.decoder = decoders.Metaspace()
+    model.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+
+
+def _fuyu(path: Path, seed: int) -> str:
+    """Fuyu: no vision tower: each 7x7 patch of the image (at most 28x28 here, cut to whole patches) is one linear
+    projection, one |SPEAKER| a patch and a |NEWLINE| a row, which the processor puts before the prompt (then BOS)
+    and <0x04> after it; one image a prompt; Persimmon language model. Its image processor is the torchvision one
+    (the PIL one's numpy patchify gets torch tensors from FuyuProcessor in transformers 5.23)."""
+    tok = _sentencepiece_like(["|SPEAKER|", "|NEWLINE|", "<0x04>"])
+    config = tiny_config("fuyu", len(tok), image_token_id=tok.convert_tokens_to_ids("|SPEAKER|"), patch_size=7,
+                         image_size=28)
+    images = transformers.FuyuImageProcessor(size={"height": 28, "width": 28}, patch_size={"height": 7, "width": 7})
+    processor = transformers.FuyuProcessor(image_processor=images, tokenizer=tok)
+    _save(path, transformers.FuyuForCausalLM, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
+def _llama4(path: Path, seed: int) -> str:
+    """Llama 4: its ViT over 28x28 tiles in 7x7 patches (16, 2-D RoPE), pixel-shuffled by 0.5 to 4 <|patch|> a
+    tile; images cut into up to 4 tiles (separated by <|tile_x_separator|> / <|tile_y_separator|>) plus a global
+    view after <|image|>, between <|image_start|> and <|image_end|>; the multi-modal projector that HF's forward
+    applies after get_image_features; Llama 4 text model (MoE, chunked attention, NoPE layers)."""
+    tok = _tokenizer(fake_image_token="<|image|>", boi_token="<|image_start|>", eoi_token="<|image_end|>",
+                     patch_token="<|patch|>", tile_x="<|tile_x_separator|>", tile_y="<|tile_y_separator|>")
+    config = tiny_config("llama4", len(tok), image_token_index=tok.patch_token_id, boi_token_index=tok.boi_token_id,
+                         eoi_token_index=tok.eoi_token_id,
+                         # the pixel-shuffled width (4 x 32) is the adapter MLP's input (intermediate_size)
+                         vision_config=dict(image_size=28, patch_size=7, intermediate_size=128))
+    images = transformers.Llama4ImageProcessor(size={"height": 28, "width": 28}, max_patches=4)
+    processor = transformers.Llama4Processor(image_processor=images, tokenizer=tok, patch_size=7,
+                                             pixel_shuffle_ratio=0.5)
+    _save(path, transformers.Llama4ForConditionalGeneration, config, processor, seed)
+    return tok.fake_image_token
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -951,7 +1185,11 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "lfm2_vl": _lfm2_vl, "cohere2_vision": _cohere2_vision,
     "perception_lm": _perception_lm, "fast_vlm": _fast_vlm, "lfm3_vl": _lfm3_vl,
     "video_llama_3": _video_llama_3, "molmo2": _molmo2,
-    "gemma4": lambda path, seed: _gemma4(path, seed, "vision"),
+    "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
+    "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
+    "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
+    "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
+    "gemma3n": _gemma3n,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

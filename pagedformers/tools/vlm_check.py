@@ -36,13 +36,15 @@ PROMPTS = [  # (text, number of images): the processor expands each {image} (the
 TEXT_ONLY = "Hello, my name is"
 # The smallest token budget each family can run these prompts with: PaliGemma's whole prompt (32 image tokens
 # and the text) is one bidirectional prefix, prefilled in one step.
-# GOT-OCR2's processor writes 256 tokens an image; Gemma 4's image runs (up to 70 tokens) attend both ways;
-# Molmo2's image tokens all attend to each other, across images: from the first to the last (68 tokens), one step.
-TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80, "molmo2": 80}
+# GOT-OCR2's processor writes 256 tokens an image; Gemma 4's (and unified's) image runs (up to 70 tokens) attend
+# both ways; Molmo2's image tokens all attend to each other, across images: from the first to the last (68 tokens),
+# one step.
+TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80, "gemma4_unified": 80, "molmo2": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
 # BLIP-2, InstructBLIP and Kosmos-2 put one image's tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2"})
+# Fuyu's processor puts one image before each prompt.
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2", "fuyu"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -74,6 +76,8 @@ def hf_greedy(path: str, text: str, pictures: list[Image.Image],
     model = getattr(transformers, config.architectures[0]).from_pretrained(path, dtype=torch.float32,
                                                                            attn_implementation="eager")
     model.generation_config.eos_token_id = None
+    # As HF's model cards do (processor outputs .to(model.dtype)): Llama 4's image processor gives bfloat16 pixels
+    inputs = inputs.to(dtype=model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import IMAGE_FAMILIES, VIDEO_FAMILIES, TransformersForMultimodalLM
+from pagedformers.config.engine_config import ROOT_TEXT_IMAGE_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
 from pagedformers.tools.tiny_models import save_tiny_llava
@@ -193,6 +194,7 @@ def test_every_family_said_to_take_images_is_checked_against_transformers():
     """docs/supported_models.md says "yes" for IMAGE_FAMILIES: each has a tiny checkpoint that the tests above
     run with images against HF generate."""
     assert IMAGE_FAMILIES == set(BUILDERS)
+    assert ROOT_TEXT_IMAGE_FAMILIES <= IMAGE_FAMILIES  # the multimodal shell serves them for their images
 
 
 def test_the_multimodal_conformance_table_is_current():

@@ -85,17 +85,19 @@ def test_bidirectional_for_encoders():
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpu"])
-@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("window, whole", [(None, False), (6, False), (4, False), (4, True)])  # 4: ranges past it
 @pytest.mark.parametrize("one_block", [False, True])
-def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window, one_block):
+def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, window, whole, one_block):
     """Gemma 3's image runs: a chunk over a cached prefix holds two ranges (one begun in the cache); each
-    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise)). one_block:
-    Molmo2's, both runs one block (one range over them, the text between causal)."""
+    row equals attention under transformers' own mask, AND(sliding_window, OR(causal, blockwise)); whole ranges
+    (Gemma 4 unified's, through the generic create_masks_for_generate): OR(AND(sliding_window, causal), blockwise).
+    one_block: Molmo2's, both runs one block (one range over them, the text between causal)."""
     torch.manual_seed(0)
     length, cached, ranges = 20, 5, [(3, 9), (12, 16)]
     placeholders, image = [*range(3, 9), *range(12, 16)], {"image": list(range(10))}
-    media = MultiModalInputs(image, {}, placeholders, bidirectional=[(3, 16)], bidirectional_runs=ranges) \
-        if one_block else MultiModalInputs(image, {}, placeholders, bidirectional=ranges)
+    media = MultiModalInputs(image, {}, placeholders, bidirectional=[(3, 16)], bidirectional_runs=ranges,
+                             bidirectional_past_window=whole) if one_block else \
+        MultiModalInputs(image, {}, placeholders, bidirectional=ranges, bidirectional_past_window=whole)
     table = list(range(-(-length // BS)))
     q = torch.randn(length - cached, H, D)
     k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
@@ -116,6 +118,8 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
     mask_fn = or_masks(causal_mask_function, blockwise_overlay(groups))
     if window is not None:
         mask_fn = and_masks(sliding_window_overlay(window), mask_fn)
+    if whole:
+        mask_fn = or_masks(and_masks(sliding_window_overlay(window), causal_mask_function), blockwise_overlay(groups))
     visible = torch.tensor([[bool(mask_fn(0, 0, torch.tensor(i), torch.tensor(j))) for j in range(length)]
                             for i in range(cached, length)])
     kk, vv = k.repeat_interleave(H // H_KV, 1), v.repeat_interleave(H // H_KV, 1)

@@ -15,8 +15,9 @@ ANCHORS = {  # family: what its row must say
     "lfm2": ("TransformersHybridForCausalLM (Lfm2ForCausalLM)", "", "embed"),
     "llava": ("TransformersForMultimodalLM (LlavaForConditionalGeneration)", "yes", ""),
     "gemma3": ("TransformersForMultimodalLM (Gemma3ForConditionalGeneration)", "yes", ""),
-    "gemma4_unified": ("TransformersForMultimodalLM (Gemma4UnifiedForConditionalGeneration)",
-                       "text only: bidirectional image attention", ""),
+    "gemma4_unified": ("TransformersForMultimodalLM (Gemma4UnifiedForConditionalGeneration)", "yes", ""),
+    "chameleon": ("TransformersForMultimodalLM (ChameleonForConditionalGeneration)", "yes", ""),  # a root text config
+    "mllama": ("TransformersForMultimodalLM (MllamaForConditionalGeneration)", "text only: cross-attention", ""),
     "deepseek_v32": ("refused: indexed_attention layers", "", ""),
     "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
 }
