@@ -463,9 +463,11 @@ class TransformersForMultimodalLM(CausalShell):
         embeds = self.model.get_input_embeddings()(ids)
         for name in MEDIA_VOCAB_EMBEDDERS.get(self.hf_config.model_type, ()):
             embedder = getattr(self.model, name)
-            own = (input_ids >= embedder.vocab_offset) & (input_ids < embedder.vocab_offset + embedder.vocab_size)
-            if own.any():
-                embeds[own] = embedder(input_ids=input_ids[own][None])[0].to(embeds.dtype)
+            last = embedder.vocab_offset + embedder.vocab_size - 1
+            own = (input_ids >= embedder.vocab_offset) & (input_ids <= last)
+            # As HF: every row through the embedder (other rows as its last id), no branch on values (decode traces)
+            media = embedder(input_ids=torch.where(own, input_ids, last)[None])[0]
+            embeds = torch.where(own[:, None], media.to(embeds.dtype), embeds)
         inputs: dict[str, Any] = {"inputs_embeds": embeds[None]}
         if getattr(self.decoder, "hidden_size_per_layer_input", None):  # Gemma 3n / 4: per-layer embeddings by id
             pad = self.text_config.pad_token_id  # what HF looks them up with at the media rows
