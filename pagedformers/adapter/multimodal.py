@@ -91,6 +91,9 @@ IMAGE_REFUSALS = {
                 "self-attention): the paged KV cache serves decoder-only self-attention",
     "pi0": "it is a vision-language-action model: PaliGemma's backbone conditions a flow-matching action expert "
            "that denoises robot actions (PI0ForConditionalGeneration has no language-model head), not text",
+    "pp_formulanet": "it is an encoder-decoder model (a SAM-style vision encoder over the formula image, whose output "
+                     "an MBart-style text decoder reads through cross-attention): the paged KV cache serves "
+                     "decoder-only self-attention",
     "evolla": "it is a protein-text model: its Llama decoder reads a protein encoder's (SaProt) output through "
               "cross-attention adapters; its inputs are protein sequences, not images",
     "diffusion_gemma": "it is a block-diffusion model (DiffusionGemmaForBlockDiffusion): an encoder caches the "

@@ -81,6 +81,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
     "lfm2_moe": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
     "gemma3n_text": dict(num_kv_shared_layers=2),  # the last two layers reuse the K/V of earlier ones
+    # MobileNetV5 (timm) at 1/32 of its channels; its multi-scale fusion stays 2048 wide (tiny_vlms._gemma3n)
+    "gemma3n": dict(vision_config=dict(model_args={"channel_multiplier": 0.03125}, hidden_size=2048)),
     "dots1": dict(n_shared_experts=1, num_experts_per_tok=2),
     "deepseek_v2": dict(num_experts_per_tok=2),
     "dots3_note_text": dict(head_dim=24),  # its sliding layers: qk_nope_head_dim + qk_rope_head_dim

@@ -739,7 +739,7 @@ def _deepseek_ocr2(path: Path, seed: int) -> str:
 
 
 def _gemma3n(path: Path, seed: int) -> str:
-    """Gemma 3n: MobileNetV5's encoder (timm; channels x 1/16, its multi-scale fusion still 2048 wide at 16x16)
+    """Gemma 3n: MobileNetV5's encoder (timm; channels x 1/32, its multi-scale fusion still 2048 wide at 16x16)
     over 64x64 images: 256 soft tokens an image between <start_of_image> and <end_of_image>, embedded by the vision
     embedder; the token ids keep Gemma 3n's layout: text, then a vision vocabulary (<end_of_image>, the image token:
     ids the vision embedder embeds), then an audio one (the audio embedder's); language model with per-layer
@@ -756,7 +756,7 @@ def _gemma3n(path: Path, seed: int) -> str:
                          eoi_token_id=tok.eoi_token_id, image_token_id=tok.image_token_id,
                          boa_token_id=tok.boa_token_id, eoa_token_id=tok.eoa_token_id,
                          audio_token_id=tok.audio_token_id,
-                         vision_config=dict(model_args={"channel_multiplier": 0.0625}, vocab_size=4,
+                         vision_config=dict(model_args={"channel_multiplier": 0.03125}, vocab_size=4,
                                             vocab_offset=vision_offset, hidden_size=2048),
                          audio_config=dict(vocab_size=4, vocab_offset=audio_offset))
     images = transformers.SiglipImageProcessorPil(size={"height": 64, "width": 64})
