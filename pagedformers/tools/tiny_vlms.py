@@ -257,15 +257,23 @@ def _vipllava(path: Path, seed: int) -> str:
     """CLIP over 28x28 crops in 14x14 patches (4 <image> a crop, CLS dropped), features of three layers
     concatenated (vision_feature_layer, a list) into a layer-normed projector; LlavaProcessor, as the Hub's
     vip-llava checkpoints ship; Llama language model."""
+    return _with_llava_processor("vipllava", transformers.VipLlavaForConditionalGeneration, path, seed, side=28,
+                                 patch_size=14, strategy="default", vision_feature_layer=[-2, -1, 1],
+                                 vision_config=dict(image_size=28, patch_size=14, num_hidden_layers=2))
+
+
+def _with_llava_processor(family: str, model_cls: type, path: Path, seed: int, side: int, patch_size: int,
+                          strategy: str, **config_kwargs: Any) -> str:
+    """A family whose checkpoints ship LlavaProcessor with a CLIP image processor over side x side images: 4 <image>
+    an image (a CLS token dropped where the strategy is "default")."""
     tok = _tokenizer(image_token="<image>")
-    config = tiny_config("vipllava", len(tok), image_token_index=tok.image_token_id, image_seq_length=4,
-                         vision_feature_layer=[-2, -1, 1],
-                         vision_config=dict(image_size=28, patch_size=14, num_hidden_layers=2))
-    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14,
-                                            vision_feature_select_strategy="default", image_token="<image>",
-                                            num_additional_image_tokens=1)
-    _save(path, transformers.VipLlavaForConditionalGeneration, config, processor, seed)
+    config = tiny_config(family, len(tok), image_token_index=tok.image_token_id, image_seq_length=4, **config_kwargs)
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": side},
+                                                crop_size={"height": side, "width": side})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=patch_size,
+                                            vision_feature_select_strategy=strategy, image_token="<image>",
+                                            num_additional_image_tokens=int(strategy == "default"))
+    _save(path, model_cls, config, processor, seed)
     return tok.image_token
 
 
@@ -981,16 +989,10 @@ def _fast_vlm(path: Path, seed: int) -> str:
     attention) over 128x128 images, downsampled 64x: 2x2 features of 256 channels, projected to 4 <image> an image
     (all of them: strategy "full"); LlavaProcessor with a CLIP image processor, as the Hub's FastVLM checkpoints ship
     (transformers maps no processor to fast_vlm); Qwen2 language model. Needs timm."""
-    tok = _tokenizer(image_token="<image>")
     timm_args = dict(inference_mode=True, layers=[1, 1, 1, 1, 1], embed_dims=[8, 16, 32, 64, 128])
-    config = tiny_config("fast_vlm", len(tok), image_token_index=tok.image_token_id, image_seq_length=4,
-                         vision_config=dict(architecture="fastvit_mci3", hidden_size=256, model_args=timm_args))
-    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128})
-    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=64,
-                                            vision_feature_select_strategy="full", image_token="<image>",
-                                            num_additional_image_tokens=0)
-    _save(path, transformers.FastVlmForConditionalGeneration, config, processor, seed)
-    return tok.image_token
+    return _with_llava_processor("fast_vlm", transformers.FastVlmForConditionalGeneration, path, seed, side=128,
+                                 patch_size=64, strategy="full",
+                                 vision_config=dict(architecture="fastvit_mci3", hidden_size=256, model_args=timm_args))
 
 
 def _lfm3_vl(path: Path, seed: int) -> str:
