@@ -6,9 +6,11 @@ the trunk, its head the head. Only the language model attends through the paged 
 encoders attend within one image or clip and keep nothing, so their sub-configs keep transformers'
 own attention (sdpa or eager), and the KV-shape probe, a text-only pass, sees decoder layers only.
 
-Images: the base model's `get_image_features` (the call HF `generate` makes) runs once per request,
-at the first prefill chunk holding its placeholders; its features replace the token embeddings at
-the placeholder rows, as HF's own merge does, and later chunks of the prompt take their slice.
+Media: the base model's `get_image_features` / `get_video_features` (the calls HF `generate` makes)
+run once per request, at the first prefill chunk holding its placeholders; their features replace
+the token embeddings at the placeholder rows (merged in placeholder order where a prompt has both),
+as HF's own merge does, and later chunks of the prompt take their slice. The family tables below
+say where a family departs from that, each with why.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ SLIDING_ONLY_GROUPS = {"gemma4": ("use_bidirectional_attention", "vision")}
 # unified's forward hands its block_sequence_ids to transformers' generic create_masks_for_generate, which ORs them
 # over each layer's mask, full-attention layers and sliding windows included (5.23; only its static-cache
 # create_masks_for_generate keeps them to sliding layers, windowed).
-GATED_IMAGE_GROUPS = {"gemma4_unified": ("use_bidirectional_attention", "vision")}
+WHOLE_IMAGE_GROUPS = {"gemma4_unified": ("use_bidirectional_attention", "vision")}
 # Why a family cannot take images yet, where more is known than "not checked against transformers".
 IMAGE_REFUSALS = {
     "shieldgemma2": "it is an image classifier (ShieldGemma2ForImageClassification: the yes/no logits of the last "
@@ -217,7 +219,6 @@ def is_prefix_lm(hf_config: PretrainedConfig) -> bool:
 # Families whose model adds the image features to the placeholder tokens' own embeddings (a residual: Molmo2's
 # masked_scatter of embeddings + features), where the others put the features in their place.
 FEATURES_ADDED = frozenset({"molmo2"})
-# Families whose prompt the processor cannot lay out from precomputed features (deepstack: no_precomputed_features).
 # Families whose processor frames each image with marker tokens whose embeddings come from the encoder too, one per
 # marker id and the same for every image: config attribute listing the ids -> get_image_features' output field
 # holding their embeddings, in that order (Ovis2: the visual table's last rows, its "visual indicators").
@@ -229,6 +230,8 @@ SUPPRESSED_TOKENS = {"chameleon": ("vocabulary_map", "IMGIMG")}
 # vocab_offset + vocab_size ids), not with the text table: Gemma 3n's <end_of_image> and the like. Every step of
 # theirs goes to the language model as embeddings.
 MEDIA_VOCAB_EMBEDDERS = {"gemma3n": ("embed_vision", "embed_audio")}
+# Families whose prompt cannot be laid out from precomputed features, or whose language model reads more of the
+# encoder than the features at the image tokens (deepstack in general: no_precomputed_features).
 NO_PRECOMPUTED_FEATURES = {
     "ovis2": "its language model also takes the encoder's visual-indicator embeddings at the tokens framing each "
              "image",
@@ -266,7 +269,7 @@ def bidirectional_ranges(hf_config: PretrainedConfig, token_type_ids: list[int] 
     several runs ("all_images": the span from the first image token to the last, prefilled in one step), the runs
     whose tokens do, the text between them causal (else [])."""
     kind = BIDIRECTIONAL_GROUPS.get(hf_config.model_type)
-    rule = SLIDING_ONLY_GROUPS.get(hf_config.model_type) or GATED_IMAGE_GROUPS.get(hf_config.model_type)
+    rule = SLIDING_ONLY_GROUPS.get(hf_config.model_type) or WHOLE_IMAGE_GROUPS.get(hf_config.model_type)
     if kind is None and rule:
         kind = "images" if getattr(hf_config.get_text_config(), rule[0], None) == rule[1] else None
     if kind is None:
@@ -292,8 +295,14 @@ def video_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in VIDEO_FAMILIES:
         return None
+    if hf_config.get_text_config() is hf_config and not _has_encoders(hf_config):
+        return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
     return (f"video inputs are not supported for {family}: only {', '.join(sorted(VIDEO_FAMILIES))} are checked "
             "against transformers with videos so far")
+
+
+def _has_encoders(hf_config: PretrainedConfig) -> bool:
+    return any(part in key for key in getattr(hf_config, "sub_configs", {}) for part in ENCODER_KEYS)
 
 
 def image_support(hf_config: PretrainedConfig) -> str | None:
@@ -301,8 +310,7 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in IMAGE_FAMILIES:
         return None
-    has_encoders = any(part in key for key in getattr(hf_config, "sub_configs", {}) for part in ENCODER_KEYS)
-    if hf_config.get_text_config() is hf_config and not has_encoders:
+    if hf_config.get_text_config() is hf_config and not _has_encoders(hf_config):
         return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
     reason = IMAGE_REFUSALS.get(family, f"only {', '.join(sorted(IMAGE_FAMILIES))} are checked against "
                                         "transformers so far")
@@ -484,13 +492,19 @@ class TransformersForMultimodalLM(CausalShell):
         features of the same shape where the encoder gives them (Qwen3-VL)."""
         if "image_embeds" in inputs.data:  # precomputed by the user (multimodal_processor.py)
             return (inputs.data["image_embeds"].to(device=self.config.device.device, dtype=self.config.model.dtype),)
-        if len(inputs.modalities) == 1:
-            return self.encode_one(next(iter(inputs.modalities)), inputs.data, len(inputs.placeholders),
-                                   inputs.markers)
-        by_modality = {m: (self.encode_one(m, inputs.data, len(indices)), indices)
+        def markers_of(indices: list[int]) -> list[int]:
+            return [inputs.markers[i] for i in indices] if inputs.markers else []
+
+        by_modality = {m: (self.encode_one(m, inputs.data, len(indices), markers_of(indices)), indices)
                        for m, indices in inputs.modalities.items()}
+        if len(by_modality) == 1:
+            return next(iter(by_modality.values()))[0]
+        levels = {len(features) for features, _ in by_modality.values()}
+        if len(levels) != 1:
+            raise ValueError(f"the image and video encoders gave {sorted(levels)} feature levels (deepstack): they "
+                             "cannot be merged")
         merged = []
-        for level in range(min(len(features) for features, _ in by_modality.values())):
+        for level in range(levels.pop()):
             first = next(iter(by_modality.values()))[0][level]
             rows = first.new_empty(len(inputs.placeholders), first.shape[-1])
             for features, indices in by_modality.values():
@@ -518,7 +532,7 @@ class TransformersForMultimodalLM(CausalShell):
             main = torch.zeros_like(_flat(deep[0]))
         else:  # the encoder's output is the features (Fuyu's patch projection, which HF's forward reads there)
             main = _flat(out.last_hidden_state)
-        if (projector := _projector_after_features(self.model)) is not None:
+        if (projector := _projector_after_features(self.model, f"get_{modality}_features")) is not None:
             main = projector(main)
         features = [main, *(_flat(f) for f in deep)]
         if markers:
@@ -572,25 +586,28 @@ def marker_ids(hf_config: PretrainedConfig) -> list[int]:
 def _with_markers(features: torch.Tensor, marker_embeds: torch.Tensor, markers: list[int]) -> torch.Tensor:
     """One row per placeholder: the image features in order where markers[i] is -1, else that marker's embedding."""
     index = torch.tensor(markers, device=features.device)
+    if int((index < 0).sum()) != features.shape[0]:
+        raise ValueError(f"the encoder gave {features.shape[0]} feature rows for {int((index < 0).sum())} image "
+                         "tokens between the prompt's markers")
     out = marker_embeds.to(features.dtype)[index.clamp(min=0)]
     out[index < 0] = features
     return out
 
 
-def _projector_after_features(model: nn.Module) -> nn.Module | None:
-    """The model's multi_modal_projector where its get_image_features does not apply it: HF's forward then projects
-    the features itself (Llama 4: get_image_features is the vision model's output)."""
+def _projector_after_features(model: nn.Module, encoder: str) -> nn.Module | None:
+    """The model's multi_modal_projector where its `encoder` (get_image_features) does not apply it: HF's forward
+    then projects the features itself (Llama 4: get_image_features is the vision model's output)."""
     projector = getattr(model, "multi_modal_projector", None)
-    if not isinstance(projector, nn.Module) or _applies_projector(type(model)):
+    if not isinstance(projector, nn.Module) or _applies_projector(type(model), encoder):
         return None
     return projector
 
 
 @functools.cache
-def _applies_projector(cls: type) -> bool:
-    """Whether `cls.get_image_features` names its multi_modal_projector (unreadable source: assume it does)."""
+def _applies_projector(cls: type, encoder: str) -> bool:
+    """Whether `cls.<encoder>` names its multi_modal_projector (unreadable source: assume it does)."""
     try:
-        return "multi_modal_projector" in inspect.getsource(cls.get_image_features)
+        return "multi_modal_projector" in inspect.getsource(getattr(cls, encoder))
     except (OSError, TypeError, AttributeError):
         return True
 

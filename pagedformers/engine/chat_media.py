@@ -73,8 +73,11 @@ def _video(part: dict[str, Any], kind: str, where: str) -> tuple[Any, dict[str, 
     value = part.get(kind)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
-        return videos(value, where)[0]
-    return decode_video(_data_url_bytes(url, kind, where, "video/mp4"), where)
+        given = videos(value, where, allow_paths=False)  # a chat request never names a file on this machine
+        if len(given) != 1:
+            raise ValueError(f"{where}: a video part holds one video; got {len(given)}")
+        return given[0]
+    return decode_video(data_url_bytes(url, kind, where, "video/mp4"), where)
 
 
 def _image(part: dict[str, Any], kind: str, where: str) -> Image.Image:
@@ -84,15 +87,16 @@ def _image(part: dict[str, Any], kind: str, where: str) -> Image.Image:
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
         raise ValueError(f"{where}: {kind} needs a PIL image or a URL")
+    payload = data_url_bytes(url, kind, where, "image/png")  # its refusals name the URL's fault themselves
     try:
-        image = Image.open(io.BytesIO(_data_url_bytes(url, kind, where, "image/png")))
+        image = Image.open(io.BytesIO(payload))
         image.load()
     except (ValueError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{where}: the image does not decode ({type(e).__name__}: {e})") from None
     return image.convert("RGB")
 
 
-def _data_url_bytes(url: str, kind: str, where: str, example_type: str) -> bytes:
+def data_url_bytes(url: str, kind: str, where: str, example_type: str) -> bytes:
     """A base64 data: URL's bytes (the server fetches http(s) and file:// URLs before they come here)."""
     if not url.startswith("data:"):
         raise ValueError(f"{where}: only data: URLs (data:{example_type};base64,...) are taken here; the server "

@@ -15,8 +15,8 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal import (
-    GATED_IMAGE_GROUPS,
     SLIDING_ONLY_GROUPS,
+    WHOLE_IMAGE_GROUPS,
     bidirectional_ranges,
     image_support,
     language_model_inputs,
@@ -87,7 +87,7 @@ class MultiModalProcessor:
         media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
                                  bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
                                  bidirectional_runs=runs, token_inputs=token_inputs,
-                                 bidirectional_past_window=hf_config.model_type in GATED_IMAGE_GROUPS,
+                                 bidirectional_past_window=hf_config.model_type in WHOLE_IMAGE_GROUPS,
                                  markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
@@ -104,6 +104,9 @@ class MultiModalProcessor:
             # One prompt's images: one image as itself (GOT-OCR2's processor takes nested lists for pages only)
             media["images"] = images[0] if len(images) == 1 else [images]
         if "video" in data:
+            if getattr(self.processor, "video_processor", None) is None:  # loaded image-only (loading/processor.py)
+                raise ValueError(f"{name}: video inputs need the processor's video half, which needs torchvision "
+                                 "(pip install 'pagedformers[video]')")
             clips = videos(data["video"], name)
             media["videos"] = [frames for frames, _ in clips]
             metadata = [m for _, m in clips if m is not None]
@@ -127,7 +130,7 @@ class MultiModalProcessor:
                                  "model's image placeholder in the prompt text")
             return placeholders, {"image": list(range(len(placeholders)))}
         token_of = {m: _media_token_id(self.config, m) for m in modalities}
-        # Ovis2's image markers take the encoder's embeddings too: placeholders of the image's
+        # Ovis2's image markers take the encoder's embeddings too: they are placeholders of the image modality
         markers = marker_ids(self.config.model.hf_config)
         ids_of = {m: {t, *(markers if m == "image" else ())} for m, t in token_of.items()}
         placeholders = [i for i, t in enumerate(token_ids) if any(t in ids for ids in ids_of.values())]

@@ -133,3 +133,15 @@ def test_the_server_takes_video_url_parts(tiny_qwen2_vl, tmp_path):
             wait_until_idle(url, engine)
     finally:
         engine.shutdown()
+
+
+def test_a_chat_video_part_never_names_a_file(tiny_qwen2_vl, tmp_path):
+    """A chat request's video part is frames or a data: URL: a path in it (which the server would otherwise read
+    from its own disk) is refused by name, as is a part holding several videos."""
+    (tmp_path / "clip.mp4").write_bytes(_mp4(_frames(5)))
+    llm = LLM(tiny_qwen2_vl, dtype="float32")
+    for given in (str(tmp_path / "clip.mp4"), [str(tmp_path / "clip.mp4")], ([str(tmp_path / "clip.mp4")], None)):
+        with pytest.raises(ValueError, match=r"messages\[0\].content\[1\].*(not a file path|data: URLs)"):
+            llm.chat(_conversation({"type": "video", "video": given}), GREEDY, chat_template=TEMPLATE)
+    with pytest.raises(ValueError, match="a video part holds one video; got 2"):
+        llm.chat(_conversation({"type": "video", "video": [_frames(1), _frames(2)]}), GREEDY, chat_template=TEMPLATE)

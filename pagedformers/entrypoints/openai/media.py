@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from pagedformers.engine.chat_media import data_url_bytes
 from pagedformers.engine.video import decode_video
 from pagedformers.entrypoints.openai.errors import OpenAIError
 
@@ -46,11 +47,11 @@ async def fetch_media(messages: list[dict[str, Any]], policy: MediaPolicy) -> li
                 continue
             parts = []
             for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
                 url = _remote_url(part)
                 if url is None:
-                    parts.append(part)
+                    parts.append(await _decoded_data_video(part, where))
                     continue
-                where = f"messages[{i}].content[{j}]"
                 data = await _read(client, url, policy, where)
                 if part["type"] == "video_url":
                     parts.append({"type": "video", "video": await asyncio.to_thread(_decode_video, data, where)})
@@ -58,6 +59,20 @@ async def fetch_media(messages: list[dict[str, Any]], policy: MediaPolicy) -> li
                     parts.append({"type": "image_pil", "image_pil": _decode(data, where)})
             out.append({**message, "content": parts})
     return out
+
+
+async def _decoded_data_video(part: Any, where: str) -> Any:
+    """A `video_url` part with a data: URL decoded in a thread (a `video` part), not on the event loop later; any
+    other part as it is."""
+    value = part.get("video_url") if isinstance(part, dict) and part.get("type") == "video_url" else None
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.startswith("data:"):
+        return part
+    try:
+        video = await asyncio.to_thread(decode_video, data_url_bytes(url, "video_url", where, "video/mp4"), where)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, "messages") from None
+    return {"type": "video", "video": video}
 
 
 def _remote_url(part: Any) -> str | None:
