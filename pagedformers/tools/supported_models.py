@@ -23,7 +23,7 @@ from transformers.models.auto import modeling_auto as auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pagedformers.adapter.compat import non_attention_layers, state_layers
-from pagedformers.adapter.multimodal import image_support
+from pagedformers.adapter.multimodal import IMAGE_REFUSALS, image_support
 from pagedformers.config.engine_config import is_multimodal_config
 from pagedformers.native_overrides import NATIVE_MODELS
 from pagedformers.tools.tiny_configs import tiny_config
@@ -113,8 +113,9 @@ def _images(config: transformers.PretrainedConfig) -> str:
     reason = image_support(config)
     if reason is None:
         return "yes"
-    return "text only: " + ("bidirectional image attention" if "bidirectional" in reason else
-                            "cross-attention" if "cross-attention" in reason else "not checked against HF yet")
+    if config.model_type in IMAGE_REFUSALS:  # its reason is a sentence: the multimodal table gives it
+        return "text only: why in conformance_multimodal.md"
+    return "text only: not checked against HF yet"
 
 
 def _pooling(model_type: str, config: transformers.PretrainedConfig) -> str:
