@@ -28,7 +28,7 @@ from pagedformers.pooling_params import TASKS_BY_HEAD, PoolingParams
 from pagedformers.sampling_params import SamplingParams
 
 # "text", [token ids], {"prompt_token_ids": [...], "prompt": text?, "token_type_ids": [...]?},
-# {"prompt": text}, or {"prompt": text with placeholders, "multi_modal_data": {"image": ...}} (vLLM's shapes)
+# {"prompt": text}, or {"prompt": text with placeholders, "multi_modal_data": {"image": ..., "video": ...}} (vLLM's)
 PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
 Params = SamplingParams | PoolingParams
@@ -108,8 +108,9 @@ class InputProcessor:
     def chat_prompt(self, conversation: Conversation, chat_template: str | None = None,
                     add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
                     name: str = "The conversation", tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}; with images,
-        {"prompt": text, "multi_modal_data": {"image": [...]}} through the model's processor's template. `tools`
+        """The conversation through the chat template: {"prompt": text, "prompt_token_ids": ids}; with images or
+        videos, {"prompt": text, "multi_modal_data": {"image": [...], "video": [...]}} through the model's processor's
+        template. `tools`
         (OpenAI's function definitions) are the template's to render; one that ignores them is refused."""
         if media_kinds(conversation):
             if tools:
@@ -271,5 +272,6 @@ def _text_message(message: dict[str, Any], name: str) -> dict[str, Any]:
     kinds = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
     if kinds or not all(isinstance(part, dict) for part in content):
         raise InvalidRequest(f"{name} has content of type {kinds or ['non-object']}; chat messages take text, and "
-                             "images (image_url, image_pil, image) for models that take images", "messages")
+                             "images (image_url, image_pil, image) and videos (video_url, video) for models that "
+                             "take them", "messages")
     return {**message, "content": "\n".join(part.get("text", "") for part in content)}

@@ -1,8 +1,8 @@
-"""Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`), through the HF processor
-(for the input processor, input_processor.py).
+"""Prompts with media (vLLM's `{"prompt": ..., "multi_modal_data": {"image": ..., "video": ...}}`), through the HF
+processor (for the input processor, input_processor.py).
 
 The checkpoint's own processor (loading/processor.py) expands each placeholder in the prompt into the
-model's number of image tokens and prepares the encoder's tensors, exactly as for HF `generate`.
+model's number of image (video) tokens and prepares the encoders' tensors, exactly as for HF `generate`.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ class MultiModalProcessor:
 
     def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None, add_generation_prompt: bool,
                     template_kwargs: dict[str, Any] | None) -> str:
-        """Messages with {"type": "image"} parts through the processor's chat template (or `chat_template`)."""
+        """Messages with {"type": "image"} / {"type": "video"} parts through the processor's chat template (or
+        `chat_template`)."""
         if chat_template is None and not getattr(self.processor, "chat_template", None):
             raise ValueError("the model's processor has no chat template for messages with images: pass one "
                              "(chat_template=, --chat-template), or send the prompt with multi_modal_data")

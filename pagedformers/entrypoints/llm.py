@@ -81,8 +81,9 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Prompts are text, token ids, {"prompt_token_ids": [...]}, or {"prompt": text with image placeholders,
-        "multi_modal_data": {"image": PIL image or a list of them}} (the model's processor expands them).
+        """Prompts are text, token ids, {"prompt_token_ids": [...]}, or {"prompt": text with media placeholders,
+        "multi_modal_data": {"image": PIL image or a list of them, "video": frames, a file path or a list of them}}
+        (the model's processor expands them).
         `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt."""
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams)
