@@ -44,7 +44,8 @@ IMAGE_FAMILIES = frozenset({
     "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2", "glmga", "pp_chart2table",
     "glm4v_moe", "qwen3_5", "qwen3_5_moe", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
     "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4",
-    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n"})
+    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n", "minicpmv4_6",
+    "minicpm_ocr"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
@@ -118,10 +119,6 @@ IMAGE_REFUSALS = {
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
-    **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
-                    "neither its base model nor its Qwen3.5 language model (qwen3_5_text) sets "
-                    "`_supports_attention_backend`, so the transformers shell refuses the checkpoint at load (rule 3), "
-                    "text and images alike"),
     **dict.fromkeys(("qwen4_exp", "glm5_next"),
                     "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
                     "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "

@@ -38,9 +38,15 @@ def _tokenizer(**special: str) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens=special)
 
 
-def _save(path: Path, model_cls: type, config: Any, processor: Any, seed: int) -> None:
+def _save(path: Path, model_cls: type, config: Any, processor: Any, seed: int,
+          adjust: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """The random model (`adjust`ed, where its initialisation needs it) and its processor, under `path`."""
     torch.manual_seed(seed)
-    model_cls._from_config(config, dtype=torch.float32).save_pretrained(path)
+    model = model_cls._from_config(config, dtype=torch.float32)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
 
 
@@ -1025,6 +1031,42 @@ def _video_llama_3(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+_MINICPM_TOKENS = dict(image_token="<|image_pad|>", video_token="<|video_pad|>", image_start_token="<image>",
+                       image_end_token="</image>", slice_start_token="<slice>", slice_end_token="</slice>",
+                       image_id_start_token="<image_id>", image_id_end_token="</image_id>")
+
+
+def _minicpm_v(family: str, model_cls: str, processor_cls: str, images_cls: str, video_cls: str):
+    """MiniCPM-V 4.6 / 4.7 / MiniCPM-OCR: a SigLIP-style NaViT tower (4x4 patches here, nearest learned positions)
+    with a window-attention 2x2 merger after its first layer (16x mode; MiniCPM-OCR's 4x mode skips it), then an
+    MLP 2x2 merger: images resized to about 32x32 in 16x mode (16x16 in 4x mode) are about 4 <|image_pad|> between
+    <image> and </image>, after <image_id>N</image_id>; larger images are also cut into up to 4 slices of that size
+    (each between <slice> and </slice>); a Qwen3.5 language model (gated DeltaNet and full attention)."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(**_MINICPM_TOKENS)
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             insert_layer_id=0, text_config=_GATED_DELTANET,
+                             vision_config=dict(patch_size=4, image_size=32, num_hidden_layers=2))
+        # 4x4 merged patches a view: 16x mode merges 4x4 patches into a token, 4x mode 2x2
+        sizes = dict(scale_resolution=32 if config.downsample_mode == "16x" else 16, patch_size=4, max_slice_nums=4)
+        images = getattr(transformers, images_cls)(**sizes, downsample_mode=config.downsample_mode)
+        videos = getattr(transformers, video_cls)(**sizes, downsample_mode=config.downsample_mode)
+        processor = getattr(transformers, processor_cls)(image_processor=images, video_processor=videos,
+                                                         tokenizer=tok)
+        _save(path, getattr(transformers, model_cls), config, processor, seed, _minicpm_feature_scale)
+        return tok.image_token
+
+    return build
+
+
+def _minicpm_feature_scale(model: torch.nn.Module) -> None:
+    """Image features about the size of the token embeddings, as a trained merger gives them: the window merger's
+    hard-coded std-1 init and the 0.2-std MLP merger give features of ~15 against embeddings of ~0.2."""
+    model.model.merger.mlp[-1].linear_2.weight.mul_(0.01)
+    model.model.merger.mlp[-1].linear_2.bias.mul_(0.01)
+
+
 _MOLMO2_TOKENS = {"im_patch": "<im_patch>", "im_col": "<im_col>", "im_start": "<im_start>",
                   "low_res_im_start": "<low_res_im_start>", "frame_start": "<frame_start>", "im_end": "<im_end>",
                   "frame_end": "<frame_end>", "im_low": "<im_low>"}
@@ -1221,6 +1263,10 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
     "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25, "step3p7": _step3p7,
+    "minicpmv4_6": _minicpm_v("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration", "MiniCPMV4_6Processor",
+                              "MiniCPMV4_6ImageProcessorPil", "MiniCPMV4_6VideoProcessor"),
+    "minicpm_ocr": _minicpm_v("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", "MiniCPMOcrProcessor",
+                              "MiniCPMOcrImageProcessor", "MiniCPMOcrVideoProcessor"),
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",
