@@ -1045,8 +1045,12 @@ def _minicpm_v(family: str, model_cls: str, processor_cls: str, images_cls: str,
 
     def build(path: Path, seed: int) -> str:
         tok = _tokenizer(**_MINICPM_TOKENS)
+        # MiniCPM-V 4.7's canvas M-RoPE (get_rope_index) places the markers around each view
+        markers = dict(image_start_id=tok.image_start_token_id, image_end_id=tok.image_end_token_id,
+                       slice_start_id=tok.slice_start_token_id, slice_end_id=tok.slice_end_token_id,
+                       newline_id=tok.convert_tokens_to_ids(tok.tokenize("\n"))[0]) if family == "minicpmv4_7" else {}
         config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-                             insert_layer_id=0, text_config=_GATED_DELTANET,
+                             insert_layer_id=0, text_config=_GATED_DELTANET, **markers,
                              vision_config=dict(patch_size=4, image_size=32, num_hidden_layers=2))
         # 4x4 merged patches a view: 16x mode merges 4x4 patches into a token, 4x mode 2x2
         sizes = dict(scale_resolution=32 if config.downsample_mode == "16x" else 16, patch_size=4, max_slice_nums=4)
@@ -1264,6 +1268,9 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
     "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25, "step3p7": _step3p7,
     "minicpmv4_6": _minicpm_v("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration", "MiniCPMV4_6Processor",
+                              "MiniCPMV4_6ImageProcessorPil", "MiniCPMV4_6VideoProcessor"),
+    # MiniCPM-V 4.7 ships 4.6's image and video processors
+    "minicpmv4_7": _minicpm_v("minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration", "MiniCPMV4_7Processor",
                               "MiniCPMV4_6ImageProcessorPil", "MiniCPMV4_6VideoProcessor"),
     "minicpm_ocr": _minicpm_v("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", "MiniCPMOcrProcessor",
                               "MiniCPMOcrImageProcessor", "MiniCPMOcrVideoProcessor"),
