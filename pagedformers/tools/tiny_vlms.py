@@ -1020,13 +1020,17 @@ def _lfm3_vl(path: Path, seed: int) -> str:
 def _video_llama_3(path: Path, seed: int) -> str:
     """VideoLLaMA 3: SigLIP-style NaViT tower (2-D RoPE) over aspect-preserved images of 28x28 to 56x56 pixels in
     14x14 patches, unmerged for images (merge size 1): one <|image_pad|> a patch, 4-16 an image; Qwen2 language
-    model, 1-D positions. Its video processor (torchvision) is the real one."""
+    model, 1-D positions. Its video processor (torchvision) is the real one: frames of at least 56x56 pixels, 2x2
+    merged (4 or more <|video_pad|> a frame), each after its timestamp; it samples 2 frames a second (all 4 here),
+    which records the frame indices the processor reads the timestamps from (HF fails without them)."""
     tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
     config = tiny_config("video_llama_3", len(tok), image_token_id=tok.image_token_id,
                          video_token_id=tok.video_token_id, vision_config=dict(patch_size=14, num_hidden_layers=2))
     images = transformers.VideoLlama3ImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
     processor = transformers.VideoLlama3Processor(image_processor=images, tokenizer=tok,
-                                                  video_processor=transformers.VideoLlama3VideoProcessor())
+                                                  video_processor=transformers.VideoLlama3VideoProcessor(
+                                                      do_sample_frames=True, fps=2,
+                                                      size={"shortest_edge": 56 * 56, "longest_edge": 2 * 56 * 56}))
     _save(path, transformers.VideoLlama3ForConditionalGeneration, config, processor, seed)
     return tok.image_token
 
