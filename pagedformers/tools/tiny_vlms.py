@@ -861,7 +861,9 @@ def _cosmos3_edge(path: Path, seed: int) -> str:
     """Cosmos3 Edge: SigLIP2-style tower (16x16 patches, one frame, a 4x4 learned position grid interpolated) over
     64x64-ish images, 2x2-merged by the projector: 4+ <|image_pad|> an image between <|vision_start|> and
     <|vision_end|> (written by the prompt); interleaved M-RoPE (get_rope_index; sections in tiny_configs.OVERRIDES)
-    in its Llama-style language model."""
+    in its Llama-style language model. Videos: 32x32 frames (one <|video_pad|> each), each after its timestamp,
+    between the vision tokens; the video processor returns the frames' metadata, which the processor reads
+    the timestamps from (Cosmos3EdgeProcessor, unlike Qwen3-VL's, does not ask for it: a KeyError without)."""
     tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
                      vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
     config = tiny_config("cosmos3_edge", len(tok), image_token_id=tok.image_token_id,
@@ -871,7 +873,9 @@ def _cosmos3_edge(path: Path, seed: int) -> str:
     images = transformers.Cosmos3EdgeImageProcessorPil(
         size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2}, patch_size=16, merge_size=2)
     processor = transformers.Cosmos3EdgeProcessor(image_processor=images, tokenizer=tok,
-                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor())
+                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor(
+                                                      size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2},
+                                                      return_metadata=True))
     _save(path, transformers.Cosmos3EdgeForConditionalGeneration, config, processor, seed)
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
