@@ -908,8 +908,11 @@ def _muse_like(family: str, model_cls: str, processor_cls: str, path: Path, seed
                          **(audio_kwargs if audio else {}))
     images = transformers.MuseGlimmerImageProcessor(patch_size=14, merge_size=2, max_image_tokens=6)
     extra = {"feature_extractor": transformers.MuseSparkFeatureExtractor()} if audio else {}
+    # Videos: at most 6 tokens a group of 2 frames; the video processor returns the frames' metadata, which the
+    # processor reads the timestamps from (it does not ask for it itself: a KeyError without)
+    videos = transformers.MuseGlimmerVideoProcessor(max_video_frame_tokens=6, return_metadata=True)
     processor = getattr(transformers, processor_cls)(image_processor=images, tokenizer=tok,
-                                                     video_processor=transformers.MuseGlimmerVideoProcessor(), **extra)
+                                                     video_processor=videos, **extra)
     _save(path, getattr(transformers, model_cls), config, processor, seed)
     return tok.image_token
 
