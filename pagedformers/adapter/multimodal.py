@@ -50,7 +50,7 @@ IMAGE_FAMILIES = frozenset({
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
     "cosmos3_omni", "qwen3_5", "qwen3_5_moe", "video_llama_3", "cosmos3_edge", "muse_glimmer",
-    "muse_spark"})
+    "muse_spark", "perception_lm"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt);
 # "all_images", every image token of the prompt, across runs (Molmo2 puts all media tokens in one block).
@@ -239,6 +239,9 @@ NO_PRECOMPUTED_FEATURES = {
     "ernie4_5_vl_moe": "its MoE layers route the image tokens to vision experts by the processor's "
                        "moe_mm_token_type_ids, which it gives for images only",
 }
+# Families without get_video_features whose forward encodes videos with get_image_features: the processor's video
+# input -> the name get_image_features takes it by (PerceptionLM: its frames as tiles, pixel_values_videos).
+VIDEOS_AS_IMAGES = {"perception_lm": {"pixel_values_videos": "pixel_values"}}
 # Families whose HF generate leaves the positions to the text model, which counts them from its position
 # embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
 # position_ids that generate makes.
@@ -497,7 +500,10 @@ class TransformersForMultimodalLM(CausalShell):
                    markers: list[int] | None = None) -> tuple[torch.Tensor, ...]:
         """The base model's get_{modality}_features on what it reads of `data` -> its features [expected, hidden]
         (and the deepstack ones); with `markers` (MultiModalInputs.markers), the marker embeddings in their rows."""
-        encoder = _encoder(self.model, self.hf_config, f"get_{modality}_features")
+        renamed = VIDEOS_AS_IMAGES.get(self.hf_config.model_type) if modality == "video" else None
+        if renamed:
+            data = {renamed.get(k, k): v for k, v in data.items() if k in renamed}  # the videos' inputs alone
+        encoder = _encoder(self.model, self.hf_config, f"get_{'image' if renamed else modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)

@@ -974,7 +974,8 @@ def _perception_lm(path: Path, seed: int) -> str:
     """PerceptionLM: a timm Perception Encoder (vit_pe_core: 2-D RoPE, CLS dropped) over 32x32 tiles in 8x8 patches
     (16), a 2-layer projector and 2x2 average pooling: 4 <|image|> a tile; an image is a thumbnail plus one tile
     ("thumb+tile" with max_num_tiles 1: the processor stacks a prompt's images into one tensor, so images cut into
-    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower)."""
+    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower). Videos:
+    frames resized to one 32x32 tile each, 4 <|video|> a frame."""
     tok = _tokenizer(image_token="<|image|>", video_token="<|video|>")
     timm_args = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
     config = tiny_config("perception_lm", len(tok), image_token_id=tok.image_token_id,
@@ -982,7 +983,8 @@ def _perception_lm(path: Path, seed: int) -> str:
                          vision_config=dict(model_type="timm_wrapper", architecture="vit_pe_core_tiny_patch16_384",
                                             model_args=timm_args, do_pooling=False))
     images = transformers.PerceptionLMImageProcessor(tile_size=32, max_num_tiles=1, size={"height": 32, "width": 32})
-    processor = transformers.PerceptionLMProcessor(video_processor=transformers.PerceptionLMVideoProcessor(),
+    videos = transformers.PerceptionLMVideoProcessor(size={"height": 32, "width": 32})  # the tower's 32x32
+    processor = transformers.PerceptionLMProcessor(video_processor=videos,
                                                    image_processor=images, tokenizer=tok, patch_size=8,
                                                    pooling_ratio=2)
     _save(path, transformers.PerceptionLMForConditionalGeneration, config, processor, seed)
