@@ -50,7 +50,7 @@ IMAGE_FAMILIES = frozenset({
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
     "cosmos3_omni", "qwen3_5", "qwen3_5_moe", "video_llama_3", "cosmos3_edge", "muse_glimmer",
-    "muse_spark", "perception_lm"})
+    "muse_spark", "perception_lm", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt);
 # "all_images", every image token of the prompt, across runs (Molmo2 puts all media tokens in one block).

@@ -1054,7 +1054,8 @@ def _minicpm_v(family: str, model_cls: str, processor_cls: str, images_cls: str,
     with a window-attention 2x2 merger after its first layer (16x mode; MiniCPM-OCR's 4x mode skips it), then an
     MLP 2x2 merger: images resized to about 32x32 in 16x mode (16x16 in 4x mode) are about 4 <|image_pad|> between
     <image> and </image>, after <image_id>N</image_id>; larger images are also cut into up to 4 slices of that size
-    (each between <slice> and </slice>); a Qwen3.5 language model (gated DeltaNet and full attention)."""
+    (each between <slice> and </slice>); a Qwen3.5 language model (gated DeltaNet and full attention). Videos: each
+    frame is such an image, of <|video_pad|> tokens (the real video processors, frames sampled by their fps)."""
 
     def build(path: Path, seed: int) -> str:
         tok = _tokenizer(**_MINICPM_TOKENS)
