@@ -51,6 +51,17 @@ VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
     "cosmos3_omni", "qwen3_5", "qwen3_5_moe", "video_llama_3", "cosmos3_edge", "muse_glimmer",
     "muse_spark", "perception_lm", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
+# Why a family cannot take videos yet, where more is known than "not checked against transformers".
+VIDEO_REFUSALS = {
+    **dict.fromkeys(("glm4v", "glm46v", "glm_ocr", "glm4v_moe", "glmga"),
+                    "its processor writes a video's frames with the image token (<|image|>, between the video's "
+                    "start and end tokens) and its model's get_placeholder_mask takes every such token for images "
+                    "and for videos alike, so a prompt with both an image and a video fails in HF generate too "
+                    "(features and tokens do not match)"),
+    "minimax_m3_vl": "its processor turns the video processor's resizing off (videos_kwargs do_resize=False): frames "
+                     "must come already sized in multiples of 28 pixels, and others fail in the processor, HF's too",
+    "molmo2": "its processor takes at most one video a prompt",
+}
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt);
 # "all_images", every image token of the prompt, across runs (Molmo2 puts all media tokens in one block).
@@ -290,6 +301,8 @@ def video_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in VIDEO_FAMILIES:
         return None
+    if family in VIDEO_REFUSALS:
+        return f"video inputs are not supported for {family}: {VIDEO_REFUSALS[family]}"
     return (f"video inputs are not supported for {family}: only {', '.join(sorted(VIDEO_FAMILIES))} are checked "
             "against transformers with videos so far")
 
