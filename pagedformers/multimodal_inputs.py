@@ -33,9 +33,10 @@ class MultiModalInputs:
     bidirectional_past_window: bool = False  # ... whole, a sliding window not cutting them (Gemma 4 unified's)
     # M-RoPE (Qwen2-VL family): the prompt's 3-D positions [3, prompt_len] (time, height, width: an image's
     # tokens share a time and walk its grid), and how far the positions after the prompt lie from the
-    # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them.
+    # sequence index (the largest prompt position + 1 - prompt_len), as the model's get_rope_index gives them; one
+    # per axis where they differ (a prompt ending in MiniCPM-V 4.7's image: multimodal_processor._continuation).
     mrope_positions: torch.Tensor | None = None
-    mrope_delta: int = 0
+    mrope_delta: int | tuple[int, ...] = 0
     # Per-token inputs the language model's forward takes beside the tokens, [prompt_len] each, as the processor
     # gives them (ERNIE-4.5-VL's moe_mm_token_type_ids: which tokens its MoE layers route to vision experts).
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -46,11 +46,24 @@ IMAGE_FAMILIES = frozenset({
     "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2", "glmga", "pp_chart2table",
     "glm4v_moe", "qwen3_5", "qwen3_5_moe", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
     "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4",
-    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n"})
+    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n",
+    "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
-    "cosmos3_omni"})
+    "cosmos3_omni", "qwen3_5", "qwen3_5_moe", "video_llama_3", "cosmos3_edge", "muse_glimmer",
+    "muse_spark", "perception_lm", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
+# Why a family cannot take videos yet, where more is known than "not checked against transformers".
+VIDEO_REFUSALS = {
+    **dict.fromkeys(("glm4v", "glm46v", "glm_ocr", "glm4v_moe", "glmga"),
+                    "its processor writes a video's frames with the image token (<|image|>, between the video's "
+                    "start and end tokens) and its model's get_placeholder_mask takes every such token for images "
+                    "and for videos alike, so a prompt with both an image and a video fails in HF generate too "
+                    "(features and tokens do not match)"),
+    "minimax_m3_vl": "its processor turns the video processor's resizing off (videos_kwargs do_resize=False): frames "
+                     "must come already sized in multiples of 28 pixels, and others fail in the processor, HF's too",
+    "molmo2": "its processor takes at most one video a prompt",
+}
 # Families whose prompt tokens attend both ways within groups (transformers' blockwise mask from the processor's
 # token_type_ids): "images", each run of image tokens (type 1); "prefix", the prefix (type 0, the whole prompt);
 # "all_images", every image token of the prompt, across runs (Molmo2 puts all media tokens in one block).
@@ -123,10 +136,6 @@ IMAGE_REFUSALS = {
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
-    **dict.fromkeys(("minicpmv4_6", "minicpmv4_7", "minicpm_ocr"),
-                    "neither its base model nor its Qwen3.5 language model (qwen3_5_text) sets "
-                    "`_supports_attention_backend`, so the transformers shell refuses the checkpoint at load (rule 3), "
-                    "text and images alike"),
     **dict.fromkeys(("qwen4_exp", "glm5_next"),
                     "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
                     "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
@@ -247,6 +256,9 @@ NO_PRECOMPUTED_FEATURES = {
     "ernie4_5_vl_moe": "its MoE layers route the image tokens to vision experts by the processor's "
                        "moe_mm_token_type_ids, which it gives for images only",
 }
+# Families without get_video_features whose forward encodes videos with get_image_features: the processor's video
+# input -> the name get_image_features takes it by (PerceptionLM: its frames as tiles, pixel_values_videos).
+VIDEOS_AS_IMAGES = {"perception_lm": {"pixel_values_videos": "pixel_values"}}
 # Families whose HF generate leaves the positions to the text model, which counts them from its position
 # embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
 # position_ids that generate makes.
@@ -297,6 +309,8 @@ def video_support(hf_config: PretrainedConfig) -> str | None:
         return None
     if hf_config.get_text_config() is hf_config and not _has_encoders(hf_config):
         return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
+    if family in VIDEO_REFUSALS:
+        return f"video inputs are not supported for {family}: {VIDEO_REFUSALS[family]}"
     return (f"video inputs are not supported for {family}: only {', '.join(sorted(VIDEO_FAMILIES))} are checked "
             "against transformers with videos so far")
 
@@ -516,7 +530,10 @@ class TransformersForMultimodalLM(CausalShell):
                    markers: list[int] | None = None) -> tuple[torch.Tensor, ...]:
         """The base model's get_{modality}_features on what it reads of `data` -> its features [expected, hidden]
         (and the deepstack ones); with `markers` (MultiModalInputs.markers), the marker embeddings in their rows."""
-        encoder = _encoder(self.model, self.hf_config, f"get_{modality}_features")
+        renamed = VIDEOS_AS_IMAGES.get(self.hf_config.model_type) if modality == "video" else None
+        if renamed:
+            data = {renamed.get(k, k): v for k, v in data.items() if k in renamed}  # the videos' inputs alone
+        encoder = _encoder(self.model, self.hf_config, f"get_{'image' if renamed else modality}_features")
         params = inspect.signature(encoder).parameters
         device, dtype = self.config.device.device, self.config.model.dtype
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)

@@ -27,7 +27,7 @@ class Chunk:
     request_id: str = ""  # keys the request's state in workers of conv / linear-attention hybrids
     multi_modal: MultiModalInputs | None = None  # the request's media, on chunks that hold its placeholders
     lora_slot: int = -1  # the LoRA slot its adapter sits in (-1: the base model)
-    mrope_delta: int = 0  # M-RoPE: past the prompt, a token's 3 positions are its index + this (the media's)
+    mrope_delta: int | tuple[int, ...] = 0  # M-RoPE: past the prompt, a token's positions are its index + this
 
     @property
     def is_decode(self) -> bool:
@@ -133,7 +133,7 @@ def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) 
     for c, prompt in zip(chunks, media):
         index = positions[start:start + len(c.token_ids)]
         start += len(c.token_ids)
-        shifted = (index + c.mrope_delta).expand(axes, -1)
+        shifted = (index + torch.tensor(c.mrope_delta).reshape(-1, 1)).expand(axes, -1)  # one delta, or one an axis
         if prompt is not None:  # the chunk's rows up to the prompt's end take the prompt's positions
             within = prompt[:, c.start:c.start + len(c.token_ids)]
             shifted = torch.cat([within, shifted[:, within.shape[1]:]], dim=1)

@@ -93,7 +93,7 @@ class MultiModalProcessor:
             params = inspect.signature(self._rope_index).parameters
             positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()
                                                                      if k in params and k != "input_ids"})
-            media.mrope_positions, media.mrope_delta = positions[:, 0], int(delta)
+            media.mrope_positions, media.mrope_delta = positions[:, 0], _continuation(positions[:, 0], int(delta))
         return token_ids, media
 
     def _process(self, text: str, data: dict[str, Any], special: bool, name: str) -> dict[str, Any]:
@@ -210,6 +210,15 @@ class MultiModalProcessor:
             model = self.config.model
             self._processor = load_processor(model.tokenizer_path, model.hf_config.model_type, model.trust_remote_code)
         return self._processor
+
+
+def _continuation(positions: torch.Tensor, delta: int) -> int | tuple[int, ...]:
+    """How far each M-RoPE axis of the tokens after the prompt lies from their index: HF `generate` goes on from the
+    prompt's last position, each axis + 1 a token (5.23's _update_model_kwargs_for_generation). Where the prompt
+    ends in text that is get_rope_index's `delta` on every axis; MiniCPM-V 4.7's canvas pins a view's closing
+    marker at its far corner, so a prompt ending in an image goes on from there, each axis its own."""
+    last = positions[:, -1] - (positions.shape[1] - 1)
+    return delta if (last == delta).all() else tuple(last.tolist())
 
 
 def _media_token_id(config: EngineConfig, modality: str) -> int:

@@ -38,9 +38,15 @@ def _tokenizer(**special: str) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens=special)
 
 
-def _save(path: Path, model_cls: type, config: Any, processor: Any, seed: int) -> None:
+def _save(path: Path, model_cls: type, config: Any, processor: Any, seed: int,
+          adjust: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """The random model (`adjust`ed, where its initialisation needs it) and its processor, under `path`."""
     torch.manual_seed(seed)
-    model_cls._from_config(config, dtype=torch.float32).save_pretrained(path)
+    model = model_cls._from_config(config, dtype=torch.float32)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
 
 
@@ -863,7 +869,9 @@ def _cosmos3_edge(path: Path, seed: int) -> str:
     """Cosmos3 Edge: SigLIP2-style tower (16x16 patches, one frame, a 4x4 learned position grid interpolated) over
     64x64-ish images, 2x2-merged by the projector: 4+ <|image_pad|> an image between <|vision_start|> and
     <|vision_end|> (written by the prompt); interleaved M-RoPE (get_rope_index; sections in tiny_configs.OVERRIDES)
-    in its Llama-style language model."""
+    in its Llama-style language model. Videos: 32x32 frames (one <|video_pad|> each), each after its timestamp,
+    between the vision tokens; the video processor returns the frames' metadata, which the processor reads
+    the timestamps from (Cosmos3EdgeProcessor, unlike Qwen3-VL's, does not ask for it: a KeyError without)."""
     tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>",
                      vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
     config = tiny_config("cosmos3_edge", len(tok), image_token_id=tok.image_token_id,
@@ -873,7 +881,9 @@ def _cosmos3_edge(path: Path, seed: int) -> str:
     images = transformers.Cosmos3EdgeImageProcessorPil(
         size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2}, patch_size=16, merge_size=2)
     processor = transformers.Cosmos3EdgeProcessor(image_processor=images, tokenizer=tok,
-                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor())
+                                                  video_processor=transformers.Cosmos3EdgeVideoProcessor(
+                                                      size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64 * 3 // 2},
+                                                      return_metadata=True))
     _save(path, transformers.Cosmos3EdgeForConditionalGeneration, config, processor, seed)
     return f"{tok.vision_start_token}{tok.image_token}{tok.vision_end_token}"
 
@@ -906,8 +916,11 @@ def _muse_like(family: str, model_cls: str, processor_cls: str, path: Path, seed
                          **(audio_kwargs if audio else {}))
     images = transformers.MuseGlimmerImageProcessor(patch_size=14, merge_size=2, max_image_tokens=6)
     extra = {"feature_extractor": transformers.MuseSparkFeatureExtractor()} if audio else {}
+    # Videos: at most 6 tokens a group of 2 frames; the video processor returns the frames' metadata, which the
+    # processor reads the timestamps from (it does not ask for it itself: a KeyError without)
+    videos = transformers.MuseGlimmerVideoProcessor(max_video_frame_tokens=6, return_metadata=True)
     processor = getattr(transformers, processor_cls)(image_processor=images, tokenizer=tok,
-                                                     video_processor=transformers.MuseGlimmerVideoProcessor(), **extra)
+                                                     video_processor=videos, **extra)
     _save(path, getattr(transformers, model_cls), config, processor, seed)
     return tok.image_token
 
@@ -969,7 +982,8 @@ def _perception_lm(path: Path, seed: int) -> str:
     """PerceptionLM: a timm Perception Encoder (vit_pe_core: 2-D RoPE, CLS dropped) over 32x32 tiles in 8x8 patches
     (16), a 2-layer projector and 2x2 average pooling: 4 <|image|> a tile; an image is a thumbnail plus one tile
     ("thumb+tile" with max_num_tiles 1: the processor stacks a prompt's images into one tensor, so images cut into
-    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower)."""
+    different tile grids cannot share a prompt); Llama language model. Needs timm (the vision tower). Videos:
+    frames resized to one 32x32 tile each, 4 <|video|> a frame."""
     tok = _tokenizer(image_token="<|image|>", video_token="<|video|>")
     timm_args = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, patch_size=8)
     config = tiny_config("perception_lm", len(tok), image_token_id=tok.image_token_id,
@@ -977,7 +991,8 @@ def _perception_lm(path: Path, seed: int) -> str:
                          vision_config=dict(model_type="timm_wrapper", architecture="vit_pe_core_tiny_patch16_384",
                                             model_args=timm_args, do_pooling=False))
     images = transformers.PerceptionLMImageProcessor(tile_size=32, max_num_tiles=1, size={"height": 32, "width": 32})
-    processor = transformers.PerceptionLMProcessor(video_processor=transformers.PerceptionLMVideoProcessor(),
+    videos = transformers.PerceptionLMVideoProcessor(size={"height": 32, "width": 32})  # the tower's 32x32
+    processor = transformers.PerceptionLMProcessor(video_processor=videos,
                                                    image_processor=images, tokenizer=tok, patch_size=8,
                                                    pooling_ratio=2)
     _save(path, transformers.PerceptionLMForConditionalGeneration, config, processor, seed)
@@ -1016,15 +1031,60 @@ def _lfm3_vl(path: Path, seed: int) -> str:
 def _video_llama_3(path: Path, seed: int) -> str:
     """VideoLLaMA 3: SigLIP-style NaViT tower (2-D RoPE) over aspect-preserved images of 28x28 to 56x56 pixels in
     14x14 patches, unmerged for images (merge size 1): one <|image_pad|> a patch, 4-16 an image; Qwen2 language
-    model, 1-D positions. Its video processor (torchvision) is the real one."""
+    model, 1-D positions. Its video processor (torchvision) is the real one: frames of at least 56x56 pixels, 2x2
+    merged (4 or more <|video_pad|> a frame), each after its timestamp; it samples 2 frames a second (all 4 here),
+    which records the frame indices the processor reads the timestamps from (HF fails without them)."""
     tok = _tokenizer(image_token="<|image_pad|>", video_token="<|video_pad|>")
     config = tiny_config("video_llama_3", len(tok), image_token_id=tok.image_token_id,
                          video_token_id=tok.video_token_id, vision_config=dict(patch_size=14, num_hidden_layers=2))
     images = transformers.VideoLlama3ImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
     processor = transformers.VideoLlama3Processor(image_processor=images, tokenizer=tok,
-                                                  video_processor=transformers.VideoLlama3VideoProcessor())
+                                                  video_processor=transformers.VideoLlama3VideoProcessor(
+                                                      do_sample_frames=True, fps=2,
+                                                      size={"shortest_edge": 56 * 56, "longest_edge": 2 * 56 * 56}))
     _save(path, transformers.VideoLlama3ForConditionalGeneration, config, processor, seed)
     return tok.image_token
+
+
+_MINICPM_TOKENS = dict(image_token="<|image_pad|>", video_token="<|video_pad|>", image_start_token="<image>",
+                       image_end_token="</image>", slice_start_token="<slice>", slice_end_token="</slice>",
+                       image_id_start_token="<image_id>", image_id_end_token="</image_id>")
+
+
+def _minicpm_v(family: str, model_cls: str, processor_cls: str, images_cls: str, video_cls: str):
+    """MiniCPM-V 4.6 / 4.7 / MiniCPM-OCR: a SigLIP-style NaViT tower (4x4 patches here, nearest learned positions)
+    with a window-attention 2x2 merger after its first layer (16x mode; MiniCPM-OCR's 4x mode skips it), then an
+    MLP 2x2 merger: images resized to about 32x32 in 16x mode (16x16 in 4x mode) are about 4 <|image_pad|> between
+    <image> and </image>, after <image_id>N</image_id>; larger images are also cut into up to 4 slices of that size
+    (each between <slice> and </slice>); a Qwen3.5 language model (gated DeltaNet and full attention). Videos: each
+    frame is such an image, of <|video_pad|> tokens (the real video processors, frames sampled by their fps)."""
+
+    def build(path: Path, seed: int) -> str:
+        tok = _tokenizer(**_MINICPM_TOKENS)
+        # MiniCPM-V 4.7's canvas M-RoPE (get_rope_index) places the markers around each view
+        markers = dict(image_start_id=tok.image_start_token_id, image_end_id=tok.image_end_token_id,
+                       slice_start_id=tok.slice_start_token_id, slice_end_id=tok.slice_end_token_id,
+                       newline_id=tok.convert_tokens_to_ids(tok.tokenize("\n"))[0]) if family == "minicpmv4_7" else {}
+        config = tiny_config(family, len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                             insert_layer_id=0, text_config=_GATED_DELTANET, **markers,
+                             vision_config=dict(patch_size=4, image_size=32, num_hidden_layers=2))
+        # 4x4 merged patches a view: 16x mode merges 4x4 patches into a token, 4x mode 2x2
+        sizes = dict(scale_resolution=32 if config.downsample_mode == "16x" else 16, patch_size=4, max_slice_nums=4)
+        images = getattr(transformers, images_cls)(**sizes, downsample_mode=config.downsample_mode)
+        videos = getattr(transformers, video_cls)(**sizes, downsample_mode=config.downsample_mode)
+        processor = getattr(transformers, processor_cls)(image_processor=images, video_processor=videos,
+                                                         tokenizer=tok)
+        _save(path, getattr(transformers, model_cls), config, processor, seed, _minicpm_feature_scale)
+        return tok.image_token
+
+    return build
+
+
+def _minicpm_feature_scale(model: torch.nn.Module) -> None:
+    """Image features about the size of the token embeddings, as a trained merger gives them: the window merger's
+    hard-coded std-1 init and the 0.2-std MLP merger give features of ~15 against embeddings of ~0.2."""
+    model.model.merger.mlp[-1].linear_2.weight.mul_(0.01)
+    model.model.merger.mlp[-1].linear_2.bias.mul_(0.01)
 
 
 _MOLMO2_TOKENS = {"im_patch": "<im_patch>", "im_col": "<im_col>", "im_start": "<im_start>",
@@ -1223,6 +1283,13 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              deepstack_visual_indexes=[0]), "Qwen2VLVideoProcessor", audio_overrides=dict(downsample_hidden_size=16)),
     "ernie4_5_vl_moe": _ernie4_5_vl_moe, "kimi_k25": _kimi_k25, "step3p7": _step3p7,
+    "minicpmv4_6": _minicpm_v("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration", "MiniCPMV4_6Processor",
+                              "MiniCPMV4_6ImageProcessorPil", "MiniCPMV4_6VideoProcessor"),
+    # MiniCPM-V 4.7 ships 4.6's image and video processors
+    "minicpmv4_7": _minicpm_v("minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration", "MiniCPMV4_7Processor",
+                              "MiniCPMV4_6ImageProcessorPil", "MiniCPMV4_6VideoProcessor"),
+    "minicpm_ocr": _minicpm_v("minicpm_ocr", "MiniCPMOcrForConditionalGeneration", "MiniCPMOcrProcessor",
+                              "MiniCPMOcrImageProcessor", "MiniCPMOcrVideoProcessor"),
     "qwen3_5": _qwen_vl_like("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", _QWEN3_5_VISION,
                              "Qwen3VLVideoProcessor", _GATED_DELTANET),
     "qwen3_5_moe": _qwen_vl_like("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor",

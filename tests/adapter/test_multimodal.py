@@ -9,7 +9,12 @@ import transformers
 from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_FAMILIES, VIDEO_FAMILIES, TransformersForMultimodalLM
+from pagedformers.adapter.multimodal import (
+    IMAGE_FAMILIES,
+    VIDEO_FAMILIES,
+    VIDEO_REFUSALS,
+    TransformersForMultimodalLM,
+)
 from pagedformers.config.engine_config import ROOT_TEXT_IMAGE_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
@@ -20,6 +25,7 @@ from pagedformers.tools.vlm_check import (
     PROMPTS,
     check_images,
     check_videos,
+    clips,
     hf_greedy,
     images,
     pagedformers_greedy,
@@ -177,6 +183,16 @@ def test_families_without_image_support_refuse_images_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for mllama yet: its language "
                                          r"model reads the image through cross-attention layers"):
         llm.generate(prompt)
+
+
+def test_families_without_video_support_refuse_videos_by_name(tmp_path):
+    vlm = save_tiny_vlm("glm4v", tmp_path / "glm4v")
+    llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22)
+    prompt = {"prompt": "Hello <|begin_of_video|><|video|><|end_of_video|>", "multi_modal_data": {"video": clips(1, 0)}}
+    with pytest.raises(ValueError, match=r"Prompt 0: video inputs are not supported for glm4v: its processor writes a "
+                                         r"video's frames with the image token"):
+        llm.generate(prompt)
+    assert not set(VIDEO_REFUSALS) & VIDEO_FAMILIES
 
 
 def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
