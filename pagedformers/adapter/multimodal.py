@@ -622,11 +622,14 @@ def _projector_after_features(model: nn.Module, encoder: str) -> nn.Module | Non
 
 @functools.cache
 def _applies_projector(cls: type, encoder: str) -> bool:
-    """Whether `cls.<encoder>` names its multi_modal_projector (unreadable source: assume it does)."""
+    """Whether `cls.<encoder>` names its multi_modal_projector, itself or through get_image_features (LFM3-VL's
+    get_video_features; unreadable source: assume it does)."""
     try:
-        return "multi_modal_projector" in inspect.getsource(getattr(cls, encoder))
+        source = inspect.getsource(getattr(cls, encoder))
     except (OSError, TypeError, AttributeError):
         return True
+    return "multi_modal_projector" in source or (encoder != "get_image_features" and "get_image_features" in source
+                                                 and _applies_projector(cls, "get_image_features"))
 
 
 def _module_source(cls: type) -> str | None:
