@@ -76,7 +76,20 @@ class MultiModalProcessor:
         else:
             out = self._process(text, data, special, name)
         token_ids = out["input_ids"][0].tolist()
-        placeholders, modalities = self._placeholders(out, token_ids, list(data), name)
+        media = self._media_inputs(out, token_ids, list(data), name)
+        if self._rope_index is not None:
+            params = inspect.signature(self._rope_index).parameters
+            positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()
+                                                                     if k in params and k != "input_ids"})
+            media.mrope_positions, media.mrope_delta = positions[:, 0], _continuation(positions[:, 0], int(delta))
+        return token_ids, media
+
+    def _media_inputs(self, out: dict[str, Any], token_ids: list[int], modalities: list[str],
+                      name: str) -> MultiModalInputs:
+        """The processor's outputs as the request carries them: the encoders' tensors, the placeholders, the
+        prompt's bidirectional ranges and the language model's per-token inputs."""
+        hf_config = self.config.model.hf_config
+        placeholders, by_modality = self._placeholders(out, token_ids, modalities, name)
         token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
                         and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
         tensors = {_KEY_ALIASES.get(k, k): v for k, v in out.items()
@@ -84,17 +97,11 @@ class MultiModalProcessor:
         types = out.get("token_type_ids", out.get("mm_token_type_ids"))
         groups, runs = bidirectional_ranges(hf_config, types[0].tolist() if types is not None else None)
         markers = {t: i for i, t in enumerate(marker_ids(hf_config))}
-        media = MultiModalInputs(modalities, tensors, placeholders, bidirectional=groups,
-                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
-                                 bidirectional_runs=runs, token_inputs=token_inputs,
-                                 bidirectional_past_window=hf_config.model_type in WHOLE_IMAGE_GROUPS,
-                                 markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
-        if self._rope_index is not None:
-            params = inspect.signature(self._rope_index).parameters
-            positions, delta = self._rope_index(out["input_ids"], **{k: v for k, v in out.items()
-                                                                     if k in params and k != "input_ids"})
-            media.mrope_positions, media.mrope_delta = positions[:, 0], _continuation(positions[:, 0], int(delta))
-        return token_ids, media
+        return MultiModalInputs(by_modality, tensors, placeholders, bidirectional=groups,
+                                bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
+                                bidirectional_runs=runs, token_inputs=token_inputs,
+                                bidirectional_past_window=hf_config.model_type in WHOLE_IMAGE_GROUPS,
+                                markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
 
     def _process(self, text: str, data: dict[str, Any], special: bool, name: str) -> dict[str, Any]:
         """The processor on one prompt's text, images and videos."""
