@@ -6,7 +6,7 @@ can be broadcast to other ranks); every worker builds the same tensors from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,8 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
         first, last = media.feature_range(s.start, end)  # or of its prompt's M-RoPE positions or token inputs
         needed = first < last or _ranges_within(media, s.start, end) or (
             (media.mrope_positions is not None or media.token_inputs) and s.start < s.request.num_prompt_tokens)
+        if needed and first == last and media.data:  # no features needed: the pixels stay behind (TP ranks)
+            media = replace(media, data={})
         media = media if needed else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
                  types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot, delta)
