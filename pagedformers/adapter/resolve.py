@@ -68,7 +68,8 @@ def shell_class(config: EngineConfig) -> type[TransformersBase]:
         TransformersHybridForMultimodalLM,
         TransformersHybridForPooling,
     )
-    from pagedformers.adapter.multimodal import TransformersForMultimodalLM, is_prefix_lm
+    from pagedformers.adapter.multimodal import TransformersForMultimodalLM
+    from pagedformers.adapter.multimodal_families import is_prefix_lm
     from pagedformers.adapter.pooling import TransformersForPooling
 
     model = config.model

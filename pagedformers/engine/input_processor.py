@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedformers.adapter.multimodal import image_support, video_support
+from pagedformers.adapter.multimodal_families import image_support, video_support
 from pagedformers.config import EngineConfig
 from pagedformers.engine.chat_media import media_kinds, split_media
 from pagedformers.engine.multimodal_processor import MultiModalProcessor

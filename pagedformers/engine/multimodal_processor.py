@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from pagedformers.adapter.multimodal import (
+from pagedformers.adapter.multimodal_families import (
     SLIDING_ONLY_GROUPS,
     WHOLE_IMAGE_GROUPS,
     bidirectional_ranges,

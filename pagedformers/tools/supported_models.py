@@ -23,7 +23,7 @@ from transformers.models.auto import modeling_auto as auto
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from pagedformers.adapter.compat import non_attention_layers, state_layers
-from pagedformers.adapter.multimodal import IMAGE_REFUSALS, image_support
+from pagedformers.adapter.multimodal_families import IMAGE_REFUSALS, image_support
 from pagedformers.config.engine_config import is_multimodal_config
 from pagedformers.native_overrides import NATIVE_MODELS
 from pagedformers.tools.tiny_configs import tiny_config

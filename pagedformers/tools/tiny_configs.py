@@ -16,7 +16,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from pagedformers.adapter.multimodal import ENCODER_KEYS
+from pagedformers.adapter.multimodal_families import ENCODER_KEYS
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 WINDOW = 8  # shorter than the longer prompts, so sliding windows matter

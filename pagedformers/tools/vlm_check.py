@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import IMAGE_REFUSALS, VIDEO_FAMILIES, processor_kwargs
+from pagedformers.adapter.multimodal_families import IMAGE_REFUSALS, VIDEO_FAMILIES, processor_kwargs
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, FamilyResult, Greedy, compare
 from pagedformers.tools.tiny_vlms import BUILDERS, save_tiny_vlm

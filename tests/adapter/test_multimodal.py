@@ -9,12 +9,8 @@ import transformers
 from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.adapter.multimodal import (
-    IMAGE_FAMILIES,
-    VIDEO_FAMILIES,
-    VIDEO_REFUSALS,
-    TransformersForMultimodalLM,
-)
+from pagedformers.adapter.multimodal import TransformersForMultimodalLM
+from pagedformers.adapter.multimodal_families import IMAGE_FAMILIES, VIDEO_FAMILIES, VIDEO_REFUSALS
 from pagedformers.config.engine_config import ROOT_TEXT_IMAGE_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
