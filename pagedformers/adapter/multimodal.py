@@ -57,7 +57,7 @@ class TransformersForMultimodalLM(CausalShell):
         # Aya Vision's and Command A Vision's classes do not.
         scale = getattr(self.meta_causal_lm(), "logit_scale", None)
         self.logit_scale = float(scale) if isinstance(scale, (int, float)) else 1.0
-        source = _module_source(type(self.meta_causal_lm()))  # LLaVA-NeXT around a Granite text config: not applied
+        source = _source(inspect.getmodule(type(self.meta_causal_lm())))  # LLaVA-NeXT on Granite: not applied
         if source is not None and "logits_scaling" not in source:
             self.logits_scaling = 1.0
         if source is not None and "final_logit_softcapping" not in source:
@@ -65,7 +65,8 @@ class TransformersForMultimodalLM(CausalShell):
         # Muse Glimmer's and Muse Spark's forward multiply the logits by the text config's output_multiplier before
         # the soft-cap (Muse Spark's router reads an attribute of that name too: only the class's forward counts).
         multiplier = getattr(self.text_config, "output_multiplier", None)
-        if isinstance(multiplier, (int, float)) and "output_multiplier" in _source(type(self.meta_causal_lm()).forward):
+        forward = _source(type(self.meta_causal_lm()).forward) or ""
+        if isinstance(multiplier, (int, float)) and "output_multiplier" in forward:
             self.logit_scale *= float(multiplier)
         self.suppressed = suppressed_tokens(self.hf_config)
         # request id -> its features, each [num_placeholders, hidden] (encode)
@@ -324,28 +325,19 @@ def _projector_after_features(model: nn.Module, encoder: str) -> nn.Module | Non
 def _applies_projector(cls: type, encoder: str) -> bool:
     """Whether `cls.<encoder>` names its multi_modal_projector, itself or through get_image_features (LFM3-VL's
     get_video_features; unreadable source: assume it does)."""
-    try:
-        source = inspect.getsource(getattr(cls, encoder))
-    except (OSError, TypeError, AttributeError):
+    source = _source(getattr(cls, encoder, None))
+    if source is None:
         return True
     return "multi_modal_projector" in source or (encoder != "get_image_features" and "get_image_features" in source
                                                  and _applies_projector(cls, "get_image_features"))
 
 
-def _module_source(cls: type) -> str | None:
-    """The source of the module defining `cls` (None where it cannot be read)."""
+def _source(obj: Any) -> str | None:
+    """The source of a module, class or function (None where it cannot be read)."""
     try:
-        return inspect.getsource(inspect.getmodule(cls))
+        return inspect.getsource(obj)
     except (OSError, TypeError):
         return None
-
-
-def _source(function: Callable) -> str:
-    """The source of `function` ("" where it cannot be read)."""
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
 
 
 def _flat(features: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -290,16 +290,20 @@ def video_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in VIDEO_FAMILIES:
         return None
-    if hf_config.get_text_config() is hf_config and not _has_encoders(hf_config):
-        return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
+    if text_only := _text_only(hf_config):
+        return text_only
     if family in VIDEO_REFUSALS:
         return f"video inputs are not supported for {family}: {VIDEO_REFUSALS[family]}"
     return (f"video inputs are not supported for {family}: only {', '.join(sorted(VIDEO_FAMILIES))} are checked "
             "against transformers with videos so far")
 
 
-def _has_encoders(hf_config: PretrainedConfig) -> bool:
-    return any(part in key for key in getattr(hf_config, "sub_configs", {}) for part in ENCODER_KEYS)
+def _text_only(hf_config: PretrainedConfig) -> str | None:
+    """Why a checkpoint takes no media at all, where it has neither a text sub-config nor encoders."""
+    if hf_config.get_text_config() is not hf_config or any(
+            part in key for key in getattr(hf_config, "sub_configs", {}) for part in ENCODER_KEYS):
+        return None
+    return f"{hf_config.model_type} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
 
 
 def image_support(hf_config: PretrainedConfig) -> str | None:
@@ -307,8 +311,8 @@ def image_support(hf_config: PretrainedConfig) -> str | None:
     family = hf_config.model_type
     if family in IMAGE_FAMILIES:
         return None
-    if hf_config.get_text_config() is hf_config and not _has_encoders(hf_config):
-        return f"{family} has neither a text sub-config nor encoder sub-configs: it is a text-only model"
+    if text_only := _text_only(hf_config):
+        return text_only
     reason = IMAGE_REFUSALS.get(family, f"only {', '.join(sorted(IMAGE_FAMILIES))} are checked against "
                                         "transformers so far")
     return f"image inputs are not supported for {family} yet: {reason}. Text-only prompts work."

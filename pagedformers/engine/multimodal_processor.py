@@ -47,6 +47,7 @@ class MultiModalProcessor:
         self._processor: ProcessorMixin | None = None  # loaded on the first prompt with media
         self._rope_index = rope_index(config.model.hf_config)  # M-RoPE models' 3-D positions, else None
         self._language_model_inputs = language_model_inputs(config.model.hf_config)
+        self._processor_kwargs = processor_kwargs(config.model.hf_config)  # per checkpoint, not per prompt
 
     def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
         """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
@@ -123,7 +124,7 @@ class MultiModalProcessor:
             if metadata:
                 media["video_metadata"] = metadata
         return self.processor(text=text, **media, return_tensors="pt", add_special_tokens=special,
-                              **processor_kwargs(self.config.model.hf_config))
+                              **self._processor_kwargs)
 
     def _placeholders(self, out: dict[str, Any], token_ids: list[int], modalities: list[str],
                       name: str) -> tuple[list[int], dict[str, list[int]]]:
