@@ -154,6 +154,15 @@ class InputProcessor:
     # -- shaping ------------------------------------------------------------------------------------
 
     def _tokenize(self, request_id: str, prompt: PromptType, params: Params, name: str) -> EngineRequest:
+        request = self._tokenize_any(request_id, prompt, params, name)
+        if request.multi_modal_inputs is None:
+            try:
+                self.multi_modal.refuse_stray_placeholders(request.prompt_token_ids, (), name)
+            except ValueError as e:
+                raise InvalidRequest(str(e), "prompt") from None
+        return request
+
+    def _tokenize_any(self, request_id: str, prompt: PromptType, params: Params, name: str) -> EngineRequest:
         if isinstance(prompt, str):
             return EngineRequest(request_id, self.tokenizer.encode(prompt), params, prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

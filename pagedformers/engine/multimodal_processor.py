@@ -48,6 +48,16 @@ class MultiModalProcessor:
         self._rope_index = rope_index(config.model.hf_config)  # M-RoPE models' 3-D positions, else None
         self._language_model_inputs = language_model_inputs(config.model.hf_config)
         self._processor_kwargs = processor_kwargs(config.model.hf_config)  # per checkpoint, not per prompt
+        self._placeholder_ids = _placeholder_ids(config) if config.model.is_multimodal else {}
+
+    def refuse_stray_placeholders(self, token_ids: list[int], given: Any, name: str) -> None:
+        """Raises ValueError where the prompt holds a modality's placeholder token but gives no data for it: the
+        model would read the placeholder's own embedding as text, a silent wrong answer."""
+        for modality, token in self._placeholder_ids.items():
+            if modality not in given and token in token_ids:
+                raise ValueError(f"{name} holds {token_ids.count(token)} {modality} placeholder token(s) (id {token}) "
+                                 f"but no {modality} in multi_modal_data: give the {modality}s, or leave their "
+                                 "placeholders out of the text")
 
     def __call__(self, prompt: dict[str, Any], name: str) -> tuple[list[int], MultiModalInputs]:
         """A prompt dict with "prompt" (text holding the placeholders) and "multi_modal_data" -> token ids, media.
@@ -77,6 +87,7 @@ class MultiModalProcessor:
         else:
             out = self._process(text, data, special, name)
         token_ids = out["input_ids"][0].tolist()
+        self.refuse_stray_placeholders(token_ids, data, name)
         media = self._media_inputs(out, token_ids, list(data), name)
         if self._rope_index is not None:
             params = inspect.signature(self._rope_index).parameters
@@ -237,3 +248,20 @@ def _media_token_id(config: EngineConfig, modality: str) -> int:
     if token is None:
         raise ValueError(f"{hf_config.model_type}'s config names no {modality} token ({modality}_token_id)")
     return token
+
+
+def _placeholder_ids(config: EngineConfig) -> dict[str, int]:
+    """Each modality's placeholder token, where the config names one that is not also a plain special token
+    (BOS, EOS, padding), which text prompts hold legitimately."""
+    text_config = config.model.text_config
+    plain = {getattr(c, k, None) for c in (config.model.hf_config, text_config)
+             for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {}
+    for modality in MODALITIES:
+        try:
+            token = _media_token_id(config, modality)
+        except ValueError:  # Kosmos-2 marks its image rows with a mask, not a token
+            continue
+        if token not in plain:
+            ids[modality] = token
+    return ids

@@ -197,6 +197,13 @@ def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
         llm.generate({"prompt": "x", "multi_modal_data": {"audio": np.zeros(16)}})
     with pytest.raises(ValueError, match="needs its text in 'prompt'"):
         llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": images(1, 0)}})
+    # A placeholder with no media behind it would be embedded as a text token: refused, in every prompt form.
+    image_token = llm.llm_engine.config.model.hf_config.image_token_id
+    for prompt in ("Describe <image>", [1, 5, image_token], {"prompt_token_ids": [1, image_token]}):
+        with pytest.raises(ValueError, match=rf"Prompt 0 holds 1 image placeholder token\(s\) \(id {image_token}\) "
+                                             "but no image in multi_modal_data"):
+            llm.generate(prompt)
+    assert llm.generate("Describe an image")[0].outputs[0].token_ids  # and the engine goes on
     text_only = LLM(model=tiny_llama, dtype="float32", kv_cache_memory_bytes=1 << 22)
     with pytest.raises(ValueError, match="llama has neither a text sub-config nor encoder sub-configs"):
         text_only.generate({"prompt": "x <image>", "multi_modal_data": {"image": images(1, 0)}})
