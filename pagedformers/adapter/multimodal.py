@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 from pagedformers.adapter.causal import CausalShell
 from pagedformers.adapter.multimodal_families import (
     FEATURES_ADDED,
+    INLINE_ENCODERS,
     MARKER_TOKENS,
     MEDIA_VOCAB_EMBEDDERS,
     POSITIONS_FROM_PADDING_IDX,
@@ -295,6 +296,8 @@ def _encoder(model: nn.Module, hf_config: PretrainedConfig, name: str) -> Callab
     conditional-generation class has the same encoder modules as Kosmos2Model but computes the features inline."""
     if hasattr(model, name):
         return getattr(model, name)
+    if (inline := INLINE_ENCODERS.get((hf_config.model_type, name))) is not None:
+        return functools.partial(inline, model)
     base = auto_base_model(type(hf_config))
     if base is None or not hasattr(base, name):
         raise ValueError(f"{type(model).__name__} has no {name}, nor has its base model class")

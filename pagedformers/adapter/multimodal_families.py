@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pagedformers.adapter.resolve import auto_base_model
 
@@ -30,7 +31,8 @@ IMAGE_FAMILIES = frozenset({
     "glm4v_moe", "qwen3_5", "qwen3_5_moe", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
     "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4",
     "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n",
-    "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
+    "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
+    "kosmos-2.5"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "exaone4_5", "llava_onevision", "llava_next_video", "lfm3_vl",
@@ -112,10 +114,6 @@ IMAGE_REFUSALS = {
     "nemotron_h_omni": "transformers 5.23 maps no base model (AutoModel) to its config, and its language model, "
                        "NemotronHModel (Mamba-2, attention and MoE layers), does not declare "
                        "_supports_attention_backend: the checkpoint is refused at load, text included",
-    "kosmos-2.5": "transformers 5.23 gives it no get_image_features (its forward computes the features inline), "
-                  "and its text model adds a segment embedding wherever image_embeds_position_mask is non-zero, "
-                  "which includes the <image> and </image> rows (-1) beside the image tokens: rows the shell does "
-                  "not carry into a prefill chunk without image tokens",
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
@@ -233,6 +231,8 @@ NO_PRECOMPUTED_FEATURES = {
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
     "kosmos-2": "its processor lays out the image tokens (a range of ids, marked by image_embeds_position_mask) "
                 "before the prompt itself",
+    "kosmos-2.5": "its processor lays out the image tokens (marked by image_embeds_position_mask) before the prompt "
+                  "itself",
     "molmo2": "all of a prompt's image tokens (patches, column and start/end markers) attend to each other both ways, "
               "and only its processor's mm_token_type_ids mark which they are",
     "qwen3_omni_moe_thinker": "its language model also adds the vision tower's deepstack features at its first layers",
@@ -245,7 +245,7 @@ VIDEOS_AS_IMAGES = {"perception_lm": {"pixel_values_videos": "pixel_values"}}
 # Families whose HF generate leaves the positions to the text model, which counts them from its position
 # embedding's padding_idx + 1 (M2M-style sinusoidal positions): Kosmos-2's prepare_inputs_for_generation drops the
 # position_ids that generate makes.
-POSITIONS_FROM_PADDING_IDX = frozenset({"kosmos-2"})
+POSITIONS_FROM_PADDING_IDX = frozenset({"kosmos-2", "kosmos-2.5"})
 
 
 def no_precomputed_features(hf_config: PretrainedConfig) -> str | None:
@@ -330,3 +330,19 @@ def marker_ids(hf_config: PretrainedConfig) -> list[int]:
     """The token ids of the family's image-framing markers whose embeddings the encoder gives (MARKER_TOKENS)."""
     rule = MARKER_TOKENS.get(hf_config.model_type)
     return list(getattr(hf_config, rule[0])) if rule else []
+
+
+def kosmos2_5_image_features(model: torch.nn.Module, flattened_patches: torch.Tensor,
+                             return_dict: bool = True) -> BaseModelOutputWithPooling:
+    """Kosmos-2.5's image features as its Kosmos2_5Model.forward computes them inline (transformers 5.23 gives it no
+    get_image_features): the vision tower's output, normalized, through the latent queries of its projection."""
+    hidden = model.vision_model(flattened_patches=flattened_patches).last_hidden_state
+    features, _ = model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=features)
+
+
+# (family, encoder name) -> the features as the family's forward computes them, where neither its class nor its
+# base model class has that encoder method.
+INLINE_ENCODERS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("kosmos-2.5", "get_image_features"): kosmos2_5_image_features,
+}

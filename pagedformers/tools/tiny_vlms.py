@@ -943,6 +943,25 @@ def _kosmos2(path: Path, seed: int) -> str:
     return ""  # the processor puts the image's tokens before the prompt
 
 
+def _kosmos2_5(path: Path, seed: int) -> str:
+    """Kosmos-2.5: a Pix2Struct-style vision tower over up to 4,096 flattened 16x16 patches (the processor's own
+    default, which its call passes over the image processor's; aspect kept, the image scaled up), a resampler of 8
+    latent queries: the processor puts <s>, <image>, 8 image tokens (<s> again, as on the Hub, marked by
+    image_embeds_position_mask) and </image> before the prompt; M2M-style sinusoidal positions from padding_idx + 1
+    and a segment embedding over the image block, markers included."""
+    tok = _tokenizer(boi_token="<image>", eoi_token="</image>", image_token="<s>")
+    vision = dict(hidden_size=32, intermediate_size=64, head_dim=8, num_hidden_layers=2, num_attention_heads=4)
+    config = tiny_config("kosmos-2.5", len(tok), latent_query_num=8, vision_config=vision,
+                         # its text config names its widths its own way (embed_dim, layers...): tiny_config misses them
+                         text_config=dict(embed_dim=64, layers=2, attention_heads=4, ffn_dim=128, init_std=0.2,
+                                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id))
+    images = transformers.Kosmos2_5ImageProcessorPil()
+    processor = transformers.Kosmos2_5Processor(image_processor=images, tokenizer=tok, num_image_tokens=8)
+    _save(path, transformers.Kosmos2_5ForConditionalGeneration, config, processor, seed)
+    return ""  # the processor puts the image's tokens before the prompt
+
+
 _LFM2_TILES = {f"row{i}col{j}": f"<|img_row_{i}_col_{j}|>" for i in range(1, 5) for j in range(1, 5)}
 
 
@@ -1273,7 +1292,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
                                   _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
-    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2,
+    "muse_glimmer": _muse_glimmer, "muse_spark": _muse_spark, "kosmos-2": _kosmos2, "kosmos-2.5": _kosmos2_5,
     "qwen2_5_omni_thinker": _omni_thinker(
         "qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniProcessor",
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56, fullatt_block_indexes=[1],

@@ -41,10 +41,10 @@ TEXT_ONLY = "Hello, my name is"
 # one step.
 TOKEN_BUDGETS = {"paligemma": 96, "got_ocr2": 512, "gemma4": 80, "gemma4_unified": 80, "molmo2": 80}
 # Families whose processor takes one image per prompt (GOT-OCR2: several are pages of one document, multi_page;
-# BLIP-2, InstructBLIP and Kosmos-2 put one image's tokens before the prompt).
+# BLIP-2, InstructBLIP, Kosmos-2 and Kosmos-2.5 put one image's tokens before the prompt).
 ONE_IMAGE_PROMPTS = [("Hello, my name is {image} and I like paged attention.", 1), PROMPTS[1]]
 # Fuyu's processor puts one image before each prompt.
-ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2", "fuyu"})
+ONE_IMAGE_FAMILIES = frozenset({"got_ocr2", "blip-2", "instructblip", "kosmos-2", "kosmos-2.5", "fuyu"})
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
