@@ -24,7 +24,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
   rows through `linear`; `torch._grouped_mm` runs oneDNN per expert, 2-2.5x slower at decode's few rows.
 - `quantized_linear` (csrc/quantized_linear.cpp, GCC vector extensions: one source for both builds): x W^T on a
   weight kept quantized (GGUF, compressed-tensors: 8- or 4-bit groups with a scale and a min each), widened in
-  registers; and `dequantize_weight`, the whole weight in float32 or bf16 for steps of more than a few rows.
+  registers (4-bit groups against bf16 activations: bf16 pair dot products in the AVX512-BF16 build); and
+  `dequantize_weight`, the whole weight in float32 or bf16 for steps of more than a few rows.
 - `rotary_embed` (csrc/rotary.cpp): HF's rotate-half rotary embedding in one call, bitwise as HF's eight ops
   round; decode graphs put it in their place (platforms/cpu/graph_rewrites.py).
 

@@ -3,8 +3,9 @@
 // registers and dotted with x in float32; the weight is never written out whole. A batch-1 decode then reads
 // 9 (Q8_0) or 6 (Q4_*) bits a weight, float32 scales included, instead of bf16's 16.
 //
-// GCC vector extensions, no intrinsics: one source for both builds (AVX-512 and AVX2, each compiled with its
-// flags).
+// GCC vector extensions: one source for both builds (AVX-512 and AVX2, each compiled with its flags). The one
+// exception is the AVX512-BF16 build's path for 4-bit groups against bf16 activations (row_dots_bf16), whose bf16
+// pair dot products have no vector-extension spelling.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -116,21 +121,63 @@ void row_dots(const float* x, int64_t ldx, const uint8_t* q, const float* scale,
   }
 }
 
+#ifdef __AVX512BF16__
+// 4-bit groups against bf16 activations in bf16 pair dot products: a nibble q becomes the bf16 128 + q (bits
+// 0x4300 | q, exact), so one vdpbf16ps multiplies a whole 32-wide group by a row of x, every product exact, and
+// the 128s come back out through each group's activation sum with the mins' share. Six instructions a group
+// where widening to floats takes nine, and two for each further row where it takes three.
+template <int R>
+void row_dots_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* q, const float* scale, const float* min,
+                   const float* x_sums, int64_t groups, float* sums) {
+  // byte l holds element l in its low nibble, element l + 16 in its high one: the 16 bytes go to both halves of
+  // 32 words, the upper half shifted down a nibble
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i nibble = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(0x4300);
+  __m512 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  const auto add_group = [&](int64_t g, __m512* acc) __attribute__((always_inline)) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
+    __m512i w = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(raw)), shifts);
+    w = _mm512_ternarylogic_epi32(w, nibble, bias, 0xEA);  // (w & nibble) | bias
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i xg = _mm512_loadu_si512(x + r * ldx + g * 32);
+      const __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w, (__m512bh)xg);
+      acc[r] = _mm512_fmadd_ps(d, s, acc[r]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 1 < groups; g += 2) {
+    add_group(g, even);
+    add_group(g + 1, odd);
+  }
+  if (g < groups) add_group(g, even);
+  for (int r = 0; r < R; ++r) {
+    const float* xs = x_sums + r * groups;  // the mins' share less the 128s'
+    const float offset = (min ? dot(min, xs, groups) : 0.f) - 128.f * dot(scale, xs, groups);
+    sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) + offset;
+  }
+}
+#endif
+
 template <typename Out>
 struct Job {
   const float* x;  // [m, k] float32, contiguous
+  const at::BFloat16* xb;  // the same rows in bf16 where the input is bf16, else null
   int64_t m, k, n;
   const uint8_t* q;
-  const float *scales, *mins, *x_sums;  // mins and x_sums null where every min is 0
+  const float *scales, *mins, *x_sums;  // mins null where every min is 0; x_sums null where nothing reads them
   Out* out;  // [m, n]
 };
 
-template <int kBits, int kGroup, typename Out>
-void run_panels(const Job<Out>& job, int64_t begin, int64_t end) {
-  using RowDots = void (*)(const float*, int64_t, const uint8_t*, const float*, const float*, const float*, int64_t,
-                           float*);
-  constexpr RowDots kDots[kMaxRows] = {row_dots<kBits, kGroup, 1>, row_dots<kBits, kGroup, 2>,
-                                       row_dots<kBits, kGroup, 3>, row_dots<kBits, kGroup, 4>};
+template <typename X>
+using RowDots = void (*)(const X*, int64_t, const uint8_t*, const float*, const float*, const float*, int64_t,
+                         float*);
+
+// Each panel's weight rows against every row tile of x.
+template <int kBits, int kGroup, typename X, typename Out>
+void run_panels_on(const Job<Out>& job, const X* x, const RowDots<X> (&dots)[kMaxRows], int64_t begin,
+                   int64_t end) {
   const int64_t groups = job.k / kGroup, row_bytes = job.k * kBits / 8;
   for (int64_t panel = begin; panel < end; ++panel) {
     const int64_t first = panel * kPanel, last = std::min(job.n, first + kPanel);
@@ -138,13 +185,29 @@ void run_panels(const Job<Out>& job, int64_t begin, int64_t end) {
       const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, job.m - row));
       for (int64_t col = first; col < last; ++col) {
         float sums[kMaxRows];
-        kDots[rows - 1](job.x + row * job.k, job.k, job.q + col * row_bytes, job.scales + col * groups,
-                        job.mins ? job.mins + col * groups : nullptr, job.x_sums ? job.x_sums + row * groups : nullptr,
-                        groups, sums);
+        dots[rows - 1](x + row * job.k, job.k, job.q + col * row_bytes, job.scales + col * groups,
+                       job.mins ? job.mins + col * groups : nullptr, job.x_sums ? job.x_sums + row * groups : nullptr,
+                       groups, sums);
         for (int r = 0; r < rows; ++r) job.out[(row + r) * job.n + col] = static_cast<Out>(sums[r]);
       }
     }
   }
+}
+
+template <int kBits, int kGroup, typename Out>
+void run_panels(const Job<Out>& job, int64_t begin, int64_t end) {
+#ifdef __AVX512BF16__
+  if constexpr (kBits == 4) {
+    if (job.xb != nullptr) {
+      static constexpr RowDots<at::BFloat16> kDots[kMaxRows] = {row_dots_bf16<1>, row_dots_bf16<2>,
+                                                                row_dots_bf16<3>, row_dots_bf16<4>};
+      return run_panels_on<kBits, kGroup>(job, job.xb, kDots, begin, end);
+    }
+  }
+#endif
+  static constexpr RowDots<float> kDots[kMaxRows] = {row_dots<kBits, kGroup, 1>, row_dots<kBits, kGroup, 2>,
+                                                     row_dots<kBits, kGroup, 3>, row_dots<kBits, kGroup, 4>};
+  run_panels_on<kBits, kGroup>(job, job.x, kDots, begin, end);
 }
 
 template <int kBits, int kGroup, typename Out>
@@ -197,33 +260,40 @@ at::Tensor quantized_linear(const at::Tensor& input, const at::Tensor& q, const 
   const int64_t k = input.size(-1), n = q.size(0), m = input.numel() / std::max<int64_t>(k, 1);
   check(q, scales, mins, bits, group, k);
   const at::Tensor x = input.reshape({m, k}).contiguous();
-  // x as float32 rows, and each group's sum where there are mins: plain loops (ATen ops cost more than these)
+#ifdef __AVX512BF16__
+  const bool pairs = bf16 && bits == 4;  // row_dots_bf16 reads x as it is, and every group's sum
+#else
+  const bool pairs = false;
+#endif
+  // x as float32 rows where the groups are widened to floats, and each group's sum where something reads it:
+  // plain loops (ATen ops cost more than these)
   std::vector<float> widened, x_sums;
-  const float* xp;
-  if (bf16) {
+  const float* xp = bf16 ? nullptr : x.data_ptr<float>();
+  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
+  if (bf16 && !pairs) {
     widened.resize(m * k);
-    const at::BFloat16* src = x.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < m * k; ++i) widened[i] = static_cast<float>(src[i]);
+    for (int64_t i = 0; i < m * k; ++i) widened[i] = static_cast<float>(xb[i]);
     xp = widened.data();
-  } else {
-    xp = x.data_ptr<float>();
   }
-  if (mins.numel()) {
+  if (mins.numel() || pairs) {
     x_sums.assign(m * (k / group), 0.f);
     for (int64_t g = 0; g < m * (k / group); ++g)
-      for (int64_t i = 0; i < group; ++i) x_sums[g] += xp[g * group + i];
+      for (int64_t i = 0; i < group; ++i)
+        x_sums[g] += xp ? xp[g * group + i] : static_cast<float>(xb[g * group + i]);
   }
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   at::Tensor out = at::empty(shape, input.options());
   const auto* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* mp = mins.numel() ? mins.data_ptr<float>() : nullptr;
-  const float* xs = mins.numel() ? x_sums.data() : nullptr;
+  const float* xs = x_sums.empty() ? nullptr : x_sums.data();
   if (bf16) {
-    dispatch(Job<at::BFloat16>{xp, m, k, n, qp, scales.data_ptr<float>(), mp, xs, out.data_ptr<at::BFloat16>()}, bits,
-             group);
+    dispatch(Job<at::BFloat16>{xp, pairs ? xb : nullptr, m, k, n, qp, scales.data_ptr<float>(), mp, xs,
+                               out.data_ptr<at::BFloat16>()},
+             bits, group);
   } else {
-    dispatch(Job<float>{xp, m, k, n, qp, scales.data_ptr<float>(), mp, xs, out.data_ptr<float>()}, bits, group);
+    dispatch(Job<float>{xp, nullptr, m, k, n, qp, scales.data_ptr<float>(), mp, xs, out.data_ptr<float>()}, bits,
+             group);
   }
   return out;
 }
