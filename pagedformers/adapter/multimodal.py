@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
 from pagedformers.adapter.multimodal_families import (
+    CROSS_ATTENTION,
     FEATURES_ADDED,
     MARKER_TOKENS,
     MEDIA_VOCAB_EMBEDDERS,
@@ -39,7 +40,7 @@ from pagedformers.adapter.multimodal_families import (
 )
 from pagedformers.adapter.resolve import auto_base_model
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
-from pagedformers.attention.interface import take_over_query_temperature
+from pagedformers.attention.interface import mark_cross_attention, take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, apply_parallel_plans
@@ -71,6 +72,8 @@ class TransformersForMultimodalLM(CausalShell):
         self.suppressed = suppressed_tokens(self.hf_config)
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        # request id -> its image states, where the language model reads them through cross-attention (CROSS_ATTENTION)
+        self.cross_cache: dict[str, torch.Tensor] = {}
         rope = getattr(self.text_config, "rope_parameters", None) or {}
         self.mrope_axes = len(rope.get("mrope_section") or [0] * 3)  # HunYuan-VL's XD-RoPE: 4
         # The language-model layer of each deepstack level, where the encoder names them (encode); None where
@@ -90,6 +93,8 @@ class TransformersForMultimodalLM(CausalShell):
                 if getattr(module, "is_causal", None) is False:
                     module.is_causal = True
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
+        if self.hf_config.model_type in CROSS_ATTENTION:  # their keys come from image states: they attend unpaged
+            mark_cross_attention(decoder)
         _keep_hf_attention_outside(lm, decoder, self.hf_config.get_text_config())
         self.position_offset = 0
         if self.hf_config.model_type in POSITIONS_FROM_PADDING_IDX:
@@ -135,6 +140,8 @@ class TransformersForMultimodalLM(CausalShell):
         token_inputs: name -> [T], per-token inputs of the language model (MultiModalInputs.token_inputs)
         -> hidden states [T, hidden]."""
         ctx = get_forward_context()
+        cross = [s for s in multi_modal or () if s.cross_mask is not None]
+        multi_modal = [s for s in multi_modal or () if s.cross_mask is None]
         if multi_modal:
             inputs = self.embed_with_features(input_ids, multi_modal)
         elif MEDIA_VOCAB_EMBEDDERS.get(self.hf_config.model_type):  # its media ids embed apart from the text's
@@ -151,11 +158,60 @@ class TransformersForMultimodalLM(CausalShell):
             position_ids = mrope_positions[:, None]
         else:
             position_ids = positions[None] + self.position_offset
+        if cross or self.cross_cache:
+            inputs.update(self.cross_attention_inputs(cross, len(input_ids)))
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
         assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
             "an encoder ran through the paged attention: its sub-config must keep transformers' attention"
         return out.last_hidden_state[0]
+
+    def cross_attention_inputs(self, cross: list[MultiModalSlice], num_rows: int) -> dict[str, Any]:
+        """The language model's cross-attention inputs for the step's requests with images (CROSS_ATTENTION): their
+        image states concatenated [images x tiles, vision tokens, hidden], and the masks HF's own function makes of
+        a per-token mask [1, T, all images, ...] in which each row marks its own request's images only; the
+        forward context's cross_blocks keep each request's rows to its own states. None where no request of the
+        step has images: the language model then skips its cross-attention layers, as HF's does for text."""
+        ctx = get_forward_context()
+        self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in {s.key for s in cross}}
+        ctx.cross_blocks = []
+        if not cross:
+            return {}
+        rule = CROSS_ATTENTION[self.hf_config.model_type]
+        states, masks, images, keys = [], [], 0, 0
+        for s in cross:
+            own = self.cross_cache.get(s.key)
+            if own is None:
+                own = self.cross_cache[s.key] = self.encode_cross(s.inputs)
+            states.append(own)
+            masks.append((s.rows, images, s.cross_mask))
+            ctx.cross_blocks.append((int(s.rows[0]), int(s.rows[-1]) + 1, keys, keys + own.shape[0] * own.shape[1]))
+            images += s.cross_mask.shape[1]
+            keys += own.shape[0] * own.shape[1]
+        first = cross[0].cross_mask
+        token_mask = first.new_zeros(1, num_rows, images, *first.shape[2:])
+        for rows, offset, mask in masks:
+            token_mask[0, rows.to(token_mask.device), offset:offset + mask.shape[1]] = mask.to(token_mask.device)
+        prepare = getattr(inspect.getmodule(type(self.model)), rule.prepare)
+        device, dtype = self.config.device.device, self.config.model.dtype
+        prepared = prepare(token_mask.to(device), num_vision_tokens=states[0].shape[1], dtype=dtype)
+        return {rule.states: torch.cat(states), **dict(zip(rule.masks, prepared))}
+
+    def encode_cross(self, inputs: MultiModalInputs) -> torch.Tensor:
+        """One request's image states for the cross-attention layers [images x tiles, vision tokens, hidden]: its
+        pixels through the base model's encoder modules in order (CrossAttentionRule.encoders), as HF's forward
+        chains them, the first taking the processor's outputs it names."""
+        rule = CROSS_ATTENTION[self.hf_config.model_type]
+        device, dtype = self.config.device.device, self.config.model.dtype
+        first, *rest = (getattr(self.model, name) for name in rule.encoders)
+        params = inspect.signature(first.forward).parameters
+        kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in inputs.data.items() if k in params}
+        out = first(**kwargs, return_dict=True).last_hidden_state
+        tokens = out.shape[-2]
+        for module in rest:
+            out = module(out)
+        return out.reshape(-1, tokens, self.text_config.hidden_size)
 
     def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> dict[str, Any]:
         """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its

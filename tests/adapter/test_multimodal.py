@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
-from pagedformers.adapter.multimodal_families import IMAGE_FAMILIES, VIDEO_FAMILIES, VIDEO_REFUSALS
+from pagedformers.adapter.multimodal_families import IMAGE_FAMILIES, VIDEO_FAMILIES, VIDEO_REFUSALS, image_support
 from pagedformers.config.engine_config import ROOT_TEXT_IMAGE_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
@@ -173,12 +173,35 @@ def test_the_prefix_cache_tells_images_apart(family, tmp_path):
     assert (reused[3] == 0) == (family == "paligemma")
 
 
-def test_families_without_image_support_refuse_images_by_name(tmp_path):
-    llm = LLM(model=save_tiny_family("mllama", tmp_path / "mllama"), dtype="float32", kv_cache_memory_bytes=1 << 22)
-    prompt = {"prompt": "Hello <|image|>", "multi_modal_data": {"image": images(1, 0)}}
-    with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for mllama yet: its language "
-                                         r"model reads the image through cross-attention layers"):
-        llm.generate(prompt)
+def test_families_without_image_support_refuse_images_by_name():
+    """The reason goes into the error of each image prompt (multimodal_processor.py: "Prompt 0: ...")."""
+    reason = image_support(AutoConfig.for_model("idefics"))
+    assert reason.startswith("image inputs are not supported for idefics yet: its language model reads the images "
+                             "through gated cross-attention layers")
+    assert "does not declare _supports_attention_backend" in image_support(AutoConfig.for_model("blip"))
+
+
+def test_cross_attention_leaves_text_only_requests_as_hf_text_generate_does(tmp_path):
+    """Mllama: a text-only prompt batched with an image prompt (the step passes image states and masks) and in a
+    batch of text alone (no image states: HF skips the cross-attention layers) decodes as HF generates the text
+    alone; the image request's rows attend to their own image states only."""
+    vlm = save_tiny_vlm("mllama", tmp_path / "mllama")
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    texts = ["Hello, my name is", "What is the capital of France? The capital"]
+    image = {"prompt": f"Describe {vlm.image_text} please", "multi_modal_data": {"image": images(1, 0)}}
+    mixed, alone = pagedformers_greedy(llm, [image, *texts])[1:], pagedformers_greedy(llm, texts)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(vlm.path)
+    model = transformers.MllamaForConditionalGeneration.from_pretrained(vlm.path, dtype=torch.float32,
+                                                                        attn_implementation="eager")
+    for text, ours_mixed, ours_alone in zip(texts, mixed, alone):
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        theirs = (out.sequences[0, ids["input_ids"].shape[1]:].tolist(),
+                  torch.log_softmax(torch.cat(out.logits).float(), dim=-1))
+        worst, mismatch = compare([ours_mixed, ours_alone], [theirs, theirs])
+        assert mismatch is None and worst <= TOLERANCE, (text, mismatch, worst)
 
 
 def test_families_without_video_support_refuse_videos_by_name(tmp_path):
