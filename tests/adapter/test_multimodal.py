@@ -148,13 +148,14 @@ def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
     assert len(calls) == 1  # the 8 image tokens and the rest of the prompt take 7 chunks
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "qwen2_vl", "molmo2"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "qwen2_vl", "molmo2", "mllama"])
 def test_the_prefix_cache_tells_images_apart(family, tmp_path):
     """Equal prompt tokens, other image: cached blocks of the first must not serve the second; the first image
     again reuses its blocks. Blocks of 4 end inside Gemma 3's image runs: a block's K/V there depend on the
     run's later tokens, so a block is cached under them too. PaliGemma's prompt is one bidirectional prefix:
     another question about the same image reuses no block. Qwen2-VL: the chunk after a hit takes its M-RoPE
-    positions from the prompt's. Molmo2: both images' tokens are one block, the text between them inside it."""
+    positions from the prompt's. Molmo2: both images' tokens are one block, the text between them inside it.
+    Mllama: every token's K/V depend on the images (the tokens before one attend to all of them alike)."""
     vlm = save_tiny_vlm(family, tmp_path / family)
     llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
     text, n = PROMPTS[0][0].format(image=vlm.image_text), PROMPTS[0][1]
