@@ -35,6 +35,7 @@ from pagedformers.adapter.multimodal_families import (
     MEDIA_VOCAB_EMBEDDERS,
     POSITIONS_FROM_PADDING_IDX,
     VIDEOS_AS_IMAGES,
+    CrossAttentionRule,
     is_prefix_lm,
     suppressed_tokens,
 )
@@ -95,6 +96,7 @@ class TransformersForMultimodalLM(CausalShell):
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
         if self.hf_config.model_type in CROSS_ATTENTION:  # their keys come from image states: they attend unpaged
             mark_cross_attention(decoder)
+        _keep_hf_attention_in_encoders(lm, self.hf_config.get_text_config())
         _keep_hf_attention_outside(lm, decoder, self.hf_config.get_text_config())
         self.position_offset = 0
         if self.hf_config.model_type in POSITIONS_FROM_PADDING_IDX:
@@ -158,7 +160,7 @@ class TransformersForMultimodalLM(CausalShell):
             position_ids = mrope_positions[:, None]
         else:
             position_ids = positions[None] + self.position_offset
-        if cross or self.cross_cache:
+        if self.hf_config.model_type in CROSS_ATTENTION:
             inputs.update(self.cross_attention_inputs(cross, len(input_ids)))
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
@@ -175,9 +177,9 @@ class TransformersForMultimodalLM(CausalShell):
         ctx = get_forward_context()
         self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in {s.key for s in cross}}
         ctx.cross_blocks = []
-        if not cross:
-            return {}
         rule = CROSS_ATTENTION[self.hf_config.model_type]
+        if not cross:
+            return self.no_image_inputs(rule, num_rows) if rule.always else {}
         states, masks, images, keys = [], [], 0, 0
         for s in cross:
             own = self.cross_cache.get(s.key)
@@ -192,13 +194,31 @@ class TransformersForMultimodalLM(CausalShell):
         token_mask = first.new_zeros(1, num_rows, images, *first.shape[2:])
         for rows, offset, mask in masks:
             token_mask[0, rows.to(token_mask.device), offset:offset + mask.shape[1]] = mask.to(token_mask.device)
+        token_mask = token_mask.to(self.config.device.device)
+        states = torch.cat(states)
+        if rule.per_image_batch:
+            states = states[None]
+        if rule.prepare is None:
+            return {rule.states: states, rule.masks[0]: token_mask}
         prepare = getattr(inspect.getmodule(type(self.model)), rule.prepare)
+        prepared = prepare(token_mask, num_vision_tokens=states.shape[-2], dtype=self.config.model.dtype)
+        return {rule.states: states, **dict(zip(rule.masks, prepared))}
+
+    def no_image_inputs(self, rule: CrossAttentionRule, num_rows: int) -> dict[str, Any]:
+        """A step without images, for a language model that needs image states on every call (rule.always): one
+        zero image of one token that every row's mask hides (the model zeroes what such rows read of it)."""
+        width = next(m.k_proj.in_features for m in self.decoder.modules() if getattr(m, "is_cross_attention", False)
+                     or type(m).__name__.endswith("CrossAttention"))
         device, dtype = self.config.device.device, self.config.model.dtype
-        prepared = prepare(token_mask.to(device), num_vision_tokens=states[0].shape[1], dtype=dtype)
-        return {rule.states: torch.cat(states), **dict(zip(rule.masks, prepared))}
+        states = torch.zeros(1, 1, width, device=device, dtype=dtype)
+        inputs = {rule.states: states[None] if rule.per_image_batch else states,
+                  rule.masks[0]: torch.zeros(1, num_rows, 1, dtype=torch.long, device=device)}
+        if rule.prepare is not None:
+            raise NotImplementedError("a zero image for a model whose cross masks are prepared apart")
+        return inputs
 
     def encode_cross(self, inputs: MultiModalInputs) -> torch.Tensor:
-        """One request's image states for the cross-attention layers [images x tiles, vision tokens, hidden]: its
+        """One request's image states for the cross-attention layers [images (x tiles), tokens, width]: its
         pixels through the base model's encoder modules in order (CrossAttentionRule.encoders), as HF's forward
         chains them, the first taking the processor's outputs it names."""
         rule = CROSS_ATTENTION[self.hf_config.model_type]
@@ -207,11 +227,12 @@ class TransformersForMultimodalLM(CausalShell):
         params = inspect.signature(first.forward).parameters
         kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                   for k, v in inputs.data.items() if k in params}
+        if rule.per_image_batch:  # [1, images, C, H, W] -> [images, C, H, W]
+            kwargs = {k: v.flatten(0, 1) for k, v in kwargs.items()}
         out = first(**kwargs, return_dict=True).last_hidden_state
-        tokens = out.shape[-2]
         for module in rest:
             out = module(out)
-        return out.reshape(-1, tokens, self.text_config.hidden_size)
+        return out.reshape(-1, *out.shape[-2:])
 
     def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> dict[str, Any]:
         """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its
@@ -344,6 +365,23 @@ def _keep_hf_attention_outside(lm: nn.Module, decoder: nn.Module, text_config: P
         own._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
         for module in outside:
             module.config = own
+
+
+def _keep_hf_attention_in_encoders(lm: nn.Module, text_config: PretrainedConfig) -> None:
+    """Encoder sub-configs that the model's own __init__ gave the root config's attention (IdeficsModel copies it
+    into its vision config) take transformers' back: only the language model attends through the paged cache."""
+    config = lm.config
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None and getattr(sub, "_attn_implementation", None) == ATTN_IMPLEMENTATION and \
+                not _holds(sub, text_config):
+            sub._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
+
+
+def _holds(config: PretrainedConfig, inner: PretrainedConfig) -> bool:
+    """Whether `inner` is `config` or one of its sub-configs, at any depth (an Omni thinker's holds the text's)."""
+    return config is inner or any(_holds(sub, inner) for key in getattr(config, "sub_configs", {})
+                                  if isinstance(sub := getattr(config, key, None), PretrainedConfig))
 
 
 def _encoder(model: nn.Module, hf_config: PretrainedConfig, name: str) -> Callable[..., Any]:

@@ -27,9 +27,9 @@ IMAGE_FAMILIES = frozenset({
     "blip-2", "instructblip", "exaone4_5", "janus", "deepseek_vl", "deepseek_vl_hybrid", "hunyuan_vl", "gemma4",
     "glm_ocr", "minimax_m3_vl", "cosmos3_edge", "cosmos3_omni", "muse_glimmer", "muse_spark", "kosmos-2", "lfm2_vl",
     "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2", "glmga", "pp_chart2table",
-    "glm4v_moe", "qwen3_5", "qwen3_5_moe", "mllama", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-    "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4",
-    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n",
+    "glm4v_moe", "qwen3_5", "qwen3_5_moe", "mllama", "idefics", "qianfan_ocr", "qwen2_5_omni_thinker",
+    "qwen3_omni_moe_thinker", "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon",
+    "fuyu", "llama4", "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n",
     "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
 VIDEO_FAMILIES = frozenset({
@@ -122,8 +122,6 @@ IMAGE_REFUSALS = {
                     "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
                     "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
                     "the shell refuses the whole model (compat.non_attention_layers), text-only prompts too"),
-    "idefics": "its language model reads the images through gated cross-attention layers, whose keys come from the "
-               "image (perceiver) features, not from the prompt: the paged KV cache holds self-attention keys only",
     "instructblipvideo": "its processor takes `images` as one 4-frame video and always writes 4 x num_query_tokens "
                          "video tokens, so a single image gives one frame's features for four frames' tokens (HF "
                          "generate fails too) and its model has get_video_features only",
@@ -214,8 +212,16 @@ class CrossAttentionRule(NamedTuple):
     token_mask: str  # the processor's per-token mask [1, prompt_len, images, ...]: which images each token sees
     states: str  # the language model's input taking the image states
     encoders: tuple[str, ...]  # the base model's modules that give the states, in order (vision tower, projector)
-    prepare: str  # the modeling module's function: (token mask, num_vision_tokens, dtype) -> the masks below
+    # the modeling module's function: (token mask, num_vision_tokens, dtype) -> the masks below; None where the
+    # language model takes the token mask itself (under masks[0])
+    prepare: str | None
     masks: tuple[str, ...]  # the language model's inputs taking what `prepare` returns, in order
+    # the first encoder takes the images as one batch [images, C, H, W] (HF's forward flattens the processor's
+    # [1, images, C, H, W]), and the language model the states as [1, images, tokens, hidden]
+    per_image_batch: bool = False
+    # the language model needs image states on every call (IDEFICS's forward raises without): a step without images
+    # passes one zero image that no row sees (HF zeroes the cross-attention output of rows that see no image)
+    always: bool = False
 
 
 # Families whose language model reads the images through cross-attention (the shell passes their states and masks
@@ -224,6 +230,9 @@ CROSS_ATTENTION = {
     "mllama": CrossAttentionRule("cross_attention_mask", "cross_attention_states",
                                  ("vision_model", "multi_modal_projector"), "_prepare_cross_attention_mask",
                                  ("cross_attention_mask", "full_text_row_masked_out_mask")),
+    "idefics": CrossAttentionRule("image_attention_mask", "perceiver_embeddings",
+                                  ("vision_model", "perceiver_resampler"), None, ("image_attention_mask",),
+                                  per_image_batch=True, always=True),
 }
 # Families whose model adds the image features to the placeholder tokens' own embeddings (a residual: Molmo2's
 # masked_scatter of embeddings + features), where the others put the features in their place.
@@ -247,8 +256,8 @@ NO_PRECOMPUTED_FEATURES = {
     "cohere_compass": "its language model also adds the vision tower's deepstack features at its first layers",
     "granite4_vision": "its language model takes the image only as deepstack features added at some of its layers "
                        "(the image tokens' own embeddings are zero)",
-    "mllama": "its language model reads the vision tower's states through cross-attention, not features at the "
-              "image tokens",
+    **dict.fromkeys(("mllama", "idefics"), "its language model reads the vision tower's states through "
+                                           "cross-attention, not features at the image tokens"),
     "paligemma": "its processor lays out the prefix (image tokens, BOS, the prompt, a newline) itself",
     "kosmos-2": "its processor lays out the image tokens (a range of ids, marked by image_embeds_position_mask) "
                 "before the prompt itself",

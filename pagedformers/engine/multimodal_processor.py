@@ -91,11 +91,12 @@ class MultiModalProcessor:
         """The processor's outputs as the request carries them: the encoders' tensors, the placeholders, the
         prompt's bidirectional ranges and the language model's per-token inputs."""
         hf_config = self.config.model.hf_config
-        placeholders, by_modality = self._placeholders(out, token_ids, modalities, name)
         cross = CROSS_ATTENTION.get(hf_config.model_type)
         cross_mask = out.pop(cross.token_mask)[0] if cross else None
         if cross:  # the language model reads the images through cross-attention: no token takes features
-            placeholders, by_modality = [], {m: [] for m in by_modality}
+            placeholders, by_modality = [], {m: [] for m in modalities}
+        else:
+            placeholders, by_modality = self._placeholders(out, token_ids, modalities, name)
         token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
                         and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
         tensors = {_KEY_ALIASES.get(k, k): v for k, v in out.items()

@@ -1249,6 +1249,23 @@ def _mllama(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _idefics(path: Path, seed: int) -> str:
+    """IDEFICS (v1): a CLIP-style ViT over 28x28 images in 14x14 patches (4 + CLS), a 1-layer perceiver resampler
+    to 4 latents; before each of its 2 layers the language model reads them through gated cross-attention (tanh
+    gates of 1; HF's default initialiser, zeros, would leave the image unread), each token seeing the last image
+    before it. The processor puts a prompt's image before its text (<fake_token_around_image><image>...)."""
+    tok = _tokenizer(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                     end_of_utterance_token="<end_of_utterance>")
+    config = tiny_config("idefics", len(tok), use_resampler=True, alpha_initializer="ones",
+                         vision_config=dict(embed_dim=32, image_size=28, patch_size=14),
+                         perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=16))
+    images = transformers.IdeficsImageProcessorPil(image_size=28)
+    processor = transformers.IdeficsProcessor(image_processor=images, tokenizer=tok, image_size=28)
+    _save(path, transformers.IdeficsForVisionText2Text, config, processor, seed)
+    return ""  # the processor puts the image before the prompt
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -1275,7 +1292,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
     "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
-    "gemma3n": _gemma3n, "mllama": _mllama,
+    "gemma3n": _gemma3n, "mllama": _mllama, "idefics": _idefics,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

@@ -176,26 +176,32 @@ def test_the_prefix_cache_tells_images_apart(family, tmp_path):
 
 def test_families_without_image_support_refuse_images_by_name():
     """The reason goes into the error of each image prompt (multimodal_processor.py: "Prompt 0: ...")."""
-    reason = image_support(AutoConfig.for_model("idefics"))
-    assert reason.startswith("image inputs are not supported for idefics yet: its language model reads the images "
-                             "through gated cross-attention layers")
-    assert "does not declare _supports_attention_backend" in image_support(AutoConfig.for_model("blip"))
+    reason = image_support(AutoConfig.for_model("blip"))
+    assert reason.startswith("image inputs are not supported for blip yet: its text decoder (BlipTextLMHeadModel) "
+                             "reads the image through cross-attention in every layer and does not declare "
+                             "_supports_attention_backend")
 
 
-def test_cross_attention_leaves_text_only_requests_as_hf_text_generate_does(tmp_path):
-    """Mllama: a text-only prompt batched with an image prompt (the step passes image states and masks) and in a
-    batch of text alone (no image states: HF skips the cross-attention layers) decodes as HF generates the text
-    alone; the image request's rows attend to their own image states only."""
-    vlm = save_tiny_vlm("mllama", tmp_path / "mllama")
+@pytest.mark.parametrize("family", ["mllama", "idefics"])
+def test_cross_attention_leaves_text_only_requests_as_hf_text_generate_does(family, tmp_path):
+    """A text-only prompt batched with an image prompt (the step passes image states and masks) and in a batch of
+    text alone decodes as HF generates the same tokens without an image: Mllama's skips its cross-attention
+    layers; IDEFICS's forward needs an image, so it gets the zero image its processor gives a text (its mask
+    hiding it from every token). The image request's rows attend to their own image states only."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
     llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
     texts = ["Hello, my name is", "What is the capital of France? The capital"]
     image = {"prompt": f"Describe {vlm.image_text} please", "multi_modal_data": {"image": images(1, 0)}}
     mixed, alone = pagedformers_greedy(llm, [image, *texts])[1:], pagedformers_greedy(llm, texts)
     tokenizer = transformers.AutoTokenizer.from_pretrained(vlm.path)
-    model = transformers.MllamaForConditionalGeneration.from_pretrained(vlm.path, dtype=torch.float32,
-                                                                        attn_implementation="eager")
+    architecture = AutoConfig.from_pretrained(vlm.path).architectures[0]
+    model = getattr(transformers, architecture).from_pretrained(vlm.path, dtype=torch.float32,
+                                                                attn_implementation="eager")
     for text, ours_mixed, ours_alone in zip(texts, mixed, alone):
-        ids = tokenizer(text, return_tensors="pt")
+        ids = dict(tokenizer(text, return_tensors="pt"))
+        if family == "idefics":  # what IdeficsProcessor gives a prompt without images
+            ids["pixel_values"] = torch.zeros(1, 1, 3, 28, 28)
+            ids["image_attention_mask"] = torch.zeros(1, ids["input_ids"].shape[1], 1, dtype=torch.long)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
                                  eos_token_id=None, output_logits=True, return_dict_in_generate=True)
