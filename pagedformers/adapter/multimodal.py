@@ -41,6 +41,7 @@ from pagedformers.adapter.multimodal_families import (
 )
 from pagedformers.adapter.resolve import auto_base_model
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
+from pagedformers.attention.interface import CROSS_ATTENTION as CROSS_MARK
 from pagedformers.attention.interface import mark_cross_attention, take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
@@ -75,6 +76,10 @@ class TransformersForMultimodalLM(CausalShell):
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         # request id -> its image states, where the language model reads them through cross-attention (CROSS_ATTENTION)
         self.cross_cache: dict[str, torch.Tensor] = {}
+        # (request id, projection) -> the cross-attention layers' key / value projection of its image states, kept
+        # with them: recomputing them every decode step would cost more than the rest of the step
+        self.cross_projections: dict[tuple[str, int], torch.Tensor] = {}
+        self.cross_spans: list[tuple[str, int, int]] = []  # the step's (request id, first key, end key)
         rope = getattr(self.text_config, "rope_parameters", None) or {}
         self.mrope_axes = len(rope.get("mrope_section") or [0] * 3)  # HunYuan-VL's XD-RoPE: 4
         # The language-model layer of each deepstack level, where the encoder names them (encode); None where
@@ -175,8 +180,11 @@ class TransformersForMultimodalLM(CausalShell):
         forward context's cross_blocks keep each request's rows to its own states. None where no request of the
         step has images: the language model then skips its cross-attention layers, as HF's does for text."""
         ctx = get_forward_context()
-        self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in {s.key for s in cross}}
-        ctx.cross_blocks = []
+        step = {s.key for s in cross}
+        self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in step}
+        self.cross_projections = {k: v for k, v in self.cross_projections.items() if k[0] in step}
+        ctx.cross_blocks, self.cross_spans = [], []
+        self._project_per_request()
         rule = CROSS_ATTENTION[self.hf_config.model_type]
         if not cross:
             return self.no_image_inputs(rule, num_rows) if rule.always else {}
@@ -188,6 +196,7 @@ class TransformersForMultimodalLM(CausalShell):
             states.append(own)
             masks.append((s.rows, images, s.cross_mask))
             ctx.cross_blocks.append((int(s.rows[0]), int(s.rows[-1]) + 1, keys, keys + own.shape[0] * own.shape[1]))
+            self.cross_spans.append((s.key, keys, keys + own.shape[0] * own.shape[1]))
             images += s.cross_mask.shape[1]
             keys += own.shape[0] * own.shape[1]
         first = cross[0].cross_mask
@@ -207,8 +216,7 @@ class TransformersForMultimodalLM(CausalShell):
     def no_image_inputs(self, rule: CrossAttentionRule, num_rows: int) -> dict[str, Any]:
         """A step without images, for a language model that needs image states on every call (rule.always): one
         zero image of one token that every row's mask hides (the model zeroes what such rows read of it)."""
-        width = next(m.k_proj.in_features for m in self.decoder.modules() if getattr(m, "is_cross_attention", False)
-                     or type(m).__name__.endswith("CrossAttention"))
+        width = next(m.k_proj.in_features for m in self.decoder.modules() if CROSS_MARK in m.__dict__)
         device, dtype = self.config.device.device, self.config.model.dtype
         states = torch.zeros(1, 1, width, device=device, dtype=dtype)
         inputs = {rule.states: states[None] if rule.per_image_batch else states,
@@ -216,6 +224,18 @@ class TransformersForMultimodalLM(CausalShell):
         if rule.prepare is not None:
             raise NotImplementedError("a zero image for a model whose cross masks are prepared apart")
         return inputs
+
+    def _project_per_request(self) -> None:
+        """The key and value projections of the cross-attention modules (nn.Linear or a platform's swap of it) run
+        per request, each request's result kept while its states are (cross_projections). Checked every step: a
+        platform may swap a projection's forward after load."""
+        for module in self.decoder.modules():
+            if CROSS_MARK not in module.__dict__:
+                continue
+            for name in ("k_proj", "v_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Module) and not getattr(proj.forward, "per_request", False):
+                    proj.forward = _per_request(self, proj.forward)
 
     def encode_cross(self, inputs: MultiModalInputs) -> torch.Tensor:
         """One request's image states for the cross-attention layers [images (x tiles), tokens, width]: its
@@ -365,6 +385,26 @@ def _keep_hf_attention_outside(lm: nn.Module, decoder: nn.Module, text_config: P
         own._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
         for module in outside:
             module.config = own
+
+
+def _per_request(shell: TransformersForMultimodalLM, project: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`project` over the step's image states [..., width], one request's rows at a time (shell.cross_spans), each
+    request's output computed once and kept in shell.cross_projections; any other input is projected whole (the
+    zero image of a step without images)."""
+    def forward(states: torch.Tensor) -> torch.Tensor:
+        rows = states.reshape(-1, states.shape[-1])
+        if not shell.cross_spans or shell.cross_spans[-1][2] != rows.shape[0]:
+            return project(states)
+        outs = []
+        for request, first, end in shell.cross_spans:
+            out = shell.cross_projections.get((request, id(forward)))
+            if out is None:
+                out = shell.cross_projections[(request, id(forward))] = project(rows[first:end])
+            outs.append(out)
+        return torch.cat(outs).reshape(*states.shape[:-1], -1)
+    forward.per_request = True
+    return forward
 
 
 def _keep_hf_attention_in_encoders(lm: nn.Module, text_config: PretrainedConfig) -> None:

@@ -211,6 +211,30 @@ def test_cross_attention_leaves_text_only_requests_as_hf_text_generate_does(fami
         assert mismatch is None and worst <= TOLERANCE, (text, mismatch, worst)
 
 
+def test_cross_attention_encodes_and_projects_each_request_once(tmp_path):
+    """Mllama: the vision tower runs once per request, and each cross-attention layer's key and value projections
+    of its states once (kept for every later step: prefill chunks of 8 tokens, then decodes)."""
+    vlm = save_tiny_vlm("mllama", tmp_path / "mllama")
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    calls = []
+
+    def count_calls(model):
+        def counted(name, forward):
+            return lambda *a, **kw: calls.append(name) or forward(*a, **kw)
+        model.model.vision_model.register_forward_hook(lambda *_: calls.append("vision"))
+        for layer in model.decoder.layers:
+            if hasattr(layer, "cross_attn"):
+                for name in ("k_proj", "v_proj"):
+                    proj = getattr(layer.cross_attn, name)
+                    proj.forward = counted(name, proj.forward)
+
+    llm.apply_model(count_calls)
+    text, n = PROMPTS[0]
+    llm.generate({"prompt": text.format(image=vlm.image_text), "multi_modal_data": {"image": images(n, 0)}},
+                 SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert sorted(calls) == ["k_proj", "v_proj", "vision"]  # one cross-attention layer
+
+
 def test_families_without_video_support_refuse_videos_by_name(tmp_path):
     vlm = save_tiny_vlm("glm4v", tmp_path / "glm4v")
     llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22)
