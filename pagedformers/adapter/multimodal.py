@@ -101,6 +101,7 @@ class TransformersForMultimodalLM(CausalShell):
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
         if self.hf_config.model_type in CROSS_ATTENTION:  # their keys come from image states: they attend unpaged
             mark_cross_attention(decoder)
+        self.__dict__["cross_modules"] = [m for m in decoder.modules() if CROSS_MARK in m.__dict__]  # not submodules
         _keep_hf_attention_in_encoders(lm, self.hf_config.get_text_config())
         _keep_hf_attention_outside(lm, decoder, self.hf_config.get_text_config())
         self.position_offset = 0
@@ -175,10 +176,11 @@ class TransformersForMultimodalLM(CausalShell):
 
     def cross_attention_inputs(self, cross: list[MultiModalSlice], num_rows: int) -> dict[str, Any]:
         """The language model's cross-attention inputs for the step's requests with images (CROSS_ATTENTION): their
-        image states concatenated [images x tiles, vision tokens, hidden], and the masks HF's own function makes of
-        a per-token mask [1, T, all images, ...] in which each row marks its own request's images only; the
-        forward context's cross_blocks keep each request's rows to its own states. None where no request of the
-        step has images: the language model then skips its cross-attention layers, as HF's does for text."""
+        image states concatenated [images (x tiles), tokens, width], and the masks the model (or HF's own function,
+        rule.prepare) makes of a per-token mask [1, T, all images, ...] in which each row marks its own request's
+        images only; the forward context's cross_blocks keep each request's rows to its own states. Without images
+        in the step, none (Mllama's language model then skips its cross-attention layers, as HF's does for text),
+        or a zero image that no row sees where the language model needs one (rule.always)."""
         ctx = get_forward_context()
         step = {s.key for s in cross}
         self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in step}
@@ -188,25 +190,17 @@ class TransformersForMultimodalLM(CausalShell):
         rule = CROSS_ATTENTION[self.hf_config.model_type]
         if not cross:
             return self.no_image_inputs(rule, num_rows) if rule.always else {}
-        states, masks, images, keys = [], [], 0, 0
+        states, keys = [], 0
         for s in cross:
             own = self.cross_cache.get(s.key)
             if own is None:
                 own = self.cross_cache[s.key] = self.encode_cross(s.inputs)
             states.append(own)
-            masks.append((s.rows, images, s.cross_mask))
             ctx.cross_blocks.append((int(s.rows[0]), int(s.rows[-1]) + 1, keys, keys + own.shape[0] * own.shape[1]))
             self.cross_spans.append((s.key, keys, keys + own.shape[0] * own.shape[1]))
-            images += s.cross_mask.shape[1]
             keys += own.shape[0] * own.shape[1]
-        first = cross[0].cross_mask
-        token_mask = first.new_zeros(1, num_rows, images, *first.shape[2:])
-        for rows, offset, mask in masks:
-            token_mask[0, rows.to(token_mask.device), offset:offset + mask.shape[1]] = mask.to(token_mask.device)
-        token_mask = token_mask.to(self.config.device.device)
-        states = torch.cat(states)
-        if rule.per_image_batch:
-            states = states[None]
+        token_mask = _token_mask(cross, num_rows).to(self.config.device.device)
+        states = torch.cat(states)[None] if rule.per_image_batch else torch.cat(states)
         if rule.prepare is None:
             return {rule.states: states, rule.masks[0]: token_mask}
         prepare = getattr(inspect.getmodule(type(self.model)), rule.prepare)
@@ -216,22 +210,19 @@ class TransformersForMultimodalLM(CausalShell):
     def no_image_inputs(self, rule: CrossAttentionRule, num_rows: int) -> dict[str, Any]:
         """A step without images, for a language model that needs image states on every call (rule.always): one
         zero image of one token that every row's mask hides (the model zeroes what such rows read of it)."""
-        width = next(m.k_proj.in_features for m in self.decoder.modules() if CROSS_MARK in m.__dict__)
-        device, dtype = self.config.device.device, self.config.model.dtype
-        states = torch.zeros(1, 1, width, device=device, dtype=dtype)
-        inputs = {rule.states: states[None] if rule.per_image_batch else states,
-                  rule.masks[0]: torch.zeros(1, num_rows, 1, dtype=torch.long, device=device)}
         if rule.prepare is not None:
             raise NotImplementedError("a zero image for a model whose cross masks are prepared apart")
-        return inputs
+        width = self.cross_modules[0].k_proj.in_features
+        device, dtype = self.config.device.device, self.config.model.dtype
+        states = torch.zeros(1, 1, width, device=device, dtype=dtype)
+        return {rule.states: states[None] if rule.per_image_batch else states,
+                rule.masks[0]: torch.zeros(1, num_rows, 1, dtype=torch.long, device=device)}
 
     def _project_per_request(self) -> None:
         """The key and value projections of the cross-attention modules (nn.Linear or a platform's swap of it) run
         per request, each request's result kept while its states are (cross_projections). Checked every step: a
         platform may swap a projection's forward after load."""
-        for module in self.decoder.modules():
-            if CROSS_MARK not in module.__dict__:
-                continue
+        for module in self.cross_modules:
             for name in ("k_proj", "v_proj"):
                 proj = getattr(module, name, None)
                 if isinstance(proj, nn.Module) and not getattr(proj.forward, "per_request", False):
@@ -385,6 +376,18 @@ def _keep_hf_attention_outside(lm: nn.Module, decoder: nn.Module, text_config: P
         own._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
         for module in outside:
             module.config = own
+
+
+def _token_mask(cross: list[MultiModalSlice], num_rows: int) -> torch.Tensor:
+    """The step's per-token cross mask [1, T, all the step's images, ...]: each request's rows hold its own rows of
+    the processor's mask in its own images' columns, 0 elsewhere (text-only requests' rows: 0 everywhere)."""
+    first = cross[0].cross_mask
+    mask = first.new_zeros(1, num_rows, sum(s.cross_mask.shape[1] for s in cross), *first.shape[2:])
+    offset = 0
+    for s in cross:
+        mask[0, s.rows, offset:offset + s.cross_mask.shape[1]] = s.cross_mask
+        offset += s.cross_mask.shape[1]
+    return mask
 
 
 def _per_request(shell: TransformersForMultimodalLM, project: Callable[[torch.Tensor], torch.Tensor]
