@@ -167,7 +167,7 @@ class TransformersForMultimodalLM(CausalShell):
         else:
             position_ids = positions[None] + self.position_offset
         if self.hf_config.model_type in CROSS_ATTENTION:
-            inputs.update(self.cross_attention_inputs(cross, len(input_ids)))
+            inputs.update(self.cross_attention_inputs(cross, input_ids.shape[0]))
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
         assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
