@@ -9,8 +9,13 @@ own attention (sdpa or eager), and the KV-shape probe, a text-only pass, sees de
 Media: the base model's `get_image_features` / `get_video_features` (the calls HF `generate` makes)
 run once per request, at the first prefill chunk holding its placeholders; their features replace
 the token embeddings at the placeholder rows (merged in placeholder order where a prompt has both),
-as HF's own merge does, and later chunks of the prompt take their slice. The family tables below
-say where a family departs from that, each with why.
+as HF's own merge does, and later chunks of the prompt take their slice. The family tables
+(multimodal_families.py) say where a family departs from that, each with why.
+
+Cross-attention families (Mllama, IDEFICS: CROSS_ATTENTION) have no placeholders: their language model reads the
+image states (computed once per request, with their key/value projections) through cross-attention layers on
+every step of the request, prefill and decode; the batch's requests' states are concatenated and each request's
+rows attend to its own only (attention/interface.py), as HF's one-request forward does.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Registered with `transformers.AttentionInterface`. It is deliberately absent from the
 mask interface, so transformers builds no dense mask and passes `attention_mask=None`:
 causality, sliding windows and chunks come from our metadata. A model that builds a mask of
-its own (a learned bias, a sparse pattern) is refused by the compatibility check.
+its own (a learned bias, a sparse pattern) is refused by the compatibility check. Cross-attention modules
+(Mllama's, IDEFICS's: marked at load, mark_cross_attention) are the exception: their keys and values come from
+image states, not the prompt, so they keep nothing in the paged cache and attend unpaged with the model's own mask.
 """
 
 from __future__ import annotations
