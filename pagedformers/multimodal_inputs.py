@@ -43,6 +43,10 @@ class MultiModalInputs:
     # Where placeholders are of several kinds (Ovis2's visual indicators around its image tokens): for each
     # placeholder, -1 where the encoder's features go in order, else the index of the marker embedding it takes.
     markers: list[int] = field(default_factory=list)
+    # Where the language model reads the images through cross-attention (Mllama): the processor's per-token cross
+    # mask [prompt_len, images, ...] (which images, and which of their tiles, each token sees). The image states
+    # then go with every step of the request, prefill and decode, and there are no placeholders.
+    cross_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.content_hash:
@@ -54,7 +58,10 @@ class MultiModalInputs:
 
     @property
     def first_position(self) -> int:
-        """The first prompt position whose K/V depend on the media (a placeholder, or a bidirectional range)."""
+        """The first prompt position whose K/V depend on the media (a placeholder, or a bidirectional range; with
+        cross-attention every position: tokens before an image still attend to its states)."""
+        if self.cross_mask is not None:
+            return 0
         return min([self.placeholders[0], *(lo for lo, _ in self.bidirectional[:1])])
 
     def feature_range(self, start: int, end: int) -> tuple[int, int]:
@@ -83,9 +90,12 @@ class MultiModalSlice:
     """The part of one request's features that one step needs."""
     key: str  # the request id: its features are computed once and kept until its last placeholder ran
     inputs: MultiModalInputs
-    rows: torch.Tensor  # [n] rows of the flat batch that are placeholders
+    rows: torch.Tensor  # [n] rows of the flat batch that are placeholders (cross-attention: all the request's rows)
     first: int  # the features of those rows: [first, first + n)
+    cross_mask: torch.Tensor | None = None  # cross-attention: the rows' cross mask [n, images, ...] (cross_mask's)
 
     @property
     def is_last(self) -> bool:
+        if self.cross_mask is not None:  # its image states serve every step of the request
+            return False
         return self.first + len(self.rows) == len(self.inputs.placeholders)

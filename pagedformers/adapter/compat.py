@@ -153,4 +153,7 @@ def num_attention_layers(hf_config: PretrainedConfig) -> int | None:
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
         return sum(1 for t in layer_types if t in ATTENTION_LAYER_TYPES | HYBRID_LAYER_TYPES)
-    return getattr(text_config, "num_hidden_layers", None)
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    # Mllama's cross-attention layers attend to image states, and a text-only pass (the dry run's) skips them
+    cross = getattr(text_config, "cross_attention_layers", None) or []
+    return num_layers - sum(1 for i in set(cross) if i < num_layers) if isinstance(num_layers, int) else num_layers

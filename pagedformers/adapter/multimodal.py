@@ -9,8 +9,13 @@ own attention (sdpa or eager), and the KV-shape probe, a text-only pass, sees de
 Media: the base model's `get_image_features` / `get_video_features` (the calls HF `generate` makes)
 run once per request, at the first prefill chunk holding its placeholders; their features replace
 the token embeddings at the placeholder rows (merged in placeholder order where a prompt has both),
-as HF's own merge does, and later chunks of the prompt take their slice. The family tables below
-say where a family departs from that, each with why.
+as HF's own merge does, and later chunks of the prompt take their slice. The family tables
+(multimodal_families.py) say where a family departs from that, each with why.
+
+Cross-attention families (Mllama, IDEFICS: CROSS_ATTENTION) have no placeholders: their language model reads the
+image states (computed once per request, with their key/value projections) through cross-attention layers on
+every step of the request, prefill and decode; the batch's requests' states are concatenated and each request's
+rows attend to its own only (attention/interface.py), as HF's one-request forward does.
 """
 
 from __future__ import annotations
@@ -29,18 +34,21 @@ from transformers.cache_utils import Cache
 
 from pagedformers.adapter.causal import CausalShell
 from pagedformers.adapter.multimodal_families import (
+    CROSS_ATTENTION,
     FEATURES_ADDED,
     INLINE_ENCODERS,
     MARKER_TOKENS,
     MEDIA_VOCAB_EMBEDDERS,
     POSITIONS_FROM_PADDING_IDX,
     VIDEOS_AS_IMAGES,
+    CrossAttentionRule,
     is_prefix_lm,
     suppressed_tokens,
 )
 from pagedformers.adapter.resolve import auto_base_model
 from pagedformers.attention import ATTN_IMPLEMENTATION, get_forward_context
-from pagedformers.attention.interface import take_over_query_temperature
+from pagedformers.attention.interface import CROSS_ATTENTION as CROSS_MARK
+from pagedformers.attention.interface import mark_cross_attention, take_over_query_temperature
 from pagedformers.config import EngineConfig
 from pagedformers.multimodal_inputs import MultiModalInputs, MultiModalSlice
 from pagedformers.parallel_plans import SINGLE, ParallelState, ShardedModel, apply_parallel_plans
@@ -72,6 +80,12 @@ class TransformersForMultimodalLM(CausalShell):
         self.suppressed = suppressed_tokens(self.hf_config)
         # request id -> its features, each [num_placeholders, hidden] (encode)
         self.encoder_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        # request id -> its image states, where the language model reads them through cross-attention (CROSS_ATTENTION)
+        self.cross_cache: dict[str, torch.Tensor] = {}
+        # (request id, projection) -> the cross-attention layers' key / value projection of its image states, kept
+        # with them: recomputing them every decode step would cost more than the rest of the step
+        self.cross_projections: dict[tuple[str, int], torch.Tensor] = {}
+        self.cross_spans: list[tuple[str, int, int]] = []  # the step's (request id, first key, end key)
         rope = getattr(self.text_config, "rope_parameters", None) or {}
         self.mrope_axes = len(rope.get("mrope_section") or [0] * 3)  # HunYuan-VL's XD-RoPE: 4
         # The language-model layer of each deepstack level, where the encoder names them (encode); None where
@@ -91,6 +105,10 @@ class TransformersForMultimodalLM(CausalShell):
                 if getattr(module, "is_causal", None) is False:
                     module.is_causal = True
         take_over_query_temperature(decoder)  # before the trunk is split off: the hook goes where we call
+        if self.hf_config.model_type in CROSS_ATTENTION:  # their keys come from image states: they attend unpaged
+            mark_cross_attention(decoder)
+        self.__dict__["cross_modules"] = [m for m in decoder.modules() if CROSS_MARK in m.__dict__]  # not submodules
+        _keep_hf_attention_in_encoders(lm, self.hf_config.get_text_config())
         _keep_hf_attention_outside(lm, decoder, self.hf_config.get_text_config())
         self.position_offset = 0
         if self.hf_config.model_type in POSITIONS_FROM_PADDING_IDX:
@@ -136,6 +154,8 @@ class TransformersForMultimodalLM(CausalShell):
         token_inputs: name -> [T], per-token inputs of the language model (MultiModalInputs.token_inputs)
         -> hidden states [T, hidden]."""
         ctx = get_forward_context()
+        cross = [s for s in multi_modal or () if s.cross_mask is not None]
+        multi_modal = [s for s in multi_modal or () if s.cross_mask is None]
         if multi_modal:
             inputs = self.embed_with_features(input_ids, multi_modal)
         elif MEDIA_VOCAB_EMBEDDERS.get(self.hf_config.model_type):  # its media ids embed apart from the text's
@@ -152,11 +172,84 @@ class TransformersForMultimodalLM(CausalShell):
             position_ids = mrope_positions[:, None]
         else:
             position_ids = positions[None] + self.position_offset
+        if self.hf_config.model_type in CROSS_ATTENTION:
+            inputs.update(self.cross_attention_inputs(cross, input_ids.shape[0]))
         calls_before = ctx.num_calls
         out = self.decoder(**inputs, position_ids=position_ids, return_dict=True, **self.cache_kwargs(state))
         assert ctx.kv_caches is None or ctx.num_calls - calls_before == len(ctx.kv_caches), \
             "an encoder ran through the paged attention: its sub-config must keep transformers' attention"
         return out.last_hidden_state[0]
+
+    def cross_attention_inputs(self, cross: list[MultiModalSlice], num_rows: int) -> dict[str, Any]:
+        """The language model's cross-attention inputs for the step's requests with images (CROSS_ATTENTION): their
+        image states concatenated [images (x tiles), tokens, width], and the masks the model (or HF's own function,
+        rule.prepare) makes of a per-token mask [1, T, all images, ...] in which each row marks its own request's
+        images only; the forward context's cross_blocks keep each request's rows to its own states. Without images
+        in the step, none (Mllama's language model then skips its cross-attention layers, as HF's does for text),
+        or a zero image that no row sees where the language model needs one (rule.always)."""
+        ctx = get_forward_context()
+        step = {s.key for s in cross}
+        self.cross_cache = {k: v for k, v in self.cross_cache.items() if k in step}
+        self.cross_projections = {k: v for k, v in self.cross_projections.items() if k[0] in step}
+        ctx.cross_blocks, self.cross_spans = [], []
+        self._project_per_request()
+        rule = CROSS_ATTENTION[self.hf_config.model_type]
+        if not cross:
+            return self.no_image_inputs(rule, num_rows) if rule.always else {}
+        states, keys = [], 0
+        for s in cross:
+            own = self.cross_cache.get(s.key)
+            if own is None:
+                own = self.cross_cache[s.key] = self.encode_cross(s.inputs)
+            states.append(own)
+            ctx.cross_blocks.append((int(s.rows[0]), int(s.rows[-1]) + 1, keys, keys + own.shape[0] * own.shape[1]))
+            self.cross_spans.append((s.key, keys, keys + own.shape[0] * own.shape[1]))
+            keys += own.shape[0] * own.shape[1]
+        token_mask = _token_mask(cross, num_rows).to(self.config.device.device)
+        states = torch.cat(states)[None] if rule.per_image_batch else torch.cat(states)
+        if rule.prepare is None:
+            return {rule.states: states, rule.masks[0]: token_mask}
+        prepare = getattr(inspect.getmodule(type(self.model)), rule.prepare)
+        prepared = prepare(token_mask, num_vision_tokens=states.shape[-2], dtype=self.config.model.dtype)
+        return {rule.states: states, **dict(zip(rule.masks, prepared))}
+
+    def no_image_inputs(self, rule: CrossAttentionRule, num_rows: int) -> dict[str, Any]:
+        """A step without images, for a language model that needs image states on every call (rule.always): one
+        zero image of one token that every row's mask hides (the model zeroes what such rows read of it)."""
+        if rule.prepare is not None:
+            raise NotImplementedError("a zero image for a model whose cross masks are prepared apart")
+        width = self.cross_modules[0].k_proj.in_features
+        device, dtype = self.config.device.device, self.config.model.dtype
+        states = torch.zeros(1, 1, width, device=device, dtype=dtype)
+        return {rule.states: states[None] if rule.per_image_batch else states,
+                rule.masks[0]: torch.zeros(1, num_rows, 1, dtype=torch.long, device=device)}
+
+    def _project_per_request(self) -> None:
+        """The key and value projections of the cross-attention modules (nn.Linear or a platform's swap of it) run
+        per request, each request's result kept while its states are (cross_projections). Checked every step: a
+        platform may swap a projection's forward after load."""
+        for module in self.cross_modules:
+            for name in ("k_proj", "v_proj"):
+                proj = getattr(module, name, None)
+                if isinstance(proj, nn.Module) and not getattr(proj.forward, "per_request", False):
+                    proj.forward = _per_request(self, proj.forward)
+
+    def encode_cross(self, inputs: MultiModalInputs) -> torch.Tensor:
+        """One request's image states for the cross-attention layers [images (x tiles), tokens, width]: its
+        pixels through the base model's encoder modules in order (CrossAttentionRule.encoders), as HF's forward
+        chains them, the first taking the processor's outputs it names."""
+        rule = CROSS_ATTENTION[self.hf_config.model_type]
+        device, dtype = self.config.device.device, self.config.model.dtype
+        first, *rest = (getattr(self.model, name) for name in rule.encoders)
+        params = inspect.signature(first.forward).parameters
+        kwargs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                  for k, v in inputs.data.items() if k in params}
+        if rule.per_image_batch:  # [1, images, C, H, W] -> [images, C, H, W]
+            kwargs = {k: v.flatten(0, 1) for k, v in kwargs.items()}
+        out = first(**kwargs, return_dict=True).last_hidden_state
+        for module in rest:
+            out = module(out)
+        return out.reshape(-1, *out.shape[-2:])
 
     def embed_with_features(self, input_ids: torch.Tensor, multi_modal: list[MultiModalSlice]) -> dict[str, Any]:
         """The language model's inputs: token embeddings [1, T, hidden] with each slice's features at its
@@ -289,6 +382,55 @@ def _keep_hf_attention_outside(lm: nn.Module, decoder: nn.Module, text_config: P
         own._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
         for module in outside:
             module.config = own
+
+
+def _token_mask(cross: list[MultiModalSlice], num_rows: int) -> torch.Tensor:
+    """The step's per-token cross mask [1, T, all the step's images, ...]: each request's rows hold its own rows of
+    the processor's mask in its own images' columns, 0 elsewhere (text-only requests' rows: 0 everywhere)."""
+    first = cross[0].cross_mask
+    mask = first.new_zeros(1, num_rows, sum(s.cross_mask.shape[1] for s in cross), *first.shape[2:])
+    offset = 0
+    for s in cross:
+        mask[0, s.rows, offset:offset + s.cross_mask.shape[1]] = s.cross_mask
+        offset += s.cross_mask.shape[1]
+    return mask
+
+
+def _per_request(shell: TransformersForMultimodalLM, project: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`project` over the step's image states [..., width], one request's rows at a time (shell.cross_spans), each
+    request's output computed once and kept in shell.cross_projections; any other input is projected whole (the
+    zero image of a step without images)."""
+    def forward(states: torch.Tensor) -> torch.Tensor:
+        rows = states.reshape(-1, states.shape[-1])
+        if not shell.cross_spans or shell.cross_spans[-1][2] != rows.shape[0]:
+            return project(states)
+        outs = []
+        for request, first, end in shell.cross_spans:
+            out = shell.cross_projections.get((request, id(forward)))
+            if out is None:
+                out = shell.cross_projections[(request, id(forward))] = project(rows[first:end])
+            outs.append(out)
+        return torch.cat(outs).reshape(*states.shape[:-1], -1)
+    forward.per_request = True
+    return forward
+
+
+def _keep_hf_attention_in_encoders(lm: nn.Module, text_config: PretrainedConfig) -> None:
+    """Encoder sub-configs that the model's own __init__ gave the root config's attention (IdeficsModel copies it
+    into its vision config) take transformers' back: only the language model attends through the paged cache."""
+    config = lm.config
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None and getattr(sub, "_attn_implementation", None) == ATTN_IMPLEMENTATION and \
+                not _holds(sub, text_config):
+            sub._attn_implementation = "sdpa" if getattr(lm, "_supports_sdpa", False) else "eager"
+
+
+def _holds(config: PretrainedConfig, inner: PretrainedConfig) -> bool:
+    """Whether `inner` is `config` or one of its sub-configs, at any depth (an Omni thinker's holds the text's)."""
+    return config is inner or any(_holds(sub, inner) for key in getattr(config, "sub_configs", {})
+                                  if isinstance(sub := getattr(config, key, None), PretrainedConfig))
 
 
 def _encoder(model: nn.Module, hf_config: PretrainedConfig, name: str) -> Callable[..., Any]:

@@ -52,6 +52,9 @@ class ForwardContext:
     # A graph capture's hook: each attention call goes through it instead of running (it may run the call, or
     # record it as one op of its own that runs it on replay).
     capture: Callable[[AttentionCall], torch.Tensor] | None = None
+    # Cross-attention layers (interface.CROSS_ATTENTION): each request's (first row, end row, first key, end key),
+    # its rows attending to its own image states' keys only; rows in none attend to nothing (their output is 0).
+    cross_blocks: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @classmethod
     def for_probe(cls, device: str | torch.device) -> ForwardContext:

@@ -3,7 +3,9 @@
 Registered with `transformers.AttentionInterface`. It is deliberately absent from the
 mask interface, so transformers builds no dense mask and passes `attention_mask=None`:
 causality, sliding windows and chunks come from our metadata. A model that builds a mask of
-its own (a learned bias, a sparse pattern) is refused by the compatibility check.
+its own (a learned bias, a sparse pattern) is refused by the compatibility check. Cross-attention modules
+(Mllama's, IDEFICS's: marked at load, mark_cross_attention) are the exception: their keys and values come from
+image states, not the prompt, so they keep nothing in the paged cache and attend unpaged with the model's own mask.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
 ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
 ALIBI_SLOPES = "pagedformers_alibi_slopes"  # module attribute of a native ALiBi layer: [H] its heads' slopes
+CROSS_ATTENTION = "pagedformers_cross_attention"  # module attribute: its keys come from image states (mark_cross)
 
 
 def paged_attention_forward(
@@ -38,6 +41,8 @@ def paged_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
+    if CROSS_ATTENTION in module.__dict__:  # keys from image states: nothing to keep, no call of the paged layers
+        return _cross_attend(query, key, value, attention_mask, scaling, ctx.cross_blocks), None
     run = functools.partial(_attend, module, attention_mask, scaling, sliding_window, softcap, s_aux, kwargs)
     if ctx.capture is not None:
         call = AttentionCall(query, key, value, run, _is_shape_static(module, query, sliding_window, softcap, ctx))
@@ -85,6 +90,34 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
                              chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
     out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
+
+
+def mark_cross_attention(model: nn.Module) -> None:
+    """Mark the model's cross-attention modules (a class named *CrossAttention, or is_cross_attention set), whose
+    keys and values come from image states: they attend unpaged (_cross_attend)."""
+    for module in model.modules():
+        if getattr(module, "is_cross_attention", False) is True or type(module).__name__.endswith("CrossAttention"):
+            module.__dict__[CROSS_ATTENTION] = True
+
+
+def _cross_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float | None, blocks: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """Cross-attention over the flat batch: query [1, H, T, D], key / value [1, H_kv, S, D] (every request's image
+    states, concatenated), attention_mask the model's additive [1, 1, T, S] -> [1, T, H, Dv]. Each request's rows
+    attend to its own keys only, as in HF's one-request forward (where a row the model masks whole attends to all
+    of its request's keys alike); rows of no block (text-only requests) give 0."""
+    q, k, v = query[0], key[0], value[0]
+    if k.shape[0] != q.shape[0]:  # grouped-query heads
+        k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+    out = q.new_zeros(q.shape[1], q.shape[0], v.shape[-1])
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    for rows_lo, rows_hi, keys_lo, keys_hi in blocks:
+        scores = q[:, rows_lo:rows_hi] @ k[:, keys_lo:keys_hi].transpose(-1, -2) * scale
+        if attention_mask is not None:
+            scores = scores + attention_mask[0, :, rows_lo:rows_hi, keys_lo:keys_hi]
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out[rows_lo:rows_hi] = (weights @ v[:, keys_lo:keys_hi]).transpose(0, 1)
+    return out[None]
 
 
 def _attention_chunk(module: nn.Module) -> int | None:

@@ -54,8 +54,8 @@ class ModelConfig:
 
 
 # Families whose root config is the text model's and also holds an image encoder's, whose images the multimodal
-# shell takes (adapter/multimodal.py's IMAGE_FAMILIES): Chameleon's VQ model.
-ROOT_TEXT_IMAGE_FAMILIES = frozenset({"chameleon"})
+# shell takes (adapter/multimodal.py's IMAGE_FAMILIES): Chameleon's VQ model, IDEFICS's vision tower and perceiver.
+ROOT_TEXT_IMAGE_FAMILIES = frozenset({"chameleon", "idefics"})
 
 
 def is_multimodal_config(hf_config: PretrainedConfig) -> bool:

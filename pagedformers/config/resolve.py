@@ -31,7 +31,7 @@ _DTYPES = {
 # Attributes that different model families use for their context length.
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
 _DEFAULT_MAX_MODEL_LEN = 2048
-_GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForVisionText2Text")  # IDEFICS
 
 
 class ModelFiles(NamedTuple):

@@ -60,9 +60,11 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
     delta = media.mrope_delta if media is not None else 0
     if media is not None:  # sent only with the chunks that hold some of its placeholders or bidirectional ranges,
         first, last = media.feature_range(s.start, end)  # or of its prompt's M-RoPE positions or token inputs
-        needed = first < last or _ranges_within(media, s.start, end) or (
+        needed = first < last or _ranges_within(media, s.start, end) or media.cross_mask is not None or (
             (media.mrope_positions is not None or media.token_inputs) and s.start < s.request.num_prompt_tokens)
-        if needed and first == last and media.data:  # no features needed: the pixels stay behind (TP ranks)
+        # No features needed: the pixels stay behind (TP ranks); but every step of a cross-attention request reads
+        # the image states, which the model computes again from the pixels where it does not hold them.
+        if needed and first == last and media.data and media.cross_mask is None:
             media = replace(media, data={})
         media = media if needed else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
@@ -115,13 +117,25 @@ def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:
 def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalSlice] | None:
     slices = []
     for c, row in zip(chunks, row_starts):
-        if c.multi_modal is not None:
+        if c.multi_modal is not None and c.multi_modal.cross_mask is not None:
+            slices.append(_cross_slice(c, row))
+        elif c.multi_modal is not None:
             first, last = c.multi_modal.feature_range(c.start, c.start + len(c.token_ids))
             if first == last:  # only a bidirectional range reaches into this chunk
                 continue
             positions = torch.tensor(c.multi_modal.placeholders[first:last], dtype=torch.long)
             slices.append(MultiModalSlice(c.request_id, c.multi_modal, row + positions - c.start, first))
     return slices or None
+
+
+def _cross_slice(c: Chunk, row: int) -> MultiModalSlice:
+    """A cross-attention request's slice: all its rows, with their rows of the prompt's cross mask; past the prompt
+    each token takes the prompt's last row (as HF's _update_model_kwargs_for_generation extends the mask)."""
+    mask = c.multi_modal.cross_mask
+    n = len(c.token_ids)
+    within = mask[c.start:c.start + n]
+    rows = torch.cat([within, mask[-1:].expand(n - len(within), *mask.shape[1:])])
+    return MultiModalSlice(c.request_id, c.multi_modal, torch.arange(row, row + n), 0, rows)
 
 
 def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from pagedformers.adapter.multimodal_families import (
+    CROSS_ATTENTION,
     SLIDING_ONLY_GROUPS,
     WHOLE_IMAGE_GROUPS,
     bidirectional_ranges,
@@ -101,7 +102,12 @@ class MultiModalProcessor:
         """The processor's outputs as the request carries them: the encoders' tensors, the placeholders, the
         prompt's bidirectional ranges and the language model's per-token inputs."""
         hf_config = self.config.model.hf_config
-        placeholders, by_modality = self._placeholders(out, token_ids, modalities, name)
+        cross = CROSS_ATTENTION.get(hf_config.model_type)
+        cross_mask = out.pop(cross.token_mask)[0] if cross else None
+        if cross:  # the language model reads the images through cross-attention: no token takes features
+            placeholders, by_modality = [], {m: [] for m in modalities}
+        else:
+            placeholders, by_modality = self._placeholders(out, token_ids, modalities, name)
         token_inputs = {k: v[0] for k, v in out.items() if k in self._language_model_inputs and k not in _TEXT_KEYS
                         and isinstance(v, torch.Tensor) and v.shape == out["input_ids"].shape}
         tensors = {_KEY_ALIASES.get(k, k): v for k, v in out.items()
@@ -113,7 +119,8 @@ class MultiModalProcessor:
                                 bidirectional_sliding_only=hf_config.model_type in SLIDING_ONLY_GROUPS,
                                 bidirectional_runs=runs, token_inputs=token_inputs,
                                 bidirectional_past_window=hf_config.model_type in WHOLE_IMAGE_GROUPS,
-                                markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [])
+                                markers=[markers.get(token_ids[i], -1) for i in placeholders] if markers else [],
+                                cross_mask=cross_mask)
 
     def _process(self, text: str, data: dict[str, Any], special: bool, name: str) -> dict[str, Any]:
         """The processor on one prompt's text, images and videos."""

@@ -114,7 +114,10 @@ def _hf_attention(model: nn.Module) -> Iterator[None]:
     """The text model's layers attend with transformers' eager attention and its own masks meanwhile, and do
     what the shell took over from them (Llama 4's query temperature, attention/interface.py)."""
     text_config = model.text_config
-    before = text_config._attn_implementation
+    # A root text config (IDEFICS) passes a str on to its encoders' sub-configs: restore theirs too
+    before = {"": text_config._attn_implementation,
+              **{key: sub._attn_implementation for key in getattr(text_config, "sub_configs", {})
+                 if (sub := getattr(text_config, key, None)) is not None}}
     taken = {m: m.attn_temperature_tuning for m in model.modules() if QUERY_TEMPERATURE in m.__dict__}
     text_config._attn_implementation = "eager"
     for module in taken:

@@ -1244,6 +1244,47 @@ def _llama4(path: Path, seed: int) -> str:
     return tok.fake_image_token
 
 
+def _mllama(path: Path, seed: int) -> str:
+    """Mllama (Llama 3.2 Vision): its tiled ViT (a local and a global encoder layer, gated tile and aspect-ratio
+    embeddings) over 28x28 tiles in 14x14 patches (4 + CLS), images cut into up to 2 tiles; the language model's
+    second of 3 layers reads the image states through gated cross-attention (gates of 0.5: HF initialises them to 0,
+    which would leave the image unread), each token seeing the images from the last <|image|> before it on."""
+    tok = _tokenizer(image_token="<|image|>")
+    tiles = [[1, 1], [1, 2], [2, 1]]
+    config = tiny_config("mllama", len(tok), image_token_index=tok.image_token_id,
+                         text_config=dict(num_hidden_layers=3, cross_attention_layers=[1]),
+                         vision_config=dict(image_size=28, patch_size=14, max_num_tiles=2, num_hidden_layers=1,
+                                            num_global_layers=1, intermediate_layers_indices=[0],
+                                            vision_output_dim=64, supported_aspect_ratios=tiles))
+    images = transformers.MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2)
+    processor = transformers.MllamaProcessor(image_processor=images, tokenizer=tok)
+
+    def open_gates(model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name.endswith(("gate", "_gate")) and not param.any():
+                param.fill_(0.5)
+
+    _save(path, transformers.MllamaForConditionalGeneration, config, processor, seed, open_gates)
+    return tok.image_token
+
+
+def _idefics(path: Path, seed: int) -> str:
+    """IDEFICS (v1): a CLIP-style ViT over 28x28 images in 14x14 patches (4 + CLS), a 1-layer perceiver resampler
+    to 4 latents; before each of its 2 layers the language model reads them through gated cross-attention (tanh
+    gates of 1; HF's default initialiser, zeros, would leave the image unread), each token seeing the last image
+    before it. The processor puts a prompt's image before its text (<fake_token_around_image><image>...)."""
+    tok = _tokenizer(image_token="<image>", fake_image_token="<fake_token_around_image>",
+                     end_of_utterance_token="<end_of_utterance>")
+    config = tiny_config("idefics", len(tok), use_resampler=True, alpha_initializer="ones",
+                         vision_config=dict(embed_dim=32, image_size=28, patch_size=14),
+                         perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1,
+                                               resampler_n_heads=2, resampler_head_dim=16))
+    images = transformers.IdeficsImageProcessorPil(image_size=28)
+    processor = transformers.IdeficsProcessor(image_processor=images, tokenizer=tok, image_size=28)
+    _save(path, transformers.IdeficsForVisionText2Text, config, processor, seed)
+    return ""  # the processor puts the image before the prompt
+
+
 def _llava(family: str) -> Callable[[Path, int], str]:
     return lambda path, seed: save_tiny_llava(path, family, seed) and "<image>"
 
@@ -1270,7 +1311,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
     "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
-    "gemma3n": _gemma3n,
+    "gemma3n": _gemma3n, "mllama": _mllama, "idefics": _idefics,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",
                            "Glm46VVideoProcessor"),

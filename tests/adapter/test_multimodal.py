@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.adapter.multimodal import TransformersForMultimodalLM
-from pagedformers.adapter.multimodal_families import IMAGE_FAMILIES, VIDEO_FAMILIES, VIDEO_REFUSALS
+from pagedformers.adapter.multimodal_families import IMAGE_FAMILIES, VIDEO_FAMILIES, VIDEO_REFUSALS, image_support
 from pagedformers.config.engine_config import ROOT_TEXT_IMAGE_FAMILIES
 from pagedformers.loading.processor import load_processor
 from pagedformers.tools.family_check import TOLERANCE, compare, run_family, save_tiny_family
@@ -148,13 +148,14 @@ def test_the_encoder_runs_once_per_request_over_its_chunks(tiny_llava):
     assert len(calls) == 1  # the 8 image tokens and the rest of the prompt take 7 chunks
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "qwen2_vl", "molmo2"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "qwen2_vl", "molmo2", "mllama"])
 def test_the_prefix_cache_tells_images_apart(family, tmp_path):
     """Equal prompt tokens, other image: cached blocks of the first must not serve the second; the first image
     again reuses its blocks. Blocks of 4 end inside Gemma 3's image runs: a block's K/V there depend on the
     run's later tokens, so a block is cached under them too. PaliGemma's prompt is one bidirectional prefix:
     another question about the same image reuses no block. Qwen2-VL: the chunk after a hit takes its M-RoPE
-    positions from the prompt's. Molmo2: both images' tokens are one block, the text between them inside it."""
+    positions from the prompt's. Molmo2: both images' tokens are one block, the text between them inside it.
+    Mllama: every token's K/V depend on the images (the tokens before one attend to all of them alike)."""
     vlm = save_tiny_vlm(family, tmp_path / family)
     llm = LLM(model=vlm.path, dtype="float32", kv_cache_memory_bytes=1 << 22, block_size=4)
     text, n = PROMPTS[0][0].format(image=vlm.image_text), PROMPTS[0][1]
@@ -173,12 +174,65 @@ def test_the_prefix_cache_tells_images_apart(family, tmp_path):
     assert (reused[3] == 0) == (family == "paligemma")
 
 
-def test_families_without_image_support_refuse_images_by_name(tmp_path):
-    llm = LLM(model=save_tiny_family("mllama", tmp_path / "mllama"), dtype="float32", kv_cache_memory_bytes=1 << 22)
-    prompt = {"prompt": "Hello <|image|>", "multi_modal_data": {"image": images(1, 0)}}
-    with pytest.raises(ValueError, match=r"Prompt 0: image inputs are not supported for mllama yet: its language "
-                                         r"model reads the image through cross-attention layers"):
-        llm.generate(prompt)
+def test_families_without_image_support_refuse_images_by_name():
+    """The reason goes into the error of each image prompt (multimodal_processor.py: "Prompt 0: ...")."""
+    reason = image_support(AutoConfig.for_model("blip"))
+    assert reason.startswith("image inputs are not supported for blip yet: its text decoder (BlipTextLMHeadModel) "
+                             "reads the image through cross-attention in every layer and does not declare "
+                             "_supports_attention_backend")
+
+
+@pytest.mark.parametrize("family", ["mllama", "idefics"])
+def test_cross_attention_leaves_text_only_requests_as_hf_text_generate_does(family, tmp_path):
+    """A text-only prompt batched with an image prompt (the step passes image states and masks) and in a batch of
+    text alone decodes as HF generates the same tokens without an image: Mllama's skips its cross-attention
+    layers; IDEFICS's forward needs an image, so it gets the zero image its processor gives a text (its mask
+    hiding it from every token). The image request's rows attend to their own image states only."""
+    vlm = save_tiny_vlm(family, tmp_path / family)
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    texts = ["Hello, my name is", "What is the capital of France? The capital"]
+    image = {"prompt": f"Describe {vlm.image_text} please", "multi_modal_data": {"image": images(1, 0)}}
+    mixed, alone = pagedformers_greedy(llm, [image, *texts])[1:], pagedformers_greedy(llm, texts)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(vlm.path)
+    architecture = AutoConfig.from_pretrained(vlm.path).architectures[0]
+    model = getattr(transformers, architecture).from_pretrained(vlm.path, dtype=torch.float32,
+                                                                attn_implementation="eager")
+    for text, ours_mixed, ours_alone in zip(texts, mixed, alone):
+        ids = dict(tokenizer(text, return_tensors="pt"))
+        if family == "idefics":  # what IdeficsProcessor gives a prompt without images
+            ids["pixel_values"] = torch.zeros(1, 1, 3, 28, 28)
+            ids["image_attention_mask"] = torch.zeros(1, ids["input_ids"].shape[1], 1, dtype=torch.long)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        theirs = (out.sequences[0, ids["input_ids"].shape[1]:].tolist(),
+                  torch.log_softmax(torch.cat(out.logits).float(), dim=-1))
+        worst, mismatch = compare([ours_mixed, ours_alone], [theirs, theirs])
+        assert mismatch is None and worst <= TOLERANCE, (text, mismatch, worst)
+
+
+def test_cross_attention_encodes_and_projects_each_request_once(tmp_path):
+    """Mllama: the vision tower runs once per request, and each cross-attention layer's key and value projections
+    of its states once (kept for every later step: prefill chunks of 8 tokens, then decodes)."""
+    vlm = save_tiny_vlm("mllama", tmp_path / "mllama")
+    llm = LLM(model=vlm.path, dtype="float32", max_num_batched_tokens=8, kv_cache_memory_bytes=1 << 22)
+    calls = []
+
+    def count_calls(model):
+        def counted(name, forward):
+            return lambda *a, **kw: calls.append(name) or forward(*a, **kw)
+        model.model.vision_model.register_forward_hook(lambda *_: calls.append("vision"))
+        for layer in model.decoder.layers:
+            if hasattr(layer, "cross_attn"):
+                for name in ("k_proj", "v_proj"):
+                    proj = getattr(layer.cross_attn, name)
+                    proj.forward = counted(name, proj.forward)
+
+    llm.apply_model(count_calls)
+    text, n = PROMPTS[0]
+    llm.generate({"prompt": text.format(image=vlm.image_text), "multi_modal_data": {"image": images(n, 0)}},
+                 SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert sorted(calls) == ["k_proj", "v_proj", "vision"]  # one cross-attention layer
 
 
 def test_families_without_video_support_refuse_videos_by_name(tmp_path):

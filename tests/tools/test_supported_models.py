@@ -17,8 +17,9 @@ ANCHORS = {  # family: what its row must say
     "gemma3": ("TransformersForMultimodalLM (Gemma3ForConditionalGeneration)", "yes", ""),
     "gemma4_unified": ("TransformersForMultimodalLM (Gemma4UnifiedForConditionalGeneration)", "yes", ""),
     "chameleon": ("TransformersForMultimodalLM (ChameleonForConditionalGeneration)", "yes", ""),  # a root text config
-    "mllama": ("TransformersForMultimodalLM (MllamaForConditionalGeneration)",
-               "text only: why in conformance_multimodal.md", ""),
+    "mllama": ("TransformersForMultimodalLM (MllamaForConditionalGeneration)", "yes", ""),  # cross-attention
+    "instructblipvideo": ("TransformersForMultimodalLM (InstructBlipVideoForConditionalGeneration)",
+                          "text only: why in conformance_multimodal.md", ""),
     "deepseek_v32": ("refused: indexed_attention layers", "", ""),
     "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
 }
