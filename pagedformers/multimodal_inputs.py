@@ -54,6 +54,7 @@ class MultiModalInputs:
             for name in sorted(self.data):
                 digest.update(name.encode())
                 digest.update(self.data[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+            digest.update(repr(sorted(self.modalities.items())).encode())  # which placeholders take which features
             self.content_hash = int.from_bytes(digest.digest()[:8], "little")
 
     @property
@@ -88,7 +89,7 @@ class MultiModalInputs:
 @dataclass
 class MultiModalSlice:
     """The part of one request's features that one step needs."""
-    key: str  # the request id: its features are computed once and kept until its last placeholder ran
+    key: str  # the request id and media hash: its features are computed once and kept until its last placeholder ran
     inputs: MultiModalInputs
     rows: torch.Tensor  # [n] rows of the flat batch that are placeholders (cross-attention: all the request's rows)
     first: int  # the features of those rows: [first, first + n)

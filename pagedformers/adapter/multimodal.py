@@ -232,7 +232,7 @@ class TransformersForMultimodalLM(CausalShell):
             for name in ("k_proj", "v_proj"):
                 proj = getattr(module, name, None)
                 if isinstance(proj, nn.Module) and not getattr(proj.forward, "per_request", False):
-                    proj.forward = _per_request(self, proj.forward)
+                    proj.forward = _per_request(self, proj.forward, id(proj))
 
     def encode_cross(self, inputs: MultiModalInputs) -> torch.Tensor:
         """One request's image states for the cross-attention layers [images (x tiles), tokens, width]: its
@@ -396,20 +396,21 @@ def _token_mask(cross: list[MultiModalSlice], num_rows: int) -> torch.Tensor:
     return mask
 
 
-def _per_request(shell: TransformersForMultimodalLM, project: Callable[[torch.Tensor], torch.Tensor]
-                 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`project` over the step's image states [..., width], one request's rows at a time (shell.cross_spans), each
-    request's output computed once and kept in shell.cross_projections; any other input is projected whole (the
-    zero image of a step without images)."""
+def _per_request(shell: TransformersForMultimodalLM, project: Callable[[torch.Tensor], torch.Tensor],
+                 module: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`project` (the forward of the projection whose id is `module`, which lives as long as the model) over the
+    step's image states [..., width], one request's rows at a time (shell.cross_spans), each request's output
+    computed once and kept in shell.cross_projections; any other input is projected whole (the zero image of a step
+    without images)."""
     def forward(states: torch.Tensor) -> torch.Tensor:
         rows = states.reshape(-1, states.shape[-1])
         if not shell.cross_spans or shell.cross_spans[-1][2] != rows.shape[0]:
             return project(states)
         outs = []
         for request, first, end in shell.cross_spans:
-            out = shell.cross_projections.get((request, id(forward)))
+            out = shell.cross_projections.get((request, module))
             if out is None:
-                out = shell.cross_projections[(request, id(forward))] = project(rows[first:end])
+                out = shell.cross_projections[(request, module)] = project(rows[first:end])
             outs.append(out)
         return torch.cat(outs).reshape(*states.shape[:-1], -1)
     forward.per_request = True

@@ -124,7 +124,7 @@ def _multi_modal(chunks: list[Chunk], row_starts: list[int]) -> list[MultiModalS
             if first == last:  # only a bidirectional range reaches into this chunk
                 continue
             positions = torch.tensor(c.multi_modal.placeholders[first:last], dtype=torch.long)
-            slices.append(MultiModalSlice(c.request_id, c.multi_modal, row + positions - c.start, first))
+            slices.append(MultiModalSlice(_media_key(c), c.multi_modal, row + positions - c.start, first))
     return slices or None
 
 
@@ -135,7 +135,7 @@ def _cross_slice(c: Chunk, row: int) -> MultiModalSlice:
     n = len(c.token_ids)
     within = mask[c.start:c.start + n]
     rows = torch.cat([within, mask[-1:].expand(n - len(within), *mask.shape[1:])])
-    return MultiModalSlice(c.request_id, c.multi_modal, torch.arange(row, row + n), 0, rows)
+    return MultiModalSlice(_media_key(c), c.multi_modal, torch.arange(row, row + n), 0, rows)
 
 
 def _mrope_positions(chunks: list[Chunk], positions: torch.Tensor, device: str) -> torch.Tensor | None:
@@ -196,3 +196,9 @@ def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor
         used = c.block_table[: -(-n // block_size)]
         rows.append(used + [used[0]] * (num_blocks - len(used)))
     return torch.tensor(rows, dtype=torch.long), torch.tensor(seq_lens)
+
+
+def _media_key(c: Chunk) -> str:
+    """The key the model keeps a request's features under: its id and its media's hash, so that a request id reused
+    with other media (the old request aborted mid-prefill) never meets the old features."""
+    return f"{c.request_id}:{c.multi_modal.content_hash:016x}"

@@ -54,8 +54,9 @@ class MultiModalProcessor:
     def refuse_stray_placeholders(self, token_ids: list[int], given: Any, name: str) -> None:
         """Raises ValueError where the prompt holds a modality's placeholder token but gives no data for it: the
         model would read the placeholder's own embedding as text, a silent wrong answer."""
+        given_tokens = {self._placeholder_ids.get(m) for m in given}  # Molmo2's images and videos share one token
         for modality, token in self._placeholder_ids.items():
-            if modality not in given and token in token_ids:
+            if modality not in given and token not in given_tokens and token in token_ids:
                 raise ValueError(f"{name} holds {token_ids.count(token)} {modality} placeholder token(s) (id {token}) "
                                  f"but no {modality} in multi_modal_data: give the {modality}s, or leave their "
                                  "placeholders out of the text")
@@ -261,8 +262,11 @@ def _placeholder_ids(config: EngineConfig) -> dict[str, int]:
     """Each modality's placeholder token, where the config names one that is not also a plain special token
     (BOS, EOS, padding), which text prompts hold legitimately."""
     text_config = config.model.text_config
-    plain = {getattr(c, k, None) for c in (config.model.hf_config, text_config)
-             for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    plain: set[int] = set()
+    for c in (config.model.hf_config, text_config):
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            token = getattr(c, k, None)  # eos_token_id may be a list (Llama 3.2 Vision's)
+            plain.update(token if isinstance(token, (list, tuple)) else [token])
     ids = {}
     for modality in MODALITIES:
         try:

@@ -1,5 +1,7 @@
 """TransformersForMultimodalLM: text-only prompts and image prompts, checked against HF `generate` (float32)."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +263,16 @@ def test_unusable_media_prompts_are_refused(tiny_llava, tiny_llama):
     text_only = LLM(model=tiny_llama, dtype="float32", kv_cache_memory_bytes=1 << 22)
     with pytest.raises(ValueError, match="llama has neither a text sub-config nor encoder sub-configs"):
         text_only.generate({"prompt": "x <image>", "multi_modal_data": {"image": images(1, 0)}})
+
+
+def test_a_checkpoint_with_several_eos_ids_loads(tiny_llava, tmp_path):
+    """Llama 3.2 Vision's text config lists three EOS ids: the placeholder check reads lists too."""
+    shutil.copytree(tiny_llava, tmp_path / "llava")
+    config = json.loads((tmp_path / "llava" / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = [2, 3]
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
+    llm = LLM(model=str(tmp_path / "llava"), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    assert llm.generate({"prompt": "Hello <image>", "multi_modal_data": {"image": images(1, 0)}})[0].outputs[0].text
 
 
 def test_every_family_said_to_take_images_is_checked_against_transformers():
