@@ -34,7 +34,8 @@ DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 
 # Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
 ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
-HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding"})  # attention plus a conv/recurrent state (ZAYA)
+# attention plus a conv/recurrent state (ZAYA), or plus an indexer-key cache (DeepSeek-V3.2's sparse attention)
+HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding", "indexed_attention"})
 _LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
 
 
@@ -120,8 +121,6 @@ def state_layers(hf_config: PretrainedConfig) -> list[str]:
 
 
 _WHY_NOT = {
-    "indexed_attention": "sparse attention whose indexer picks each query's top-k keys by scores over an indexer-key "
-                         "cache of its own, which the paged KV cache does not hold",
     "compressed_sparse_attention": "attention over compressed KV blocks that the model builds in its own cache, "
                                    "which the paged KV cache does not hold",
     "heavily_compressed_attention": "attention over compressed KV blocks that the model builds in its own cache, "

@@ -21,6 +21,7 @@ from pagedformers.adapter.pooling import TransformersForPooling
 from pagedformers.adapter.state_cache import (
     ModuleAttribute,
     create_state_cache,
+    feed_indexer_masks,
     paged_cache_class,
     plain_attributes,
     tensor_attributes_set_since,
@@ -39,6 +40,8 @@ class PerRequestState:
         super().__init__(config, parallel)
         self.state_cache_cls: type[Cache] | None = None  # the model's own cache class, learned by the probe
         self.state_attributes: list[ModuleAttribute] = []  # where models like RecurrentGemma keep their state
+        if "indexed_attention" in state_layers(self.hf_config):
+            feed_indexer_masks(self.model)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
                 **inputs: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from pagedformers.attention.backends import AttentionParams
 from pagedformers.attention.context import PROBE_KWARG, AttentionCall, ForwardContext, get_forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec
+from pagedformers.attention.torch_backend import attend_selected
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
@@ -83,6 +84,8 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
     params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
                              window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
                              chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
+    if kwargs.get("indices") is not None:  # sparse attention (DeepSeek-V3.2's indexer): the keys it picked
+        return attend_selected(q, k, v, k_cache, v_cache, ctx.metadata, params, kwargs["indices"][0])[None]
     out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
 

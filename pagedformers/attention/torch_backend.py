@@ -69,6 +69,43 @@ def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           params.sinks)[0].transpose(0, 1)
 
 
+def attend_selected(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams,
+                    selected: torch.Tensor) -> torch.Tensor:
+    """One request's queries [n, H, D] over the key positions `selected` [n, k] picks for each (the top-k of
+    DeepSeek-V3.2-style sparse attention; transformers passes them as `indices`), causal -> [n, H, Dv].
+
+    The positions index the request's own context, so a step holds one request only (its indexer keys live in
+    its per-request cache, hybrid.py). Every backend's cache has this layout: it reads it in plain PyTorch."""
+    if meta.num_decodes + len(meta.prefills) != 1:
+        raise RuntimeError("sparse (indexed) attention runs one request per forward: its top-k positions are "
+                           "its own context's")
+    k, v, num_cached = _one_context(key, value, k_cache, v_cache, meta)
+    n, length = query.shape[0], k.shape[2]
+    picked = torch.zeros(n, length, dtype=torch.bool, device=query.device).scatter_(1, selected.long(), True)
+    k_pos = torch.arange(length, device=query.device)
+    causal = k_pos[None, :] <= num_cached + torch.arange(n, device=query.device)[:, None]
+    mask = (picked & causal)[None, None]
+    out = _attend_eager(query.transpose(0, 1)[None], k, v, mask, params.scale, False, params.softcap, params.sinks)
+    return out[0].transpose(0, 1)
+
+
+def _one_context(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The single request's K/V [1, H_kv, L, D] (cached and new), and how many were cached before the step."""
+    if meta.num_decodes:
+        length = int(meta.decode_seq_lens[0])
+        rows = meta.cache_rows(k_cache.shape[1])
+        return gather_blocks(k_cache, rows, 1)[:, :, :length], gather_blocks(v_cache, rows, 1)[:, :, :length], \
+            length - 1
+    span = meta.prefills[0]
+    if span.kv_blocks is None:
+        return key.transpose(0, 1)[None], value.transpose(0, 1)[None], 0
+    rows = meta.cache_rows(k_cache.shape[1], 0)
+    return gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len], gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len], \
+        span.num_cached
+
+
 def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor | None, num_cached: int, q_len: int,
                causal: bool) -> torch.Tensor:
     """[1, H, q_len, kv_len] float32: slope * key position where visible (`mask`, else causal), -inf elsewhere."""

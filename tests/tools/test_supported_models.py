@@ -19,7 +19,7 @@ ANCHORS = {  # family: what its row must say
     "chameleon": ("TransformersForMultimodalLM (ChameleonForConditionalGeneration)", "yes", ""),  # a root text config
     "mllama": ("TransformersForMultimodalLM (MllamaForConditionalGeneration)",
                "text only: why in conformance_multimodal.md", ""),
-    "deepseek_v32": ("refused: indexed_attention layers", "", ""),
+    "deepseek_v32": ("TransformersHybridForCausalLM (DeepseekV32ForCausalLM)", "", "embed"),
     "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
 }
 
