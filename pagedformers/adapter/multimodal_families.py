@@ -22,6 +22,7 @@ from pagedformers.adapter.resolve import auto_base_model
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
 IMAGE_FAMILIES = frozenset({
+    "mistral_large4",
     "llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "gemma3", "paligemma", "qwen2_vl",
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
@@ -104,8 +105,6 @@ IMAGE_REFUSALS = {
     "mistral4": "transformers maps it to Mistral4ForCausalLM, a text-only decoder with no vision tower nor image "
                 "processor; Mistral 4 with images is a mistral3 checkpoint (Mistral3ForConditionalGeneration around "
                 "a mistral4 text_config), which takes images",
-    "mistral_large4": "every layer of its language model is 'indexed_attention' (DeepSeek-V3.2-style sparse "
-                      "attention whose indexer keeps a key cache of its own), which pagedformers refuses at load",
     **dict.fromkeys(("inkling2", "inkling_mm_model"),
                     "its attention adds a per-token relative-position bias over the keys (position_bias, from "
                     "InklingRelativeLogits) and runs short convolutions over K and V, which paged attention does not "

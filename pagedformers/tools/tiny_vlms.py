@@ -180,6 +180,15 @@ def _mistral3(path: Path, seed: int) -> str:
     return _pixtral_like("mistral3", "Mistral3ForConditionalGeneration", path, seed)
 
 
+def _mistral_large4(path: Path, seed: int) -> str:
+    """Mistral 3's Pixtral tower and processor before a DeepSeek-V3.2-style language model: MLA attention whose
+    indexer keeps each query's top 4 keys (index_topk), so prompts with images run past it. Of its 8 layers, every
+    second reuses the previous layer's top-k ("shared"); layers 1, 5 and 6 reuse an earlier RoPE layer's latent K/V
+    (kv_source_layers; layer 6 while running its own indexer); every fourth has no RoPE, as in the checkpoint."""
+    text = dict(indexer_types=["full", "shared"] * 4, kv_source_layers=[0, 0, 2, 3, 4, 4, 4, 7])
+    return _pixtral_like("mistral_large4", "MistralLarge4ForConditionalGeneration", path, seed, text_config=text)
+
+
 def _aya_vision(path: Path, seed: int) -> str:
     """SigLIP over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <|IMG_PATCH|> a tile; images are cut
     into up to 4 tiles (GOT-OCR2 image processor) plus a global one, each tagged TILE_i / TILE_GLOBAL, the whole
@@ -1257,7 +1266,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "qwen3_vl": _qwen_vl_like("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
-    "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
+    "llava_next_video": _llava_next_video, "mistral3": _mistral3, "mistral_large4": _mistral_large4,
+    "aya_vision": _aya_vision, "internvl": _internvl,
     "got_ocr2": _got_ocr2, "pp_chart2table": _pp_chart2table, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr,
     "aria": _aria, "qianfan_ocr": _qianfan_ocr,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
