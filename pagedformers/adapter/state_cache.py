@@ -26,6 +26,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from pagedformers.attention import get_forward_context
+
 ModuleAttribute = tuple[nn.Module, str]
 
 # Layer kinds (`layer_types`) whose state a per-request cache carries; attention kinds are listed in compat.
@@ -83,6 +85,7 @@ def _causal_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     past, n = (cache.get_seq_length() if cache is not None else 0), rows.shape[1]
     queries = torch.arange(past, past + n, device=rows.device)[:, None]
     kwargs["attention_mask"] = (torch.arange(past + n, device=rows.device)[None, :] <= queries)[None, None]
+    get_forward_context().model_masks = True
     return args, kwargs
 
 

@@ -84,8 +84,11 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
     params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
                              window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
                              chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
-    if kwargs.get("indices") is not None:  # sparse attention (DeepSeek-V3.2's indexer): the keys it picked
-        return attend_selected(q, k, v, k_cache, v_cache, ctx.metadata, params, kwargs["indices"][0])[None]
+    if ctx.model_masks:  # sparse attention: the keys an indexer picked, as indices or folded into the mask
+        indices = kwargs.get("indices")
+        mask = attention_mask[0, 0] if attention_mask is not None else None
+        return attend_selected(q, k, v, k_cache, v_cache, ctx.metadata, params,
+                               indices[0] if indices is not None else None, mask)[None]
     out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
 

@@ -71,22 +71,31 @@ def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def attend_selected(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
                     v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams,
-                    selected: torch.Tensor) -> torch.Tensor:
-    """One request's queries [n, H, D] over the key positions `selected` [n, k] picks for each (the top-k of
-    DeepSeek-V3.2-style sparse attention; transformers passes them as `indices`), causal -> [n, H, Dv].
+                    indices: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """One request's queries [n, H, D] over the keys its model picked -> [n, H, Dv]: the positions `indices`
+    [n, k] names for each query (the top-k of DeepSeek-V3.2-style sparse attention, which transformers passes as
+    `indices`; -1 pads), and those a bool `mask` [n, L] over the request's context keeps (an indexer's selection
+    folded into the mask, Qwen4-Exp); causal and windowed as the call asks.
 
-    The positions index the request's own context, so a step holds one request only (its indexer keys live in
-    its per-request cache, hybrid.py). Every backend's cache has this layout: it reads it in plain PyTorch."""
+    Both index the request's own context, so a step holds one request only (its indexer keys live in its
+    per-request cache, hybrid.py). Every backend's cache has this layout: it reads it in plain PyTorch."""
     if meta.num_decodes + len(meta.prefills) != 1:
-        raise RuntimeError("sparse (indexed) attention runs one request per forward: its top-k positions are "
+        raise RuntimeError("sparse (indexed) attention runs one request per forward: its selected positions are "
                            "its own context's")
     k, v, num_cached = _one_context(key, value, k_cache, v_cache, meta)
     n, length = query.shape[0], k.shape[2]
-    picked = torch.zeros(n, length, dtype=torch.bool, device=query.device).scatter_(1, selected.long(), True)
-    k_pos = torch.arange(length, device=query.device)
-    causal = k_pos[None, :] <= num_cached + torch.arange(n, device=query.device)[:, None]
-    mask = (picked & causal)[None, None]
-    out = _attend_eager(query.transpose(0, 1)[None], k, v, mask, params.scale, False, params.softcap, params.sinks)
+    k_pos = torch.arange(length, device=query.device)[None, :]
+    q_pos = num_cached + torch.arange(n, device=query.device)[:, None]
+    visible = k_pos <= q_pos
+    if params.window is not None:
+        visible &= k_pos > q_pos - params.window
+    if indices is not None:
+        slots = torch.where(indices >= 0, indices, length).long()  # -1 pads go to a dropped column
+        visible &= torch.zeros(n, length + 1, dtype=torch.bool, device=query.device).scatter_(1, slots, True)[:, :-1]
+    if mask is not None:
+        visible &= mask if mask.dtype == torch.bool else mask == 0
+    out = _attend_eager(query.transpose(0, 1)[None], k, v, visible[None, None], params.scale, False, params.softcap,
+                        params.sinks)
     return out[0].transpose(0, 1)
 
 
