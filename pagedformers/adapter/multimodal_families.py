@@ -22,7 +22,7 @@ from pagedformers.adapter.resolve import auto_base_model
 ENCODER_KEYS = ("vision", "audio", "vq", "image", "speech")  # sub-config keys that name an encoder
 # Families whose image path is checked against HF `generate` (tests/adapter/test_multimodal.py).
 IMAGE_FAMILIES = frozenset({
-    "mistral_large4", "dots3_note",
+    "mistral_large4", "dots3_note", "qwen4_exp",
     "llava", "llava_next", "llava_next_video", "llava_onevision", "vipllava", "gemma3", "paligemma", "qwen2_vl",
     "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "idefics2", "idefics3", "smolvlm", "mistral3", "aya_vision", "internvl",
     "got_ocr2", "glm4v", "glm46v", "lighton_ocr", "aria", "paddleocr_vl", "granite_docling", "video_llava", "emu3",
@@ -114,7 +114,7 @@ IMAGE_REFUSALS = {
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
-    **dict.fromkeys(("qwen4_exp", "glm5_next"),
+    **dict.fromkeys(("glm5_next",),
                     "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
                     "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
                     "the shell refuses the whole model (compat.non_attention_layers), text-only prompts too"),

@@ -1316,6 +1316,11 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
         "Qwen3VLVideoProcessor"),
+    # QSA indexer: keys pooled 2 at a time, each query keeps its top 2 pools (a budget of 4 tokens) and the tail
+    "qwen4_exp": _qwen_vl_like("qwen4_exp", "Qwen4ExpForConditionalGeneration", "Qwen3VLProcessor",
+                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor",
+                               dict(indexer_n_heads=16, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4,
+                                    indexer_compress_ratio=2)),
     "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge,
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",
