@@ -107,12 +107,22 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
 def non_attention_layers(hf_config: PretrainedConfig) -> list[str]:
     """One sentence per kind of decoder layer that neither attention nor a per-request state cache serves."""
     key, kinds = _layer_kinds(hf_config)
+    unserved = _UNSERVED_INDEXERS.get(hf_config.get_text_config().model_type)
     others: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
-        if kind not in ATTENTION_LAYER_TYPES | STATE_LAYER_TYPES:
+        if kind not in ATTENTION_LAYER_TYPES | STATE_LAYER_TYPES or (kind == "indexed_attention" and unserved):
             others.setdefault(kind, []).append(i)
-    return [f"layers {_spans(idx)} are {kind!r} layers ({key}): {_WHY_NOT.get(kind, _WHY_NOT[None])}"
+    return [f"layers {_spans(idx)} are {kind!r} layers ({key}): "
+            f"{unserved if kind == 'indexed_attention' else _WHY_NOT.get(kind, _WHY_NOT[None])}"
             for kind, idx in others.items()]
+
+
+# Text models whose indexed_attention layers the per-request indexer cache does not serve, and why.
+_UNSERVED_INDEXERS = {
+    "glm5_next_text": "its sparse attention sizes the causal and top-k masks it builds by the keys its own cache "
+                      "layer holds (cache_layer.keys, key_states.shape[2]), which the paged KV cache keeps instead: "
+                      "the masks would cover the step's keys only",
+}
 
 
 def state_layers(hf_config: PretrainedConfig) -> list[str]:

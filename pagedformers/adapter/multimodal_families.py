@@ -114,10 +114,9 @@ IMAGE_REFUSALS = {
     "git": "GitModel prepends the projected image patches to the prompt's embeddings inside its forward (after its "
            "position embeddings and LayerNorm): its processor writes no image tokens, so no placeholder rows take "
            "the features, and GitModel does not declare _supports_attention_backend (refused at load)",
-    **dict.fromkeys(("glm5_next",),
-                    "its language model interleaves gated-DeltaNet layers with 'indexed_attention' layers, sparse "
-                    "attention whose indexer keeps a key cache of its own that the paged KV cache does not hold: "
-                    "the shell refuses the whole model (compat.non_attention_layers), text-only prompts too"),
+    "glm5_next": "its language model is refused as a whole, text-only prompts too (compat._UNSERVED_INDEXERS): its "
+                 "sparse attention sizes the masks it builds by the keys its own cache layer holds, which the paged "
+                 "KV cache keeps instead",
     "idefics": "its language model reads the images through gated cross-attention layers, whose keys come from the "
                "image (perceiver) features, not from the prompt: the paged KV cache holds self-attention keys only",
     "instructblipvideo": "its processor takes `images` as one 4-frame video and always writes 4 x num_query_tokens "

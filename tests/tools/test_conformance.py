@@ -44,6 +44,14 @@ def test_greedy_parity_with_transformers(family, tmp_path):
     assert result.max_logprob_diff <= TOLERANCE
 
 
+def test_indexers_sized_by_their_own_cache_are_refused():
+    """GLM-5 Next builds its sparse-attention masks over the keys its own cache layer holds: refused by name."""
+    config = tiny_config("glm5_next", 300, text_config=dict(index_kpool=2, qk_rope_head_dim=0))
+    assert non_attention_layers(tiny_config("deepseek_v32", 300)) == []
+    [reason] = non_attention_layers(config)
+    assert "'indexed_attention' layers" in reason and "the keys its own cache layer holds" in reason
+
+
 def test_attention_layer_types_are_accepted():
     for family in ("gemma3_text", "llama4_text", "gpt_oss"):
         assert non_attention_layers(tiny_config(family, 300)) == [], family
