@@ -9,8 +9,10 @@ no memory, just shapes, with our attention function recording which layers calle
 
 Beyond the rules, every decoder layer must be softmax attention over its past tokens, or a
 conv / linear-attention layer whose state the model keeps in its transformers cache (served by a
-per-request state cache, see state_cache.py). Other kinds (sparse-attention indexers with key
-caches of their own, compressed attention) are refused from the config, before the dry run.
+per-request state cache, see state_cache.py), or sparse attention whose indexer keeps its keys in that
+cache (indexed_attention: the same per-request cache holds them). Other kinds (compressed attention,
+indexers that size their masks by their own cache's K/V: _UNSERVED_INDEXERS) are refused from the
+config, before the dry run.
 """
 
 from __future__ import annotations

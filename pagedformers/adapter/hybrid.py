@@ -1,8 +1,11 @@
-"""Shells for conv / linear-attention hybrids (LFM2, Granite 4.0-H, MiniMax, ZAYA, RecurrentGemma, ...).
+"""Shells for conv / linear-attention hybrids (LFM2, Granite 4.0-H, MiniMax, ZAYA, RecurrentGemma, ...) and for
+models with sparse-attention indexers (DeepSeek-V3.2, Mistral Large 4, Qwen4-Exp, ...).
 
 Their attention layers use the paged KV cache; their other layers carry a state from token to token, which
 lives in a per-request instance of the model's own cache class (state_cache.py), or, for older designs, on
-the modules themselves. They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
+the modules themselves. An indexer's keys (one per past token, scored against each query to pick its top-k keys)
+live in that same per-request cache; the shell hands the text model the causal mask the indexer scores under
+(state_cache.feed_indexer_masks), and attention keeps the keys picked (attend_selected). They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
 state per request and runs each request's chunk as its own forward, without prefix caching.
 """
 

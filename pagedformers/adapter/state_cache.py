@@ -68,13 +68,20 @@ def create_state_cache(cache_cls: type[Cache], text_config: PretrainedConfig) ->
 
 def feed_indexer_masks(model: nn.Module) -> None:
     """Indexers score each query against all of its request's cached index keys, masked by the causal mask
-    transformers would build (`attention_mask[:, 0]`); with our attention transformers builds none. So each text
-    model that runs decoder layers is handed that mask: [1, 1, n, past + n], bool, key j visible to query i
-    where j <= past + i (the row is one request's, its past counted by its state cache)."""
+    transformers would build (`attention_mask[:, 0]`); with our attention transformers builds none. So the text
+    model whose decoder layers hold indexers (its config lists indexed_attention layers; not a vision tower) is
+    handed that mask: [1, 1, n, past + n], bool, key j visible to query i where j <= past + i (the row is one
+    request's, its past counted by its state cache)."""
+    hooked = False
     for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList) and \
+        layer_types = getattr(getattr(module, "config", None), "layer_types", None) or ()
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and "indexed_attention" in layer_types and \
                 "attention_mask" in inspect.signature(module.forward).parameters:
             module.register_forward_pre_hook(_causal_mask, with_kwargs=True)
+            hooked = True
+    if not hooked:
+        raise ValueError(f"{type(model).__name__} has indexed_attention layers, but no module that runs them takes an "
+                         "attention_mask beside a `layers` list: the shell cannot hand its indexers their mask")
 
 
 def _causal_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
