@@ -5,7 +5,8 @@ Their attention layers use the paged KV cache; their other layers carry a state 
 lives in a per-request instance of the model's own cache class (state_cache.py), or, for older designs, on
 the modules themselves. An indexer's keys (one per past token, scored against each query to pick its top-k keys)
 live in that same per-request cache; the shell hands the text model the causal mask the indexer scores under
-(state_cache.feed_indexer_masks), and attention keeps the keys picked (attend_selected). They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
+(state_cache.feed_indexer_masks), and attention keeps the keys picked (attend_selected).
+They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
 state per request and runs each request's chunk as its own forward, without prefix caching.
 """
 
