@@ -9,8 +9,10 @@ no memory, just shapes, with our attention function recording which layers calle
 
 Beyond the rules, every decoder layer must be softmax attention over its past tokens, or a
 conv / linear-attention layer whose state the model keeps in its transformers cache (served by a
-per-request state cache, see state_cache.py). Other kinds (sparse-attention indexers with key
-caches of their own, compressed attention) are refused from the config, before the dry run.
+per-request state cache, see state_cache.py), or sparse attention whose indexer keeps its keys in that
+cache (indexed_attention: the same per-request cache holds them). Other kinds (compressed attention,
+indexers that size their masks by their own cache's K/V: _UNSERVED_INDEXERS) are refused from the
+config, before the dry run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 
 # Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
 ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
-HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding"})  # attention plus a conv/recurrent state (ZAYA)
+# attention plus a conv/recurrent state (ZAYA), or plus an indexer-key cache (DeepSeek-V3.2's sparse attention)
+HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding", "indexed_attention"})
 _LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
 
 
@@ -106,12 +109,22 @@ def _meta_dry_run(hf_config: PretrainedConfig, trust_remote_code: bool) -> Forwa
 def non_attention_layers(hf_config: PretrainedConfig) -> list[str]:
     """One sentence per kind of decoder layer that neither attention nor a per-request state cache serves."""
     key, kinds = _layer_kinds(hf_config)
+    unserved = _UNSERVED_INDEXERS.get(hf_config.get_text_config().model_type)
     others: dict[str, list[int]] = {}
     for i, kind in enumerate(kinds):
-        if kind not in ATTENTION_LAYER_TYPES | STATE_LAYER_TYPES:
+        if kind not in ATTENTION_LAYER_TYPES | STATE_LAYER_TYPES or (kind == "indexed_attention" and unserved):
             others.setdefault(kind, []).append(i)
-    return [f"layers {_spans(idx)} are {kind!r} layers ({key}): {_WHY_NOT.get(kind, _WHY_NOT[None])}"
+    return [f"layers {_spans(idx)} are {kind!r} layers ({key}): "
+            f"{unserved if kind == 'indexed_attention' else _WHY_NOT.get(kind, _WHY_NOT[None])}"
             for kind, idx in others.items()]
+
+
+# Text models whose indexed_attention layers the per-request indexer cache does not serve, and why.
+_UNSERVED_INDEXERS = {
+    "glm5_next_text": "its sparse attention sizes the causal and top-k masks it builds by the keys its own cache "
+                      "layer holds (cache_layer.keys, key_states.shape[2]), which the paged KV cache keeps instead: "
+                      "the masks would cover the step's keys only",
+}
 
 
 def state_layers(hf_config: PretrainedConfig) -> list[str]:
@@ -120,8 +133,6 @@ def state_layers(hf_config: PretrainedConfig) -> list[str]:
 
 
 _WHY_NOT = {
-    "indexed_attention": "sparse attention whose indexer picks each query's top-k keys by scores over an indexer-key "
-                         "cache of its own, which the paged KV cache does not hold",
     "compressed_sparse_attention": "attention over compressed KV blocks that the model builds in its own cache, "
                                    "which the paged KV cache does not hold",
     "heavily_compressed_attention": "attention over compressed KV blocks that the model builds in its own cache, "

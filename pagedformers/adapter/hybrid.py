@@ -1,8 +1,12 @@
-"""Shells for conv / linear-attention hybrids (LFM2, Granite 4.0-H, MiniMax, ZAYA, RecurrentGemma, ...).
+"""Shells for conv / linear-attention hybrids (LFM2, Granite 4.0-H, MiniMax, ZAYA, RecurrentGemma, ...) and for
+models with sparse-attention indexers (DeepSeek-V3.2, Mistral Large 4, Qwen4-Exp, ...).
 
 Their attention layers use the paged KV cache; their other layers carry a state from token to token, which
 lives in a per-request instance of the model's own cache class (state_cache.py), or, for older designs, on
-the modules themselves. They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
+the modules themselves. An indexer's keys (one per past token, scored against each query to pick its top-k keys)
+live in that same per-request cache; the shell hands the text model the causal mask the indexer scores under
+(state_cache.feed_indexer_masks), and attention keeps the keys picked (attend_selected).
+They declare `SupportsPerRequestState` (model/interface.py): the worker keeps one
 state per request and runs each request's chunk as its own forward, without prefix caching.
 """
 
@@ -21,6 +25,7 @@ from pagedformers.adapter.pooling import TransformersForPooling
 from pagedformers.adapter.state_cache import (
     ModuleAttribute,
     create_state_cache,
+    feed_indexer_masks,
     paged_cache_class,
     plain_attributes,
     tensor_attributes_set_since,
@@ -39,6 +44,8 @@ class PerRequestState:
         super().__init__(config, parallel)
         self.state_cache_cls: type[Cache] | None = None  # the model's own cache class, learned by the probe
         self.state_attributes: list[ModuleAttribute] = []  # where models like RecurrentGemma keep their state
+        if "indexed_attention" in state_layers(self.hf_config):
+            feed_indexer_masks(self.model)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, state: Cache | None = None,
                 **inputs: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ logger = init_logger(__name__)
 # gated-DeltaNet layers keep one recurrent state a row. The hybrid shells never pack: each request runs as its own
 # row with its own state cache (hybrid.py), so rule 3 is read on what uses the paged cache, the attention layers.
 # Multimodal checkpoints only: the image check runs them against HF; their text-only classes are not checked yet.
-PER_REQUEST_ONLY_RULE3 = frozenset({"qwen3_5_text", "qwen3_5_moe_text"})
+PER_REQUEST_ONLY_RULE3 = frozenset({"qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text"})
 
 
 def base_model_class(config: EngineConfig) -> type:

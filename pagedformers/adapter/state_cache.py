@@ -26,10 +26,14 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from pagedformers.attention import get_forward_context
+
 ModuleAttribute = tuple[nn.Module, str]
 
 # Layer kinds (`layer_types`) whose state a per-request cache carries; attention kinds are listed in compat.
-STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+# "indexed_attention" (DeepSeek-V3.2-style sparse attention): softmax attention over the paged KV cache whose
+# indexer keeps one key per past token in the cache (`update_indexer`) and picks each query's top-k from them.
+STATE_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding", "indexed_attention"})
 
 
 def _pass_through(self: Cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -60,6 +64,36 @@ def create_state_cache(cache_cls: type[Cache], text_config: PretrainedConfig) ->
         cache = cache_cls()
     cache.module_values = {}  # state kept on modules: attribute -> this request's value (None: start afresh)
     return cache
+
+
+def feed_indexer_masks(model: nn.Module) -> None:
+    """Indexers score each query against all of its request's cached index keys, masked by the causal mask
+    transformers would build (`attention_mask[:, 0]`); with our attention transformers builds none. So the text
+    model whose decoder layers hold indexers (its config lists indexed_attention layers; not a vision tower) is
+    handed that mask: [1, 1, n, past + n], bool, key j visible to query i where j <= past + i (the row is one
+    request's, its past counted by its state cache)."""
+    hooked = False
+    for module in model.modules():
+        layer_types = getattr(getattr(module, "config", None), "layer_types", None) or ()
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and "indexed_attention" in layer_types and \
+                "attention_mask" in inspect.signature(module.forward).parameters:
+            module.register_forward_pre_hook(_causal_mask, with_kwargs=True)
+            hooked = True
+    if not hooked:
+        raise ValueError(f"{type(model).__name__} has indexed_attention layers, but no module that runs them takes an "
+                         "attention_mask beside a `layers` list: the shell cannot hand its indexers their mask")
+
+
+def _causal_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if kwargs.get("attention_mask") is not None:
+        return None
+    rows = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+    cache = kwargs.get("past_key_values")
+    past, n = (cache.get_seq_length() if cache is not None else 0), rows.shape[1]
+    queries = torch.arange(past, past + n, device=rows.device)[:, None]
+    kwargs["attention_mask"] = (torch.arange(past + n, device=rows.device)[None, :] <= queries)[None, None]
+    get_forward_context().model_masks = True
+    return args, kwargs
 
 
 def plain_attributes(model: nn.Module) -> dict[ModuleAttribute, object]:

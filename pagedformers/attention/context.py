@@ -48,6 +48,9 @@ class ForwardContext:
     windows: dict[int, int | None] = field(default_factory=dict)  # probe: call index -> the sliding window passed
     num_calls: int = 0
     positions: torch.Tensor | None = None  # [T], recorded for attention that depends on positions
+    # The shell handed the model a dense causal mask over one request's context (models with indexers, see
+    # adapter/state_cache.feed_indexer_masks): attention then honours the mask and top-k `indices` layers pass.
+    model_masks: bool = False
     backend: AttentionBackend = field(default_factory=TorchAttentionBackend)
     # A graph capture's hook: each attention call goes through it instead of running (it may run the call, or
     # record it as one op of its own that runs it on replay).

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from pagedformers.attention.backends import AttentionParams
 from pagedformers.attention.context import PROBE_KWARG, AttentionCall, ForwardContext, get_forward_context
 from pagedformers.attention.kv_cache import LayerKVSpec
+from pagedformers.attention.torch_backend import attend_selected
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
@@ -88,6 +89,11 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
     params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
                              window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
                              chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
+    if ctx.model_masks:  # sparse attention: the keys an indexer picked, as indices or folded into the mask
+        indices = kwargs.get("indices")
+        mask = attention_mask[0, 0] if attention_mask is not None else None
+        return attend_selected(q, k, v, k_cache, v_cache, ctx.metadata, params,
+                               indices[0] if indices is not None else None, mask)[None]
     out = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.metadata, params)
     return out[None]  # [1, T, H, Dv], like sdpa_attention_forward
 

@@ -69,6 +69,52 @@ def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           params.sinks)[0].transpose(0, 1)
 
 
+def attend_selected(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams,
+                    indices: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """One request's queries [n, H, D] over the keys its model picked -> [n, H, Dv]: the positions `indices`
+    [n, k] names for each query (the top-k of DeepSeek-V3.2-style sparse attention, which transformers passes as
+    `indices`; -1 pads), and those a bool `mask` [n, L] over the request's context keeps (an indexer's selection
+    folded into the mask, Qwen4-Exp); causal and windowed as the call asks.
+
+    Both index the request's own context, so a step holds one request only (its indexer keys live in its
+    per-request cache, hybrid.py). Every backend's cache has this layout: it reads it in plain PyTorch."""
+    if meta.num_decodes + len(meta.prefills) != 1:
+        raise RuntimeError("sparse (indexed) attention runs one request per forward: its selected positions are "
+                           "its own context's")
+    k, v, num_cached = _one_context(key, value, k_cache, v_cache, meta)
+    n, length = query.shape[0], k.shape[2]
+    k_pos = torch.arange(length, device=query.device)[None, :]
+    q_pos = num_cached + torch.arange(n, device=query.device)[:, None]
+    visible = k_pos <= q_pos
+    if params.window is not None:
+        visible &= k_pos > q_pos - params.window
+    if indices is not None:
+        slots = torch.where(indices >= 0, indices, length).long()  # -1 pads go to a dropped column
+        visible &= torch.zeros(n, length + 1, dtype=torch.bool, device=query.device).scatter_(1, slots, True)[:, :-1]
+    if mask is not None:
+        visible &= mask if mask.dtype == torch.bool else mask == 0
+    out = _attend_eager(query.transpose(0, 1)[None], k, v, visible[None, None], params.scale, False, params.softcap,
+                        params.sinks)
+    return out[0].transpose(0, 1)
+
+
+def _one_context(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The single request's K/V [1, H_kv, L, D] (cached and new), and how many were cached before the step."""
+    if meta.num_decodes:
+        length = int(meta.decode_seq_lens[0])
+        rows = meta.cache_rows(k_cache.shape[1])
+        return gather_blocks(k_cache, rows, 1)[:, :, :length], gather_blocks(v_cache, rows, 1)[:, :, :length], \
+            length - 1
+    span = meta.prefills[0]
+    if span.kv_blocks is None:
+        return key.transpose(0, 1)[None], value.transpose(0, 1)[None], 0
+    rows = meta.cache_rows(k_cache.shape[1], 0)
+    return gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len], gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len], \
+        span.num_cached
+
+
 def alibi_bias(slopes: torch.Tensor, mask: torch.Tensor | None, num_cached: int, q_len: int,
                causal: bool) -> torch.Tensor:
     """[1, H, q_len, kv_len] float32: slope * key position where visible (`mask`, else causal), -inf elsewhere."""

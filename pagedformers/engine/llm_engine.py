@@ -77,8 +77,8 @@ class LLMEngine:
         if not self.config.cache.enable_prefix_caching:
             return False
         if isinstance(self.executor.driver_worker.model, SupportsPerRequestState):
-            logger.info("Prefix caching is off: the conv / linear-attention state of this hybrid model cannot be "
-                        "restored from cached KV blocks.")
+            logger.info("Prefix caching is off: the per-request layer state of this model (conv / linear-attention "
+                        "states, indexer keys) cannot be restored from cached KV blocks.")
             return False
         return True
 

@@ -49,8 +49,8 @@ class Worker:
         self.request_states: dict[str, Cache] | None = None
         if isinstance(self.model, SupportsPerRequestState):
             self.request_states = {}
-            logger.info("%s keeps conv / linear-attention state per request: each step runs one forward per "
-                        "request (slower than one flat batch).", type(self.model).__name__)
+            logger.info("%s keeps layer state per request (conv / linear-attention states, indexer keys): each "
+                        "step runs one forward per request (slower than one flat batch).", type(self.model).__name__)
         self.kv_caches = {}
 
     def apply_model(self, fn: Callable[[nn.Module], R]) -> R:

@@ -43,8 +43,11 @@ SIZES: dict[str, int] = {
     # multi-head latent attention: K and V head dims differ (24 vs 16)
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "qk_head_dim": 24, "o_lora_rank": 32,
-    # sparse-attention indexers (refused at load, but the config must still build)
-    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4,
+    # sparse-attention indexers: a top-k of 4 so that prompts and generations run past it. 16 index heads: an
+    # indexer's score is a weighted sum of per-head ReLUs, exactly 0 wherever every head's is; with 2 heads a
+    # quarter of the keys tie at 0 and torch.topk breaks ties differently by row length, so HF's own chunked
+    # prefill picked other keys than its whole-prompt one (a 1.6 logprob gap in deepseek_v32)
+    "index_n_heads": 16, "index_head_dim": 16, "index_topk": 4,
     # positions and windows
     "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512, "seq_length": 512,
     "sliding_window": WINDOW, "attention_window_size": WINDOW, "attention_chunk_size": WINDOW,

@@ -180,6 +180,33 @@ def _mistral3(path: Path, seed: int) -> str:
     return _pixtral_like("mistral3", "Mistral3ForConditionalGeneration", path, seed)
 
 
+def _mistral_large4(path: Path, seed: int) -> str:
+    """Mistral 3's Pixtral tower and processor before a DeepSeek-V3.2-style language model: MLA attention whose
+    indexer keeps each query's top 4 keys (index_topk), so prompts with images run past it. Of its 8 layers, every
+    second reuses the previous layer's top-k ("shared"); layers 1, 5 and 6 reuse an earlier RoPE layer's latent K/V
+    (kv_source_layers; layer 6 while running its own indexer); every fourth has no RoPE, as in the checkpoint."""
+    text = dict(indexer_types=["full", "shared"] * 4, kv_source_layers=[0, 0, 2, 3, 4, 4, 4, 7])
+    return _pixtral_like("mistral_large4", "MistralLarge4ForConditionalGeneration", path, seed, text_config=text)
+
+
+def _dots3_note(path: Path, seed: int) -> str:
+    """A Qwen-VL-style tower with MoE blocks over 56x56 images in 14x14 patches, one frame deep (a 2-D patch
+    convolution: temporal_patch_size 1), 2x2 merged: 4 <|imgpad|> an image; plain 1-D positions. Its language model
+    has two indexed_attention layers (index_topk 4) and a sliding one; an audio tower beside it (no audio here)."""
+    tok = _tokenizer(image_token="<|imgpad|>", video_token="<|video_pad|>", audio_token="<|audio_comp_pad|>")
+    config = tiny_config("dots3_note", len(tok), image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                         audio_token_id=tok.audio_token_id)
+    config.vision_config.patch_size = 14
+    images = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 3 // 2, patch_size=14,
+                                                   merge_size=2, temporal_patch_size=1)
+    processor = image_only(transformers.Dots3NoteProcessor)(image_processor=images, tokenizer=tok,
+                                                            video_processor=None,
+                                                            feature_extractor=transformers.Dots3NoteFeatureExtractor())
+    _save(path, transformers.Dots3NoteForConditionalGeneration, config, processor, seed)
+    _with_video_config(path, "Qwen3VLVideoProcessor", patch_size=14, merge_size=2, temporal_patch_size=1)
+    return tok.image_token
+
+
 def _aya_vision(path: Path, seed: int) -> str:
     """SigLIP over 28x28 tiles in 7x7 patches (16), pixel-shuffled by 2 to 4 <|IMG_PATCH|> a tile; images are cut
     into up to 4 tiles (GOT-OCR2 image processor) plus a global one, each tagged TILE_i / TILE_GLOBAL, the whole
@@ -1298,7 +1325,8 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "qwen3_vl": _qwen_vl_like("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor"),
     "idefics2": _idefics2, "idefics3": _idefics3, "smolvlm": _smolvlm, "llava_onevision": _llava_onevision,
-    "llava_next_video": _llava_next_video, "mistral3": _mistral3, "aya_vision": _aya_vision, "internvl": _internvl,
+    "llava_next_video": _llava_next_video, "mistral3": _mistral3, "mistral_large4": _mistral_large4,
+    "dots3_note": _dots3_note, "aya_vision": _aya_vision, "internvl": _internvl,
     "got_ocr2": _got_ocr2, "pp_chart2table": _pp_chart2table, "vipllava": _vipllava, "lighton_ocr": _lighton_ocr,
     "aria": _aria, "qianfan_ocr": _qianfan_ocr,
     "paddleocr_vl": _paddleocr_vl, "granite_docling": _granite_docling, "video_llava": _video_llava, "emu3": _emu3,
@@ -1329,6 +1357,11 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
         dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=16, patch_size=16,
              spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0], initializer_range=0.2),
         "Qwen3VLVideoProcessor"),
+    # QSA indexer: keys pooled 2 at a time, each query keeps its top 2 pools (a budget of 4 tokens) and the tail
+    "qwen4_exp": _qwen_vl_like("qwen4_exp", "Qwen4ExpForConditionalGeneration", "Qwen3VLProcessor",
+                               _QWEN_VISION["qwen3_vl"], "Qwen3VLVideoProcessor",
+                               dict(indexer_n_heads=16, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4,
+                                    indexer_compress_ratio=2)),
     "minimax_m3_vl": _minimax_m3_vl, "cosmos3_edge": _cosmos3_edge,
     # Cosmos3 Omni (Reasoner) is Qwen3-VL under its own model_type; its checkpoints ship Qwen3-VL's processor
     "cosmos3_omni": _qwen_vl_like("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", "Qwen3VLProcessor",

@@ -11,6 +11,7 @@ from transformers.masking_utils import (
 )
 
 from pagedformers.attention import AttentionParams, TorchAttentionBackend, create_attention_backend
+from pagedformers.attention.torch_backend import attend_selected
 from pagedformers.engine.inputs import Chunk, prepare_inputs
 from pagedformers.multimodal_inputs import MultiModalInputs
 from pagedformers.platforms.cpu import attention as cpu_attention  # noqa: F401  (registers the "cpu" backend)
@@ -126,3 +127,30 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
     scores = torch.einsum("qhd,khd->hqk", q, kk) * 0.5
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     torch.testing.assert_close(out[1:], torch.einsum("hqk,khd->qhd", probs, vv), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length, cached", [(11, 0), (11, 6), (11, 10)])  # a prompt, a later chunk, a decode
+def test_attend_selected_keeps_only_the_picked_causal_keys(length, cached):
+    """Sparse attention (indexers): each query attends over the positions it picked (-1 pads dropped) and those a
+    bool mask keeps, among its causal keys, its context read from the paged cache."""
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D), torch.randn(NUM_BLOCKS, H_KV, BS, D)
+    table = torch.randperm(NUM_BLOCKS)[: -(-length // BS)].tolist()
+    k, v = torch.randn(length, H_KV, D), torch.randn(length, H_KV, D)
+    if cached:
+        BACKEND.write_kv(k_cache, v_cache, k[:cached], v[:cached],
+                         prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata)
+    meta = prepare_inputs([Chunk(cached, [0] * (length - cached), table)], BS, "cpu").metadata
+    n = length - cached
+    BACKEND.write_kv(k_cache, v_cache, k[cached:], v[cached:], meta)
+    indices = torch.randint(-1, length, (n, 3))  # future positions too: causality still applies
+    mask = torch.rand(n, length) > 0.3
+    q = torch.randn(n, H, D)
+    out = attend_selected(q, k[cached:], v[cached:], k_cache, v_cache, meta, AttentionParams(D ** -0.5), indices, mask)
+    for j in range(n):
+        picked = sorted({int(i) for i in indices[j] if 0 <= i <= cached + j and mask[j, i]})
+        if not picked:  # nothing visible: no reference (the model always keeps some)
+            continue
+        kj, vj = k[picked].repeat_interleave(H // H_KV, 1), v[picked].repeat_interleave(H // H_KV, 1)
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[j], kj) * D ** -0.5, dim=-1)
+        torch.testing.assert_close(out[j], torch.einsum("hl,lhd->hd", probs, vj), atol=1e-5, rtol=1e-5)

@@ -31,6 +31,9 @@ REPRESENTATIVE = {
     "granite": "logits_scaling and residual/embedding multipliers",
     "got_ocr2": "multimodal: vision tower and projector beside the language model (TransformersForMultimodalLM)",
     "moss_transcribe_diarize": "multimodal: audio LLM (in transformers' seq2seq mapping, but a decoder)",
+    "deepseek_v32": "sparse attention (DSA): each query's top 4 keys by its indexer, over prompts and generations "
+                    "longer than that, a chunked prefill included (per-request indexer-key cache)",
+    "dots3_note_text": "indexed_attention layers beside sliding-window ones",
 }
 
 
@@ -41,12 +44,12 @@ def test_greedy_parity_with_transformers(family, tmp_path):
     assert result.max_logprob_diff <= TOLERANCE
 
 
-def test_sparse_indexed_attention_is_refused_at_load(tmp_path):
-    """Conv / linear-attention hybrids run (tests/adapter/test_hybrid.py); indexers do not."""
-    path = save_tiny_family("deepseek_v32", tmp_path / "deepseek_v32")
-    with pytest.raises(ValueError, match=r"not compatible with the transformers shell:\n  - layers \[.*\] are "
-                                         r"'indexed_attention' layers \(layer_types\): sparse attention whose indexer"):
-        LLM(model=path, model_impl="transformers", dtype="float32")
+def test_indexers_sized_by_their_own_cache_are_refused():
+    """GLM-5 Next builds its sparse-attention masks over the keys its own cache layer holds: refused by name."""
+    config = tiny_config("glm5_next", 300, text_config=dict(index_kpool=2, qk_rope_head_dim=0))
+    assert non_attention_layers(tiny_config("deepseek_v32", 300)) == []
+    [reason] = non_attention_layers(config)
+    assert "'indexed_attention' layers" in reason and "the keys its own cache layer holds" in reason
 
 
 def test_attention_layer_types_are_accepted():

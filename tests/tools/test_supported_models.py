@@ -20,7 +20,7 @@ ANCHORS = {  # family: what its row must say
     "mllama": ("TransformersForMultimodalLM (MllamaForConditionalGeneration)", "yes", ""),  # cross-attention
     "instructblipvideo": ("TransformersForMultimodalLM (InstructBlipVideoForConditionalGeneration)",
                           "text only: why in conformance_multimodal.md", ""),
-    "deepseek_v32": ("refused: indexed_attention layers", "", ""),
+    "deepseek_v32": ("TransformersHybridForCausalLM (DeepseekV32ForCausalLM)", "", "embed"),
     "bert": ("TransformersForCausalLM (BertLMHeadModel)", "", "embed, classify, token_classify"),
 }
 
