@@ -137,6 +137,23 @@ def render_markdown(results: Sequence[FamilyResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_results(markdown: str) -> list[FamilyResult]:
+    """The results a table of render_markdown's holds (its rows back into FamilyResults), for --update."""
+    results = []
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.replace("\\|", "\0").split("|")[1:-1]]
+        if len(cells) != 7 or cells[0] in ("family", "---"):
+            continue
+        family, architecture, shell, shell_diff, native, native_diff, reason = (c.replace("\0", "|") for c in cells)
+        shell_reason, _, native_reason = reason.partition("native: ")
+        results.append(FamilyResult(family, architecture, shell, float(shell_diff) if shell_diff else None,
+                                    shell_reason.removesuffix("; ")))
+        if native:
+            results.append(FamilyResult(family, architecture, native, float(native_diff) if native_diff else None,
+                                        native_reason, model_impl="native"))
+    return results
+
+
 def _diff(r: FamilyResult) -> str:
     return "" if r.max_logprob_diff is None else f"{r.max_logprob_diff:.1e}"
 
@@ -151,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated model types (default: every enumerated family)")
     parser.add_argument("--out", help="markdown file to write (default: docs/conformance.md for a full sweep, "
                                       "stdout with --only)")
+    parser.add_argument("--update", action="store_true", help="run the --only families again and write their rows "
+                                                              "into docs/conformance.md, keeping the others")
     parser.add_argument("--timeout-per-family", type=float, default=180.0, metavar="S")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one family, print its result
     parser.add_argument("--impl", default="transformers", help=argparse.SUPPRESS)  # the worker's model_impl
@@ -165,8 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"not an enumerated family: {unknown}; valid: {', '.join(families)}")
         families = asked
-    markdown = render_markdown(sweep(families, args.timeout_per_family))
-    out = args.out or (None if args.only else "docs/conformance.md")
+    results = sweep(families, args.timeout_per_family)
+    out = args.out or (None if args.only and not args.update else "docs/conformance.md")
+    if args.update:  # the table's other rows as they were
+        rerun = set(families)
+        results += [r for r in read_results(Path(out).read_text()) if r.family not in rerun]
+    markdown = render_markdown(results)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(markdown)

@@ -8,7 +8,7 @@ import pytest
 
 from pagedformers import LLM
 from pagedformers.adapter.compat import non_attention_layers
-from pagedformers.tools.conformance import render_markdown, sweep
+from pagedformers.tools.conformance import read_results, render_markdown, sweep
 from pagedformers.tools.family_check import TOLERANCE, FamilyResult, enumerate_families, run_family, save_tiny_family
 from pagedformers.tools.tiny_configs import tiny_config
 
@@ -93,6 +93,7 @@ def test_report_counts_and_reasons():
     assert "Of the 3 decoder families, 2 pass through at least one (67%)" in text
     assert "| b | B | fail |  |  |  | x \\| y |" in text
     assert "| c | C | unsupported |  | pass | 2.0e-06 | rule 3 |" in text
+    assert render_markdown(read_results(text)) == text  # --update reads the table's rows back
 
 
 @pytest.mark.parametrize("family", ["bloom", "mamba"])
