@@ -30,7 +30,7 @@ IMAGE_FAMILIES = frozenset({
     "cohere2_vision", "perception_lm", "fast_vlm", "lfm3_vl", "video_llama_3", "molmo2", "glmga", "pp_chart2table",
     "glm4v_moe", "qwen3_5", "qwen3_5_moe", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
     "ernie4_5_vl_moe", "kimi_k25", "step3p7", "ovis2", "granite4_vision", "chameleon", "fuyu", "llama4",
-    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "gemma3n",
+    "gemma4_unified", "hyperclovax_vision_v2", "cohere_compass", "deepseek_ocr2", "unlimited_ocr", "gemma3n",
     "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
     "kosmos-2.5"})
 # Families whose video path (get_video_features, the processor's video half) is checked against HF `generate`.
@@ -66,9 +66,6 @@ IMAGE_REFUSALS = {
     "shieldgemma2": "it is an image classifier (ShieldGemma2ForImageClassification: the yes/no logits of the last "
                     "token, no generate), and its processor ignores the prompt's text, writing one policy prompt "
                     "per image and policy",
-    "unlimited_ocr": "its language model is refused as a whole: its reference sliding-window attention lets each "
-                     "generated token see the whole prompt plus the last sliding_window generated tokens (a "
-                     "per-request prompt-length mask its cache layer keeps), which the paged attention does not build",
     "dots3_note": "its language model is refused as a whole: its indexed_attention layers pick each query's top-k "
                   "keys from an indexer-key cache of their own, which the paged KV cache does not hold",
     "mllama": "its language model reads the image through cross-attention layers, whose keys come from the "
