@@ -756,14 +756,17 @@ def _unlimited_ocr(path: Path, seed: int) -> str:
     """Unlimited-OCR: DeepSeek-OCR-2's towers (a SAM tower, 16x16 patches, windows of 14 and one global layer, a neck
     and two stride-2 convolutions, then a small CLIP-style encoder over its features) on a 1024x1024 global view and
     640x640 tiles: 16 x (16 + 1 newline) + 1 view separator <image> an image; a DeepSeek-V2-style (MoE) language
-    model whose reference sliding-window layer keeps the prompt and a window of 4 generated tokens (shorter than
-    the check's 8 new tokens, so the window cuts), beside a full-attention layer."""
+    model (2 heads of 32, 1 KV head) whose reference sliding-window layer keeps the prompt and a window of 4
+    generated tokens (shorter than the check's 8 new tokens, so the window cuts), beside a full-attention layer."""
     tok = _tokenizer(image_token="<image>")
     sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
                global_attn_indexes=[1], downsample_channels=[16, 32], initializer_range=0.02)
     encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    # 2 heads of 32 (its config derives head_dim from them), 1 KV head: in bfloat16 the full-attention layer runs the
+    # CPU decode kernel, beside the R-SWA one's masked path
     text = dict(layer_types=["reference_sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
-                sliding_window=4, max_position_embeddings=2048)  # prompts of two images: 546 image tokens
+                sliding_window=4, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=2048)  # prompts of two images: 546 image tokens
     config = tiny_config("unlimited_ocr", len(tok), image_token_id=tok.image_token_id, text_config=text,
                          vision_config=dict(sam_config=sam, encoder_config=encoder))
     processor = transformers.UnlimitedOcrProcessor(image_processor=transformers.UnlimitedOcrImageProcessor(),

@@ -70,10 +70,11 @@ def test_preempted_requests_recompute_their_answers_windowed(tiny_ocr, backend, 
     if backend == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_ocr)
+    # 20 blocks of 4 tokens where the two need 13 + 9 by their ends
     texts = ("Hello, my name is Ada and I like paged attention.", "What is the capital of France, and why?")
     prompts = [tokenizer.encode(text, add_special_tokens=False) for text in texts]  # 35 and 22 tokens
     llm = LLM(model=tiny_ocr, dtype="float32", attention_backend=backend, max_num_batched_tokens=16, block_size=4,
-              kv_cache_memory_bytes=20 * 4 * 1024)  # 20 blocks (1 KiB a token); the two need 13 + 9
+              kv_cache_memory_bytes=20 * 4 * 512)  # 20 blocks (2 layers x 1 KV head x (32 + 32) float32 a token)
     ours = pagedformers_greedy(llm, [{"prompt_token_ids": ids} for ids in prompts])
     assert llm.llm_engine.get_stats().num_preemptions > 0
     assert_same(ours, [hf_greedy_ids(tiny_ocr, ids) for ids in prompts])
