@@ -55,8 +55,9 @@ class AttentionMetadata:
     _cached: dict = field(default_factory=dict, repr=False)
 
     decode_context_len: int = 0  # L: padded context length of the decodes (num_blocks * block_size)
-    # [B_d] each decode's prompt length (AttentionParams.keep_prompt); None: every key is a prompt token
-    decode_prompt_lens: torch.Tensor | None = None
+    # Each decode's prompt length (AttentionParams.keep_prompt), plain ints made a tensor only by the layers that
+    # read them; None: every key is a prompt token
+    decode_prompt_lens: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -118,7 +119,8 @@ class AttentionMetadata:
             if window is not None:
                 near = k_pos > seq_lens - 1 - window
                 if keep_prompt:
-                    prompt = seq_lens if self.decode_prompt_lens is None else self.decode_prompt_lens[:, None]
+                    prompt = seq_lens if self.decode_prompt_lens is None else \
+                        torch.tensor(self.decode_prompt_lens, device=seq_lens.device)[:, None]
                     near |= k_pos < prompt
                 visible &= near
             if chunk is not None:

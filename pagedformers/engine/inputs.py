@@ -102,7 +102,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
         decode_seq_lens=decode_seq_lens.to(device) if decodes else None,
         prefills=spans,
         decode_context_len=decode_tables.shape[1] * block_size,
-        decode_prompt_lens=_decode_prompt_lens(decodes, device),
+        decode_prompt_lens=_decode_prompt_lens(decodes),
     )
     return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
                        _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps,
@@ -174,12 +174,11 @@ def _ranges_within(media: MultiModalInputs, start: int, end: int) -> tuple[tuple
     return tuple((lo, hi) for lo, hi in media.bidirectional if lo < end and hi > start)
 
 
-def _decode_prompt_lens(decodes: list[Chunk], device: str) -> torch.Tensor | None:
-    """[B_d] the decodes' prompt lengths (a decode of unknown prompt: its whole context), or None if none is known."""
+def _decode_prompt_lens(decodes: list[Chunk]) -> list[int] | None:
+    """The decodes' prompt lengths (a decode of unknown prompt: its whole context), or None if none is known."""
     if all(c.num_prompt_tokens is None for c in decodes):
         return None
-    lens = [c.start + 1 if c.num_prompt_tokens is None else c.num_prompt_tokens for c in decodes]
-    return torch.tensor(lens, dtype=torch.long, device=device)
+    return [c.start + 1 if c.num_prompt_tokens is None else c.num_prompt_tokens for c in decodes]
 
 
 def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

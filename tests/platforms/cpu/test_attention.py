@@ -136,7 +136,7 @@ def test_windows_that_keep_the_prompt_take_the_masked_path():
     """R-SWA (AttentionParams.keep_prompt): the kernel's window is one range, so such layers run the plain masked
     path, decodes and prefill spans (a chunk past its prompt, as after a preemption) alike, never a traced graph."""
     k_cache, v_cache, key, value, meta = _mixed_batch(8, 2, 64)
-    meta.decode_prompt_lens = torch.tensor([6])
+    meta.decode_prompt_lens = [6]
     meta.prefills = [dataclasses.replace(span, num_prompt=n) for span, n in zip(meta.prefills, [9, 4, 30, 5])]
     q = torch.randn(key.shape[0], 6, 64).bfloat16()
     params = AttentionParams(0.125, window=3, keep_prompt=True)
