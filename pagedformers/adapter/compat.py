@@ -36,7 +36,6 @@ DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 # Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
 ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention",
                                    "reference_sliding_attention"})
-
 HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding"})  # attention plus a conv/recurrent state (ZAYA)
 _LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
 
