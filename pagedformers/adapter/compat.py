@@ -27,6 +27,7 @@ from transformers import AutoModel, PretrainedConfig
 from pagedformers.adapter.state_cache import STATE_LAYER_TYPES
 from pagedformers.attention import ATTN_IMPLEMENTATION, ForwardContext, forward_context
 from pagedformers.attention.context import PROBE_KWARG
+from pagedformers.attention.interface import PROMPT_WINDOW_LAYER_TYPES
 
 RULE_KWARGS = "rule 1 (pass **kwargs down to the attention layers)"
 RULE_INTERFACE = "rule 2 (compute attention through ALL_ATTENTION_FUNCTIONS)"
@@ -35,7 +36,8 @@ RULE_FLAG = "rule 3 (set `_supports_attention_backend = True` on the base model)
 DOCS = "https://huggingface.co/docs/transformers/transformers_as_backend"
 
 # Layer kinds (in `layer_types` and its older spellings) that the paged KV cache serves.
-ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention"})
+ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention", "sliding_attention", "chunked_attention",
+                                   "reference_sliding_attention"})
 # attention plus a conv/recurrent state (ZAYA), or plus an indexer-key cache (DeepSeek-V3.2's sparse attention)
 HYBRID_LAYER_TYPES = frozenset({"hybrid", "hybrid_sliding", "indexed_attention"})
 _LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
@@ -137,12 +139,15 @@ _WHY_NOT = {
                                    "which the paged KV cache does not hold",
     "heavily_compressed_attention": "attention over compressed KV blocks that the model builds in its own cache, "
                                     "which the paged KV cache does not hold",
-    "reference_sliding_attention": "sliding-window attention that keeps the whole prompt too (each generated token "
-                                   "sees the prompt and the last sliding_window generated tokens: Unlimited-OCR), a "
-                                   "per-request mask the paged attention does not build",
     None: "not softmax attention, nor a conv or linear-attention layer whose state the model keeps in its "
           "transformers cache, so neither the paged KV cache nor a per-request state cache can serve it",
 }
+
+
+def keeps_prompt_in_window(hf_config: PretrainedConfig) -> bool:
+    """Whether some layer's window keeps the prompt: a generated token's K/V then depend on where the prompt ended
+    (prefix caching must not share them), and the plain masked path reads whole blocks (zeroed first)."""
+    return any(kind in PROMPT_WINDOW_LAYER_TYPES for kind in _layer_kinds(hf_config)[1])
 
 
 def _layer_kinds(hf_config: PretrainedConfig) -> tuple[str, list[str]]:

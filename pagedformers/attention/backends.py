@@ -29,6 +29,9 @@ class AttentionParams:
     sinks: torch.Tensor | None = None  # [H] per-head sink logits
     chunk: int | None = None  # chunked attention (Llama 4): keys in the query's own chunk only
     alibi: torch.Tensor | None = None  # [H] ALiBi slopes (Bloom): each score gains slope * the key's position
+    # The window keeps the request's prompt whole (reference sliding-window attention, Unlimited-OCR's R-SWA): a key
+    # is visible if it is a prompt token or less than `window` positions away (metadata's prompt lengths).
+    keep_prompt: bool = False
 
 
 class AttentionBackend(Protocol):

@@ -23,9 +23,12 @@ from pagedformers.attention.torch_backend import attend_selected
 
 ATTN_IMPLEMENTATION = "pagedformers"
 QUERY_TEMPERATURE = "pagedformers_query_temperature"  # module attribute set by take_over_query_temperature
-ATTENTION_CHUNK = "pagedformers_attention_chunk"  # module attribute: _attention_chunk's answer, cached
 ALIBI_SLOPES = "pagedformers_alibi_slopes"  # module attribute of a native ALiBi layer: [H] its heads' slopes
 CROSS_ATTENTION = "pagedformers_cross_attention"  # module attribute: its keys come from image states (mark_cross)
+LAYER_KIND = "pagedformers_layer_kind"  # module attribute: _layer_kind's answer, cached
+# Sliding-window kinds whose window keeps the request's whole prompt too (R-SWA: Unlimited-OCR). Their attention
+# passes no window: transformers builds their mask from config.sliding_window and its cache's prefill length.
+PROMPT_WINDOW_LAYER_TYPES = frozenset({"reference_sliding_attention"})
 
 
 def paged_attention_forward(
@@ -58,8 +61,9 @@ def _is_shape_static(module: nn.Module, query: torch.Tensor, window: int | None,
     caches = ctx.kv_caches.get(ctx.num_calls) if ctx.kv_caches is not None else None
     if caches is None or not getattr(module, "is_causal", True) or QUERY_TEMPERATURE in module.__dict__:
         return False
-    params = AttentionParams(1.0, window=window or None, softcap=softcap or None, chunk=_attention_chunk(module),
-                             alibi=getattr(module, ALIBI_SLOPES, None))
+    params = AttentionParams(1.0, window=_window(module, window), softcap=softcap or None,
+                             chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None),
+                             keep_prompt=_keeps_prompt(module))
     return ctx.backend.is_shape_static(query, *caches, ctx.metadata, params)
 
 
@@ -74,7 +78,7 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
         ctx.kv_specs[layer] = LayerKVSpec(k.shape[1], k.shape[2], v.shape[2])
         ctx.causal_layers[layer] = bool(causal)
         ctx.layer_ids[layer] = getattr(module, "layer_idx", None)
-        ctx.windows[layer] = sliding_window or None
+        ctx.windows[layer] = _window(module, sliding_window)
         if attention_mask is not None:  # transformers builds none for us: the model made its own
             ctx.masked_calls.add(layer)
         if kwargs.get(PROBE_KWARG):
@@ -87,8 +91,9 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
     if QUERY_TEMPERATURE in module.__dict__:
         q = _apply_query_temperature(q, module.__dict__[QUERY_TEMPERATURE], ctx.positions)
     params = AttentionParams(scaling if scaling is not None else q.shape[-1] ** -0.5, causal=bool(causal),
-                             window=sliding_window or None, softcap=softcap or None, sinks=s_aux,
-                             chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None))
+                             window=_window(module, sliding_window), softcap=softcap or None, sinks=s_aux,
+                             chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None),
+                             keep_prompt=_keeps_prompt(module))
     if ctx.model_masks:  # sparse attention: the keys an indexer picked, as indices or folded into the mask
         indices = kwargs.get("indices")
         mask = attention_mask[0, 0] if attention_mask is not None else None
@@ -127,20 +132,31 @@ def _cross_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
 
 
 def _attention_chunk(module: nn.Module) -> int | None:
-    """Chunked-attention layers (Llama 4) pass no kwarg: transformers builds their mask from the config.
+    """Chunked-attention layers (Llama 4) pass no kwarg: transformers builds their mask from the config."""
+    return _layer_kind(module)[0]
+
+
+def _window(module: nn.Module, sliding_window: int | None) -> int | None:
+    """The window the call passes, or, for a layer whose window keeps the prompt (it passes none), the config's."""
+    return sliding_window or _layer_kind(module)[1]
+
+
+def _keeps_prompt(module: nn.Module) -> bool:
+    return _layer_kind(module)[1] is not None
+
+
+def _layer_kind(module: nn.Module) -> tuple[int | None, int | None]:
+    """(attention chunk, window that keeps the prompt) that the module's kind in its config's layer_types asks for.
     Read once per module: HF config attribute reads are slow enough to show in a decode step."""
-    if ATTENTION_CHUNK not in module.__dict__:
-        module.__dict__[ATTENTION_CHUNK] = _read_attention_chunk(module)
-    return module.__dict__[ATTENTION_CHUNK]
-
-
-def _read_attention_chunk(module: nn.Module) -> int | None:
-    config = getattr(module, "config", None)
-    layer_types = getattr(config, "layer_types", None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if not layer_types or layer_idx is None or layer_types[layer_idx] != "chunked_attention":
-        return None
-    return getattr(config, "attention_chunk_size", None)
+    if LAYER_KIND not in module.__dict__:
+        config = getattr(module, "config", None)
+        layer_types = getattr(config, "layer_types", None)
+        layer_idx = getattr(module, "layer_idx", None)
+        kind = layer_types[layer_idx] if layer_types and layer_idx is not None else None
+        chunk = getattr(config, "attention_chunk_size", None) if kind == "chunked_attention" else None
+        window = getattr(config, "sliding_window", None) if kind in PROMPT_WINDOW_LAYER_TYPES else None
+        module.__dict__[LAYER_KIND] = (chunk, window)
+    return module.__dict__[LAYER_KIND]
 
 
 def take_over_query_temperature(model: nn.Module) -> None:

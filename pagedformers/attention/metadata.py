@@ -32,6 +32,9 @@ class PrefillSpan:
     # The ranges are whole even where a window cuts (transformers' generic OR(AND(causal, window), blockwise):
     # Gemma 4 unified), not windowed (Gemma 4's AND(window, OR(causal, blockwise)))
     bidirectional_past_window: bool = False
+    # The request's prompt length, which windows that keep the prompt (AttentionParams.keep_prompt) leave whole;
+    # None: every token of the context is a prompt token (a prompt-only forward)
+    num_prompt: int | None = None
 
     @property
     def q_len(self) -> int:
@@ -52,6 +55,9 @@ class AttentionMetadata:
     _cached: dict = field(default_factory=dict, repr=False)
 
     decode_context_len: int = 0  # L: padded context length of the decodes (num_blocks * block_size)
+    # Each decode's prompt length (AttentionParams.keep_prompt), plain ints made a tensor only by the layers that
+    # read them; None: every key is a prompt token
+    decode_prompt_lens: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -99,18 +105,24 @@ class AttentionMetadata:
             self._cached[key] = runs, covered
         return self._cached[key]
 
-    def decode_bias(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+    def decode_bias(self, window: int | None, chunk: int | None = None, keep_prompt: bool = False) -> torch.Tensor:
         """[B_d, 1, 1, L] float32, 0 where key j is visible to the decode query of its row, -inf elsewhere.
 
         A window w keeps the last w positions, the query's own included (transformers'
-        sliding_window_overlay); a chunk c keeps the query's own block of c positions (Llama 4)."""
-        key = ("decode", window, chunk)
+        sliding_window_overlay), and the whole prompt too where `keep_prompt` (R-SWA); a chunk c keeps the query's
+        own block of c positions (Llama 4)."""
+        key = ("decode", window, chunk, keep_prompt)
         if key not in self._cached:
             seq_lens = self.decode_seq_lens[:, None]
             k_pos = torch.arange(self.decode_context_len, device=seq_lens.device)[None, :]
             visible = k_pos < seq_lens
             if window is not None:
-                visible &= k_pos > seq_lens - 1 - window
+                near = k_pos > seq_lens - 1 - window
+                if keep_prompt:
+                    prompt = seq_lens if self.decode_prompt_lens is None else \
+                        torch.tensor(self.decode_prompt_lens, device=seq_lens.device)[:, None]
+                    near |= k_pos < prompt
+                visible &= near
             if chunk is not None:
                 visible &= k_pos // chunk == (seq_lens - 1) // chunk
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=seq_lens.device)
@@ -118,18 +130,20 @@ class AttentionMetadata:
         return self._cached[key]
 
     def prefill_mask(self, index: int, window: int | None, causal: bool,
-                     chunk: int | None = None) -> torch.Tensor | None:
+                     chunk: int | None = None, keep_prompt: bool = False) -> torch.Tensor | None:
         """[1, 1, q_len, kv_len] bool, or None where SDPA's own is_causal (or no mask) is exact.
 
         A window w keeps keys less than w positions away: behind only for causal layers,
-        on both sides for bidirectional ones (ModernBERT's local attention). In causal layers the
+        on both sides for bidirectional ones (ModernBERT's local attention); where `keep_prompt` (R-SWA), the
+        prompt's keys too (a prompt token so sees its whole past, a generated one recomputed after a preemption
+        the prompt and its window). In causal layers the
         span's bidirectional ranges add the keys of the query's own range, ahead of it too, the window
         still applying (transformers' AND(sliding_window, OR(causal, blockwise)))."""
         span = self.prefills[index]
         groups = span.bidirectional if causal and (window is not None or not span.bidirectional_sliding_only) else ()
         if window is None and chunk is None and not groups and (not causal or span.num_cached == 0):
             return None
-        key = ("prefill", index, window, causal, chunk)
+        key = ("prefill", index, window, causal, chunk, keep_prompt)
         if key not in self._cached:
             device = self.slot_mapping.device
             q_pos = torch.arange(span.num_cached, span.num_cached + span.q_len, device=device)[:, None]
@@ -142,7 +156,10 @@ class AttentionMetadata:
                 grouped |= _within(q_pos, runs) & _within(k_pos, runs)
             visible |= grouped
             if window is not None:
-                visible &= (distance if causal else distance.abs()) < window
+                near = (distance if causal else distance.abs()) < window
+                if keep_prompt:
+                    near |= k_pos < (span.kv_len if span.num_prompt is None else span.num_prompt)
+                visible &= near
             if chunk is not None:
                 visible &= k_pos // chunk == q_pos // chunk
             if span.bidirectional_past_window:

@@ -32,7 +32,8 @@ class TorchAttentionBackend:
         if nd:
             rows = meta.cache_rows(k_cache.shape[1])
             k, v = gather_blocks(k_cache, rows, nd), gather_blocks(v_cache, rows, nd)  # [B_d, H_kv, L, D]
-            attend_decodes(query[:nd], k, v, meta.decode_bias(params.window, params.chunk), params, out[:nd])
+            bias = meta.decode_bias(params.window, params.chunk, params.keep_prompt)
+            attend_decodes(query[:nd], k, v, bias, params, out[:nd])
         attend_prefills(query, key, value, k_cache, v_cache, meta, params, out)
         return out
 
@@ -62,7 +63,7 @@ def attend_prefills(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             rows = meta.cache_rows(k_cache.shape[1], i)
             k = gather_blocks(k_cache, rows, 1)[:, :, : span.kv_len]
             v = gather_blocks(v_cache, rows, 1)[:, :, : span.kv_len]
-        mask = meta.prefill_mask(i, params.window, params.causal, params.chunk)
+        mask = meta.prefill_mask(i, params.window, params.causal, params.chunk, params.keep_prompt)
         if params.alibi is not None:
             mask = alibi_bias(params.alibi, mask, span.num_cached, span.q_len, params.causal)
         out[s:e] = attend(q, k, v, mask, params.scale, params.causal and mask is None, params.softcap,

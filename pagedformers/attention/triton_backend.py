@@ -1,7 +1,8 @@
 """The "triton" attention backend: the Triton kernels of triton_kernels.py behind the AttentionBackend protocol.
 
 What the kernels do not cover runs on the plain PyTorch reference, in the same step: the probe run (no cache),
-bidirectional layers (encoders attend within the step and keep nothing), chunked attention (Llama 4) and the
+bidirectional layers (encoders attend within the step and keep nothing), chunked attention (Llama 4), windows
+that keep the prompt (R-SWA: the kernel's window is one range) and the
 prefill spans with bidirectional ranges (Gemma 3's images: their masks are built per span).
 Imported on first use (attention/backends.py): Triton decides at import whether its kernels are interpreted.
 """
@@ -37,7 +38,7 @@ class TritonAttentionBackend:
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
                 v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        if k_cache is None or not params.causal or params.chunk is not None:
+        if k_cache is None or not params.causal or params.chunk is not None or params.keep_prompt:
             return self.reference.forward(query, key, value, k_cache, v_cache, meta, params)
         query = _last_dim_contiguous(query.to(k_cache.dtype))
         num_heads, num_kv_heads = query.shape[1], k_cache.shape[1]

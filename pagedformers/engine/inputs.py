@@ -28,6 +28,8 @@ class Chunk:
     multi_modal: MultiModalInputs | None = None  # the request's media, on chunks that hold its placeholders
     lora_slot: int = -1  # the LoRA slot its adapter sits in (-1: the base model)
     mrope_delta: int | tuple[int, ...] = 0  # M-RoPE: past the prompt, a token's positions are its index + this
+    # The request's prompt length, which windows that keep the prompt (R-SWA) leave whole; None: all prompt
+    num_prompt_tokens: int | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -68,7 +70,8 @@ def make_chunk(s: ScheduledRequest, lora_slot: int = -1) -> Chunk:
             media = replace(media, data={})
         media = media if needed else None
     return Chunk(s.start, s.request.all_token_ids[s.start:end], s.block_table,
-                 types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot, delta)
+                 types[s.start:end] if types is not None else None, s.request.request_id, media, lora_slot, delta,
+                 s.request.num_prompt_tokens)
 
 
 def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_steps: int = 0) -> ModelInputs:
@@ -91,7 +94,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
                     _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else (),
                     c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only,
                     tuple(c.multi_modal.bidirectional_runs) if c.multi_modal else (),
-                    c.multi_modal is not None and c.multi_modal.bidirectional_past_window)
+                    c.multi_modal is not None and c.multi_modal.bidirectional_past_window, c.num_prompt_tokens)
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
@@ -101,6 +104,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
         decode_seq_lens=decode_seq_lens.to(device) if decodes else None,
         prefills=spans,
         decode_context_len=decode_tables.shape[1] * block_size,
+        decode_prompt_lens=_decode_prompt_lens(decodes),
     )
     return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
                        _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps,
@@ -182,6 +186,13 @@ def _token_inputs(chunks: list[Chunk], device: str) -> dict[str, torch.Tensor] |
 def _ranges_within(media: MultiModalInputs, start: int, end: int) -> tuple[tuple[int, int], ...]:
     """The media's bidirectional ranges that hold some of the chunk's tokens [start, end)."""
     return tuple((lo, hi) for lo, hi in media.bidirectional if lo < end and hi > start)
+
+
+def _decode_prompt_lens(decodes: list[Chunk]) -> list[int] | None:
+    """The decodes' prompt lengths (a decode of unknown prompt: its whole context), or None if none is known."""
+    if all(c.num_prompt_tokens is None for c in decodes):
+        return None
+    return [c.start + 1 if c.num_prompt_tokens is None else c.num_prompt_tokens for c in decodes]
 
 
 def _decode_context(decodes: list[Chunk], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

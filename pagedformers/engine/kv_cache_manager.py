@@ -34,10 +34,14 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 prompt_blocks_only: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Cache only blocks wholly inside their request's prompt: where a window keeps the prompt (R-SWA), a
+        # generated token's K/V depend on where its prompt ended, so a prompt holding those tokens cannot share them.
+        self.prompt_blocks_only = prompt_blocks_only
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.recycled: list[int] = []  # tier 1, a stack
@@ -119,7 +123,9 @@ class KVCacheManager:
             return
         hashes = self.req_block_hashes.setdefault(req.request_id, [])
         table = self.block_tables[req.request_id]
-        for i in range(len(hashes), req.num_computed_tokens // self.block_size):
+        computed = min(req.num_computed_tokens, req.num_prompt_tokens) if self.prompt_blocks_only \
+            else req.num_computed_tokens
+        for i in range(len(hashes), computed // self.block_size):
             h = self._hash_block(req, i, hashes[-1] if hashes else None)
             hashes.append(h)
             block = table[i]

@@ -7,6 +7,7 @@ import itertools
 import time
 import traceback
 
+from pagedformers.adapter.compat import keeps_prompt_in_window
 from pagedformers.config import EngineConfig
 from pagedformers.engine.detokenizer import Detokenizer
 from pagedformers.engine.executor import Executor, WorkerDiedError, create_executor
@@ -62,7 +63,8 @@ class LLMEngine:
                                         lora_check=self._check_lora if config.lora.enabled else None)
         self._lora_checked: dict[int, LoRARequest] = {}
         self.runner = ModelRunner(config, self.executor)
-        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.cache.block_size, self._prefix_caching())
+        self.kv_manager = KVCacheManager(self.executor.num_blocks, config.cache.block_size, self._prefix_caching(),
+                                         keeps_prompt_in_window(config.model.hf_config))
         self.scheduler = Scheduler(self.kv_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, config.lora.max_loras)
         self.detokenizer = Detokenizer(self.tokenizer)

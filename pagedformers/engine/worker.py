@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from pagedformers.adapter.base import TransformersBase
+from pagedformers.adapter.compat import keeps_prompt_in_window
 from pagedformers.attention.kv_cache import LayerKVSpec, allocate_kv_caches, zero_blocks
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import Chunk, StepPlan, prepare_inputs
@@ -64,8 +65,10 @@ class Worker:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.cache.block_size,
                                             self.config.model.dtype, self.config.device.device)
-        self.zero_fresh_blocks = any(self.forward.attention.reads_unwritten_rows(spec, self.config.model.dtype)
-                                     for spec in self.kv_specs.values())
+        # Layers whose window keeps the prompt attend through the plain masked path, whatever the backend's kernels
+        dtype = self.config.model.dtype
+        self.zero_fresh_blocks = keeps_prompt_in_window(self.config.model.hf_config) or any(
+            self.forward.attention.reads_unwritten_rows(spec, dtype) for spec in self.kv_specs.values())
 
     @torch.inference_mode()
     def check_hf_parity(self) -> None:
@@ -167,7 +170,8 @@ class Worker:
 
 def _one_token_chunks(chunk: Chunk) -> list[Chunk]:
     types = chunk.token_type_ids
-    return [Chunk(chunk.start + i, [token], chunk.block_table, None if types is None else [types[i]], chunk.request_id)
+    return [Chunk(chunk.start + i, [token], chunk.block_table, None if types is None else [types[i]], chunk.request_id,
+                  num_prompt_tokens=chunk.num_prompt_tokens)
             for i, token in enumerate(chunk.token_ids)]
 
 

@@ -779,6 +779,29 @@ def _deepseek_ocr2(path: Path, seed: int) -> str:
     return tok.image_token
 
 
+def _unlimited_ocr(path: Path, seed: int) -> str:
+    """Unlimited-OCR: DeepSeek-OCR-2's towers (a SAM tower, 16x16 patches, windows of 14 and one global layer, a neck
+    and two stride-2 convolutions, then a small CLIP-style encoder over its features) on a 1024x1024 global view and
+    640x640 tiles: 16 x (16 + 1 newline) + 1 view separator <image> an image; a DeepSeek-V2-style (MoE) language
+    model (2 heads of 32, 1 KV head) whose reference sliding-window layer keeps the prompt and a window of 4
+    generated tokens (shorter than the check's 8 new tokens, so the window cuts), beside a full-attention layer."""
+    tok = _tokenizer(image_token="<image>")
+    sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+               global_attn_indexes=[1], downsample_channels=[16, 32], initializer_range=0.02)
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    # 2 heads of 32 (its config derives head_dim from them), 1 KV head: in bfloat16 the full-attention layer runs the
+    # CPU decode kernel, beside the R-SWA one's masked path
+    text = dict(layer_types=["reference_sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                sliding_window=4, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=2048)  # prompts of two images: 546 image tokens
+    config = tiny_config("unlimited_ocr", len(tok), image_token_id=tok.image_token_id, text_config=text,
+                         vision_config=dict(sam_config=sam, encoder_config=encoder))
+    processor = transformers.UnlimitedOcrProcessor(image_processor=transformers.UnlimitedOcrImageProcessor(),
+                                                   tokenizer=tok)
+    _save(path, transformers.UnlimitedOcrForConditionalGeneration, config, processor, seed)
+    return tok.image_token
+
+
 def _gemma3n(path: Path, seed: int) -> str:
     """Gemma 3n: MobileNetV5's encoder (timm; channels x 1/32, its multi-scale fusion still 2048 wide at 16x16)
     over 64x64 images: 256 soft tokens an image between <start_of_image> and <end_of_image>, embedded by the vision
@@ -1338,7 +1361,7 @@ BUILDERS: dict[str, Callable[[Path, int], str]] = {
     "gemma4": lambda path, seed: _gemma4(path, seed, "vision"), "ovis2": _ovis2,
     "granite4_vision": _granite4_vision, "chameleon": _chameleon, "fuyu": _fuyu, "llama4": _llama4,
     "gemma4_unified": _gemma4_unified, "hyperclovax_vision_v2": _hyperclovax_vision_v2,
-    "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2,
+    "cohere_compass": _cohere_compass, "deepseek_ocr2": _deepseek_ocr2, "unlimited_ocr": _unlimited_ocr,
     "gemma3n": _gemma3n, "mllama": _mllama, "idefics": _idefics,
     # GLM-OCR ships GLM-4.6V's processor (transformers maps no processor to its model_type)
     "glm_ocr": _glm4v_like("glm_ocr", "GlmOcrForConditionalGeneration", "Glm46VProcessor", "Glm46VImageProcessorPil",

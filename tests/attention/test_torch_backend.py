@@ -20,29 +20,34 @@ H, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 BACKEND = TorchAttentionBackend()
 
 
-def _reference(q, k, v, start, scale, window, softcap, sinks):
-    """q [n, H, D] at positions start.., k/v [L, H_kv, D]: eager causal attention, one query at a time."""
+def _reference(q, k, v, start, scale, window, softcap, sinks, prompt=0):
+    """q [n, H, D] at positions start.., k/v [L, H_kv, D]: eager causal attention, one query at a time; a window
+    keeps the first `prompt` keys too (R-SWA)."""
     k = k.repeat_interleave(H // H_KV, dim=1)
     v = v.repeat_interleave(H // H_KV, dim=1)
     out = []
     for j in range(q.shape[0]):
         pos = start + j
-        lo = 0 if window is None else max(0, pos - window + 1)
-        scores = torch.einsum("hd,lhd->hl", q[j], k[lo:pos + 1]) * scale
+        keys = [i for i in range(pos + 1) if window is None or pos - i < window or i < prompt]
+        scores = torch.einsum("hd,lhd->hl", q[j], k[keys]) * scale
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         if sinks is not None:
             scores = torch.cat([scores, sinks[:, None]], dim=-1)
-        probs = torch.softmax(scores, dim=-1)[:, : pos + 1 - lo]
-        out.append(torch.einsum("hl,lhd->hd", probs, v[lo:pos + 1]))
+        probs = torch.softmax(scores, dim=-1)[:, : len(keys)]
+        out.append(torch.einsum("hl,lhd->hd", probs, v[keys]))
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("window, softcap, with_sinks", [(None, None, False), (5, None, False), (None, 20.0, True)])
-def test_mixed_batch_matches_dense(window, softcap, with_sinks):
+@pytest.mark.parametrize("window, softcap, with_sinks, keep_prompt", [
+    (None, None, False, False), (5, None, False, False), (None, 20.0, True, False), (3, None, False, True)])
+def test_mixed_batch_matches_dense(window, softcap, with_sinks, keep_prompt):
+    """keep_prompt: each window keeps its sequence's prompt (R-SWA), prompts shorter than the contexts (decodes past
+    the window; a chunk, as after a preemption, whose generated tokens are windowed) or longer (a prompt chunk)."""
     torch.manual_seed(0)
     # (context length, tokens already cached): decodes, a fresh prefill, a chunk after a cached prefix.
     seqs = [(7, 0), (9, 8), (13, 6), (3, 2), (17, 16)]
+    prompts = [4, 3, 8, 3, 5] if keep_prompt else [None] * len(seqs)
     k_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D)  # garbage where nothing was written
     v_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D)
     blocks = torch.randperm(NUM_BLOCKS).tolist()
@@ -53,7 +58,7 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
         if cached:  # what earlier steps wrote
             written = prepare_inputs([Chunk(0, [0] * cached, table)], BS, "cpu").metadata
             BACKEND.write_kv(k_cache, v_cache, k[:cached], v[:cached], written)
-        chunks.append(Chunk(cached, [0] * (length - cached), table))
+        chunks.append(Chunk(cached, [0] * (length - cached), table, num_prompt_tokens=prompts[len(chunks)]))
         keys.append(k)
         values.append(v)
         queries.append(torch.randn(length - cached, H, D))
@@ -66,11 +71,12 @@ def test_mixed_batch_matches_dense(window, softcap, with_sinks):
     v_new = torch.cat([values[i][seqs[i][1]:] for i in order])
     BACKEND.write_kv(k_cache, v_cache, k_new, v_new, step.metadata)
     sinks = torch.randn(H) if with_sinks else None
-    params = AttentionParams(0.3, window=window, softcap=softcap, sinks=sinks)
+    params = AttentionParams(0.3, window=window, softcap=softcap, sinks=sinks, keep_prompt=keep_prompt)
     out = BACKEND.forward(q, k_new, v_new, k_cache, v_cache, step.metadata, params)
     for row_start, i in zip(row_starts, order):
         n = seqs[i][0] - seqs[i][1]
-        expected = _reference(queries[i], keys[i], values[i], seqs[i][1], 0.3, window, softcap, sinks)
+        expected = _reference(queries[i], keys[i], values[i], seqs[i][1], 0.3, window, softcap, sinks,
+                              prompts[i] or 0)
         torch.testing.assert_close(out[row_start:row_start + n], expected, atol=1e-5, rtol=1e-5)
 
 

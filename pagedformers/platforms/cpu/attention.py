@@ -1,5 +1,5 @@
 """The CPU attention backend: the compiled kernels for bf16 decodes and short prefills, plain PyTorch else (and
-for ALiBi, which the kernel does not add).
+for ALiBi, which the kernel does not add, and for windows that keep the prompt, which it does not cut).
 
 bf16 decodes run the `decode_attention` kernel (kernels/csrc/decode_attention.cpp) where this machine has
 one: it reads the KV blocks in place instead of gathering each context into a padded copy. The tokens of
@@ -43,7 +43,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None,
                 v_cache: torch.Tensor | None, meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        if not (params.causal and params.alibi is None and kernel_fits(query, k_cache, v_cache)):
+        if not (_kernel_params(params) and kernel_fits(query, k_cache, v_cache)):
             return super().forward(query, key, value, k_cache, v_cache, meta, params)
         out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
         runs, covered = meta.single_token_queries(k_cache.shape[2], self.max_kernel_context)
@@ -58,8 +58,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def is_shape_static(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, params: AttentionParams) -> bool:
         """A decode-only step on the kernel: write_kv and decode_attention, fed the step's metadata tensors."""
-        return (params.causal and params.alibi is None and meta.num_decodes == meta.num_tokens
-                and kernel_fits(query, k_cache, v_cache))
+        return _kernel_params(params) and meta.num_decodes == meta.num_tokens and kernel_fits(query, k_cache, v_cache)
 
     def reads_unwritten_rows(self, spec: LayerKVSpec, dtype: torch.dtype) -> bool:
         """The kernel reads written rows only; layers it cannot take run the plain path."""
@@ -67,6 +66,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
 
 register_attention_backend("cpu", CpuAttentionBackend)
+
+
+def _kernel_params(params: AttentionParams) -> bool:
+    """Whether the kernel computes what these params ask: it is causal, adds no ALiBi and its window is one range
+    (windows that keep the prompt, R-SWA, take the masked plain path)."""
+    return params.causal and params.alibi is None and not params.keep_prompt
 
 
 def kernel_attends(spec: LayerKVSpec, dtype: torch.dtype) -> bool:

@@ -1,6 +1,8 @@
 """The CPU attention backend (the compiled bf16 decode-attention kernel) equals the plain PyTorch backend (itself
 checked against dense attention in tests/attention/test_torch_backend.py) run in float32 on the same bf16 values."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,6 +130,23 @@ def test_short_prefills_on_the_kernel_match_torch_path(window, chunk, softcap, w
     # up to 25 keys on the kernel: the 30-token span goes to SDPA, splitting the runs
     out, expected = _both(q, key, value, k_cache, v_cache, meta, params, CpuAttentionBackend(max_kernel_context=25))
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_windows_that_keep_the_prompt_take_the_masked_path():
+    """R-SWA (AttentionParams.keep_prompt): the kernel's window is one range, so such layers run the plain masked
+    path, decodes and prefill spans (a chunk past its prompt, as after a preemption) alike, never a traced graph."""
+    k_cache, v_cache, key, value, meta = _mixed_batch(8, 2, 64)
+    meta.decode_prompt_lens = [6]
+    meta.prefills = [dataclasses.replace(span, num_prompt=n) for span, n in zip(meta.prefills, [9, 4, 30, 5])]
+    q = torch.randn(key.shape[0], 6, 64).bfloat16()
+    params = AttentionParams(0.125, window=3, keep_prompt=True)
+    out, expected = _both(q, key, value, k_cache, v_cache, meta, params)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    plain = TORCH.forward(q.float(), key.float(), value.float(), k_cache.float(), v_cache.float(), meta,
+                          AttentionParams(0.125, window=3))
+    assert not torch.allclose(plain, expected, atol=0.1)  # the prompt really widens those windows
+    decodes = _decode_batch([9, 30], 16, 2, 64, 64)[2]
+    assert not CpuAttentionBackend().is_shape_static(q[:2], k_cache, v_cache, decodes, params)
 
 
 def test_unzeroed_cache_never_leaks_into_bf16_outputs(tmp_path):

@@ -131,3 +131,18 @@ def test_a_replay_that_raises_falls_back_to_eager(tiny_llama):
     outs = _run(llm)
     assert len(PROMPTS) in _graphs(llm).untraceable and not _graphs(llm).graphs
     assert [o.token_ids for o in outs] == [o.token_ids for o in _run(eager_llm)]
+
+
+def test_windows_that_keep_the_prompt_stay_live_calls_in_bf16_graphs(tmp_path):
+    """Unlimited-OCR's R-SWA layer (a window that keeps the prompt) is never on the kernel: in a bf16 graph it is a
+    live call reading each step's prompt lengths, beside the full-attention layer's traced kernel, and replays
+    decode past its window of 4 exactly as eager steps do."""
+    from pagedformers.tools.tiny_vlms import save_tiny_vlm
+
+    path = save_tiny_vlm("unlimited_ocr", tmp_path / "unlimited_ocr").path
+    graphs_llm, eager_llm = _llm(path, "bfloat16"), _llm(path, "bfloat16", enforce_eager=True)
+    replayed, eager = _run(graphs_llm), _run(eager_llm)
+    graph = _graphs(graphs_llm).graphs[len(PROMPTS)]
+    assert graph.checked
+    assert len(graph.calls) == (1 if cpu_kernels() is not None else 2)
+    assert [(o.token_ids, o.logprobs) for o in replayed] == [(o.token_ids, o.logprobs) for o in eager]
