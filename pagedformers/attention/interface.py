@@ -95,6 +95,9 @@ def _attend(module: nn.Module, attention_mask: torch.Tensor | None, scaling: flo
                              chunk=_attention_chunk(module), alibi=getattr(module, ALIBI_SLOPES, None),
                              keep_prompt=_keeps_prompt(module))
     if ctx.model_masks:  # sparse attention: the keys an indexer picked, as indices or folded into the mask
+        if params.keep_prompt or params.chunk or params.alibi is not None or not params.causal:
+            raise NotImplementedError("indexed attention with a prompt-keeping window, chunks, ALiBi or non-causal "
+                                      "layers: attend_selected does not build those masks")
         indices = kwargs.get("indices")
         mask = attention_mask[0, 0] if attention_mask is not None else None
         return attend_selected(q, k, v, k_cache, v_cache, ctx.metadata, params,

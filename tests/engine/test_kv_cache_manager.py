@@ -117,3 +117,15 @@ def test_reset_prefix_cache_makes_freed_blocks_reusable_first():
     assert kv.allocate(b, 4)
     assert sorted(kv.block_tables["b"]) == [0, 1]  # no never-used block touched
     assert kv.num_free_blocks == 2
+
+
+def test_a_window_keeping_the_prompt_reuses_blocks_over_the_own_prompt_only():
+    """prompt_blocks_only (reference sliding windows): another request's prompt blocks holding the tokens this one
+    generated are not taken on its recompute, as those tokens attend windowed here and fully there."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True, prompt_blocks_only=True)
+    _computed(kv, "b", list(range(16)))  # a prompt of P + X + Q, every block cached
+    a = _req("a", list(range(4)))
+    a.all_token_ids += list(range(4, 12))  # a generated X, then was preempted: its recompute looks up 12 tokens
+    assert kv.lookup_prefix(a) == kv.block_tables["b"][:1]  # its prompt's block only
+    c = _req("c", list(range(12)))  # the same tokens as a prompt are reusable
+    assert kv.lookup_prefix(c) == kv.block_tables["b"][:2]
