@@ -84,20 +84,35 @@ def attend_selected(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise RuntimeError("sparse (indexed) attention runs one request per forward: its selected positions are "
                            "its own context's")
     k, v, num_cached = _one_context(key, value, k_cache, v_cache, meta)
-    n, length = query.shape[0], k.shape[2]
-    k_pos = torch.arange(length, device=query.device)[None, :]
-    q_pos = num_cached + torch.arange(n, device=query.device)[:, None]
+    out = []
+    for lo in range(0, query.shape[0], _SELECTED_ROWS):  # a tile of queries at a time: the scores of a long
+        rows = query[lo:lo + _SELECTED_ROWS]  # prefill over a long context at once would be [H, n, L] floats
+        visible = _selected(rows.shape[0], k.shape[2], num_cached + lo, params, indices, mask, lo, query.device)
+        out.append(_attend_eager(rows.transpose(0, 1)[None], k, v, visible[None, None], params.scale, False,
+                                 params.softcap, params.sinks)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+_SELECTED_ROWS = 256
+
+
+def _selected(n: int, length: int, first: int, params: AttentionParams, indices: torch.Tensor | None,
+              mask: torch.Tensor | None, lo: int, device: torch.device) -> torch.Tensor:
+    """[n, length] the keys queries at positions first.. see: causal, windowed, and picked (rows lo.. of indices
+    and mask)."""
+    k_pos = torch.arange(length, device=device)[None, :]
+    q_pos = first + torch.arange(n, device=device)[:, None]
     visible = k_pos <= q_pos
     if params.window is not None:
         visible &= k_pos > q_pos - params.window
     if indices is not None:
-        slots = torch.where(indices >= 0, indices, length).long()  # -1 pads go to a dropped column
-        visible &= torch.zeros(n, length + 1, dtype=torch.bool, device=query.device).scatter_(1, slots, True)[:, :-1]
+        picked = indices[lo:lo + n]
+        slots = torch.where(picked >= 0, picked, length).long()  # -1 pads go to a dropped column
+        visible &= torch.zeros(n, length + 1, dtype=torch.bool, device=device).scatter_(1, slots, True)[:, :-1]
     if mask is not None:
-        visible &= mask if mask.dtype == torch.bool else mask == 0
-    out = _attend_eager(query.transpose(0, 1)[None], k, v, visible[None, None], params.scale, False, params.softcap,
-                        params.sinks)
-    return out[0].transpose(0, 1)
+        rows = mask[lo:lo + n] if mask.shape[0] > 1 else mask
+        visible &= rows if rows.dtype == torch.bool else rows == 0
+    return visible
 
 
 def _one_context(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,

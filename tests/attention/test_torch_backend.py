@@ -10,7 +10,7 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
-from pagedformers.attention import AttentionParams, TorchAttentionBackend, create_attention_backend
+from pagedformers.attention import AttentionParams, TorchAttentionBackend, create_attention_backend, torch_backend
 from pagedformers.attention.torch_backend import attend_selected
 from pagedformers.engine.inputs import Chunk, prepare_inputs
 from pagedformers.multimodal_inputs import MultiModalInputs
@@ -136,9 +136,11 @@ def test_bidirectional_ranges_follow_transformers_blockwise_mask(backend_name, w
 
 
 @pytest.mark.parametrize("length, cached", [(11, 0), (11, 6), (11, 10)])  # a prompt, a later chunk, a decode
-def test_attend_selected_keeps_only_the_picked_causal_keys(length, cached):
+@pytest.mark.parametrize("tile", [256, 4])  # the queries in one tile, and in tiles of 4 (the last one short)
+def test_attend_selected_keeps_only_the_picked_causal_keys(length, cached, tile, monkeypatch):
     """Sparse attention (indexers): each query attends over the positions it picked (-1 pads dropped) and those a
     bool mask keeps, among its causal keys, its context read from the paged cache."""
+    monkeypatch.setattr(torch_backend, "_SELECTED_ROWS", tile)
     torch.manual_seed(0)
     k_cache, v_cache = torch.randn(NUM_BLOCKS, H_KV, BS, D), torch.randn(NUM_BLOCKS, H_KV, BS, D)
     table = torch.randperm(NUM_BLOCKS)[: -(-length // BS)].tolist()
