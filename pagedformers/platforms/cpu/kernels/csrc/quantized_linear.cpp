@@ -91,9 +91,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// add_group(g, acc) for every group, even and odd groups into two accumulators: one chain of dependent FMAs (4
+// cycles each, a group apart) held a batch-1 row at half the loads' rate.
+template <typename Acc, typename AddGroup>
+__attribute__((always_inline)) inline void over_groups(int64_t groups, const AddGroup& add_group, Acc* even,
+                                                       Acc* odd) {
+  int64_t g = 0;
+  for (; g + 1 < groups; g += 2) {
+    add_group(g, even);
+    add_group(g + 1, odd);
+  }
+  if (g < groups) add_group(g, even);
+}
+
 // sums[r] = sum over groups g of scale[g] * dot(x[r, g], q[g]) + min[g] * x_sums[r, g], for R rows of x against
-// one weight row. Even and odd groups add into two accumulators: one chain of dependent FMAs (4 cycles each, a
-// group apart) held a batch-1 row at half the loads' rate.
+// one weight row.
 template <int kBits, int kGroup, int R>
 void row_dots(const float* x, int64_t ldx, const uint8_t* q, const float* scale, const float* min,
               const float* x_sums, int64_t groups, float* sums) {
@@ -109,12 +121,7 @@ void row_dots(const float* x, int64_t ldx, const uint8_t* q, const float* scale,
       acc[r] += d * s;
     }
   };
-  int64_t g = 0;
-  for (; g + 1 < groups; g += 2) {
-    add_group(g, even);
-    add_group(g + 1, odd);
-  }
-  if (g < groups) add_group(g, even);
+  over_groups(groups, add_group, even, odd);
   for (int r = 0; r < R; ++r) {
     sums[r] = sum_lanes(even[r] + odd[r]);
     if (min != nullptr) sums[r] += dot(min, x_sums + r * groups, groups);  // the mins' share
@@ -146,12 +153,7 @@ void row_dots_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* q, const f
       acc[r] = _mm512_fmadd_ps(d, s, acc[r]);
     }
   };
-  int64_t g = 0;
-  for (; g + 1 < groups; g += 2) {
-    add_group(g, even);
-    add_group(g + 1, odd);
-  }
-  if (g < groups) add_group(g, even);
+  over_groups(groups, add_group, even, odd);
   for (int r = 0; r < R; ++r) {
     const float* xs = x_sums + r * groups;  // the mins' share less the 128s'
     const float offset = (min ? dot(min, xs, groups) : 0.f) - 128.f * dot(scale, xs, groups);
