@@ -48,6 +48,8 @@ class Worker:
         self.model, self.forward, self.kv_specs, self.platform, self.lora = load_model(config, state)
         self.num_blocks = num_kv_blocks(config, self.kv_specs, self.platform.default_kv_cache_bytes)
         self.request_states: dict[str, Cache] | None = None
+        self.done_chunks: dict[str, tuple[int, torch.Tensor]] = {}  # request -> its last chunk's start, hidden
+        self.failed_chunks: dict[str, Exception] = {}  # request -> why its last chunk failed
         if isinstance(self.model, SupportsPerRequestState):
             self.request_states = {}
             logger.info("%s keeps layer state per request (conv / linear-attention states, indexer keys): each "
@@ -107,6 +109,8 @@ class Worker:
         if self.request_states is not None:
             for request_id in plan.finished_request_ids:
                 self.request_states.pop(request_id, None)
+                self.done_chunks.pop(request_id, None)
+                self.failed_chunks.pop(request_id, None)
             hidden = torch.cat([self._execute_chunk(c) for c in plan.chunks])
             return WorkerOutput(hidden, self._logits(hidden, plan.logit_rows))
         inputs = prepare_inputs(plan.chunks, self.config.cache.block_size, self.config.device.device,
@@ -132,6 +136,12 @@ class Worker:
 
     def _execute_chunk(self, chunk: Chunk) -> torch.Tensor:
         """One request's chunk as its own [1, n] row, with its own state -> hidden states [n, hidden]."""
+        error = self.failed_chunks.pop(chunk.request_id, None)
+        if error is not None and chunk.start > 0:  # the engine's retry of a chunk whose state the failure dropped:
+            raise error  # its cause, not the lost state (from position 0 a fresh state may well succeed alone)
+        done = self.done_chunks.pop(chunk.request_id, None)
+        if done is not None and done[0] == chunk.start and done[1].shape[0] == len(chunk.token_ids):
+            return done[1]  # ran in a step that failed on another request: its state moved past it already
         if chunk.start == 0:  # a new request, or one preempted and now recomputed
             self.request_states[chunk.request_id] = self.model.create_state()
         state = self.request_states.get(chunk.request_id)
@@ -142,10 +152,14 @@ class Worker:
         pieces = [chunk] if chunk.start == 0 or self.model.resumes_prefill else _one_token_chunks(chunk)
         try:
             hidden = torch.cat([self._forward_with_state(piece, state) for piece in pieces])
-        except Exception:
+        except Exception as e:
             del self.request_states[chunk.request_id]  # some layers may have advanced it: never reuse it
+            self.failed_chunks[chunk.request_id] = e
             raise
         state.num_seen_tokens += len(chunk.token_ids)
+        # Kept until the step's outcome is known: if a later request of the step fails, the engine runs each request
+        # again on its own, and this one's state cannot run the chunk twice.
+        self.done_chunks[chunk.request_id] = (chunk.start, hidden)
         return hidden
 
     def _forward_with_state(self, chunk: Chunk, state: Cache) -> torch.Tensor:

@@ -124,3 +124,29 @@ def test_embeddings_of_a_hybrid_match_hf(tmp_path):
         for ids, embedding in zip(prompts, ours):
             last = model(torch.tensor([ids])).last_hidden_state[0, -1]  # LAST pooling, normalized
             torch.testing.assert_close(embedding, torch.nn.functional.normalize(last, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_a_request_failing_mid_step_leaves_the_others_of_its_step_running(tmp_path):
+    """Requests of a hybrid step run one after another, each advancing its own state: when a later one fails, the
+    engine's one-by-one retry gets the earlier ones' results as they were computed (their states cannot run a
+    chunk twice), and only the failing request ends in error."""
+    path = _save(tmp_path, "lfm2")
+    poison = 297
+    prompts = [[7, 8, 9, 10], list(range(20, 48)) + [poison, 50], [11, 12, 13]]  # the poison in a late chunk
+    expected = hf_greedy(path, [prompts[0], prompts[2]], MAX_TOKENS)
+    # A token budget of 8: the others decode (their chunks start past 0) in the step where the poison runs
+    llm = LLM(model=path, dtype="float32", kv_cache_memory_bytes=1 << 22, max_num_batched_tokens=8)
+
+    def install(model):
+        embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        original = embedding.forward
+
+        def forward(ids):
+            if (ids == poison).any():
+                raise RuntimeError("poisoned token")
+            return original(ids)
+        embedding.forward = forward
+    llm.apply_model(install)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert outs[1].outputs[0].finish_reason == "error" and "poisoned token" in outs[1].error
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == expected
