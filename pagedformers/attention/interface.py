@@ -121,16 +121,21 @@ def _cross_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     attend to its own keys only, as in HF's one-request forward (where a row the model masks whole attends to all
     of its request's keys alike); rows of no block (text-only requests) give 0."""
     q, k, v = query[0], key[0], value[0]
-    if k.shape[0] != q.shape[0]:  # grouped-query heads
-        k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
-    out = q.new_zeros(q.shape[1], q.shape[0], v.shape[-1])
+    heads, kv_heads = q.shape[0], k.shape[0]
+    out = q.new_zeros(q.shape[1], heads, v.shape[-1])
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     for rows_lo, rows_hi, keys_lo, keys_hi in blocks:
-        scores = q[:, rows_lo:rows_hi] @ k[:, keys_lo:keys_hi].transpose(-1, -2) * scale
+        rows = rows_hi - rows_lo
+        # Grouped-query heads as [H_kv, group, rows]: each KV head's keys serve its group, never repeated (with many
+        # image requests the step's keys are large)
+        q_block = q[:, rows_lo:rows_hi].reshape(kv_heads, -1, q.shape[-1])
+        scores = (q_block @ k[:, keys_lo:keys_hi].transpose(-1, -2) * scale).view(kv_heads, -1, rows,
+                                                                                 keys_hi - keys_lo)
         if attention_mask is not None:
-            scores = scores + attention_mask[0, :, rows_lo:rows_hi, keys_lo:keys_hi]
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[rows_lo:rows_hi] = (weights @ v[:, keys_lo:keys_hi]).transpose(0, 1)
+            mask = attention_mask[0, :, rows_lo:rows_hi, keys_lo:keys_hi]
+            scores = scores + (mask.view(kv_heads, -1, rows, keys_hi - keys_lo) if mask.shape[0] > 1 else mask)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(kv_heads, -1, keys_hi - keys_lo)
+        out[rows_lo:rows_hi] = (weights @ v[:, keys_lo:keys_hi]).view(heads, rows, -1).transpose(0, 1)
     return out[None]
 
 
