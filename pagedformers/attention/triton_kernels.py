@@ -39,14 +39,15 @@ def write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    d = tl.arange(0, D_PAD)
-    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=d < HEAD_DIM)
-    tl.store(k_cache_ptr + block * stride_kcb + h * stride_kch + offset * stride_kcs + d, k, mask=d < HEAD_DIM)
-    dv = tl.arange(0, DV_PAD)
-    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + dv, mask=dv < V_DIM)
-    tl.store(v_cache_ptr + block * stride_vcb + h * stride_vch + offset * stride_vcs + dv, v, mask=dv < V_DIM)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        d = tl.arange(0, D_PAD)
+        k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=d < HEAD_DIM)
+        tl.store(k_cache_ptr + block * stride_kcb + h * stride_kch + offset * stride_kcs + d, k, mask=d < HEAD_DIM)
+        dv = tl.arange(0, DV_PAD)
+        v = tl.load(value_ptr + t * stride_vt + h * stride_vh + dv, mask=dv < V_DIM)
+        tl.store(v_cache_ptr + block * stride_vcb + h * stride_vch + offset * stride_vcs + dv, v, mask=dv < V_DIM)
 
 
 @triton.jit

@@ -89,7 +89,7 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
     decode_tables, decode_seq_lens = _decode_context(decodes, block_size)
     spans = [
         PrefillSpan(r, r + len(c.token_ids), c.start,
-                    torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)], device=device)
+                    to_device(torch.tensor(c.block_table[: -(-(c.start + len(c.token_ids)) // block_size)]), device)
                     if c.start else None,
                     _ranges_within(c.multi_modal, c.start, c.start + len(c.token_ids)) if c.multi_modal else (),
                     c.multi_modal is not None and c.multi_modal.bidirectional_sliding_only,
@@ -98,17 +98,26 @@ def prepare_inputs(chunks: list[Chunk], block_size: int, device: str, stable_ste
         for c, r in zip(chunks[len(decodes):], row_starts[len(decodes):])
     ]
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
+        slot_mapping=to_device(slot_mapping, device),
         num_decodes=len(decodes),
-        decode_block_tables=decode_tables.to(device) if decodes else None,
-        decode_seq_lens=decode_seq_lens.to(device) if decodes else None,
+        decode_block_tables=to_device(decode_tables, device) if decodes else None,
+        decode_seq_lens=to_device(decode_seq_lens, device) if decodes else None,
         prefills=spans,
         decode_context_len=decode_tables.shape[1] * block_size,
         decode_prompt_lens=_decode_prompt_lens(decodes),
     )
-    return ModelInputs(torch.tensor(token_ids, dtype=torch.long, device=device), positions_t.to(device), meta,
-                       _token_type_ids(chunks, device), _multi_modal(chunks, row_starts), stable_steps,
+    input_ids = to_device(torch.tensor(token_ids, dtype=torch.long), device)
+    return ModelInputs(input_ids, to_device(positions_t, device), meta, _token_type_ids(chunks, device),
+                       _multi_modal(chunks, row_starts), stable_steps,
                        _mrope_positions(chunks, positions_t, device), _token_inputs(chunks, device))
+
+
+def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A tensor built on the host for this step, on `device`. A GPU copies it from pinned memory without blocking
+    (the host goes on preparing the step; torch's pinned-memory cache recycles the buffer once the copy is done)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _token_type_ids(chunks: list[Chunk], device: str) -> torch.Tensor | None:

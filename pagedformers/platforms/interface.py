@@ -14,7 +14,7 @@ import torch
 from pagedformers.attention import AttentionBackend, ForwardContext, KVCaches, forward_context
 from pagedformers.config import EngineConfig
 from pagedformers.model.inputs import ModelInputs
-from pagedformers.model.interface import Model
+from pagedformers.model.interface import Model, SupportsPerRequestState
 
 
 class StepForward(Protocol):
@@ -60,3 +60,11 @@ class EagerForward:
 
     def reset(self) -> None:
         pass
+
+
+def replays_decodes(model: Model, config: EngineConfig) -> bool:
+    """Whether a platform may replay decode steps from a graph (CPU traces, CUDA graphs): single-rank models whose
+    layers keep no per-request state of their own, unless told to stay eager. Not with LoRA: which rows run which
+    adapter changes the computation's shape from step to step."""
+    return (not config.device.enforce_eager and config.parallel.world_size == 1
+            and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)

@@ -10,7 +10,7 @@ from pagedformers import envs
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.logger import init_logger
-from pagedformers.model.interface import Model, SupportsPerRequestState
+from pagedformers.model.interface import Model
 from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (registers the "cpu" backend)
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.experts import pack_grouped_linears
@@ -19,7 +19,7 @@ from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cp
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
 from pagedformers.platforms.cpu.quantized_linear import swap_quantized_linears
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
-from pagedformers.platforms.interface import EagerForward, StepForward
+from pagedformers.platforms.interface import EagerForward, StepForward, replays_decodes
 
 logger = init_logger(__name__)
 
@@ -48,7 +48,7 @@ class CpuPlatform:
         fuse_gated_mlps(model, dtype, "cpu")
         backend = _attention_backend(config)
         attention = create_attention_backend(backend)
-        if backend == "cpu" and self._traces_decodes(model, config):
+        if backend == "cpu" and replays_decodes(model, config):
             return DecodeGraphs(model, attention)
         return EagerForward(model, attention)
 
@@ -59,13 +59,6 @@ class CpuPlatform:
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return argmax_rows(logits)
-
-    @staticmethod
-    def _traces_decodes(model: Model, config: EngineConfig) -> bool:
-        """Single-rank models whose layers keep no per-request state of their own, unless told to stay eager. Not
-        with LoRA: which rows run which adapter changes the computation's shape from step to step."""
-        return (not config.device.enforce_eager and config.parallel.world_size == 1
-                and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)
 
 
 def _swap_quantized_linears(model: Model, kernels: object | None) -> None:

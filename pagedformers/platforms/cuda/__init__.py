@@ -1,7 +1,7 @@
 """CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, RMSNorm and SwiGLU
-MLPs swapped for Triton kernels (layers.py), the rest plain PyTorch; CUDA graphs are still to come. Never run
-on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and benchmarks/gpu_check.py checks this
-path where a GPU is."""
+MLPs swapped for Triton kernels (layers.py), the rest plain PyTorch; decode steps replayed from CUDA graphs
+(graphs.py). Never run on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and
+benchmarks/gpu_check.py checks this path where a GPU is."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
+from pagedformers.platforms.cuda.graphs import CudaGraphs, capture_bucket_sizes, capture_cuda_graph
 from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
-from pagedformers.platforms.interface import EagerForward, StepForward
+from pagedformers.platforms.interface import EagerForward, StepForward, replays_decodes
 
 
 class CudaPlatform:
@@ -27,7 +28,16 @@ class CudaPlatform:
                              "(tl.dot's smallest tile); or use attention_backend='torch'")
         swap_rms_norms(model)
         swap_gated_mlps(model)
-        return EagerForward(model, create_attention_backend("triton" if backend == "auto" else backend))
+        attention = create_attention_backend("triton" if backend == "auto" else backend)
+        # Padding rows of a captured batch write to slot -1, which only the Triton write kernel skips
+        if attention.name == "triton" and replays_decodes(model, config):
+            device = torch.device(config.device.device)
+            with torch.cuda.device(device):
+                pool = torch.cuda.graph_pool_handle()
+            return CudaGraphs(model, attention, capture_cuda_graph(pool),
+                              capture_bucket_sizes(config.scheduler.max_num_seqs), config.model.max_model_len,
+                              config.cache.block_size, device)
+        return EagerForward(model, attention)
 
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:
         free, total = torch.cuda.mem_get_info(torch.device(config.device.device))
