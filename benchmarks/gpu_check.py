@@ -9,7 +9,8 @@
    constraint on the GPU in float32: the adapter's tokens against HF + PEFT on the CPU.
 2. Throughput on the random 200M Llama in bf16: 32 x 128 -> 128 (fixed) and seeded mixed lengths, against HF
    `generate` (static batch) and, with --peer-python, vLLM in its own virtualenv.
-3. Batch-1 decode step against the HBM floor (the weights' bytes over the measured read bandwidth).
+3. Batch-1 decode step against the HBM floor (the weights' bytes over the measured read bandwidth), eager and
+   on CUDA graphs.
 
 On a machine without a CUDA GPU it exits at once, saying so. CI never runs it: the kernels are checked there
 in Triton's interpreter (tests/attention/test_triton.py, tests/platforms/cuda/).
@@ -156,16 +157,20 @@ def batch_one(path: Path, args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
     _, weight_bytes = weights_read_per_step(model)
     del model
-    llm = LLM(str(path), device="cuda", dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False)
-    prompt = [{"prompt_token_ids": list(range(4, 36))}]
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
-    llm.generate(prompt, many, use_tqdm=False)
-    prefill = min(_timed(llm.generate, prompt, one, use_tqdm=False) for _ in range(3))
-    step = (min(_timed(llm.generate, prompt, many, use_tqdm=False) for _ in range(3)) - prefill) / args.steps
     floor = weight_bytes / hbm_read_bandwidth()
-    print(f"batch 1: {step * 1e3:.2f} ms a decode step, {step / floor:.2f}x the HBM floor ({floor * 1e3:.2f} ms: "
-          f"{weight_bytes / 1e6:.0f} MB of weights)", flush=True)
+    for eager in (True, False):  # the model's own forward, then CUDA graphs (platforms/cuda/graphs.py)
+        llm = LLM(str(path), device="cuda", dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False,
+                  enforce_eager=eager)
+        prompt = [{"prompt_token_ids": list(range(4, 36))}]
+        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        many = SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True)
+        llm.generate(prompt, many, use_tqdm=False)
+        prefill = min(_timed(llm.generate, prompt, one, use_tqdm=False) for _ in range(3))
+        step = (min(_timed(llm.generate, prompt, many, use_tqdm=False) for _ in range(3)) - prefill) / args.steps
+        print(f"batch 1 ({'eager' if eager else 'CUDA graphs'}): {step * 1e3:.2f} ms a decode step, "
+              f"{step / floor:.2f}x the HBM floor ({floor * 1e3:.2f} ms: {weight_bytes / 1e6:.0f} MB of weights)",
+              flush=True)
+        del llm
 
 
 def hbm_read_bandwidth() -> float:
