@@ -10,7 +10,7 @@ import torch
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
-from pagedformers.platforms.cuda.graphs import CudaGraphs, capture_bucket_sizes, capture_cuda_graph
+from pagedformers.platforms.cuda.graphs import Capture, CudaGraphs, capture_bucket_sizes, capture_cuda_graph
 from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward, replays_decodes
 
@@ -31,13 +31,15 @@ class CudaPlatform:
         attention = create_attention_backend("triton" if backend == "auto" else backend)
         # Padding rows of a captured batch write to slot -1, which only the Triton write kernel skips
         if attention.name == "triton" and replays_decodes(model, config):
-            device = torch.device(config.device.device)
-            with torch.cuda.device(device):
-                pool = torch.cuda.graph_pool_handle()
-            return CudaGraphs(model, attention, capture_cuda_graph(pool),
+            return CudaGraphs(model, attention, self.graph_capture(config),
                               capture_bucket_sizes(config.scheduler.max_num_seqs), config.model.max_model_len,
-                              config.cache.block_size, device)
+                              config.cache.block_size, torch.device(config.device.device))
         return EagerForward(model, attention)
+
+    def graph_capture(self, config: EngineConfig) -> Capture:
+        """How decode graphs are captured: on the engine's device, every bucket's graph in one memory pool."""
+        with torch.cuda.device(torch.device(config.device.device)):
+            return capture_cuda_graph(torch.cuda.graph_pool_handle())
 
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:
         free, total = torch.cuda.mem_get_info(torch.device(config.device.device))

@@ -1,12 +1,13 @@
-"""CUDA graphs' bookkeeping (graphs.py), run on this CPU: the engine on the Triton kernels in Triton's interpreter,
-its decode steps going through CudaGraphs with a stand-in capture (a "replay" reruns the forward from the static
-buffers), so that bucketing, padding, buffer filling, the replay check and the fallbacks all run as on a GPU."""
+"""The CUDA platform's `specialize` and its CUDA graphs' bookkeeping (graphs.py), run on this CPU: the engine on the
+Triton kernels in Triton's interpreter, its model specialized by the CUDA platform with a stand-in capture (a
+"replay" reruns the forward from the static buffers), so that the layer swaps, bucketing, padding, buffer filling,
+the replay check and the fallbacks all run as on a GPU; only the capture itself is the GPU's."""
 
+import dataclasses
 import os
 from collections import Counter
 
 import pytest
-import torch
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
@@ -36,12 +37,21 @@ def test_buckets_are_vllms(graphs):
     assert graphs.capture_bucket_sizes(2048)[-1] == 512
 
 
-def _engine_with_graphs(graphs, path, capture, buckets):
+def _specialized_engine(graphs, path, capture, **config_changes):
+    """An engine on CPU whose model the CUDA platform specialized, with `capture` for its graphs."""
+    from pagedformers.platforms.cuda import CudaPlatform
+
+    class StandIn(CudaPlatform):
+        def graph_capture(self, config):
+            return capture
+
     llm = LLM(path, dtype="float32", attention_backend="triton", block_size=16, max_model_len=128,
               enable_prefix_caching=False)
     worker = llm.llm_engine.executor.driver_worker
-    worker.forward = graphs.CudaGraphs(worker.model, worker.forward.attention, capture, buckets, 128, 16,
-                                       torch.device("cpu"))
+    config = worker.config
+    for section, changes in config_changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+    worker.forward = StandIn().specialize(worker.model, config)
     return llm, worker.forward
 
 
@@ -68,14 +78,14 @@ def counting_capture(replays):
 
 
 def test_replayed_decodes_give_hf_tokens(graphs, llama):
-    """One bucket of 2: the batch of 3 is past it (eager), the batch of 2 fills it, the last request's decodes
-    replay it with a padding row."""
+    """Buckets 1, 2, 4, 8...: the batch of 3 replays bucket 4 with a padding row, then buckets 2 and 1."""
     replays = Counter()
-    llm, forward = _engine_with_graphs(graphs, llama, counting_capture(replays), [2])
+    llm, forward = _specialized_engine(graphs, llama, counting_capture(replays))
+    assert isinstance(forward, graphs.CudaGraphs) and forward.bucket_sizes[:4] == [1, 2, 4, 8]
     tokens = _generate(llm, PROMPTS, LENGTHS)
     assert tokens == [hf_greedy(llama, [p], n)[0] for p, n in zip(PROMPTS, LENGTHS)]
-    assert set(forward.graphs) == {2} and not forward.eager_buckets
-    assert replays == {2: 3 + 5}  # the capture's checked replay, then one a step
+    assert set(forward.graphs) == {1, 2, 4} and not forward.eager_buckets
+    assert replays == {4: 3, 2: 3, 1: 5}  # the capture's checked replay, then one a step
 
 
 def test_a_capture_that_fails_or_differs_leaves_its_bucket_eager(graphs, llama):
@@ -91,6 +101,20 @@ def test_a_capture_that_fails_or_differs_leaves_its_bucket_eager(graphs, llama):
             raise RuntimeError("operation not permitted when stream is capturing")
         return counting_capture(replays)(forward)
 
-    llm, forward = _engine_with_graphs(graphs, llama, capture, [1, 2, 4])
+    llm, forward = _specialized_engine(graphs, llama, capture)
     assert _generate(llm, PROMPTS, LENGTHS) == [hf_greedy(llama, [p], n)[0] for p, n in zip(PROMPTS, LENGTHS)]
     assert forward.eager_buckets == {4, 2} and set(forward.graphs) == {1} and replays == {1: 5}
+
+
+def test_specialize_stays_eager_or_refuses_where_graphs_cannot_serve(graphs, llama):
+    def no_capture(forward):
+        raise AssertionError("nothing is captured")
+
+    _, forward = _specialized_engine(graphs, llama, no_capture, device={"enforce_eager": True})
+    assert not isinstance(forward, graphs.CudaGraphs) and forward.attention.name == "triton"
+    _, forward = _specialized_engine(graphs, llama, no_capture, device={"attention_backend": "torch"})
+    assert not isinstance(forward, graphs.CudaGraphs)  # its KV write would take padding's slot -1 as the last slot
+    with pytest.raises(ValueError, match="CPU's kernels"):
+        _specialized_engine(graphs, llama, no_capture, device={"attention_backend": "cpu"})
+    with pytest.raises(ValueError, match="power of two of at least 16"):
+        _specialized_engine(graphs, llama, no_capture, cache={"block_size": 8})
