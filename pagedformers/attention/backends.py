@@ -48,8 +48,9 @@ class AttentionBackend(Protocol):
 
     def is_shape_static(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, params: AttentionParams) -> bool:
-        """Whether write_kv and forward, for this call, decide only from shapes and the step's layout and run only
-        dispatcher ops: a graph capture may then record them inline, the metadata tensors as its inputs."""
+        """Whether write_kv and forward, for this call, decide only from shapes and the step's layout, reading the
+        metadata's tensors as tensors: a graph capture may then record them inline, those tensors as its inputs (a
+        CPU trace records dispatcher ops: the "cpu" backend's; a CUDA graph, kernel launches: the "triton" one's)."""
 
     def reads_unwritten_rows(self, spec: LayerKVSpec, dtype: torch.dtype) -> bool:
         """Whether attending a layer of this shape reads cache rows no step wrote yet (masked): fresh blocks must

@@ -65,7 +65,10 @@ class TritonAttentionBackend:
 
     def is_shape_static(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, params: AttentionParams) -> bool:
-        return False  # the runs of query rows are planned in Python per step
+        # Decodes alone on the kernels read the metadata's tensors, launched on grids of their shapes (a CUDA graph
+        # records the launches); prefill spans and the reference path are planned in Python per step
+        return (meta.num_decodes == meta.num_tokens and params.causal and params.chunk is None
+                and not params.keep_prompt)
 
     def reads_unwritten_rows(self, spec: LayerKVSpec, dtype: torch.dtype) -> bool:
         return False  # loads past a sequence's length are masked to zero, never read

@@ -7,9 +7,10 @@ bucket >= n; the rows past n are padding, which writes no KV (slot -1: the Trito
 outputs are dropped (each row of a decoder's forward is computed on its own).
 
 Python runs only at capture: the forward may decide from shapes alone. One that reads a tensor's value syncs with
-the host, which a capture refuses: that bucket stays eager. One that takes a Python value that changes per step
-(not through the buffers) would replay a stale decision, so the first replay of each bucket is compared with the
-eager forward of the same inputs, and a bucket that differs stays eager too.
+the host, which a capture refuses; an attention layer whose backend plans it in Python per step (the capture hook
+asks: `AttentionCall.is_shape_static`) is refused here: that bucket stays eager. As a last guard against a Python
+decision frozen at capture, the first replay of each bucket is compared with the eager forward of the same inputs,
+and a bucket that differs stays eager too.
 
 Device-agnostic but for `capture`: tests pass one that reruns the forward from the buffers, on a CPU in Triton's
 interpreter, which runs every other line of this module.
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedformers.attention import AttentionBackend, AttentionMetadata, KVCaches, forward_context
+from pagedformers.attention import AttentionBackend, AttentionCall, AttentionMetadata, KVCaches, forward_context
 from pagedformers.logger import init_logger
 from pagedformers.model.inputs import ModelInputs
 from pagedformers.platforms.interface import EagerForward
@@ -137,10 +138,13 @@ class CudaGraphs(EagerForward):
         """The step's hidden states, from the eager forward; the bucket's graph is kept if its replay gave the same
         from the same (filled) buffers, else the bucket stays eager. The eager forward runs last, so its keys and
         values are those left in the cache (the replay wrote the same slots)."""
-        inputs = self.buffers.inputs(bucket, self.block_size)
-
         def forward() -> torch.Tensor:
-            with forward_context(self.context(inputs, kv_caches)):
+            # Fresh metadata each run: what it derives (masks, slot splits) is then computed inside the capture and
+            # recorded, not left over from the warm-up run
+            inputs = self.buffers.inputs(bucket, self.block_size)
+            ctx = self.context(inputs, kv_caches)
+            ctx.capture = _graph_safe
+            with forward_context(ctx):
                 return self.model(inputs.input_ids, inputs.positions)
 
         try:
@@ -161,6 +165,19 @@ class CudaGraphs(EagerForward):
     def _give_up(self, bucket: int, why: str) -> None:
         self.eager_buckets.add(bucket)
         logger.warning("Decode steps of up to %d sequences stay eager: %s.", bucket, why)
+
+
+def _graph_safe(call: AttentionCall) -> torch.Tensor:
+    """Run an attention call whose Python decides from shapes alone; any other would replay its first step's
+    decisions (a chunked layer's or a prompt-keeping window's masks, planned per step): the bucket stays eager."""
+    if not call.is_shape_static:
+        raise NotCapturable("an attention layer plans its work in Python per step (chunked attention, a window "
+                            "keeping the prompt, or a layer the attention backend leaves to its reference path)")
+    return call.run(call.query, call.key, call.value)
+
+
+class NotCapturable(RuntimeError):
+    pass
 
 
 def _same(replayed: torch.Tensor, eager: torch.Tensor) -> bool:

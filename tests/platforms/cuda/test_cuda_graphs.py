@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from pagedformers import LLM, SamplingParams
+from pagedformers.tools.family_check import save_tiny_family
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
 
 
@@ -118,3 +119,13 @@ def test_specialize_stays_eager_or_refuses_where_graphs_cannot_serve(graphs, lla
         _specialized_engine(graphs, llama, no_capture, device={"attention_backend": "cpu"})
     with pytest.raises(ValueError, match="power of two of at least 16"):
         _specialized_engine(graphs, llama, no_capture, cache={"block_size": 8})
+
+
+def test_attention_planned_per_step_is_never_captured(graphs, tmp_path):
+    """Llama 4's chunked layers (and its query temperature) are planned in Python per step: replaying the first
+    step's plan would be silently wrong, so every bucket stays eager, with HF's tokens."""
+    path = save_tiny_family("llama4_text", tmp_path / "llama4")
+    prompts, lengths = [list(range(5, 12)), list(range(20, 31))], [5, 9]
+    llm, forward = _specialized_engine(graphs, path, counting_capture(Counter()))
+    assert _generate(llm, prompts, lengths) == [hf_greedy(path, [p], n)[0] for p, n in zip(prompts, lengths)]
+    assert forward.graphs == {} and forward.eager_buckets == {1, 2}
