@@ -68,3 +68,9 @@ def replays_decodes(model: Model, config: EngineConfig) -> bool:
     adapter changes the computation's shape from step to step."""
     return (not config.device.enforce_eager and config.parallel.world_size == 1
             and not isinstance(model, SupportsPerRequestState) and not config.lora.enabled)
+
+
+def hooked_module(model: Model) -> str | None:
+    """The first module with forward hooks, whose Python side effects (Llama 4 records positions) a replayed graph
+    would not repeat; None if there is none."""
+    return next((name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks), None)

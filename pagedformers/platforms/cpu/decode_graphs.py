@@ -47,7 +47,7 @@ from pagedformers.attention import AttentionBackend, AttentionCall, KVCaches, fo
 from pagedformers.logger import init_logger
 from pagedformers.model.inputs import ModelInputs
 from pagedformers.platforms.cpu.graph_rewrites import rewrite
-from pagedformers.platforms.interface import EagerForward
+from pagedformers.platforms.interface import EagerForward, hooked_module
 
 logger = init_logger(__name__)
 
@@ -130,9 +130,9 @@ class DecodeGraphs(EagerForward):
     def _trace(self, inputs: ModelInputs, kv_caches: KVCaches) -> torch.Tensor | None:
         """This step's forward, traced as it runs; the trace kept for its size unless it read tensor values."""
         n = len(inputs.input_ids)
-        hooked = [name for name, m in self.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-        if hooked:  # a hook's Python side effects (Llama 4 records positions) would not be replayed
-            self._give_up(n, f"module {hooked[0]!r} has forward hooks")
+        hooked = hooked_module(self.model)
+        if hooked is not None:
+            self._give_up(n, f"module {hooked!r} has forward hooks")
             return None
         ctx, calls = self.context(inputs, kv_caches), []
         ctx.capture = functools.partial(_capture, calls)

@@ -28,7 +28,7 @@ from torch import nn
 from pagedformers.attention import AttentionBackend, AttentionCall, AttentionMetadata, KVCaches, forward_context
 from pagedformers.logger import init_logger
 from pagedformers.model.inputs import ModelInputs
-from pagedformers.platforms.interface import EagerForward
+from pagedformers.platforms.interface import EagerForward, hooked_module
 
 logger = init_logger(__name__)
 
@@ -147,6 +147,10 @@ class CudaGraphs(EagerForward):
             with forward_context(ctx):
                 return self.model(inputs.input_ids, inputs.positions)
 
+        hooked = hooked_module(self.model)
+        if hooked is not None:
+            self._give_up(bucket, f"module {hooked!r} has forward hooks")
+            return super().__call__(step, kv_caches)
         try:
             replay = self.capture(forward)
             replayed = replay().clone()

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 import pytest
+import torch
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.family_check import save_tiny_family
@@ -121,9 +122,20 @@ def test_specialize_stays_eager_or_refuses_where_graphs_cannot_serve(graphs, lla
         _specialized_engine(graphs, llama, no_capture, cache={"block_size": 8})
 
 
-def test_attention_planned_per_step_is_never_captured(graphs, tmp_path):
-    """Llama 4's chunked layers (and its query temperature) are planned in Python per step: replaying the first
-    step's plan would be silently wrong, so every bucket stays eager, with HF's tokens."""
+def test_attention_planned_per_step_is_never_captured(graphs):
+    """A call the backend plans in Python per step (chunked layers, prompt-keeping windows, prefill spans) would
+    replay its first step's plan: the capture refuses it; a shape-static one runs."""
+    from pagedformers.attention import AttentionCall
+
+    q = torch.ones(1, 2, 3, 4)
+    with pytest.raises(graphs.NotCapturable):
+        graphs._graph_safe(AttentionCall(q, q, q, lambda *a: q, is_shape_static=False))
+    assert graphs._graph_safe(AttentionCall(q, q, q, lambda *a: q + 1, is_shape_static=True)).eq(2).all()
+
+
+def test_a_model_with_forward_hooks_stays_eager(graphs, tmp_path):
+    """Llama 4 records positions in a forward hook for its query temperature (and plans its chunked layers per
+    step): no graph would repeat the hook, so every bucket stays eager, with HF's tokens."""
     path = save_tiny_family("llama4_text", tmp_path / "llama4")
     prompts, lengths = [list(range(5, 12)), list(range(20, 31))], [5, 9]
     llm, forward = _specialized_engine(graphs, path, counting_capture(Counter()))
