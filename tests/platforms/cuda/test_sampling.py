@@ -95,3 +95,35 @@ def test_the_samplers_device_path_picks_the_host_tokens(cuda):
         expected, ours = host(logits, host_reqs), device(logits, device_reqs)
         assert ours.token_ids == expected.token_ids
         assert ours.logprobs == expected.logprobs
+
+
+def _top_p_rounding_case() -> tuple[torch.Tensor, float, int]:
+    """Logits, a top_p and a token that the host's float32 top-p test removes and an exact test keeps: the token's
+    float32 mass before it rounds up onto the limit float32(top_p * sum)."""
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randn(8, generator=g)
+        w = (x - x.max()).exp()  # the host's weights at temperature 1
+        ranked, order = w.sort(descending=True)
+        total = ranked.sum()
+        before, exact = ranked.cumsum(0) - ranked, ranked.double().cumsum(0) - ranked.double()
+        for r in range(1, 8):
+            top_p = (before[r] / total).item()  # a float32 value
+            if before[r] > exact[r] and torch.tensor(top_p) * total == before[r] \
+                    and total == ranked.double().sum().float():
+                return x, top_p, int(order[r])
+
+
+def test_top_p_rounds_as_the_host(cuda):
+    """At a uniform number that lands on the token under an exact test, the host draws another: so must we."""
+    _, sampling = cuda
+    x, top_p, token = _top_p_rounding_case()
+    w = (x - x.max()).exp().double()
+    kept = torch.where(w >= w[token], w, 0.0)
+    u = torch.tensor([[(kept[:token].sum() + kept[token] / 2) / kept.sum()]], dtype=torch.float64)
+    logits, params = x[None], [SamplingParams(top_p=top_p)]
+    expected = draw(logits, params, u, logits.argmax(dim=-1))
+    assert expected.item() != token
+    ours = logits.argmax(dim=-1)
+    sampling.draw_rows(logits, draw_table([0], params, u, 8), ours, block=16)
+    assert ours.tolist() == expected.tolist()
