@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
+from pagedformers import LLM, SamplingParams, StructuredOutputsParams
 from pagedformers.engine.request import Request
 from pagedformers.engine.sampler import Sampler, draw, draw_table
-from pagedformers.sampling_params import SamplingParams
+from pagedformers.tools.tiny_models import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,21 @@ def test_top_p_rounds_as_the_host(cuda):
     ours = logits.argmax(dim=-1)
     sampling.draw_rows(logits, draw_table([0], params, u, 8), ours, block=16)
     assert ours.tolist() == expected.tolist()
+
+
+def test_the_engine_samples_the_host_tokens_on_the_device_path(cuda, tmp_path):
+    """A tiny Llama's seeded generations, one under a grammar (its mask applied where the logits are), give the
+    same tokens and logprobs whichever path its sampler takes."""
+    platform, _ = cuda
+    llm = LLM(str(save_tiny_model(tmp_path / "llama", "llama")), dtype="float32", enforce_eager=True)
+    prompts = [{"prompt_token_ids": list(range(5, 12))}, {"prompt_token_ids": list(range(20, 33))}]
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=1, max_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.2, min_p=0.02, seed=2, max_tokens=8,
+                             structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe later"]))]
+    runs = []
+    for sampler_platform in (None, platform):
+        llm.llm_engine.runner.sampler = Sampler(0, platform=sampler_platform)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs, o.outputs[0].text)
+                     for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[0] == runs[1]
+    assert runs[0][1][2] in ("yes", "no", "maybe later")
