@@ -8,6 +8,10 @@ number per vocabulary entry: ATen's exponential_ took 15 ms for 32 rows of 32K t
 draw 22 ms in all, against ~7 ms for this whole call.) "Whatever else is in the batch" holds for the same logits:
 a linear whose row counts split between two matmuls (linear_backend="auto" on some CPUs, platforms/cpu/
 linear_choice.py) can give a row other logits in a batch of another size.
+
+Where the platform draws on the device (CUDA: Platform.draws_on_device), the logits stay there: the same masks and
+penalties apply in place, the platform's kernels pick greedy rows and make the draw (no sort: platforms/cuda/
+sampling.py) at the same uniform numbers, and only token ids and the logprobs asked for come to the host.
 """
 
 from __future__ import annotations
@@ -195,10 +199,10 @@ def _batched_logprob_entries(rows: torch.Tensor, token_ids: torch.Tensor,
     sampled = rows.gather(1, token_ids[:, None])
     ranks = (rows > sampled).sum(dim=-1, keepdim=True) + 1
     values, ids = rows.topk(max(ks), dim=-1)
-    k = values.shape[1]
+    width = values.shape[1]
     table = torch.cat([t.double() for t in (token_ids[:, None], sampled, ranks, values, ids)], dim=1).cpu().tolist()
-    return [(row[1], _entries(int(row[0]), row[1], int(row[2]), row[3:3 + n], [int(t) for t in row[3 + k:3 + k + n]]))
-            for row, n in zip(table, ks)]
+    return [(row[1], _entries(int(row[0]), row[1], int(row[2]), row[3:3 + k], [int(t) for t in row[3 + width:][:k]]))
+            for row, k in zip(table, ks)]
 
 
 def _entries(token_id: int, sampled: float, rank: int, values: list[float], ids: list[int]) -> dict[int, Logprob]:
