@@ -9,11 +9,13 @@ at or above 16 candidates at once (top-k), or sums those above them (top-p), and
 walks the row in vocab order for the first kept token whose cumulative weight exceeds u * total.
 
 Precision: the weights are float32 as the host's (IEEE division; tl.exp may differ from torch's exp in the last
-bit, which moves a draw only where u * total falls within that of a token's boundary). Sums are float64, as the
-host's cumsum: a float32 sum over a large vocabulary loses its rarest tokens' share. The top-p test rounds as the
-host's float32 one does (mass before a token = float32(double cumsum) - weight, against float32(top_p * sum)), so
-that the two keep the same tokens unless one sits at the boundary to within float32 rounding. Ties at the top-k /
-top-p boundary keep every tied token (the host keeps as many as its sort order reaches).
+bits, exp2-based on GPUs, which moves a draw only where u * total falls within that of a token's boundary). Sums
+are float64, as the host's cumsum (a float32 sum over a large vocabulary loses its rarest tokens' share): float64
+sums of float32 weights in another order differ from the host's by ~1e-16 of the total, far below any weight that
+matters. The top-p test rounds as the host's float32 one does (mass before a token = float32(double cumsum) -
+weight, against float32(top_p * sum)), so that the two keep the same tokens unless one sits at the boundary to
+within float32 rounding (the host's float32 sum has its own order). Ties at the top-k / top-p boundary keep every
+tied token (the host keeps as many as its sort order reaches).
 
 Portable Triton, checked on a CPU in Triton's interpreter (tests/platforms/cuda/test_sampling.py).
 """
@@ -121,7 +123,7 @@ def _top_p_threshold(row, vocab, temperature, top, min_p, limit, BLOCK: tl.const
     """The smallest tau where a token of weight tau would be kept: float32(mass above + tau) - tau < limit, the
     host's float32 test of `mass_before < top_p * sum` (its cumsum accumulates in double and rounds to float32)."""
     cols = tl.arange(0, BLOCK)
-    lo = tl.full([], 0, tl.int64)
+    lo = tl.full([], 0, tl.int64)  # everything above: the whole sum, removed as top_p < 1
     hi = tl.full([], _ONE_BITS + 1, tl.int64)  # nothing above: kept
     for _ in range(PASSES):
         bits, taus = _candidates(lo, hi, CANDIDATES)
