@@ -8,6 +8,10 @@ number per vocabulary entry: ATen's exponential_ took 15 ms for 32 rows of 32K t
 draw 22 ms in all, against ~7 ms for this whole call.) "Whatever else is in the batch" holds for the same logits:
 a linear whose row counts split between two matmuls (linear_backend="auto" on some CPUs, platforms/cpu/
 linear_choice.py) can give a row other logits in a batch of another size.
+
+Where the platform draws on the device (CUDA: Platform.draws_on_device), the logits stay there: the same masks and
+penalties apply in place, the platform's kernels pick greedy rows and make the draw (no sort: platforms/cuda/
+sampling.py) at the same uniform numbers, and only token ids and the logprobs asked for come to the host.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from pagedformers.engine.request import Request
 from pagedformers.engine.structured_outputs import GrammarMasks
 from pagedformers.outputs import Logprob
-from pagedformers.platforms import argmax_rows
+from pagedformers.platforms import Platform, get_platform
+from pagedformers.sampling_params import SamplingParams
 
 
 class SamplerOutput(NamedTuple):
@@ -28,23 +33,23 @@ class SamplerOutput(NamedTuple):
 
 
 class Sampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, platform: Platform | None = None) -> None:
+        """`platform` picks the tokens; by default the platform of the device that holds each step's logits (a test
+        runs the CUDA platform's kernels on CPU tensors, in Triton's interpreter)."""
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.grammar_masks = GrammarMasks()
+        self.platform = platform
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        platform = self.platform or get_platform(logits.device.type)
+        if platform.draws_on_device:
+            return self._sample_on_device(logits.float(), reqs, platform)
         logits = logits.float().cpu()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        if constrained or any(r.num_output_tokens < r.params.min_tokens or r.params.has_penalties for r in reqs):
-            logits = logits.clone()  # edited in place below; a 4 MB copy per step that greedy skips
-            _mask_eos_before_min_tokens(logits, reqs)
-            _apply_penalties(logits, reqs)
-            if constrained:
-                self.grammar_masks.apply(logits, constrained, [reqs[i].grammar for i in constrained])
-        token_ids = self._pick(logits, reqs).tolist()
+        logits = self._masked(logits, reqs)
+        token_ids = self._pick(logits, reqs, platform).tolist()
         logprobs = [
             logprob_entries(raw_logprobs[i], token_ids[i], r.params.logprobs) if r.params.logprobs is not None
             else None
@@ -52,26 +57,43 @@ class Sampler:
         ]
         return SamplerOutput(token_ids, logprobs)
 
-    def _pick(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        token_ids = argmax_rows(logits)
+    def _sample_on_device(self, logits: torch.Tensor, reqs: list[Request], platform: Platform) -> SamplerOutput:
+        """The same picks with the logits left where they are (a GPU's): the platform's kernels draw, and only the
+        token ids and the logprobs asked for come back. Grammar masks are filled on the host (xgrammar's matchers)
+        and copied over, a bit a token."""
+        asked = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[asked], dim=-1) if asked else None
+        logits = self._masked(logits, reqs)
+        token_ids = platform.argmax_rows(logits)
+        rows = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
+        if rows:
+            table = draw_table(rows, [reqs[i].params for i in rows], self._uniforms(rows, reqs), logits.shape[-1])
+            platform.draw_rows(logits, table.to(logits.device), token_ids)  # one small copy to the device
+        logprobs: list[tuple[float, dict[int, Logprob]] | None] = [None] * len(reqs)
+        if asked:
+            for i, entries in zip(asked, _batched_logprob_entries(raw_logprobs, token_ids[asked],
+                                                                  [reqs[i].params.logprobs for i in asked])):
+                logprobs[i] = entries
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def _masked(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The logits after min_tokens masking, penalties and grammar masks: a copy where any applies."""
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if constrained or any(r.num_output_tokens < r.params.min_tokens or r.params.has_penalties for r in reqs):
+            logits = logits.clone()  # edited in place below; a 4 MB copy per step that greedy skips
+            _mask_eos_before_min_tokens(logits, reqs)
+            _apply_penalties(logits, reqs)
+            if constrained:
+                self.grammar_masks.apply(logits, constrained, [reqs[i].grammar for i in constrained])
+        return logits
+
+    def _pick(self, logits: torch.Tensor, reqs: list[Request], platform: Platform) -> torch.Tensor:
+        token_ids = platform.argmax_rows(logits)
         rows = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
         if not rows:
             return token_ids
-        # NOTE: every [rows, vocab] temporary is a fresh multi-MB allocation that page-faults in; the steps below
-        # make three, not seven (the row gather, too, only when some rows are greedy).
-        weights = _filtered_weights(logits if len(rows) == len(reqs) else logits[rows],
-                                    [reqs[i].params for i in rows])
-        # In float64 so that the sum over a large vocabulary keeps its rarest tokens' share.
-        cdf = weights.cumsum(dim=-1, dtype=torch.float64)
-        total = cdf[:, -1:]
-        # Strictly below the total, so that the first bound above it is a kept token's (rounding cannot land a
-        # draw past the vocabulary, nor on a removed token at its end).
-        target = torch.minimum(self._uniforms(rows, reqs) * total, torch.nextafter(total, torch.zeros_like(total)))
-        drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
-        # A row with a NaN or an infinite logit has no distribution to draw from: it keeps its argmax, a token id
-        # at least (the draw would be the vocabulary's size, out of range for the next step's embedding).
-        sampled = token_ids[rows]
-        token_ids[rows] = torch.where(torch.isfinite(total[:, 0]) & (total[:, 0] > 0), drawn, sampled)
+        sub = logits if len(rows) == len(reqs) else logits[rows]  # a gather only when some rows are greedy
+        token_ids[rows] = draw(sub, [reqs[i].params for i in rows], self._uniforms(rows, reqs), token_ids[rows])
         return token_ids
 
     def _uniforms(self, rows: list[int], reqs: list[Request]) -> torch.Tensor:
@@ -84,6 +106,33 @@ class Sampler:
             if reqs[i].generator is not None:
                 uniforms[j] = torch.rand(1, dtype=torch.float64, generator=reqs[i].generator)
         return uniforms
+
+
+def draw(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor,
+         fallback: torch.Tensor) -> torch.Tensor:
+    """Each row's draw at its uniform number (uniforms: float64 [rows, 1]): the first token whose cumulative
+    weight exceeds u * total; `fallback` (the argmax) where the row has no distribution."""
+    # NOTE: every [rows, vocab] temporary is a fresh multi-MB allocation that page-faults in; the steps below
+    # make three, not seven.
+    weights = _filtered_weights(logits, params)
+    # In float64 so that the sum over a large vocabulary keeps its rarest tokens' share.
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    # Strictly below the total, so that the first bound above it is a kept token's (rounding cannot land a
+    # draw past the vocabulary, nor on a removed token at its end).
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # A row with a NaN or an infinite logit has no distribution to draw from: it keeps its argmax, a token id
+    # at least (the draw would be the vocabulary's size, out of range for the next step's embedding).
+    return torch.where(torch.isfinite(total[:, 0]) & (total[:, 0] > 0), drawn, fallback)
+
+
+def draw_table(rows: list[int], params: list[SamplingParams], uniforms: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Platform.draw_rows's table: (row, temperature, min_p, top_k, top_p, uniform) a drawn row, float64 (exact
+    for the row and top_k; the floats round to float32 in the kernel as torch.tensor rounds them here)."""
+    params = torch.tensor([[i, p.temperature, p.min_p, min(p.top_k, vocab), p.top_p] for i, p in zip(rows, params)],
+                          dtype=torch.float64)
+    return torch.cat([params, uniforms], dim=1)
 
 
 def _mask_eos_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
@@ -101,13 +150,14 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
         if not p.has_penalties:
             continue
         if p.repetition_penalty != 1.0:  # HF/vLLM semantics, over prompt and output tokens
-            seen = torch.zeros(vocab, dtype=torch.bool)
-            seen[torch.tensor(r.all_token_ids, dtype=torch.long).clamp_(max=vocab - 1)] = True
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(r.all_token_ids, dtype=torch.long, device=logits.device).clamp_(max=vocab - 1)] = True
             row = logits[i]
             penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             logits[i] = torch.where(seen, penalised, row)
         if p.frequency_penalty or p.presence_penalty:  # OpenAI semantics, over output tokens only
-            counts = torch.bincount(torch.tensor(r.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            outputs = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(outputs, minlength=vocab)[:vocab]
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
 
@@ -138,9 +188,25 @@ def _filtered_weights(logits: torch.Tensor, params: list) -> torch.Tensor:
 def logprob_entries(row: torch.Tensor, token_id: int, k: int) -> tuple[float, dict[int, Logprob]]:
     """The chosen token's logprob and rank, plus the k most likely tokens (row: [vocab] logprobs)."""
     sampled = float(row[token_id])
-    entries = {token_id: Logprob(sampled, int((row > sampled).sum()) + 1)}
-    if k:
-        values, ids = row.topk(k)
-        for rank, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-            entries.setdefault(t, Logprob(v, rank))
-    return sampled, entries
+    values, ids = row.topk(k) if k else (row[:0], row[:0])
+    return sampled, _entries(token_id, sampled, int((row > sampled).sum()) + 1, values.tolist(), ids.tolist())
+
+
+def _batched_logprob_entries(rows: torch.Tensor, token_ids: torch.Tensor,
+                             ks: list[int]) -> list[tuple[float, dict[int, Logprob]]]:
+    """logprob_entries of each row (rows: [n, vocab] logprobs, on any device), brought to the host in one copy:
+    float64 holds the float32 logprobs, the ranks and the token ids exactly."""
+    sampled = rows.gather(1, token_ids[:, None])
+    ranks = (rows > sampled).sum(dim=-1, keepdim=True) + 1
+    values, ids = rows.topk(max(ks), dim=-1)
+    width = values.shape[1]
+    table = torch.cat([t.double() for t in (token_ids[:, None], sampled, ranks, values, ids)], dim=1).cpu().tolist()
+    return [(row[1], _entries(int(row[0]), row[1], int(row[2]), row[3:3 + k], [int(t) for t in row[3 + width:][:k]]))
+            for row, k in zip(table, ks)]
+
+
+def _entries(token_id: int, sampled: float, rank: int, values: list[float], ids: list[int]) -> dict[int, Logprob]:
+    entries = {token_id: Logprob(sampled, rank)}
+    for top_rank, (v, t) in enumerate(zip(values, ids), start=1):
+        entries.setdefault(t, Logprob(v, top_rank))
+    return entries

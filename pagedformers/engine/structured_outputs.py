@@ -78,18 +78,20 @@ class GrammarMasks:
         self._bitmask: torch.Tensor | None = None
 
     def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[xgr.GrammarMatcher]) -> None:
-        """Set to -inf, in place, the logits of tokens each row's grammar forbids (logits: float32 [N, vocab])."""
+        """Set to -inf, in place, the logits of tokens each row's grammar forbids (logits: float32 [N, vocab], on
+        any device)."""
         vocab = logits.shape[-1]
         bitmask = self._bitmask
         if bitmask is None or bitmask.shape[0] < len(rows) or bitmask.shape[1] * 32 < vocab:
             bitmask = self._bitmask = xgr.allocate_token_bitmask(max(len(rows), 8), vocab)
         bitmask = bitmask[:len(rows)]
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        # Filled on the host; xgrammar applies a mask where the logits are (a GPU's own kernel), so it goes there
         if rows == list(range(logits.shape[0])):
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab)
+            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab)
         else:
-            xgr.apply_token_bitmask_inplace(logits, _spread(bitmask, rows, logits.shape[0]), vocab_size=vocab,
-                                            indices=rows)
+            xgr.apply_token_bitmask_inplace(logits, _spread(bitmask, rows, logits.shape[0]).to(logits.device),
+                                            vocab_size=vocab, indices=rows)
 
 
 def _spread(bitmask: torch.Tensor, rows: list[int], num_rows: int) -> torch.Tensor:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import importlib
 
-import torch
-
 from pagedformers.platforms.interface import EagerForward, Platform, StepForward
 
 # device type -> module whose PLATFORM is that device's platform (imported on first use)
@@ -23,9 +21,4 @@ def get_platform(device_type: str) -> Platform:
     return importlib.import_module(_PLATFORMS[device_type]).PLATFORM
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(dim=-1)` of [rows, vocab] logits, on the platform of the device that holds them."""
-    return get_platform(logits.device.type).argmax_rows(logits)
-
-
-__all__ = ["EagerForward", "Platform", "StepForward", "argmax_rows", "get_platform"]
+__all__ = ["EagerForward", "Platform", "StepForward", "get_platform"]

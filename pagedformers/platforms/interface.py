@@ -32,6 +32,9 @@ class StepForward(Protocol):
 
 class Platform(Protocol):
     device_type: str  # "cpu", "cuda"
+    # The sampler leaves the logits on the device and picks with argmax_rows and draw_rows; else it copies them to
+    # the host and draws there (engine/sampler.py).
+    draws_on_device: bool
 
     def specialize(self, model: Model, config: EngineConfig) -> StepForward:
         """Make a loaded model fast on this device (layer swaps, kernels, graph capture), in place; returns how
@@ -42,6 +45,11 @@ class Platform(Protocol):
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits.argmax(dim=-1)` of [rows, vocab] logits on this device: greedy sampling."""
+
+    def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """engine/sampler.py's `draw` on the device, where draws_on_device: table row j (float64, on the logits'
+        device) is (row, temperature, min_p, top_k, top_p, uniform); token_ids[row] (the argmax) becomes the
+        row's draw where the row has a distribution."""
 
 
 class EagerForward:

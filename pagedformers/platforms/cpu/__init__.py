@@ -29,6 +29,7 @@ KV_CACHE_SHARE, KV_CACHE_MAX = 0.3, 4 * _GiB  # of the memory available once the
 
 class CpuPlatform:
     device_type = "cpu"
+    draws_on_device = False  # the logits are on the host already: the sampler's torch code draws
 
     def specialize(self, model: Model, config: EngineConfig) -> StepForward:
         """Norms, then linears (packed once, siblings that a probe saw take one input sharing one matmul), then
@@ -59,6 +60,9 @@ class CpuPlatform:
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return argmax_rows(logits)
+
+    def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
+        raise NotImplementedError("the CPU platform draws on the host (draws_on_device is False)")
 
 
 def _swap_quantized_linears(model: Model, kernels: object | None) -> None:

@@ -1,7 +1,8 @@
 """CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, RMSNorm and SwiGLU
-MLPs swapped for Triton kernels (layers.py), the rest plain PyTorch; decode steps replayed from CUDA graphs
-(graphs.py). Never run on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and
-benchmarks/gpu_check.py checks this path where a GPU is."""
+MLPs swapped for Triton kernels (layers.py), greedy picks and draws on Triton kernels (sampling.py: the logits stay
+on the GPU), the rest plain PyTorch; decode steps replayed from CUDA graphs (graphs.py). Never run on a GPU in CI:
+the kernels are checked on CPU in Triton's interpreter, and benchmarks/gpu_check.py checks this path where a GPU
+is."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
+from pagedformers.platforms.cuda import sampling
 from pagedformers.platforms.cuda.graphs import Capture, CudaGraphs, capture_bucket_sizes, capture_cuda_graph
 from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
 from pagedformers.platforms.interface import EagerForward, StepForward, replays_decodes
@@ -17,6 +19,7 @@ from pagedformers.platforms.interface import EagerForward, StepForward, replays_
 
 class CudaPlatform:
     device_type = "cuda"
+    draws_on_device = True
 
     def specialize(self, model: Model, config: EngineConfig) -> StepForward:
         backend = config.device.attention_backend
@@ -46,7 +49,10 @@ class CudaPlatform:
         return kv_cache_budget(free, total, config.device.gpu_memory_utilization)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+        return sampling.argmax_rows(logits)
+
+    def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
+        sampling.draw_rows(logits, table, token_ids)
 
 
 def kv_cache_budget(free: int, total: int, utilization: float) -> int:
