@@ -20,10 +20,10 @@ from pagedformers.native_overrides.base import Fused, NativeCausalLM
 from pagedformers.native_overrides.layers import (
     AttentionLayer,
     RMSNorm,
+    Rotary,
     RotaryEmbedding,
     activation,
     column_linear,
-    rotate_half_rotary,
     row_linear,
     split_part,
 )
@@ -71,7 +71,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, c.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(d, c.rms_norm_eps) if variant.qk_norm else None
         no_rope = getattr(c, "no_rope_layers", None)  # SmolLM3: 1 where a layer uses RoPE
-        self.use_rope = not no_rope or bool(no_rope[i])
+        self.rotary = Rotary(d) if not no_rope or bool(no_rope[i]) else None
         self.head_dim = d
         self.attn = AttentionLayer(i, q.local // d, kv.local // d, d, d ** -0.5, sliding_window(c, i))
 
@@ -80,8 +80,8 @@ class LlamaAttention(nn.Module):
         q, k, v = (t.view(-1, n // self.head_dim, self.head_dim) for t, n in zip((q, k, v), self.sizes))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = rotate_half_rotary(q, cos, sin), rotate_half_rotary(k, cos, sin)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v))  # this rank's partial sum
 
 
@@ -113,9 +113,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         residual = x
         x = self.input_layernorm(x)
-        x = residual + self.tp.all_reduce(self.self_attn(x, cos, sin))
-        residual = x
-        x = self.post_attention_layernorm(x)
+        x, residual = self.post_attention_layernorm.add_norm(self.tp.all_reduce(self.self_attn(x, cos, sin)), residual)
         return residual + self.tp.all_reduce(self._modules[self.mlp_name](x))
 
 
