@@ -1,7 +1,8 @@
-"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, RMSNorm and SwiGLU
-MLPs swapped for Triton kernels (layers.py), the rest plain PyTorch; CUDA graphs are still to come. Never run
-on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and benchmarks/gpu_check.py checks this
-path where a GPU is."""
+"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default; RMSNorm, SwiGLU MLPs
+(layers.py), and in the native models the residual add with its norm, the rotary embedding (rotary.py) and the
+experts' grouped matmuls (moe.py) swapped for Triton kernels; the rest plain PyTorch; CUDA graphs are still to
+come. Never run on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and
+benchmarks/gpu_check.py checks this path where a GPU is."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
-from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
+from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_residual_norms, swap_rms_norms
+from pagedformers.platforms.cuda.moe import swap_grouped_linears
+from pagedformers.platforms.cuda.rotary import swap_rotaries
 from pagedformers.platforms.interface import EagerForward, StepForward
 
 
@@ -26,7 +29,10 @@ class CudaPlatform:
             raise ValueError(f"block_size={block}: the Triton attention kernels need a power of two of at least 16 "
                              "(tl.dot's smallest tile); or use attention_backend='torch'")
         swap_rms_norms(model)
+        swap_residual_norms(model)
         swap_gated_mlps(model)
+        swap_rotaries(model)
+        swap_grouped_linears(model)
         return EagerForward(model, create_attention_backend("triton" if backend == "auto" else backend))
 
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:

@@ -1,0 +1,110 @@
+"""Mixture-of-experts linears (native_overrides/moe.py's `GroupedLinear`: rows sorted by expert, every expert's
+[N, K] weight stacked [E, N, K]) as one Triton grouped GEMM, in place of `torch._grouped_mm`.
+
+The grid is (row tiles, column tiles) and each row tile belongs to one expert: expert e's rows make
+ceil(rows_e / BLOCK_M) tiles, numbered after the tiles of the experts before it. The tile -> expert map comes from
+`ends` on the device (a cumsum, then each program counts the experts whose tiles end at or before its own), so no
+host sync: the grid is sized for the worst case, ceil(M / BLOCK_M) + E row tiles, and programs past the last tile
+return at once. Inputs and weights as they are (bf16 or float32), float32 accumulation. A module is swapped only
+where the kernel gives what its own forward gives on a sample. No jit function of triton.language's standard
+library (see attention/triton_kernels.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import MethodType
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from pagedformers.platforms.module_swap import swap_forward_if_same
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # 16 rows: tl.dot's smallest tile, an expert's share of a decode step
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, tile_ends_ptr, stride_x, stride_we, stride_wn,
+                           stride_out, n, k, experts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, E_PAD: tl.constexpr):
+    """Program (i, j): row tile i (of its expert e) times columns j * BLOCK_N... of expert e's weight."""
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    es = tl.arange(0, E_PAD)
+    tile_ends = tl.load(tile_ends_ptr + es, mask=es < experts, other=2147483647)
+    e = tl.reduce((tile_ends <= i).to(tl.int32), 0, _add)  # the experts whose tiles all come before tile i
+    if e < experts:
+        first_tile = tl.load(tile_ends_ptr + e - 1, mask=e > 0, other=0)
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(ends_ptr + e)
+        rows = start + (i - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = rows < end, cols < n
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
+        w_cols = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn  # [E, N, K] is GBs
+        acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            kk = k0 + ks
+            a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < k), other=0.0)
+            b = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < k) & col_ok[None, :], other=0.0)  # [K, N]
+            acc += tl.dot(a, b, input_precision="ieee")  # float32 inputs: not TF32
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [M, K] sorted by expert, expert e's rows ending at ends[e] (int32, cumulative), weight [E, N, K] ->
+    [M, N], row r through its expert's weight; rows past the last end are left unwritten (as _grouped_mm's)."""
+    m, k = x.shape
+    experts, n, _ = weight.shape
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    tile_ends = ((counts + BLOCK_M - 1) // BLOCK_M).cumsum(0).to(torch.int32)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, BLOCK_M) + experts, triton.cdiv(n, BLOCK_N))
+    _grouped_matmul_kernel[grid](x, weight, out, ends, tile_ends, x.stride(0), weight.stride(0), weight.stride(1),
+                                 out.stride(0), n, k, experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 E_PAD=triton.next_power_of_2(experts))
+    return out
+
+
+class TritonGroupedLinear:
+    """A GroupedLinear's forward on the kernel; inputs it does not take go to the module's own forward."""
+
+    def __init__(self, original: Callable[..., torch.Tensor], weight: torch.Tensor) -> None:
+        self.original, self.weight = original, weight
+
+    def __call__(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] == 0 or x.dtype != self.weight.dtype or x.stride(-1) != 1 \
+                or self.weight.stride(-1) != 1 or ends.dtype != torch.int32 or ends.shape != self.weight.shape[:1]:
+            return self.original(x, ends)
+        return grouped_matmul(x, self.weight, ends)
+
+
+def swap_grouped_linears(model: nn.Module) -> int:
+    """Swap the forward of every GroupedLinear the kernel matches on a sample; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not (type(module).__name__ == "GroupedLinear" and isinstance(weight, nn.Parameter) and weight.dim() == 3
+                and isinstance(module.forward, MethodType)):
+            continue
+        swapped += swap_forward_if_same(module, TritonGroupedLinear(module.forward, weight), *_sample(weight))
+    return swapped
+
+
+def _sample(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 rows for the first expert, none for the second, 1 for the third, 3 for each other; the last end is the
+    row count (rows past it would come out unspecified)."""
+    experts, _, k = weight.shape
+    counts = torch.tensor([3, 0, 1] + [3] * experts)[:experts]
+    ends = counts.cumsum(0).to(device=weight.device, dtype=torch.int32)
+    x = torch.randn(int(counts.sum()), k, generator=torch.Generator().manual_seed(0))
+    return x.to(device=weight.device, dtype=weight.dtype), ends
