@@ -2,12 +2,12 @@
 [N, K] weight stacked [E, N, K]) as one Triton grouped GEMM, in place of `torch._grouped_mm`.
 
 The grid is (row tiles, column tiles) and each row tile belongs to one expert: expert e's rows make
-ceil(rows_e / BLOCK_M) tiles, numbered after the tiles of the experts before it. The tile -> expert map comes from
-`ends` on the device (a cumsum, then each program counts the experts whose tiles end at or before its own), so no
-host sync: the grid is sized for the worst case, ceil(M / BLOCK_M) + E row tiles, and programs past the last tile
-return at once. Inputs and weights as they are (bf16 or float32), float32 accumulation. A module is swapped only
-where the kernel gives what its own forward gives on a sample. No jit function of triton.language's standard
-library (see attention/triton_kernels.py).
+ceil(rows_e / BLOCK_M) tiles, numbered after the tiles of the experts before it. Each program maps its tile to
+its expert from `ends` itself (the experts' tile counts, their running sum, the experts whose tiles all come
+before its own), so there is no host sync and no op before the launch: the grid is sized for the worst case,
+ceil(M / BLOCK_M) + E row tiles, and programs past the last tile return at once. Inputs and weights as they are
+(bf16 or float32), float32 accumulation. A module is swapped only where the kernel gives what its own forward
+gives on a sample. No jit function of triton.language's standard library (see attention/triton_kernels.py).
 """
 
 from __future__ import annotations
@@ -31,19 +31,26 @@ def _add(a, b):
 
 
 @triton.jit
-def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, tile_ends_ptr, stride_x, stride_we, stride_wn,
-                           stride_out, n, k, experts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, E_PAD: tl.constexpr):
+def _pick(values, index, slots):
+    """values[index] of a vector (a gather in registers)."""
+    return tl.reduce(tl.where(slots == index, values, 0), 0, _add)
+
+
+@triton.jit
+def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, stride_x, stride_we, stride_wn, stride_out, n, k,
+                           experts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           E_PAD: tl.constexpr):
     """Program (i, j): row tile i (of its expert e) times columns j * BLOCK_N... of expert e's weight."""
     i = tl.program_id(0)
     j = tl.program_id(1)
     es = tl.arange(0, E_PAD)
-    tile_ends = tl.load(tile_ends_ptr + es, mask=es < experts, other=2147483647)
-    e = tl.reduce((tile_ends <= i).to(tl.int32), 0, _add)  # the experts whose tiles all come before tile i
+    ends = tl.load(ends_ptr + es, mask=es < experts, other=0)
+    starts = tl.load(ends_ptr + es - 1, mask=(es > 0) & (es < experts), other=0)
+    tile_ends = tl.associative_scan((ends - starts + BLOCK_M - 1) // BLOCK_M, 0, _add)  # padding: 0 tiles
+    e = tl.reduce(((tile_ends <= i) & (es < experts)).to(tl.int32), 0, _add)  # experts all of whose tiles precede i
     if e < experts:
-        first_tile = tl.load(tile_ends_ptr + e - 1, mask=e > 0, other=0)
-        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(ends_ptr + e)
+        first_tile = _pick(tile_ends, e - 1, es)  # 0 for the first expert
+        start, end = _pick(starts, e, es), _pick(ends, e, es)
         rows = start + (i - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
@@ -65,11 +72,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     [M, N], row r through its expert's weight; rows past the last end are left unwritten (as _grouped_mm's)."""
     m, k = x.shape
     experts, n, _ = weight.shape
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    tile_ends = ((counts + BLOCK_M - 1) // BLOCK_M).cumsum(0).to(torch.int32)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, BLOCK_M) + experts, triton.cdiv(n, BLOCK_N))
-    _grouped_matmul_kernel[grid](x, weight, out, ends, tile_ends, x.stride(0), weight.stride(0), weight.stride(1),
+    _grouped_matmul_kernel[grid](x, weight, out, ends, x.stride(0), weight.stride(0), weight.stride(1),
                                  out.stride(0), n, k, experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                  E_PAD=triton.next_power_of_2(experts))
     return out
