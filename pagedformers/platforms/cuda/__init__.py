@@ -7,6 +7,7 @@ benchmarks/gpu_check.py checks this path where a GPU is."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
@@ -28,11 +29,7 @@ class CudaPlatform:
         if backend in ("auto", "triton") and (block < 16 or block & (block - 1)):
             raise ValueError(f"block_size={block}: the Triton attention kernels need a power of two of at least 16 "
                              "(tl.dot's smallest tile); or use attention_backend='torch'")
-        swap_rms_norms(model)
-        swap_residual_norms(model)
-        swap_gated_mlps(model)
-        swap_rotaries(model)
-        swap_grouped_linears(model)
+        swap_layers(model)
         return EagerForward(model, create_attention_backend("triton" if backend == "auto" else backend))
 
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:
@@ -41,6 +38,13 @@ class CudaPlatform:
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
+
+
+def swap_layers(model: nn.Module) -> tuple[int, int, int, int, int]:
+    """Every layer swap of the platform, each kept only where its kernel matches the module's own forward: how
+    many RMSNorms, residual add + norms, SwiGLU MLPs, rotaries and grouped linears run on a kernel."""
+    return (swap_rms_norms(model), swap_residual_norms(model), swap_gated_mlps(model), swap_rotaries(model),
+            swap_grouped_linears(model))
 
 
 def kv_cache_budget(free: int, total: int, utilization: float) -> int:

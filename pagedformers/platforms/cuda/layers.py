@@ -101,9 +101,9 @@ def swap_gated_mlps(model: nn.Module) -> int:
         inputs = packed if packed is not None else linears[0]
         if not (isinstance(down, nn.Module) and _is_silu(getattr(module, "act_fn", None))
                 and (packed is not None or all(isinstance(m, nn.Module) for m in linears))
-                and isinstance(getattr(inputs, "weight", None), torch.Tensor)
+                and isinstance(getattr(inputs, "weight", None), torch.Tensor) and inputs.weight.dim() == 2
                 and isinstance(module.forward, MethodType)):
-            continue  # not a SwiGLU MLP, or swapped already
+            continue  # not a SwiGLU MLP (a MoE's experts: stacked [E, N, K] weights), or swapped already
         swapped += swap_forward_if_same(module, TritonGatedMLP(module.forward, module),
                                         _sample(inputs.weight.shape[1], inputs.weight))
     return swapped

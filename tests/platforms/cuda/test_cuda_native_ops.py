@@ -3,13 +3,15 @@ embedding, the residual add fused with its RMSNorm and the experts' grouped matm
 model's own PyTorch, then swapped into native Llama and Qwen3-MoE engines against HF's tokens."""
 
 import os
+from types import MethodType
 
 import pytest
 import torch
 from torch import nn
 
 from pagedformers import LLM, SamplingParams
-from pagedformers.native_overrides.layers import RMSNorm, Rotary
+from pagedformers.native_overrides.layers import RMSNorm
+from pagedformers.native_overrides.layers import Rotary as NativeRotary
 from pagedformers.tools.family_check import save_tiny_family
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
 
@@ -19,8 +21,9 @@ def cuda():
     """The platform's modules, imported with TRITON_INTERPRET=1 (Triton decides at a kernel's definition)."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    from pagedformers.platforms import cuda
     from pagedformers.platforms.cuda import kernels, layers, moe, rotary
-    yield kernels, layers, moe, rotary
+    yield kernels, layers, moe, rotary, cuda.swap_layers
     if before is None:
         del os.environ["TRITON_INTERPRET"]
     else:
@@ -32,22 +35,35 @@ def cuda():
 @pytest.mark.parametrize("head_dim, rotary_dim, interleaved", [(24, 24, False), (24, 8, False), (40, 20, True),
                                                                (16, 16, True)])
 def test_rotary_matches_the_native_module(cuda, head_dim, rotary_dim, interleaved):
-    _, _, _, rotary = cuda
+    _, _, _, rotary, _ = cuda
     torch.manual_seed(head_dim + rotary_dim)
     tokens, heads, kv_heads = 6, 3, 2
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)  # q and k as views of a fused projection
     q, k = qkv[:, :heads * head_dim].view(tokens, heads, head_dim), \
         qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     cos, sin = torch.randn(2, tokens, 1, rotary_dim)
-    expected = Rotary(head_dim, rotary_dim, interleaved)(q, k, cos, sin)
+    expected = NativeRotary(head_dim, rotary_dim, interleaved)(q, k, cos, sin)
     ours = rotary.rotary_embed(q, k, cos, sin, rotary_dim, interleaved)
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # each product rounded, then the sum: torch's order
 
 
+def test_a_rotary_the_kernel_does_not_match_keeps_its_forward(cuda):
+    _, _, _, rotary, _ = cuda
+
+    class Rotary(NativeRotary):  # a variant by the same name: the sample check, not the name, decides
+        def forward(self, q, k, cos, sin):
+            q, k = super().forward(q, k, cos, sin)
+            return q * 2, k
+
+    model = nn.Sequential(nn.Linear(4, 4), Rotary(16), NativeRotary(16, 8, interleaved=True))
+    assert rotary.swap_rotaries(model) == 1
+    assert isinstance(model[1].forward, MethodType) and isinstance(model[2].forward, rotary.TritonRotary)
+
+
 @pytest.mark.parametrize("width", [64, 200])
 def test_add_rms_norm_matches_the_native_norm(cuda, width):
-    kernels, _, _, _ = cuda
+    kernels, _, _, _, _ = cuda
     torch.manual_seed(width)
     norm = RMSNorm(width, 1e-6)
     norm.weight = nn.Parameter(torch.randn(width), requires_grad=False)
@@ -67,7 +83,7 @@ def nan_padded(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_grouped_matmul_matches_each_experts_matmul(cuda):
-    _, _, moe, _ = cuda
+    _, _, moe, _, _ = cuda
     torch.manual_seed(0)
     # experts with no rows (first, middle, last), one row, a full tile, a tile and one row, a few
     counts = [0, 1, 16, 0, 17, 5, 0]
@@ -91,13 +107,12 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
 
 
 def test_native_llama_with_fused_rotary_and_residual_norms_gives_hf_tokens(cuda, tmp_path, monkeypatch):
-    _, layers, _, rotary = cuda
+    _, layers, _, rotary, swap_layers = cuda
     path = str(save_tiny_model(tmp_path / "llama", "llama"))
     prompts = [list(range(5, 12)), list(range(20, 45))]
     llm = LLM(path, model_impl="native", dtype="float32", enforce_eager=True)
-    counts = llm.apply_model(lambda m: (layers.swap_rms_norms(m), layers.swap_residual_norms(m),
-                                        rotary.swap_rotaries(m)))[0]
-    assert counts == (2 * 2 + 1, 2 * 2 + 1, 2)  # every native norm may fuse an add (one a layer does); 1 rotary a layer
+    # norms, add + norms (every native norm may fuse an add; one a layer does), MLPs, rotaries, grouped linears
+    assert llm.apply_model(swap_layers)[0] == (2 * 2 + 1, 2 * 2 + 1, 2, 2, 0)
     calls = count_calls(monkeypatch, layers, "add_rms_norm"), count_calls(monkeypatch, rotary, "rotary_embed")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -106,11 +121,13 @@ def test_native_llama_with_fused_rotary_and_residual_norms_gives_hf_tokens(cuda,
 
 
 def test_native_moe_on_the_grouped_matmul_gives_hf_tokens(cuda, tmp_path, monkeypatch):
-    _, _, moe, _ = cuda
+    _, _, moe, _, swap_layers = cuda
     path = save_tiny_family("qwen3_moe", tmp_path / "qwen3_moe")
     prompts = [list(range(5, 14)), list(range(30, 34))]
     llm = LLM(path, model_impl="native", dtype="float32", enforce_eager=True)
-    assert llm.apply_model(moe.swap_grouped_linears)[0] == 2 * 2  # gate_up and down, a layer
+    # 2 layers of input, post-attention, q and k norms, and the final norm; no dense MLP (it is the experts', which
+    # the MLP swap must leave alone); a rotary, and gate_up and down grouped linears, a layer
+    assert llm.apply_model(swap_layers)[0] == (2 * 4 + 1, 2 * 4 + 1, 0, 2, 2 * 2)
     calls = count_calls(monkeypatch, moe, "grouped_matmul")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
