@@ -2,7 +2,8 @@
 without RoPE), and the MoE members Mixtral and Qwen3-MoE (moe.py's experts in place of the MLP).
 
 Q, K and V load into one `qkv_proj`, gate and up into one `gate_up_proj`; the residual add and the next norm stay
-adjacent, as in transformers, so the CPU platform fuses them.
+adjacent, as in transformers, so the CPU platform fuses them in decode graphs (within a layer they are one
+`add_norm` call, which the CUDA platform runs on one kernel).
 """
 
 from __future__ import annotations

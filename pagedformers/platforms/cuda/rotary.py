@@ -65,8 +65,7 @@ def rotary_embed(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     [T, 1, rotary_dim] -> rotated copies of q and k, contiguous."""
     tokens, q_heads, head_dim = q.shape
     k_heads = k.shape[1]
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
-                                                                                       device=k.device)
+    q_out, k_out = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
     _rotary_kernel[(tokens, q_heads + k_heads)](
         q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         q_heads, k_heads, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), ROTARY_DIM=rotary_dim,
