@@ -133,3 +133,16 @@ def test_native_moe_on_the_grouped_matmul_gives_hf_tokens(cuda, tmp_path, monkey
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 8)
     assert calls
+
+
+def test_native_gptj_on_the_interleaved_partial_rotary_gives_hf_tokens(cuda, tmp_path, monkeypatch):
+    _, _, _, rotary, swap_layers = cuda
+    path = save_tiny_family("gptj", tmp_path / "gptj")  # rotary on 8 of each head's 16 features
+    prompts = [list(range(5, 14))]
+    llm = LLM(path, model_impl="native", dtype="float32", enforce_eager=True)
+    assert llm.apply_model(swap_layers)[0] == (0, 0, 0, 2, 0)  # LayerNorms and a GELU MLP: only the rotaries
+    calls = count_calls(monkeypatch, rotary, "rotary_embed")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 8)
+    assert calls
