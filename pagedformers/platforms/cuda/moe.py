@@ -106,10 +106,10 @@ def swap_grouped_linears(model: nn.Module) -> int:
 
 
 def _sample(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3 rows for the first expert, none for the second, 1 for the third, 3 for each other; the last end is the
-    row count (rows past it would come out unspecified)."""
+    """Two row tiles for the first expert, no rows for the second, 1 for the third, 3 for each other; the last end
+    is the row count (rows past it would come out unspecified)."""
     experts, _, k = weight.shape
-    counts = torch.tensor([3, 0, 1] + [3] * experts)[:experts]
+    counts = torch.tensor([BLOCK_M + 1, 0, 1] + [3] * experts)[:experts]
     ends = counts.cumsum(0).to(device=weight.device, dtype=torch.int32)
     x = torch.randn(int(counts.sum()), k, generator=torch.Generator().manual_seed(0))
     return x.to(device=weight.device, dtype=weight.dtype), ends
