@@ -1,8 +1,9 @@
 """CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default; RMSNorm, SwiGLU MLPs
 (layers.py), and in the native models the residual add with its norm, the rotary embedding (rotary.py) and the
 experts' grouped matmuls (moe.py) swapped for Triton kernels; the rest plain PyTorch; CUDA graphs are still to
-come. Never run on a GPU in CI: the kernels are checked on CPU in Triton's interpreter, and
-benchmarks/gpu_check.py checks this path where a GPU is."""
+come. Never run on a GPU in CI: the kernels are checked on CPU in Triton's interpreter (float32), and
+benchmarks/gpu_check.py checks this path where a GPU is (benchmarks/cuda_kernels_check.py: the native models'
+op kernels in bf16)."""
 
 from __future__ import annotations
 
