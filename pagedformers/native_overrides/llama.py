@@ -2,8 +2,8 @@
 without RoPE), and the MoE members Mixtral and Qwen3-MoE (moe.py's experts in place of the MLP).
 
 Q, K and V load into one `qkv_proj`, gate and up into one `gate_up_proj`; the residual add and the next norm stay
-adjacent, as in transformers, so the CPU platform fuses them in decode graphs (within a layer they are one
-`add_norm` call, which the CUDA platform runs on one kernel).
+adjacent, as in transformers, so the CPU platform fuses them in decode graphs; they are one `add_norm` call (vLLM's
+layers pass (hidden, residual) pairs likewise), which the CUDA platform runs on one kernel.
 """
 
 from __future__ import annotations
@@ -111,11 +111,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp_name = "block_sparse_moe" if c.model_type == "mixtral" else "mlp"  # as the checkpoint names it
         self.add_module(self.mlp_name, mlp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        residual = x
-        x = self.input_layernorm(x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> the MLP's output and the residual it is still to be added to (by the next norm's
+        add_norm); residual None: x is the hidden states themselves (a stage's first layer)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_norm(x, residual)
         x, residual = self.post_attention_layernorm.add_norm(self.tp.all_reduce(self.self_attn(x, cos, sin)), residual)
-        return residual + self.tp.all_reduce(self._modules[self.mlp_name](x))
+        return self.tp.all_reduce(self._modules[self.mlp_name](x)), residual
 
 
 class Trunk(nn.Module):
@@ -124,6 +129,7 @@ class Trunk(nn.Module):
 
 class LlamaForCausalLM(NativeCausalLM):
     supports_pp: ClassVar[Literal[True]] = True
+    layers_pass_residuals: ClassVar[bool] = True  # LlamaDecoderLayer's (output, residual); a subclass's may not
     fused = (Fused(".q_proj.", ".qkv_proj.", "q"), Fused(".k_proj.", ".qkv_proj.", "k"),
              Fused(".v_proj.", ".qkv_proj.", "v"), Fused(".gate_proj.", ".gate_up_proj.", 0),
              Fused(".up_proj.", ".gate_up_proj.", 1))
@@ -147,6 +153,19 @@ class LlamaForCausalLM(NativeCausalLM):
 
     def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         return self.model.rotary_emb(positions, dtype)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """NativeCausalLM's, each layer's last residual add left to the norm after it (the next layer's, the final
+        one) as one add_norm call; a stage before the last adds it itself."""
+        if not self.layers_pass_residuals:
+            return super().run_layers(hidden, positions)
+        cos, sin = self.layer_inputs(positions, hidden.dtype)
+        residual = None
+        for i in self.own_layers:
+            hidden, residual = self.model.layers[i](hidden, cos, sin, residual)
+        if not self.parallel.is_last_stage:
+            return residual + hidden
+        return self.model.norm.add_norm(hidden, residual)[0]
 
     def checkpoint_targets(self, name: str) -> list[tuple[str, object]]:
         target = self.expert_names.target(name)

@@ -6,6 +6,7 @@ shell refuses it."""
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,8 @@ class StableLmDecoderLayer(nn.Module):
 
 
 class StableLmForCausalLM(LlamaForCausalLM):
+    layers_pass_residuals: ClassVar[bool] = False  # LayerNorms: each layer adds its own
+
     def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         NativeCausalLM.__init__(self, config, parallel)
         c = self.hf_config
