@@ -22,7 +22,10 @@ from torch import nn
 
 from pagedformers.platforms.module_swap import swap_forward_if_same
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # 16 rows: tl.dot's smallest tile, an expert's share of a decode step
+# (rows, columns, depth) of a tile, vLLM's default fused-MoE choice (untuned here): 16 rows, tl.dot's smallest,
+# where the experts hold a row or less each on average (decode steps); 64 beyond, so each weight tile read serves
+# 4x the rows
+DECODE_TILES, PREFILL_TILES = (16, 32, 64), (64, 64, 32)
 
 
 @triton.jit
@@ -67,15 +70,18 @@ def _grouped_matmul_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, stride_x, stride_we,
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
+                   tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] sorted by expert, expert e's rows ending at ends[e] (int32, cumulative), weight [E, N, K] ->
-    [M, N], row r through its expert's weight; rows past the last end are left unwritten (as _grouped_mm's)."""
+    [M, N], row r through its expert's weight; rows past the last end are left unwritten (as _grouped_mm's).
+    `tiles`: (rows, columns, depth) of a program's tile, powers of two of at least 16; by M / E if None."""
     m, k = x.shape
     experts, n, _ = weight.shape
+    block_m, block_n, block_k = tiles or (DECODE_TILES if m <= experts else PREFILL_TILES)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, BLOCK_M) + experts, triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(m, block_m) + experts, triton.cdiv(n, block_n))
     _grouped_matmul_kernel[grid](x, weight, out, ends, x.stride(0), weight.stride(0), weight.stride(1),
-                                 out.stride(0), n, k, experts, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                 out.stride(0), n, k, experts, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                  E_PAD=triton.next_power_of_2(experts))
     return out
 
@@ -106,10 +112,10 @@ def swap_grouped_linears(model: nn.Module) -> int:
 
 
 def _sample(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two row tiles for the first expert, no rows for the second, 1 for the third, 3 for each other; the last end
-    is the row count (rows past it would come out unspecified)."""
+    """Two row tiles of the kernel's larger tiles for the first expert, no rows for the second, 1 for the third, 3
+    for each other; the last end is the row count (rows past it would come out unspecified)."""
     experts, _, k = weight.shape
-    counts = torch.tensor([BLOCK_M + 1, 0, 1] + [3] * experts)[:experts]
+    counts = torch.tensor([PREFILL_TILES[0] + 1, 0, 1] + [3] * experts)[:experts]
     ends = counts.cumsum(0).to(device=weight.device, dtype=torch.int32)
     x = torch.randn(int(counts.sum()), k, generator=torch.Generator().manual_seed(0))
     return x.to(device=weight.device, dtype=weight.dtype), ends

@@ -82,17 +82,18 @@ def nan_padded(t: torch.Tensor) -> torch.Tensor:
     return padded[..., :t.shape[-1]]
 
 
-def test_grouped_matmul_matches_each_experts_matmul(cuda):
+@pytest.mark.parametrize("tiles", [(16, 32, 64), (64, 64, 32)])  # the decode and prefill tiles
+def test_grouped_matmul_matches_each_experts_matmul(cuda, tiles):
     _, _, moe, _, _ = cuda
     torch.manual_seed(0)
-    # experts with no rows (first, middle, last), one row, a full tile, a tile and one row, a few
-    counts = [0, 1, 16, 0, 17, 5, 0]
+    # experts with no rows (first, middle, last), one row, a full tile, a tile and one row (of either size), a few
+    counts = [0, 1, 16, 0, 17, 5, 65, 0]
     ends = torch.tensor(counts).cumsum(0).to(torch.int32)
-    k, n = 69, 83  # odd, each over a block boundary (64)
+    k, n = 69, 83  # odd, each over a tile boundary (32 and 64)
     # 3 rows past every expert's; NaN past column k, where a load the K mask missed would read
     x = nan_padded(torch.randn(int(ends[-1]) + 3, k))
     weight = nan_padded(torch.randn(len(counts), n, k))
-    ours = moe.grouped_matmul(x, weight, ends)
+    ours = moe.grouped_matmul(x, weight, ends, tiles)
     start = 0
     for e, end in enumerate(ends.tolist()):
         torch.testing.assert_close(ours[start:end], x[start:end] @ weight[e].T, msg=f"expert {e}")
