@@ -34,6 +34,8 @@ class TritonRMSNorm:
 
 
 class TritonAddRMSNorm:
+    """A native RMSNorm's add_norm on the fused kernel; inputs it does not take go to the module's own."""
+
     def __init__(self, original: Callable[..., tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor,
                  eps: float) -> None:
         self.original, self.weight, self.eps = original, weight, eps
