@@ -17,13 +17,13 @@ from pagedformers.config import EngineConfig
 from pagedformers.native_overrides.base import NativeCausalLM
 from pagedformers.native_overrides.layers import (
     AttentionLayer,
+    Rotary,
     RotaryEmbedding,
     activation,
     alibi_slopes,
     column_linear,
     layer_norm,
     read_tensor,
-    rotate_half_rotary,
     row_linear,
     split_part,
     with_loader,
@@ -81,7 +81,7 @@ class FalconAttention(nn.Module):
         self.query_key_value = rows_linear(c.hidden_size, qkv_rows(c, tp), c.bias)
         self.dense = row_linear(c.hidden_size, c.hidden_size, c.bias, tp)
         self.attn = AttentionLayer(i, q.local // d, kv.local // d, d, d ** -0.5)
-        self.rotary = not c.alibi
+        self.rotary = None if c.alibi else Rotary(d)
         if c.alibi:  # transformers scales (q.k + alibi) as a whole: the slopes too
             slopes = alibi_slopes(c.num_attention_heads)[q.start // d:(q.start + q.local) // d] * d ** -0.5
             setattr(self.attn, ALIBI_SLOPES, slopes)
@@ -89,8 +89,8 @@ class FalconAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.query_key_value(x).split(self.sizes, dim=-1)
         q, k, v = (t.view(-1, n // self.head_dim, self.head_dim) for t, n in zip((q, k, v), self.sizes))
-        if self.rotary:
-            q, k = rotate_half_rotary(q, cos, sin), rotate_half_rotary(k, cos, sin)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, cos, sin)
         return self.dense(self.attn(q, k, v))
 
 

@@ -14,9 +14,9 @@ from pagedformers.config import EngineConfig
 from pagedformers.native_overrides.base import Fused, NativeCausalLM
 from pagedformers.native_overrides.layers import (
     AttentionLayer,
+    Rotary,
     activation,
     column_linear,
-    interleaved_rotary,
     layer_norm,
     rope_inv_freq,
     row_linear,
@@ -41,14 +41,13 @@ class GPTJBlock(nn.Module):
         self.mlp.fc_in = column_linear(c.n_embd, {None: split_part(inner, tp)}, bias=True)
         self.mlp.fc_out = row_linear(inner, c.n_embd, True, tp)
         self.act = activation(c.activation_function)
-        self.heads, self.head_dim, self.rotary_dim = heads.local // d, d, c.rotary_dim or d
+        self.heads, self.head_dim = heads.local // d, d
+        self.rotary = Rotary(d, c.rotary_dim or d, interleaved=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
         q, k, v = (t.view(-1, self.heads, self.head_dim) for t in self.attn.qkv_proj(h).chunk(3, dim=-1))
-        r = self.rotary_dim
-        q = torch.cat((interleaved_rotary(q[..., :r], cos, sin), q[..., r:]), dim=-1)
-        k = torch.cat((interleaved_rotary(k[..., :r], cos, sin), k[..., r:]), dim=-1)
+        q, k = self.rotary(q, k, cos, sin)
         attn = self.attn.out_proj(self.attn.paged(q, k, v))
         mlp = self.mlp.fc_out(self.act(self.mlp.fc_in(h)))
         return self.tp.all_reduce(attn + mlp) + x

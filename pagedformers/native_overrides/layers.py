@@ -125,6 +125,12 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual add and this norm, one call a platform may fuse
+        (vLLM's fused_add_rms_norm); eagerly the very ops of the two, so traced graphs keep their add -> norm."""
+        summed = residual + x
+        return self(summed), summed
+
 
 def layer_norm(size: int, eps: float, bias: bool = True) -> nn.LayerNorm:
     return replicated(nn.LayerNorm(size, eps=eps, bias=bias, device="meta"))
@@ -168,6 +174,27 @@ def interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     x1, x2 = x[..., ::2], x[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return x * cos + rotated * sin
+
+
+class Rotary(nn.Module):
+    """q and k's rotary embedding on each head's first `rotary_dim` features (the rest pass through): rotate-half
+    (Llama) or interleaved pairs (GPT-J). A module of its own so a platform can swap its forward for a kernel."""
+
+    def __init__(self, head_dim: int, rotary_dim: int | None = None, interleaved: bool = False) -> None:
+        super().__init__()
+        self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim or head_dim, interleaved
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, H_kv, D], cos and sin [T, 1, rotary_dim] -> rotated q and k."""
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotary = interleaved_rotary if self.interleaved else rotate_half_rotary
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return rotary(x, cos, sin)
+        return torch.cat((rotary(x[..., :r], cos, sin), x[..., r:]), dim=-1)
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:

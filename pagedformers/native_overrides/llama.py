@@ -2,7 +2,8 @@
 without RoPE), and the MoE members Mixtral and Qwen3-MoE (moe.py's experts in place of the MLP).
 
 Q, K and V load into one `qkv_proj`, gate and up into one `gate_up_proj`; the residual add and the next norm stay
-adjacent, as in transformers, so the CPU platform fuses them.
+adjacent, as in transformers, so the CPU platform fuses them in decode graphs; they are one `add_norm` call (vLLM's
+layers pass (hidden, residual) pairs likewise), which the CUDA platform runs on one kernel.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pagedformers.native_overrides.base import Fused, NativeCausalLM
 from pagedformers.native_overrides.layers import (
     AttentionLayer,
     RMSNorm,
+    Rotary,
     RotaryEmbedding,
     activation,
     column_linear,
-    rotate_half_rotary,
     row_linear,
     split_part,
 )
@@ -71,7 +72,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, c.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(d, c.rms_norm_eps) if variant.qk_norm else None
         no_rope = getattr(c, "no_rope_layers", None)  # SmolLM3: 1 where a layer uses RoPE
-        self.use_rope = not no_rope or bool(no_rope[i])
+        self.rotary = Rotary(d) if not no_rope or bool(no_rope[i]) else None
         self.head_dim = d
         self.attn = AttentionLayer(i, q.local // d, kv.local // d, d, d ** -0.5, sliding_window(c, i))
 
@@ -80,8 +81,8 @@ class LlamaAttention(nn.Module):
         q, k, v = (t.view(-1, n // self.head_dim, self.head_dim) for t, n in zip((q, k, v), self.sizes))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = rotate_half_rotary(q, cos, sin), rotate_half_rotary(k, cos, sin)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v))  # this rank's partial sum
 
 
@@ -110,13 +111,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp_name = "block_sparse_moe" if c.model_type == "mixtral" else "mlp"  # as the checkpoint names it
         self.add_module(self.mlp_name, mlp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        residual = x
-        x = self.input_layernorm(x)
-        x = residual + self.tp.all_reduce(self.self_attn(x, cos, sin))
-        residual = x
-        x = self.post_attention_layernorm(x)
-        return residual + self.tp.all_reduce(self._modules[self.mlp_name](x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> the MLP's output and the residual it is still to be added to (by the next norm's
+        add_norm); residual None: x is the hidden states themselves (a stage's first layer)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_norm(x, residual)
+        x, residual = self.post_attention_layernorm.add_norm(self.tp.all_reduce(self.self_attn(x, cos, sin)), residual)
+        return self.tp.all_reduce(self._modules[self.mlp_name](x)), residual
 
 
 class Trunk(nn.Module):
@@ -125,6 +129,7 @@ class Trunk(nn.Module):
 
 class LlamaForCausalLM(NativeCausalLM):
     supports_pp: ClassVar[Literal[True]] = True
+    layers_pass_residuals: ClassVar[bool] = True  # LlamaDecoderLayer's (output, residual); a subclass's may not
     fused = (Fused(".q_proj.", ".qkv_proj.", "q"), Fused(".k_proj.", ".qkv_proj.", "k"),
              Fused(".v_proj.", ".qkv_proj.", "v"), Fused(".gate_proj.", ".gate_up_proj.", 0),
              Fused(".up_proj.", ".gate_up_proj.", 1))
@@ -148,6 +153,19 @@ class LlamaForCausalLM(NativeCausalLM):
 
     def layer_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         return self.model.rotary_emb(positions, dtype)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """NativeCausalLM's, each layer's last residual add left to the norm after it (the next layer's, the final
+        one) as one add_norm call; a stage before the last adds it itself."""
+        if not self.layers_pass_residuals:
+            return super().run_layers(hidden, positions)
+        cos, sin = self.layer_inputs(positions, hidden.dtype)
+        residual = None
+        for i in self.own_layers:
+            hidden, residual = self.model.layers[i](hidden, cos, sin, residual)
+        if not self.parallel.is_last_stage:
+            return residual + hidden
+        return self.model.norm.add_norm(hidden, residual)[0]
 
     def checkpoint_targets(self, name: str) -> list[tuple[str, object]]:
         target = self.expert_names.target(name)

@@ -6,6 +6,7 @@ shell refuses it."""
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +17,10 @@ from pagedformers.config import EngineConfig
 from pagedformers.native_overrides.base import NativeCausalLM
 from pagedformers.native_overrides.layers import (
     AttentionLayer,
+    Rotary,
     column_linear,
     layer_norm,
     read_tensor,
-    rotate_half_rotary,
     row_linear,
     split_part,
     with_loader,
@@ -55,7 +56,7 @@ class StableLmAttention(nn.Module):
         q = split_part(c.num_attention_heads * d, tp, d)
         kv = split_part(c.num_key_value_heads * d, tp, d)
         self.sizes, self.head_dim = [q.local, kv.local, kv.local], d
-        self.rotary_dim = int(d * c.rope_parameters.get("partial_rotary_factor", 1.0))
+        self.rotary = Rotary(d, int(d * c.rope_parameters.get("partial_rotary_factor", 1.0)))
         self.qkv_proj = column_linear(c.hidden_size, {"q": q, "k": kv, "v": kv}, c.use_qkv_bias)
         self.o_proj = row_linear(c.hidden_size, c.hidden_size, False, tp)
         self.q_layernorm = self.k_layernorm = None
@@ -69,9 +70,7 @@ class StableLmAttention(nn.Module):
         q, k, v = (t.view(-1, n // self.head_dim, self.head_dim) for t, n in zip((q, k, v), self.sizes))
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        r = self.rotary_dim
-        q = torch.cat((rotate_half_rotary(q[..., :r], cos, sin), q[..., r:]), dim=-1)
-        k = torch.cat((rotate_half_rotary(k[..., :r], cos, sin), k[..., r:]), dim=-1)
+        q, k = self.rotary(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -94,6 +93,8 @@ class StableLmDecoderLayer(nn.Module):
 
 
 class StableLmForCausalLM(LlamaForCausalLM):
+    layers_pass_residuals: ClassVar[bool] = False  # LayerNorms: each layer adds its own
+
     def __init__(self, config: EngineConfig, parallel: ParallelState = SINGLE) -> None:
         NativeCausalLM.__init__(self, config, parallel)
         c = self.hf_config

@@ -1,19 +1,23 @@
-"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default, RMSNorm and SwiGLU
-MLPs swapped for Triton kernels (layers.py), greedy picks and draws on Triton kernels (sampling.py: the logits stay
-on the GPU), the rest plain PyTorch; decode steps replayed from CUDA graphs (graphs.py). Never run on a GPU in CI:
-the kernels are checked on CPU in Triton's interpreter, and benchmarks/gpu_check.py checks this path where a GPU
-is."""
+"""CUDA devices: attention on the Triton kernels (attention/triton_backend.py) by default; RMSNorm, SwiGLU MLPs
+(layers.py), and in the native models the residual add with its norm, the rotary embedding (rotary.py) and the
+experts' grouped matmuls (moe.py) swapped for Triton kernels; greedy picks and draws on Triton kernels (sampling.py:
+the logits stay on the GPU); the rest plain PyTorch; decode steps replayed from CUDA graphs (graphs.py). Never run
+on a GPU in CI: the kernels are checked on CPU in Triton's interpreter (float32), and benchmarks/gpu_check.py checks
+this path where a GPU is (benchmarks/cuda_kernels_check.py: the native models' op kernels in bf16)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pagedformers.attention import create_attention_backend
 from pagedformers.config import EngineConfig
 from pagedformers.model.interface import Model
 from pagedformers.platforms.cuda import sampling
 from pagedformers.platforms.cuda.graphs import Capture, CudaGraphs, capture_bucket_sizes, capture_cuda_graph
-from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_rms_norms
+from pagedformers.platforms.cuda.layers import swap_gated_mlps, swap_residual_norms, swap_rms_norms
+from pagedformers.platforms.cuda.moe import swap_grouped_linears
+from pagedformers.platforms.cuda.rotary import swap_rotaries
 from pagedformers.platforms.interface import EagerForward, StepForward, replays_decodes
 
 
@@ -29,8 +33,7 @@ class CudaPlatform:
         if backend in ("auto", "triton") and (block < 16 or block & (block - 1)):
             raise ValueError(f"block_size={block}: the Triton attention kernels need a power of two of at least 16 "
                              "(tl.dot's smallest tile); or use attention_backend='torch'")
-        swap_rms_norms(model)
-        swap_gated_mlps(model)
+        swap_layers(model)
         attention = create_attention_backend("triton" if backend == "auto" else backend)
         # Padding rows of a captured batch write to slot -1, which only the Triton write kernel skips
         if attention.name == "triton" and replays_decodes(model, config):
@@ -53,6 +56,13 @@ class CudaPlatform:
 
     def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
         sampling.draw_rows(logits, table, token_ids)
+
+
+def swap_layers(model: nn.Module) -> tuple[int, int, int, int, int]:
+    """Every layer swap of the platform, each kept only where its kernel matches the module's own forward: how
+    many RMSNorms, residual add + norms, SwiGLU MLPs, rotaries and grouped linears run on a kernel."""
+    return (swap_rms_norms(model), swap_residual_norms(model), swap_gated_mlps(model), swap_rotaries(model),
+            swap_grouped_linears(model))
 
 
 def kv_cache_budget(free: int, total: int, utilization: float) -> int:

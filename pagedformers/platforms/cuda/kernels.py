@@ -1,7 +1,8 @@
-"""Triton kernels of the CUDA platform's layer swaps: RMSNorm and SwiGLU's SiLU-and-mul, one pass each over the
-activations where HF's forwards make several. Portable Triton: checked on a CPU in Triton's interpreter
-(tests/platforms/cuda), as the attention kernels are. As there, no jit function of triton.language's standard
-library (see attention/triton_kernels.py): reductions use a combine function of this module's own.
+"""Triton kernels of the CUDA platform's layer swaps: RMSNorm (alone, or after the residual add it follows) and
+SwiGLU's SiLU-and-mul, one pass each over the activations where HF's forwards make several. Portable Triton:
+checked on a CPU in Triton's interpreter (tests/platforms/cuda), as the attention kernels are. As there, no jit
+function of triton.language's standard library (see attention/triton_kernels.py): reductions use a combine
+function of this module's own.
 """
 
 from __future__ import annotations
@@ -24,13 +25,33 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n, eps, OFFSET
     r = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + r * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-    inv = tl.rsqrt(tl.reduce(x * x, 0, _add) / n + eps)
+    inv = _inverse_rms(x, n, eps)
     w = tl.load(w_ptr + cols, mask=cols < n, other=0.0)
     if OFFSET == 0.0:  # the weight has x's dtype (layers.py checks)
         y = (x * inv).to(w.dtype) * w
     else:
         y = x * inv * (OFFSET + w.to(tl.float32))
     tl.store(out_ptr + r * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=cols < n)
+
+
+@triton.jit
+def _inverse_rms(x, n, eps):
+    return tl.rsqrt(tl.reduce(x * x, 0, _add) / n + eps)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_res, n, eps, BLOCK: tl.constexpr):
+    """Row r: s = residual + x rounded to x's dtype (stored: the next residual), then Llama's norm of s."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r * stride_x + cols, mask=cols < n, other=0.0)
+    s = (tl.load(res_ptr + r * stride_res + cols, mask=cols < n, other=0.0).to(tl.float32)
+         + x.to(tl.float32)).to(x.dtype)
+    tl.store(sum_ptr + r * n + cols, s, mask=cols < n)
+    s = s.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n, other=0.0)
+    y = (s * _inverse_rms(s, n, eps)).to(w.dtype) * w
+    tl.store(out_ptr + r * n + cols, y.to(out_ptr.dtype.element_ty), mask=cols < n)
 
 
 @triton.jit
@@ -53,6 +74,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, flat.stride(0), out.stride(0), n, eps, OFFSET=offset,
                                        BLOCK=triton.next_power_of_2(n))
     return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and residual [..., n] (rows may be strided) -> (norm(residual + x), residual + x), both in x's dtype."""
+    n = x.shape[-1]
+    flat, res = x.reshape(-1, n), residual.reshape(-1, n)
+    out, summed = (torch.empty(flat.shape, dtype=x.dtype, device=x.device) for _ in range(2))
+    _add_rms_norm_kernel[(flat.shape[0],)](flat, res, weight, out, summed, flat.stride(0), res.stride(0), n, eps,
+                                           BLOCK=triton.next_power_of_2(n))
+    return out.view(x.shape), summed.view(x.shape)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
