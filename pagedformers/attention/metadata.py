@@ -94,9 +94,7 @@ class AttentionMetadata:
                         runs.append(_run(run_start, span.q_start, pieces))
                     pieces, run_start = [], span.q_end
                     continue
-                blocks = span.kv_blocks
-                if blocks is None:  # nothing cached: the span starts a block, its every block_size-th slot names it
-                    blocks = self.slot_mapping[span.q_start:span.q_end:block_size] // block_size
+                blocks = self._span_blocks(span, block_size)
                 lens = torch.arange(span.num_cached + 1, span.kv_len + 1, device=blocks.device)
                 pieces.append((blocks.expand(span.q_len, -1), lens))
                 covered.add(i)
@@ -104,6 +102,31 @@ class AttentionMetadata:
                 runs.append(_run(run_start, self.num_tokens, pieces))
             self._cached[key] = runs, covered
         return self._cached[key]
+
+    def prefill_tiles(self, block_size: int, block_q: int) -> tuple[torch.Tensor, torch.Tensor, set[int]] | None:
+        """The prefill spans a tiled attention kernel attends over the cache (their keys already written; not
+        those with bidirectional ranges), cut into tiles of up to `block_q` consecutive tokens: ([n, 4] int32,
+        each tile's first row, its number of tokens, the position of its first and its span's row of the
+        tables; [spans, W] block tables; the indices of the spans covered), or None where no span is."""
+        key = ("tiles", block_size, block_q)
+        if key not in self._cached:
+            tiles, tables, covered = [], [], set()
+            for i, span in enumerate(self.prefills):
+                if span.bidirectional:
+                    continue
+                tiles += [(row, min(block_q, span.q_end - row), span.num_cached + row - span.q_start, len(tables))
+                          for row in range(span.q_start, span.q_end, block_q)]
+                tables.append(self._span_blocks(span, block_size))
+                covered.add(i)
+            self._cached[key] = (torch.tensor(tiles, dtype=torch.int32).to(self.slot_mapping.device),
+                                 _padded(tables), covered) if tiles else None
+        return self._cached[key]
+
+    def _span_blocks(self, span: PrefillSpan, block_size: int) -> torch.Tensor:
+        if span.kv_blocks is not None:
+            return span.kv_blocks
+        # Nothing cached: the span starts a block, and its every block_size-th slot names one
+        return self.slot_mapping[span.q_start:span.q_end:block_size] // block_size
 
     def decode_bias(self, window: int | None, chunk: int | None = None, keep_prompt: bool = False) -> torch.Tensor:
         """[B_d, 1, 1, L] float32, 0 where key j is visible to the decode query of its row, -inf elsewhere.
@@ -179,6 +202,11 @@ def _within(positions: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tenso
 def _run(start: int, end: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> QueryRun:
     if len(pieces) == 1 and pieces[0][0].is_contiguous():  # the decodes alone: their tables as they are
         return start, end, *pieces[0]
-    width = max(tables.shape[1] for tables, _ in pieces)  # padding is never read: each row stops at its length
-    tables = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t, _ in pieces])
-    return start, end, tables, torch.cat([lens for _, lens in pieces])
+    return start, end, _padded([t for t, _ in pieces]), torch.cat([lens for _, lens in pieces])
+
+
+def _padded(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Block tables ([W] or [n, W] each) as one [N, max W]: the padding is never read, each row stops at its length."""
+    tables = [t if t.dim() == 2 else t[None] for t in tables]
+    width = max(t.shape[1] for t in tables)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])

@@ -33,8 +33,10 @@ def interpreted():
         os.environ["TRITON_INTERPRET"] = before
 
 
-def _attend(backend_name, chunks, params, q, k, v, caches, block_size):
+def _attend(backend_name, chunks, params, q, k, v, caches, block_size, splits=None):
     backend = create_attention_backend(backend_name)
+    if backend_name == "triton":  # 16-row query tiles (the smallest): every chunk spans tiles, its last one partial
+        backend.tile_rows, backend.splits = 16, splits
     meta = prepare_inputs(chunks, block_size, "cpu").metadata
     k_cache, v_cache = (c.clone() for c in caches)
     backend.write_kv(k_cache, v_cache, k, v, meta)
@@ -50,12 +52,13 @@ PARAMS = {"plain": {}, "window": {"window": 7}, "softcap": {"softcap": 3.0}, "si
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}-dv{}".format(*s))
 @pytest.mark.parametrize("case", list(PARAMS))
 def test_kernels_match_the_torch_backend(shape, case):
-    """A step mixing decodes (one at a block boundary), a fresh prefill and a chunked prefill over a cached prefix,
-    every length odd; the cache rows the kernel wrote and the attention output both agree."""
+    """A step mixing decodes (one at a block boundary), a fresh prefill and chunked prefills over a cached prefix,
+    starting mid-block, every length odd (the prefills in 16-row query tiles: 16 // G tokens, G the query heads of
+    a KV head, the 19-token chunk over several tiles); the cache rows the kernel wrote and the output both agree."""
     block_size, heads, kv_heads, dim, v_dim = shape
     torch.manual_seed(hash((shape, case)) % 1000)
     chunks = [Chunk(block_size * 2, [1], [5, 2, 9]), Chunk(36, [1], [0, 1, 3, 4, 6]), Chunk(0, [1] * 5, [7]),
-              Chunk(block_size + 3, [1] * 7, [8, 10, 11])]
+              Chunk(block_size + 3, [1] * 7, [8, 10, 11]), Chunk(5, [1] * 19, [3, 2, 1])]
     n = sum(len(c.token_ids) for c in chunks)
     spec = PARAMS[case]
     params = AttentionParams(0.3, window=spec.get("window"), softcap=spec.get("softcap"),
@@ -67,6 +70,50 @@ def test_kernels_match_the_torch_backend(shape, case):
     ref, k_ref, v_ref = _attend("torch", chunks, params, q, k, v, caches, block_size)
     assert torch.equal(k_ours, k_ref) and torch.equal(v_ours, v_ref)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=["gqa2", "mqa"])
+@pytest.mark.parametrize("case", ["plain", "sinks", "window+sinks", "softcap+alibi"])
+def test_decodes_split_over_their_context_match_the_torch_backend(shape, case):
+    """Decodes over 3, 40, 77 and 130 positions in 3 splits (of 48 positions with 16-position blocks, 64 with 32):
+    one context shorter than a split, the others across 1, 2 and 3, and with a window of 20 the longest one's
+    first splits see no key."""
+    block_size, heads, kv_heads, dim, v_dim = shape
+    torch.manual_seed(len(case))
+    tables = torch.randperm(40).view(4, 10).tolist()
+    chunks = [Chunk(n - 1, [1], table) for n, table in zip([3, 40, 77, 130], tables)]
+    params = AttentionParams(0.3, window=20 if "window" in case else None, softcap=5.0 if "softcap" in case else None,
+                             sinks=torch.randn(heads) + 3 if "sinks" in case else None,
+                             alibi=torch.rand(heads) * 0.1 if "alibi" in case else None)
+    caches = (torch.randn(40, kv_heads, block_size, dim), torch.randn(40, kv_heads, block_size, v_dim))
+    q, k, v = torch.randn(4, heads, dim), torch.randn(4, kv_heads, dim), torch.randn(4, kv_heads, v_dim)
+    ours, _, _ = _attend("triton", chunks, params, q, k, v, caches, block_size, splits=3)
+    ref, _, _ = _attend("torch", chunks, params, q, k, v, caches, block_size)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_the_split_count_fills_the_gpu_only_where_contexts_are_long():
+    from pagedformers.attention.triton_backend import decode_splits  # imported under the interpreter only
+
+    assert decode_splits(1, 8, 32768) == 16  # 8 programs, 16 splits of 2k positions make 128
+    assert decode_splits(2, 1, 32768) == 64  # capped by the 512 positions a split holds at least
+    assert decode_splits(64, 2, 32768) == 1  # 128 programs already
+    assert decode_splits(4, 2, 1000) == 1  # too short to split
+
+
+def test_padded_rows_write_nothing():
+    """A negative slot (vLLM's PAD_SLOT_ID: a padded row of a captured decode batch) leaves the cache as it was."""
+    torch.manual_seed(0)
+    meta = prepare_inputs([Chunk(3, [1], [0]), Chunk(9, [1], [1]), Chunk(0, [1] * 3, [2])], 16, "cpu").metadata
+    meta.slot_mapping[[1, 3]] = -1
+    k_cache, v_cache = torch.randn(3, 2, 16, 24), torch.randn(3, 2, 16, 16)
+    key, value = torch.randn(5, 2, 24), torch.randn(5, 2, 16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    kept = meta.slot_mapping >= 0
+    slots = meta.slot_mapping[kept]
+    k_ref[slots // 16, :, slots % 16], v_ref[slots // 16, :, slots % 16] = key[kept], value[kept]
+    create_attention_backend("triton").write_kv(k_cache, v_cache, key, value, meta)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
 def test_bidirectional_ranges_run_beside_the_kernel():
