@@ -10,9 +10,12 @@ softmax. Few rows over long contexts would leave most of a GPU idle, so the cont
 program then writes its partial max, sum and unnormalised output, and merge_splits_kernel combines them
 (log-sum-exp), counting the sinks once.
 
-No jit functions of triton.language's standard library (tl.max, tl.sum, tl.zeros, tl.cdiv): they are decorated
-when triton is imported (torch imports it), and if TRITON_INTERPRET=1 was set only after that, the interpreter
-cannot call them. Reductions go through tl.reduce with combine functions of this module's own.
+No calls of triton.language's standard library jit functions (tl.max, tl.sum, tl.zeros, tl.cdiv): they are
+decorated when triton is imported (torch imports it), and if TRITON_INTERPRET=1 was set only after that, the
+interpreter cannot call them. Reductions go through tl.reduce, with the combine functions tl.max and tl.sum use:
+the interpreter knows those two and reduces with one numpy call, never calling them, where any other combine
+function is called per element in Python (most of the interpreter's time, and on CPython 3.11 the deep calls
+thrashed its frame stack's memory: 10x the page faults); compiled, they are combine functions like any other.
 """
 
 from __future__ import annotations
@@ -20,15 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
+_maximum = tl.standard._elementwise_max  # as tl.max reduces
+_add = tl.standard._sum_combine  # as tl.sum reduces
 
 
 @triton.jit
@@ -132,7 +128,7 @@ def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
         tl.store(part_ptr + part * 2 + 1, total, mask=head_ok)
         tl.store(part_acc_ptr + part[:, None] * DV_PAD + dv[None, :], acc, mask=head_ok[:, None])
     else:
-        out = acc / total[:, None]
+        out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # 0, not NaN, for a padded row's empty context
         tl.store(out_ptr + i * stride_ot + heads[:, None] * stride_oh + dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (dv[None, :] < V_DIM))
 
@@ -154,9 +150,10 @@ def merge_splits_kernel(out_ptr, part_ptr, part_acc_ptr, sinks_ptr, stride_ot, s
     if USE_SINKS:
         sink = tl.load(sinks_ptr + head).to(tl.float32)
         m_all = tl.maximum(m_all, sink)
-    weight = tl.exp(m - m_all)  # some split holds a key or a sink: m_all is finite
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # a padded row's empty context: 0, not NaN
+    weight = tl.exp(m - m_all)
     denominator = tl.reduce(weight * total, 0, _add)
     if USE_SINKS:
         denominator += tl.exp(sink - m_all)
-    out = tl.reduce(weight[:, None] * acc, 0, _add) / denominator
+    out = tl.reduce(weight[:, None] * acc, 0, _add) / tl.where(denominator > 0.0, denominator, 1.0)
     tl.store(out_ptr + i * stride_ot + head * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < V_DIM)

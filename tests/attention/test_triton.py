@@ -116,6 +116,24 @@ def test_padded_rows_write_nothing():
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_padded_decode_row_attends_to_nothing(splits):
+    """A padded decode row (context length 0) comes out 0, not NaN, the others as the torch backend's."""
+    torch.manual_seed(splits)
+    chunks = [Chunk(40, [1], [0, 1, 2]), Chunk(9, [1], [3])]
+    params = AttentionParams(0.3)  # no sinks: their weight would hide a 0 / 0
+    caches = (torch.randn(4, 2, 16, 32), torch.randn(4, 2, 16, 32))
+    q, k, v = torch.randn(2, 4, 32), torch.randn(2, 2, 32), torch.randn(2, 2, 32)
+    ref, k_cache, v_cache = _attend("torch", chunks, params, q, k, v, caches, 16)
+    backend = create_attention_backend("triton")
+    backend.splits = splits
+    meta = prepare_inputs(chunks, 16, "cpu").metadata
+    meta.decode_seq_lens[1] = 0
+    ours = backend.forward(q, k, v, k_cache, v_cache, meta, params)
+    torch.testing.assert_close(ours[0], ref[0], atol=2e-5, rtol=1e-4)
+    assert torch.equal(ours[1], torch.zeros_like(ours[1]))
+
+
 def test_bidirectional_ranges_run_beside_the_kernel():
     """A prefill whose image runs attend both ways (Gemma 3) goes through the PyTorch reference, the decode
     beside it through the kernel: the step equals the torch backend's."""
