@@ -9,12 +9,22 @@ count) so that every layer of a step shares them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from pagedformers.attention.kv_cache import block_rows
 
 QueryRun = tuple[int, int, torch.Tensor, torch.Tensor]  # rows [start, end), their block tables and context lengths
+
+
+class PrefillTiles(NamedTuple):
+    tiles: torch.Tensor  # [n, 4] int32: each tile's first row, its number of tokens, its first's position, table row
+    tables: torch.Tensor  # [spans, W] the covered spans' block tables
+    covered: set[int]  # the indices of the spans the tiles hold
+    # [T, 2] int32 per row, where a bidirectional range widens what it sees: keys from the first position on past
+    # its window, keys up to the second ahead of it (the range's); None where no range applies to the step
+    bounds: torch.Tensor | None
 
 
 @dataclass
@@ -103,24 +113,40 @@ class AttentionMetadata:
             self._cached[key] = runs, covered
         return self._cached[key]
 
-    def prefill_tiles(self, block_size: int, block_q: int) -> tuple[torch.Tensor, torch.Tensor, set[int]] | None:
-        """The prefill spans a tiled attention kernel attends over the cache (their keys already written; not
-        those with bidirectional ranges), cut into tiles of up to `block_q` consecutive tokens: ([n, 4] int32,
-        each tile's first row, its number of tokens, the position of its first and its span's row of the
-        tables; [spans, W] block tables; the indices of the spans covered), or None where no span is."""
-        key = ("tiles", block_size, block_q)
+    def prefill_tiles(self, block_size: int, block_q: int, windowed: bool) -> PrefillTiles | None:
+        """The prefill spans a tiled attention kernel attends over the cache (their keys already written), cut into
+        tiles of up to `block_q` consecutive tokens, for a causal layer (`windowed`: one with a sliding window);
+        None where no span is. Spans whose bidirectional ranges hold runs (Molmo2) are left out."""
+        key = ("tiles", block_size, block_q, windowed)
         if key not in self._cached:
-            tiles, tables, covered = [], [], set()
+            tiles, tables, covered, bounds = [], [], set(), None
             for i, span in enumerate(self.prefills):
-                if span.bidirectional:
+                if span.bidirectional_runs:
                     continue
                 tiles += [(row, min(block_q, span.q_end - row), span.num_cached + row - span.q_start, len(tables))
                           for row in range(span.q_start, span.q_end, block_q)]
                 tables.append(self._span_blocks(span, block_size))
                 covered.add(i)
-            self._cached[key] = (torch.tensor(tiles, dtype=torch.int32).to(self.slot_mapping.device),
-                                 _padded(tables), covered) if tiles else None
+                if span.bidirectional and (windowed or not span.bidirectional_sliding_only):
+                    bounds = self._range_bounds(span, bounds)
+            self._cached[key] = PrefillTiles(torch.tensor(tiles, dtype=torch.int32).to(self.slot_mapping.device),
+                                             _padded(tables), covered,
+                                             None if bounds is None else bounds.to(self.slot_mapping.device)) \
+                if tiles else None
         return self._cached[key]
+
+    def _range_bounds(self, span: PrefillSpan, bounds: torch.Tensor | None) -> torch.Tensor:
+        """PrefillTiles.bounds with the span's rows in a bidirectional range set to the range's end, and to its
+        start too where the range is whole past the window (transformers' OR(AND(causal, window), blockwise))."""
+        if bounds is None:  # bounds that leave a row's causal window as it is
+            bounds = torch.tensor([[torch.iinfo(torch.int32).max, 0]], dtype=torch.int32).repeat(self.num_tokens, 1)
+        for lo, hi in span.bidirectional:
+            first = span.q_start - span.num_cached  # the row of position 0, were it new
+            rows = slice(first + max(lo, span.num_cached), first + min(hi, span.kv_len))
+            bounds[rows, 1] = hi
+            if span.bidirectional_past_window:
+                bounds[rows, 0] = lo
+        return bounds
 
     def _span_blocks(self, span: PrefillSpan, block_size: int) -> torch.Tensor:
         if span.kv_blocks is not None:

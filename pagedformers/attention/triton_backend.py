@@ -3,8 +3,8 @@ triton_prefill.py (the prefill spans, in query tiles) behind the AttentionBacken
 
 What the kernels do not cover runs on the plain PyTorch reference, in the same step: the probe run (no cache),
 bidirectional layers (encoders attend within the step and keep nothing), chunked attention (Llama 4), windows
-that keep the prompt (R-SWA: the kernel's window is one range) and the
-prefill spans with bidirectional ranges (Gemma 3's images: their masks are built per span).
+that keep the prompt (R-SWA: the kernel's window is one range) and the prefill spans whose bidirectional ranges
+hold runs (Molmo2); plain ranges (Gemma 3's images) are the tiled kernel's.
 The decodes' launch (grid, splits) follows from shapes and host-side ints of the metadata alone, never a tensor's
 value: a decode step can be captured in a CUDA graph.
 Imported on first use (attention/backends.py): Triton decides at import whether its kernels are interpreted.
@@ -17,7 +17,7 @@ import triton
 
 from pagedformers.attention.backends import AttentionParams, register_attention_backend
 from pagedformers.attention.kv_cache import LayerKVSpec
-from pagedformers.attention.metadata import AttentionMetadata
+from pagedformers.attention.metadata import AttentionMetadata, PrefillTiles
 from pagedformers.attention.torch_backend import TorchAttentionBackend, attend_prefills
 from pagedformers.attention.triton_kernels import merge_splits_kernel, paged_attention_kernel, write_kv_kernel
 from pagedformers.attention.triton_prefill import prefill_tiles_kernel
@@ -61,11 +61,11 @@ class TritonAttentionBackend:
         if meta.num_decodes:
             self._attend_decodes(out, query, k_cache, v_cache, meta, params)
         group = query.shape[1] // k_cache.shape[1]
-        tiles = meta.prefill_tiles(k_cache.shape[2], self._tile_rows(group) // group)
+        tiles = meta.prefill_tiles(k_cache.shape[2], self._tile_rows(group) // group, params.window is not None)
         if tiles is not None:
-            self._attend_prefill_tiles(out, query, k_cache, v_cache, *tiles[:2], params)
-        # The spans with bidirectional ranges: prefill keys are written before attention, the others are done
-        attend_prefills(query, key, value, k_cache, v_cache, meta, params, out, skip=tiles[2] if tiles else set())
+            self._attend_prefill_tiles(out, query, k_cache, v_cache, tiles, params)
+        # The spans whose ranges hold runs (Molmo2): prefill keys are written before attention, the others are done
+        attend_prefills(query, key, value, k_cache, v_cache, meta, params, out, skip=tiles.covered if tiles else set())
         return out
 
     def _attend_decodes(self, out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -93,14 +93,14 @@ class TritonAttentionBackend:
                 SPLITS_PAD=triton.next_power_of_2(splits), USE_SINKS=params.sinks is not None)
 
     def _attend_prefill_tiles(self, out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
-                              v_cache: torch.Tensor, tiles: torch.Tensor, tables: torch.Tensor,
-                              params: AttentionParams) -> None:
+                              v_cache: torch.Tensor, tiles: PrefillTiles, params: AttentionParams) -> None:
         group = query.shape[1] // k_cache.shape[1]
-        prefill_tiles_kernel[(tiles.shape[0], k_cache.shape[1])](
-            out, query, k_cache, v_cache, tiles, tables, *_optional(params, query),
+        bounds = tiles.bounds if tiles.bounds is not None else tiles.tiles  # a dummy where no range applies
+        prefill_tiles_kernel[(tiles.tiles.shape[0], k_cache.shape[1])](
+            out, query, k_cache, v_cache, tiles.tiles, tiles.tables, bounds, *_optional(params, query),
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *_cache_strides(k_cache, v_cache),
-            tables.stride(0), params.scale, params.softcap or 1.0, params.window or 0,
-            GROUP=group, BLOCK_M=self._tile_rows(group),
+            tiles.tables.stride(0), params.scale, params.softcap or 1.0, params.window or 0,
+            GROUP=group, BLOCK_M=self._tile_rows(group), USE_RANGES=tiles.bounds is not None,
             **_constants(query, k_cache, v_cache, params))
 
     def _tile_rows(self, group: int) -> int:

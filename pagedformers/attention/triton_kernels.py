@@ -12,8 +12,8 @@ program then writes its partial max, sum and unnormalised output, and merge_spli
 
 No calls of triton.language's standard library jit functions (tl.max, tl.sum, tl.zeros, tl.cdiv): they are
 decorated when triton is imported (torch imports it), and if TRITON_INTERPRET=1 was set only after that, the
-interpreter cannot call them. Reductions go through tl.reduce, with the combine functions tl.max and tl.sum use:
-the interpreter knows those two and reduces with one numpy call, never calling them, where any other combine
+interpreter cannot call them. Reductions go through tl.reduce, with the combine functions tl.max, tl.min and tl.sum
+use: the interpreter knows those and reduces with one numpy call, never calling them, where any other combine
 function is called per element in Python (most of the interpreter's time, and on CPython 3.11 the deep calls
 thrashed its frame stack's memory: 10x the page faults); compiled, they are combine functions like any other.
 """
@@ -23,8 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_maximum = tl.standard._elementwise_max  # as tl.max reduces
-_add = tl.standard._sum_combine  # as tl.sum reduces
+max_combine = tl.standard._elementwise_max  # as tl.max reduces
+min_combine = tl.standard._elementwise_min  # as tl.min reduces
+sum_combine = tl.standard._sum_combine  # as tl.sum reduces
 
 
 @triton.jit
@@ -62,11 +63,11 @@ def attend_block(q, k, v, visible, pos, slopes, m, total, acc, scale, softcap,
     if USE_ALIBI:
         scores += slopes[:, None] * pos[None, :].to(tl.float32)
     scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.reduce(scores, 1, _maximum))
+    m_new = tl.maximum(m, tl.reduce(scores, 1, max_combine))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: exp(-inf - -inf) is NaN
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
-    total = total * alpha + tl.reduce(p, 1, _add)
+    total = total * alpha + tl.reduce(p, 1, sum_combine)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, total, acc
 
@@ -146,14 +147,14 @@ def merge_splits_kernel(out_ptr, part_ptr, part_acc_ptr, sinks_ptr, stride_ot, s
     m = tl.load(part_ptr + part * 2, mask=s < num_splits, other=float("-inf"))  # -inf: a split with no key
     total = tl.load(part_ptr + part * 2 + 1, mask=s < num_splits, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * DV_PAD + dv[None, :], mask=(s < num_splits)[:, None], other=0.0)
-    m_all = tl.reduce(m, 0, _maximum)
+    m_all = tl.reduce(m, 0, max_combine)
     if USE_SINKS:
         sink = tl.load(sinks_ptr + head).to(tl.float32)
         m_all = tl.maximum(m_all, sink)
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # a padded row's empty context: 0, not NaN
     weight = tl.exp(m - m_all)
-    denominator = tl.reduce(weight * total, 0, _add)
+    denominator = tl.reduce(weight * total, 0, sum_combine)
     if USE_SINKS:
         denominator += tl.exp(sink - m_all)
-    out = tl.reduce(weight[:, None] * acc, 0, _add) / tl.where(denominator > 0.0, denominator, 1.0)
+    out = tl.reduce(weight[:, None] * acc, 0, sum_combine) / tl.where(denominator > 0.0, denominator, 1.0)
     tl.store(out_ptr + i * stride_ot + head * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < V_DIM)

@@ -12,19 +12,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagedformers.attention.triton_kernels import attend_block
+from pagedformers.attention.triton_kernels import attend_block, max_combine, min_combine
 
 
 @triton.jit
-def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, tables_ptr, sinks_ptr, alibi_ptr,
-                         stride_qt, stride_qh, stride_ot, stride_oh,
+def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, tables_ptr, bounds_ptr, sinks_ptr,
+                         alibi_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs, stride_table,
                          scale, softcap, window,
                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                         USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr):
-    """Program (tile, kv_head): tiles[tile] = (first row, tokens, position of the first, row of `tables`)."""
+                         USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, USE_RANGES: tl.constexpr):
+    """Program (tile, kv_head): tiles[tile] = (first row, tokens, position of the first, row of `tables`);
+    USE_RANGES: bounds [T, 2] widen each row's keys to its bidirectional range (PrefillTiles.bounds)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     first_row = tl.load(tiles_ptr + tile * 4)
@@ -40,7 +41,6 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
     dv = tl.arange(0, DV_PAD)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    ctx_len = tl.where(row_ok, first_pos + token + 1, 0)  # each row's causal limit
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.full([BLOCK_M], 0.0, tl.float32)
     if USE_SINKS:  # a key every head sees with its own logit and no value: it only adds to the sum
@@ -50,13 +50,16 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
     slopes = m
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32)
+    # Each row sees the keys [start, end): causal, the last `window` positions, its own included
+    end = tl.where(row_ok, first_pos + token + 1, 0)
     start = tl.full([BLOCK_M], 0, tl.int32)
-    if USE_WINDOW:  # the last `window` positions of each row, its own included
-        start = tl.maximum(ctx_len - window, 0)
-    tile_start = 0
     if USE_WINDOW:
-        tile_start = tl.maximum(first_pos + 1 - window, 0)  # the first row's, the smallest
-    tile_end = first_pos + num_q
+        start = tl.maximum(first_pos + token + 1 - window, 0)
+    if USE_RANGES:
+        end = tl.maximum(end, tl.load(bounds_ptr + rows * 2 + 1, mask=row_ok, other=0))
+        start = tl.minimum(start, tl.load(bounds_ptr + rows * 2, mask=row_ok, other=first_pos))
+    tile_start = tl.reduce(tl.where(row_ok, start, first_pos), 0, min_combine)
+    tile_end = tl.reduce(end, 0, max_combine)
     s_off = tl.arange(0, BLOCK_SIZE)
     for b in range(tile_start // BLOCK_SIZE, (tile_end + BLOCK_SIZE - 1) // BLOCK_SIZE):
         block = tl.load(tables_ptr + table * stride_table + b)
@@ -66,7 +69,7 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
                     mask=needed[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(v_cache_ptr + block * stride_vcb + kv_head * stride_vch + s_off[:, None] * stride_vcs + dv[None, :],
                     mask=needed[:, None] & (dv[None, :] < V_DIM), other=0.0)
-        visible = (pos[None, :] < ctx_len[:, None]) & (pos[None, :] >= start[:, None])
+        visible = (pos[None, :] < end[:, None]) & (pos[None, :] >= start[:, None])
         m, total, acc = attend_block(q, k, v, visible, pos, slopes, m, total, acc, scale, softcap,
                                      USE_SOFTCAP, USE_ALIBI)
     out = acc / tl.where(row_ok, total, 1.0)[:, None]  # idle rows saw no key: no 0 / 0

@@ -134,15 +134,28 @@ def test_a_padded_decode_row_attends_to_nothing(splits):
     assert torch.equal(ours[1], torch.zeros_like(ours[1]))
 
 
-def test_bidirectional_ranges_run_beside_the_kernel():
-    """A prefill whose image runs attend both ways (Gemma 3) goes through the PyTorch reference, the decode
-    beside it through the kernel: the step equals the torch backend's."""
-    torch.manual_seed(0)
-    media = MultiModalInputs({"image": [0, 1, 2, 3]}, {}, [6, 7, 8, 9], bidirectional=[(6, 10)])
-    chunks = [Chunk(20, [1], [5, 2]), Chunk(3, [1] * 11, [7, 8], multi_modal=media)]
-    params = AttentionParams(0.3, window=5)
+# (the media's flags, the layer's window): Gemma 3's sliding and global layers, Gemma 4's ranges in sliding layers
+# only and its ranges whole past the window, Molmo2's runs (left to the PyTorch path)
+RANGES = {"sliding": ({}, 5), "global": ({}, None), "sliding-only-global": ({"bidirectional_sliding_only": True}, None),
+          "sliding-only-sliding": ({"bidirectional_sliding_only": True}, 4),
+          "past-window": ({"bidirectional_past_window": True}, 3),
+          "runs": ({"bidirectional_runs": [(6, 8), (12, 16)]}, 5)}
+
+
+@pytest.mark.parametrize("case", list(RANGES))
+def test_bidirectional_ranges_match_the_torch_backend(case):
+    """Prefills whose image ranges attend both ways, one over a cached prefix, one fresh with a range across two
+    query tiles (8 tokens each) and one at its start, beside a decode: the step equals the torch backend's."""
+    torch.manual_seed(len(case))
+    flags, window = RANGES[case]
+    cached = MultiModalInputs({"image": [0, 1, 2, 3]}, {}, [6, 7, 8, 9], bidirectional=[(6, 10)], **flags)
+    fresh = MultiModalInputs({"image": list(range(12))}, {}, [0, 1, 2, *range(7, 16)],
+                             bidirectional=[(0, 3), (7, 16)], **flags)
+    chunks = [Chunk(20, [1], [5, 2]), Chunk(3, [1] * 11, [7, 8], multi_modal=cached),
+              Chunk(0, [1] * 17, [9, 10], multi_modal=fresh)]
+    params = AttentionParams(0.3, window=window)
     caches = (torch.randn(12, 2, 16, 32), torch.randn(12, 2, 16, 32))
-    q, k, v = torch.randn(12, 4, 32), torch.randn(12, 2, 32), torch.randn(12, 2, 32)
+    q, k, v = torch.randn(29, 4, 32), torch.randn(29, 2, 32), torch.randn(29, 2, 32)
     ours, _, _ = _attend("triton", chunks, params, q, k, v, caches, 16)
     ref, _, _ = _attend("torch", chunks, params, q, k, v, caches, 16)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
