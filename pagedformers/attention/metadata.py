@@ -129,10 +129,11 @@ class AttentionMetadata:
                 covered.add(i)
                 if span.bidirectional and (windowed or not span.bidirectional_sliding_only):
                     bounds = self._range_bounds(span, bounds)
-            self._cached[key] = PrefillTiles(torch.tensor(tiles, dtype=torch.int32).to(self.slot_mapping.device),
-                                             _padded(tables), covered,
-                                             None if bounds is None else bounds.to(self.slot_mapping.device)) \
-                if tiles else None
+            found, device = None, self.slot_mapping.device
+            if tiles:
+                found = PrefillTiles(torch.tensor(tiles, dtype=torch.int32).to(device), _padded(tables), covered,
+                                     bounds if bounds is None else bounds.to(device))
+            self._cached[key] = found
         return self._cached[key]
 
     def _range_bounds(self, span: PrefillSpan, bounds: torch.Tensor | None) -> torch.Tensor:

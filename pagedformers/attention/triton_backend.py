@@ -76,9 +76,10 @@ class TritonAttentionBackend:
         splits = self.splits or decode_splits(rows, kv_heads, meta.decode_context_len)
         split_blocks = triton.cdiv(width, splits)
         splits = triton.cdiv(width, split_blocks)  # none left with no block of any row
-        part = query.new_empty(rows, heads, splits, 2, dtype=torch.float32) if splits > 1 else query
-        part_acc = query.new_empty(rows, heads, splits, _pad(v_cache.shape[-1]), dtype=torch.float32) \
-            if splits > 1 else query
+        part, part_acc = query, query  # dummies, unused without splits
+        if splits > 1:  # each split's max and sum, and its unnormalised output
+            part = query.new_empty(rows, heads, splits, 2, dtype=torch.float32)
+            part_acc = query.new_empty(rows, heads, splits, _pad(v_cache.shape[-1]), dtype=torch.float32)
         group = heads // kv_heads
         paged_attention_kernel[(rows, kv_heads, splits)](
             out, query, k_cache, v_cache, tables, meta.decode_seq_lens, *_optional(params, query), part, part_acc,
