@@ -38,9 +38,10 @@ def decode_splits(rows: int, kv_heads: int, context_len: int) -> int:
 class TritonAttentionBackend:
     name = "triton"
 
-    def __init__(self, tile_rows: int = 64, splits: int | None = None) -> None:
+    def __init__(self, tile_rows: int = 64, tile_keys: int = 32, splits: int | None = None) -> None:
         self.reference = TorchAttentionBackend()
         self.tile_rows = tile_rows  # BLOCK_M of the prefill tiles: query tokens times the heads of a KV head
+        self.tile_keys = tile_keys  # TILE_N: the keys a prefill tile's step takes (vLLM's prefill tile: 32)
         self.splits = splits  # the decodes' splits; None: decode_splits' rule
 
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -101,7 +102,7 @@ class TritonAttentionBackend:
             out, query, k_cache, v_cache, tiles.tiles, tiles.tables, bounds, *_optional(params, query),
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *_cache_strides(k_cache, v_cache),
             tiles.tables.stride(0), params.scale, params.softcap or 1.0, params.window or 0,
-            GROUP=group, BLOCK_M=self._tile_rows(group), USE_RANGES=tiles.bounds is not None,
+            GROUP=group, BLOCK_M=self._tile_rows(group), TILE_N=self.tile_keys, USE_RANGES=tiles.bounds is not None,
             **_constants(query, k_cache, v_cache, params))
 
     def _tile_rows(self, group: int) -> int:

@@ -3,8 +3,10 @@ queries rather than once per query token (the decodes' kernel is triton_kernels.
 
 A program takes up to BLOCK_Q consecutive tokens of one span times the G query heads of one KV head: BLOCK_M =
 BLOCK_Q * G rows of its dots, row r being token r // G and head r % G (as vLLM's unified Triton attention lays
-them). The span's keys are already in the cache, so its token j, at position p0 + j, sees positions < p0 + j + 1,
-the window, soft-capping, sinks and ALiBi applying as in the decode kernel.
+them). It walks the keys TILE_N positions at a time, whatever the cache's block size (a 16-token block would make
+small dots). The span's keys are already in the cache, so its token j, at position p0 + j, sees positions
+< p0 + j + 1, the window, soft-capping, sinks and ALiBi applying as in the decode kernel; a token in a bidirectional
+range (Gemma 3's images) sees the range's keys ahead of it too, and behind it past the window where the model says.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
                          scale, softcap, window,
                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-                         USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, USE_RANGES: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                         USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr,
+                         USE_RANGES: tl.constexpr):
     """Program (tile, kv_head): tiles[tile] = (first row, tokens, position of the first, row of `tables`);
     USE_RANGES: bounds [T, 2] widen each row's keys to its bidirectional range (PrefillTiles.bounds)."""
     tile = tl.program_id(0)
@@ -60,15 +63,17 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
         start = tl.minimum(start, tl.load(bounds_ptr + rows * 2, mask=row_ok, other=first_pos))
     tile_start = tl.reduce(tl.where(row_ok, start, first_pos), 0, min_combine)
     tile_end = tl.reduce(end, 0, max_combine)
-    s_off = tl.arange(0, BLOCK_SIZE)
-    for b in range(tile_start // BLOCK_SIZE, (tile_end + BLOCK_SIZE - 1) // BLOCK_SIZE):
-        block = tl.load(tables_ptr + table * stride_table + b)
-        pos = b * BLOCK_SIZE + s_off
+    n_off = tl.arange(0, TILE_N)
+    for t in range(tile_start // TILE_N, (tile_end + TILE_N - 1) // TILE_N):
+        pos = t * TILE_N + n_off
         needed = (pos < tile_end) & (pos >= tile_start)  # seen by some row
-        k = tl.load(k_cache_ptr + block * stride_kcb + kv_head * stride_kch + s_off[:, None] * stride_kcs + d[None, :],
-                    mask=needed[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_cache_ptr + block * stride_vcb + kv_head * stride_vch + s_off[:, None] * stride_vcs + dv[None, :],
-                    mask=needed[:, None] & (dv[None, :] < V_DIM), other=0.0)
+        # The keys' tile is TILE_N positions whatever the cache's block size: each position's block and slot
+        block = tl.load(tables_ptr + table * stride_table + pos // BLOCK_SIZE, mask=needed, other=0)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kcb + kv_head * stride_kch + slot[:, None] * stride_kcs
+                    + d[None, :], mask=needed[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vcb + kv_head * stride_vch + slot[:, None] * stride_vcs
+                    + dv[None, :], mask=needed[:, None] & (dv[None, :] < V_DIM), other=0.0)
         visible = (pos[None, :] < end[:, None]) & (pos[None, :] >= start[:, None])
         m, total, acc = attend_block(q, k, v, visible, pos, slopes, m, total, acc, scale, softcap,
                                      USE_SOFTCAP, USE_ALIBI)

@@ -35,8 +35,9 @@ def interpreted():
 
 def _attend(backend_name, chunks, params, q, k, v, caches, block_size, splits=None):
     backend = create_attention_backend(backend_name)
-    if backend_name == "triton":  # 16-row query tiles (the smallest): every chunk spans tiles, its last one partial
-        backend.tile_rows, backend.splits = 16, splits
+    if backend_name == "triton":  # 16-row query tiles (the smallest): every chunk spans tiles, its last one partial;
+        # 16-key steps: two 8-token blocks, or half a 32-token one
+        backend.tile_rows, backend.tile_keys, backend.splits = 16, 16, splits
     meta = prepare_inputs(chunks, block_size, "cpu").metadata
     k_cache, v_cache = (c.clone() for c in caches)
     backend.write_kv(k_cache, v_cache, k, v, meta)

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
         compile_for_h100(paged_attention_kernel, "bf16", GROUP=4, GROUP_PAD=16, BLOCK_SIZE=16, SPLIT=split,
                          **DIMS, **FLAGS)
     compile_for_h100(merge_splits_kernel, "bf16", V_DIM=128, DV_PAD=128, SPLITS_PAD=16, USE_SINKS=True)
-    compile_for_h100(prefill_tiles_kernel, "bf16", GROUP=6, BLOCK_M=64, BLOCK_SIZE=16, USE_RANGES=True,
+    compile_for_h100(prefill_tiles_kernel, "bf16", GROUP=6, BLOCK_M=64, BLOCK_SIZE=16, TILE_N=32, USE_RANGES=True,
                      **DIMS, **FLAGS)
     print("compiled")
 """)
