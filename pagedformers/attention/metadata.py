@@ -9,12 +9,22 @@ count) so that every layer of a step shares them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from pagedformers.attention.kv_cache import block_rows
 
 QueryRun = tuple[int, int, torch.Tensor, torch.Tensor]  # rows [start, end), their block tables and context lengths
+
+
+class PrefillTiles(NamedTuple):
+    tiles: torch.Tensor  # [n, 4] int32: each tile's first row, its number of tokens, its first's position, table row
+    tables: torch.Tensor  # [spans, W] the covered spans' block tables
+    covered: set[int]  # the indices of the spans the tiles hold
+    # [T, 2] int32 per row, where a bidirectional range widens what it sees: keys from the first position on past
+    # its window, keys up to the second ahead of it (the range's); None where no range applies to the step
+    bounds: torch.Tensor | None
 
 
 @dataclass
@@ -94,9 +104,7 @@ class AttentionMetadata:
                         runs.append(_run(run_start, span.q_start, pieces))
                     pieces, run_start = [], span.q_end
                     continue
-                blocks = span.kv_blocks
-                if blocks is None:  # nothing cached: the span starts a block, its every block_size-th slot names it
-                    blocks = self.slot_mapping[span.q_start:span.q_end:block_size] // block_size
+                blocks = self._span_blocks(span, block_size)
                 lens = torch.arange(span.num_cached + 1, span.kv_len + 1, device=blocks.device)
                 pieces.append((blocks.expand(span.q_len, -1), lens))
                 covered.add(i)
@@ -104,6 +112,48 @@ class AttentionMetadata:
                 runs.append(_run(run_start, self.num_tokens, pieces))
             self._cached[key] = runs, covered
         return self._cached[key]
+
+    def prefill_tiles(self, block_size: int, block_q: int, windowed: bool) -> PrefillTiles | None:
+        """The prefill spans a tiled attention kernel attends over the cache (their keys already written), cut into
+        tiles of up to `block_q` consecutive tokens, for a causal layer (`windowed`: one with a sliding window);
+        None where no span is. Spans whose bidirectional ranges hold runs (Molmo2) are left out."""
+        key = ("tiles", block_size, block_q, windowed)
+        if key not in self._cached:
+            tiles, tables, covered, bounds = [], [], set(), None
+            for i, span in enumerate(self.prefills):
+                if span.bidirectional_runs:
+                    continue
+                tiles += [(row, min(block_q, span.q_end - row), span.num_cached + row - span.q_start, len(tables))
+                          for row in range(span.q_start, span.q_end, block_q)]
+                tables.append(self._span_blocks(span, block_size))
+                covered.add(i)
+                if span.bidirectional and (windowed or not span.bidirectional_sliding_only):
+                    bounds = self._range_bounds(span, bounds)
+            found, device = None, self.slot_mapping.device
+            if tiles:
+                found = PrefillTiles(torch.tensor(tiles, dtype=torch.int32).to(device), _padded(tables), covered,
+                                     bounds if bounds is None else bounds.to(device))
+            self._cached[key] = found
+        return self._cached[key]
+
+    def _range_bounds(self, span: PrefillSpan, bounds: torch.Tensor | None) -> torch.Tensor:
+        """PrefillTiles.bounds with the span's rows in a bidirectional range set to the range's end, and to its
+        start too where the range is whole past the window (transformers' OR(AND(causal, window), blockwise))."""
+        if bounds is None:  # bounds that leave a row's causal window as it is
+            bounds = torch.tensor([[torch.iinfo(torch.int32).max, 0]], dtype=torch.int32).repeat(self.num_tokens, 1)
+        for lo, hi in span.bidirectional:
+            first = span.q_start - span.num_cached  # the row of position 0, were it new
+            rows = slice(first + max(lo, span.num_cached), first + min(hi, span.kv_len))
+            bounds[rows, 1] = hi
+            if span.bidirectional_past_window:
+                bounds[rows, 0] = lo
+        return bounds
+
+    def _span_blocks(self, span: PrefillSpan, block_size: int) -> torch.Tensor:
+        if span.kv_blocks is not None:
+            return span.kv_blocks
+        # Nothing cached: the span starts a block, and its every block_size-th slot names one
+        return self.slot_mapping[span.q_start:span.q_end:block_size] // block_size
 
     def decode_bias(self, window: int | None, chunk: int | None = None, keep_prompt: bool = False) -> torch.Tensor:
         """[B_d, 1, 1, L] float32, 0 where key j is visible to the decode query of its row, -inf elsewhere.
@@ -179,6 +229,11 @@ def _within(positions: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tenso
 def _run(start: int, end: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> QueryRun:
     if len(pieces) == 1 and pieces[0][0].is_contiguous():  # the decodes alone: their tables as they are
         return start, end, *pieces[0]
-    width = max(tables.shape[1] for tables, _ in pieces)  # padding is never read: each row stops at its length
-    tables = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t, _ in pieces])
-    return start, end, tables, torch.cat([lens for _, lens in pieces])
+    return start, end, _padded([t for t, _ in pieces]), torch.cat([lens for _, lens in pieces])
+
+
+def _padded(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Block tables ([W] or [n, W] each) as one [N, max W]: the padding is never read, each row stops at its length."""
+    tables = [t if t.dim() == 2 else t[None] for t in tables]
+    width = max(t.shape[1] for t in tables)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])
