@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
+# tl.sum's combine function: Triton's interpreter reduces with it in numpy, a function of ours element by element in
+# Python (attention/triton_kernels.py)
+_add = tl.standard._sum_combine
 
 
 @triton.jit

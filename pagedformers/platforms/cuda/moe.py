@@ -28,9 +28,9 @@ from pagedformers.platforms.module_swap import swap_forward_if_same
 DECODE_TILES, PREFILL_TILES = (16, 32, 64), (64, 64, 32)
 
 
-@triton.jit
-def _add(a, b):
-    return a + b
+# tl.sum's combine function: Triton's interpreter reduces with it in numpy, a function of ours element by element in
+# Python (attention/triton_kernels.py)
+_add = tl.standard._sum_combine
 
 
 @triton.jit
