@@ -1,8 +1,8 @@
 """Triton kernels of the CUDA platform's layer swaps: RMSNorm (alone, or after the residual add it follows) and
 SwiGLU's SiLU-and-mul, one pass each over the activations where HF's forwards make several. Portable Triton:
 checked on a CPU in Triton's interpreter (tests/platforms/cuda), as the attention kernels are. As there, no jit
-function of triton.language's standard library (see attention/triton_kernels.py): reductions use a combine
-function of this module's own.
+function of triton.language's standard library is called (see attention/triton_kernels.py): reductions pass
+tl.sum's combine function to tl.reduce, which never calls it in the interpreter.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 
 # tl.sum's combine function: Triton's interpreter reduces with it in numpy, a function of ours element by element in
 # Python (attention/triton_kernels.py)
