@@ -144,7 +144,7 @@ class AttentionMetadata:
         for lo, hi in span.bidirectional:
             first = span.q_start - span.num_cached  # the row of position 0, were it new
             rows = slice(first + max(lo, span.num_cached), first + min(hi, span.kv_len))
-            bounds[rows, 1] = hi
+            bounds[rows, 1] = min(hi, span.kv_len)  # a range cut by the chunk (never, today) reads no key past it
             if span.bidirectional_past_window:
                 bounds[rows, 0] = lo
         return bounds

@@ -75,8 +75,7 @@ class TritonAttentionBackend:
         tables = meta.decode_block_tables
         width = tables.shape[1]  # blocks of the longest context
         splits = self.splits or decode_splits(rows, kv_heads, meta.decode_context_len)
-        split_blocks = triton.cdiv(width, splits)
-        splits = triton.cdiv(width, split_blocks)  # none left with no block of any row
+        splits = min(splits, width)  # never more than the longest context's blocks
         part, part_acc = query, query  # dummies, unused without splits
         if splits > 1:  # each split's max and sum, and its unnormalised output
             part = query.new_empty(rows, heads, splits, 2, dtype=torch.float32)
@@ -85,7 +84,7 @@ class TritonAttentionBackend:
         paged_attention_kernel[(rows, kv_heads, splits)](
             out, query, k_cache, v_cache, tables, meta.decode_seq_lens, *_optional(params, query), part, part_acc,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *_cache_strides(k_cache, v_cache),
-            tables.stride(0), params.scale, params.softcap or 1.0, params.window or 0, split_blocks,
+            tables.stride(0), params.scale, params.softcap or 1.0, params.window or 0,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLIT=splits > 1,
             **_constants(query, k_cache, v_cache, params))
         if splits > 1:

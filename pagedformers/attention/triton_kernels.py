@@ -36,7 +36,7 @@ def write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                     V_DIM: tl.constexpr, DV_PAD: tl.constexpr):
     """Program (token, kv_head): its key and value rows into their cache slot; none for a negative slot (a padded
     row of a captured decode batch: vLLM's PAD_SLOT_ID)."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 in long prefills of wide models
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
     block = slot // BLOCK_SIZE
@@ -76,13 +76,14 @@ def attend_block(q, k, v, visible, pos, slopes, m, total, acc, scale, softcap,
 def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, sinks_ptr, alibi_ptr,
                            part_ptr, part_acc_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
                            stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs, stride_table,
-                           scale, softcap, window, split_blocks,
+                           scale, softcap, window,
                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                            D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
                            USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr, SPLIT: tl.constexpr):
-    """Program (i, kv_head, split): query row i, its table row i and context length lens[i], over the cache blocks
-    [split * split_blocks, (split + 1) * split_blocks). Without SPLIT, its output into out; with SPLIT, its
+    """Program (i, kv_head, split): query row i, its table row i and context length lens[i], over the split-th of
+    as many even shares of the row's visible blocks as there are splits (each row's own: a captured graph's splits
+    are sized for the longest context, its rows' contexts are not). Without SPLIT, its output into out; with SPLIT, its
     [max, sum] into part [rows, heads, splits, 2] and its unnormalised output into part_acc [rows, heads, splits,
     DV], the sinks left to merge_splits_kernel."""
     i = tl.program_id(0)
@@ -109,9 +110,11 @@ def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
     if USE_WINDOW:  # the last `window` positions, the query's own included
         start = tl.maximum(ctx_len - window, 0)
     s_off = tl.arange(0, BLOCK_SIZE)
-    # Each block of the range holds a visible key; a split past the context runs none
-    first_block = tl.maximum(start // BLOCK_SIZE, split * split_blocks)
-    end_block = tl.minimum((ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE, (split + 1) * split_blocks)
+    # Each block of the range holds a visible key; a split past the row's blocks runs none
+    row_first, row_end = start // BLOCK_SIZE, (ctx_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    share = (row_end - row_first + tl.num_programs(2) - 1) // tl.num_programs(2)
+    first_block = row_first + split * share
+    end_block = tl.minimum(row_end, first_block + share)
     for b in range(first_block, end_block):
         block = tl.load(tables_ptr + i * stride_table + b)
         pos = b * BLOCK_SIZE + s_off

@@ -39,7 +39,7 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
     token = r // GROUP
     heads = kv_head * GROUP + r % GROUP
     row_ok = token < num_q  # BLOCK_M need not be a multiple of G: the rows past BLOCK_Q * G are idle
-    rows = first_row + token
+    rows = first_row.to(tl.int64) + token  # rows * stride passes 2^31 in long prefills of wide models
     d = tl.arange(0, D_PAD)
     dv = tl.arange(0, DV_PAD)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],

@@ -65,6 +65,7 @@ class Worker:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Called once every rank agreed on num_blocks (the smallest of their budgets)."""
         self.num_blocks = num_blocks
+        self.forward.reset()  # graphs captured over earlier caches would write to freed memory
         self.kv_caches = allocate_kv_caches(self.kv_specs, num_blocks, self.config.cache.block_size,
                                             self.config.model.dtype, self.config.device.device)
         # Layers whose window keeps the prompt attend through the plain masked path, whatever the backend's kernels

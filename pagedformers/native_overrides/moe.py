@@ -86,7 +86,10 @@ class Experts(nn.Module):
         elsewhere = (ids < 0) | (ids >= self.local)  # assignments to other ranks' experts sort last, weigh 0
         ids = ids.masked_fill(elsewhere, self.local).flatten()
         order = ids.argsort(stable=True)
-        ends = torch.bincount(ids, minlength=self.local + 1)[: self.local].cumsum(0).to(torch.int32)
+        # Where each expert's rows end: a search in the sorted ids, not bincount, which reads the ids' range back to
+        # the host on a GPU (a sync that a CUDA graph capture refuses)
+        experts = torch.arange(1, self.local + 1, device=ids.device, dtype=ids.dtype)
+        ends = torch.searchsorted(ids[order], experts).to(torch.int32)
         token = order // self.top_k
         gate, up = self.gate_up_proj(x[token], ends).chunk(2, dim=-1)
         out = self.down_proj(self.act_fn(gate) * up, ends)

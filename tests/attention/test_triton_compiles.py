@@ -21,6 +21,13 @@ SCRIPT = """
     compile_for_h100(merge_splits_kernel, TYPES, "bf16", V_DIM=128, DV_PAD=128, SPLITS_PAD=16, USE_SINKS=True)
     compile_for_h100(prefill_tiles_kernel, TYPES, "bf16", GROUP=6, BLOCK_M=64, BLOCK_SIZE=16, TILE_N=32,
                      USE_RANGES=True, **DIMS, **FLAGS)
+    # Every feature off, head dim 256, on a GPU with less shared memory than an H100's
+    OFF = {name: False for name in FLAGS}
+    WIDE = dict(HEAD_DIM=256, D_PAD=256, V_DIM=256, DV_PAD=256)
+    compile_for_h100(paged_attention_kernel, TYPES, "bf16", 86, GROUP=8, GROUP_PAD=16, BLOCK_SIZE=16, SPLIT=True,
+                     **WIDE, **OFF)
+    compile_for_h100(prefill_tiles_kernel, TYPES, "bf16", 86, GROUP=8, BLOCK_M=64, BLOCK_SIZE=16, TILE_N=32,
+                     USE_RANGES=False, **WIDE, **OFF)
     print("compiled")
 """
 

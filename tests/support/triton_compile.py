@@ -9,9 +9,10 @@ import sys
 import textwrap
 
 
-def compile_for_h100(kernel, types: dict[str, str], default_pointer: str, **constexprs) -> None:
-    """Compile `kernel`: each argument typed by `types`, else a pointer of `default_pointer` (names ending _ptr)
-    or an i32; `constexprs` fixes the rest."""
+def compile_for_h100(kernel, types: dict[str, str], default_pointer: str, capability: int = 90, **constexprs) -> None:
+    """Compile `kernel` for a GPU of this compute capability (90: H100; 86: an A10 / RTX 30xx, less shared memory):
+    each argument typed by `types`, else a pointer of `default_pointer` (names ending _ptr) or an i32;
+    `constexprs` fixes the rest."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -22,7 +23,7 @@ def compile_for_h100(kernel, types: dict[str, str], default_pointer: str, **cons
         return types.get(name) or ("*" + default_pointer if name.endswith("_ptr") else "i32")
 
     signature = {name: kind(name) for name in kernel.arg_names}
-    triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", capability, 32))
 
 
 def compiles(script: str) -> tuple[bool, str]:

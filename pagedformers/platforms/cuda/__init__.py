@@ -33,13 +33,16 @@ class CudaPlatform:
         if backend in ("auto", "triton") and (block < 16 or block & (block - 1)):
             raise ValueError(f"block_size={block}: the Triton attention kernels need a power of two of at least 16 "
                              "(tl.dot's smallest tile); or use attention_backend='torch'")
+        device = torch.device(config.device.device)
+        if device.index is not None:  # Triton launches and graph captures go to the current device
+            torch.cuda.set_device(device)
         swap_layers(model)
         attention = create_attention_backend("triton" if backend == "auto" else backend)
         # Padding rows of a captured batch write to slot -1, which only the Triton write kernel skips
         if attention.name == "triton" and replays_decodes(model, config):
             return CudaGraphs(model, attention, self.graph_capture(config),
                               capture_bucket_sizes(config.scheduler.max_num_seqs), config.model.max_model_len,
-                              config.cache.block_size, torch.device(config.device.device))
+                              config.cache.block_size, device)
         return EagerForward(model, attention)
 
     def graph_capture(self, config: EngineConfig) -> Capture:

@@ -84,15 +84,15 @@ class _StepBuffers:
         return cls(zeros(rows), zeros(rows), zeros(rows), zeros(rows, width), zeros(rows))
 
     def fill(self, inputs: ModelInputs, bucket: int) -> None:
-        """This step's rows, then padding up to the bucket: no slot, a context of one token (block 0's first row,
-        read and dropped: every kernel path stays on its usual, finite course)."""
+        """This step's rows, then padding up to the bucket: no slot and an empty context (the decode kernel gives 0
+        for it, reading nothing)."""
         meta, n = inputs.metadata, len(inputs.input_ids)
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
         self.slots[:n].copy_(meta.slot_mapping)
         self.tables[:n, :meta.decode_block_tables.shape[1]].copy_(meta.decode_block_tables)
         self.lens[:n].copy_(meta.decode_seq_lens)
-        for padded, value in ((self.input_ids, 0), (self.positions, 0), (self.slots, PAD_SLOT), (self.lens, 1)):
+        for padded, value in ((self.input_ids, 0), (self.positions, 0), (self.slots, PAD_SLOT), (self.lens, 0)):
             padded[n:bucket].fill_(value)
         self.tables[n:bucket].zero_()
 

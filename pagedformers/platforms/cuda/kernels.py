@@ -21,7 +21,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n, eps, OFFSET
                      BLOCK: tl.constexpr):
     """Row r: x * rsqrt(mean(x^2) + eps) in float32, cast to x's dtype, times (OFFSET + w), as HF's Llama norm
     rounds (OFFSET 1.0: Gemma's `1 + weight`, computed in float32 as Gemma does)."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # r * stride passes 2^31 in long prefills of wide models
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + r * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
     inv = _inverse_rms(x, n, eps)
@@ -56,7 +56,7 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stri
 @triton.jit
 def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, stride_gate, stride_up, stride_out, n, BLOCK: tl.constexpr):
     """Row r, columns of block c: silu(gate) * up, each op rounded to the output dtype as torch's two ops are."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # r * stride passes 2^31 in long prefills of wide models (70B: ~37k rows)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(gate_ptr + r * stride_gate + cols, mask=cols < n, other=0.0)
     up = tl.load(up_ptr + r * stride_up + cols, mask=cols < n, other=0.0)

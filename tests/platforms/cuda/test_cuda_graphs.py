@@ -1,7 +1,9 @@
 """The CUDA platform's `specialize` and its CUDA graphs' bookkeeping (graphs.py), run on this CPU: the engine on the
 Triton kernels in Triton's interpreter, its model specialized by the CUDA platform with a stand-in capture (a
 "replay" reruns the forward from the static buffers), so that the layer swaps, bucketing, padding, buffer filling,
-the replay check and the fallbacks all run as on a GPU; only the capture itself is the GPU's."""
+split decodes over the buffers' full width, the replay check and the fallbacks all run as on a GPU; only the
+capture itself is the GPU's. The stand-in refuses the ops that read a tensor back to the host on a GPU, as a real
+capture does."""
 
 import dataclasses
 import os
@@ -9,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.family_check import save_tiny_family
@@ -30,7 +33,7 @@ def graphs():
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))
+    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", max_position_embeddings=1024))
 
 
 def test_buckets_are_vllms(graphs):
@@ -39,16 +42,18 @@ def test_buckets_are_vllms(graphs):
     assert graphs.capture_bucket_sizes(2048)[-1] == 512
 
 
-def _specialized_engine(graphs, path, capture, **config_changes):
+def _specialized_engine(graphs, path, capture, llm_kwargs=None, **config_changes):
     """An engine on CPU whose model the CUDA platform specialized, with `capture` for its graphs."""
+    llm_kwargs = llm_kwargs or {}
     from pagedformers.platforms.cuda import CudaPlatform
 
     class StandIn(CudaPlatform):
         def graph_capture(self, config):
             return capture
 
-    llm = LLM(path, dtype="float32", attention_backend="triton", block_size=16, max_model_len=128,
-              enable_prefix_caching=False)
+    # 1024 positions: the graphs' block tables are 64 blocks wide, and their decodes split in two
+    llm = LLM(path, **{"dtype": "float32", "attention_backend": "triton", "block_size": 16, "max_model_len": 1024,
+                       "enable_prefix_caching": False, **llm_kwargs})
     worker = llm.llm_engine.executor.driver_worker
     config = worker.config
     for section, changes in config_changes.items():
@@ -68,9 +73,26 @@ PROMPTS = [list(range(5, 12)), list(range(20, 45)), list(range(50, 53))]
 LENGTHS = [4, 7, 12]  # decode batches of 3 (3 steps), then 2 (3 steps), then 1 (5 steps)
 
 
+class HostSyncsRefused(TorchDispatchMode):
+    """Raises on the ops that read a CUDA tensor back to the host (a value, or a size that depends on values):
+    a CUDA graph capture fails on them."""
+    SYNCS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.bincount, torch.ops.aten.nonzero,
+             torch.ops.aten.masked_select, torch.ops.aten._unique2, torch.ops.aten.unique_dim,
+             torch.ops.aten.unique_consecutive}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNCS:
+            raise RuntimeError(f"{func} reads a tensor back to the host: a CUDA graph cannot hold it")
+        return func(*args, **(kwargs or {}))
+
+
 def counting_capture(replays):
-    """A stand-in capture whose replays rerun the forward from the buffers, counted by bucket."""
+    """A stand-in capture: the forward runs once as a GPU would record it (no host reads), then each replay reruns
+    it from the buffers, counted by bucket."""
     def capture(forward):
+        with HostSyncsRefused():
+            forward()
+
         def replay():
             out = forward()
             replays[out.shape[0]] += 1
@@ -88,6 +110,20 @@ def test_replayed_decodes_give_hf_tokens(graphs, llama):
     assert tokens == [hf_greedy(llama, [p], n)[0] for p, n in zip(PROMPTS, LENGTHS)]
     assert set(forward.graphs) == {1, 2, 4} and not forward.eager_buckets
     assert replays == {4: 3, 2: 3, 1: 5}  # the capture's checked replay, then one a step
+    from pagedformers.attention.triton_backend import decode_splits
+    kv_heads = llm.llm_engine.config.model.hf_config.num_key_value_heads
+    assert all(decode_splits(rows, kv_heads, 1024) == 2 for rows in (1, 2, 4))  # decodes over the buffers' width
+
+
+def test_a_native_moe_replays_its_decodes(graphs, tmp_path):
+    """Native Qwen3-MoE: its routing finds each expert's rows without reading the ids back to the host, so its
+    decodes replay (on the grouped-matmul kernel), with HF's tokens."""
+    path = save_tiny_family("qwen3_moe", tmp_path / "qwen3_moe")
+    prompts, lengths = [list(range(5, 12)), list(range(20, 31))], [4, 8]
+    native = {"model_impl": "native", "max_model_len": 256}
+    llm, forward = _specialized_engine(graphs, path, counting_capture(Counter()), native)
+    assert _generate(llm, prompts, lengths) == [hf_greedy(path, [p], n)[0] for p, n in zip(prompts, lengths)]
+    assert set(forward.graphs) == {1, 2} and not forward.eager_buckets
 
 
 def test_a_capture_that_fails_or_differs_leaves_its_bucket_eager(graphs, llama):
@@ -138,6 +174,6 @@ def test_a_model_with_forward_hooks_stays_eager(graphs, tmp_path):
     step): no graph would repeat the hook, so every bucket stays eager, with HF's tokens."""
     path = save_tiny_family("llama4_text", tmp_path / "llama4")
     prompts, lengths = [list(range(5, 12)), list(range(20, 31))], [5, 9]
-    llm, forward = _specialized_engine(graphs, path, counting_capture(Counter()))
+    llm, forward = _specialized_engine(graphs, path, counting_capture(Counter()), {"max_model_len": 256})
     assert _generate(llm, prompts, lengths) == [hf_greedy(path, [p], n)[0] for p, n in zip(prompts, lengths)]
     assert forward.graphs == {} and forward.eager_buckets == {1, 2}

@@ -9,14 +9,14 @@ SCRIPT = """
 
     compile_for_h100(kernels._rms_norm_kernel, {"eps": "fp32"}, "bf16", OFFSET=0.0, BLOCK=1024)
     compile_for_h100(kernels._rms_norm_kernel, {"eps": "fp32"}, "bf16", OFFSET=1.0, BLOCK=1024)
-    compile_for_h100(kernels._add_rms_norm_kernel, {"eps": "fp32"}, "bf16", BLOCK=1024)
+    compile_for_h100(kernels._add_rms_norm_kernel, {"eps": "fp32"}, "bf16", BLOCK=8192)  # Llama-70B's hidden
     compile_for_h100(kernels._silu_and_mul_kernel, {}, "bf16", BLOCK=1024)
     for interleaved in (False, True):
         compile_for_h100(rotary._rotary_kernel, {}, "bf16", HEAD_DIM=128, D_PAD=128, ROTARY_DIM=64,
                          INTERLEAVED=interleaved)
-    for rows in (16, 64):
-        compile_for_h100(moe._grouped_matmul_kernel, {"ends_ptr": "*i32"}, "bf16", BLOCK_M=rows, BLOCK_N=64,
-                         BLOCK_K=64, E_PAD=64)
+    for rows, columns, depth in (moe.DECODE_TILES, moe.PREFILL_TILES):  # the tiles grouped_matmul launches
+        compile_for_h100(moe._grouped_matmul_kernel, {"ends_ptr": "*i32"}, "bf16", BLOCK_M=rows, BLOCK_N=columns,
+                         BLOCK_K=depth, E_PAD=64)
     compile_for_h100(sampling._argmax_kernel, {"out_ptr": "*i64"}, "fp32", BLOCK=1024)
     compile_for_h100(sampling._draw_kernel, {"table_ptr": "*fp64", "out_ptr": "*i64"}, "fp32", BLOCK=256,
                      CANDIDATES=sampling._CANDIDATES, PASSES=sampling._PASSES)
