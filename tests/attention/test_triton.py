@@ -1,7 +1,6 @@
 """The Triton kernels, run in Triton's interpreter on this CPU (float32): against the plain PyTorch backend on small
 shapes, then the whole engine on attention_backend="triton" against HF generate."""
 
-import os
 
 import pytest
 import torch
@@ -18,19 +17,15 @@ from pagedformers.tools.family_check import (
     save_tiny_family,
 )
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+from support.triton_interpret import triton_interpreted
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
     """TRITON_INTERPRET=1 while this module runs: Triton reads it when the kernels' module is imported (on the
     first use of the backend), and the CPU platform checks it."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with triton_interpreted():
+        yield
 
 
 def _attend(backend_name, chunks, params, q, k, v, caches, block_size, splits=None):

@@ -6,7 +6,6 @@ capture itself is the GPU's. The stand-in refuses the ops that read a tensor bac
 capture does."""
 
 import dataclasses
-import os
 from collections import Counter
 
 import pytest
@@ -16,19 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.family_check import save_tiny_family
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+from support.triton_interpret import triton_interpreted
 
 
 @pytest.fixture(scope="module")
 def graphs():
     """The module, with TRITON_INTERPRET=1 while these tests run (the engine's Triton kernels read it at import)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from pagedformers.platforms.cuda import graphs
-    yield graphs
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with triton_interpreted():
+        from pagedformers.platforms.cuda import graphs
+        yield graphs
 
 
 @pytest.fixture(scope="module")

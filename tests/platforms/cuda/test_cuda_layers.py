@@ -1,7 +1,6 @@
 """The CUDA platform's layer swaps and their Triton kernels, run on this CPU in Triton's interpreter: each kernel
 against PyTorch, then the swaps inside the engine against HF's tokens."""
 
-import os
 
 import pytest
 import torch
@@ -10,19 +9,15 @@ import torch.nn.functional as F
 from pagedformers import LLM, SamplingParams
 from pagedformers.tools.family_check import save_tiny_family
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+from support.triton_interpret import triton_interpreted
 
 
 @pytest.fixture(scope="module")
 def cuda_layers():
     """The module, imported with TRITON_INTERPRET=1 (Triton decides at a kernel's definition)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from pagedformers.platforms.cuda import kernels, layers
-    yield kernels, layers
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with triton_interpreted():
+        from pagedformers.platforms.cuda import kernels, layers
+        yield kernels, layers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])  # the interpreter's bfloat16 math is wrong (NaN): GPU only

@@ -2,7 +2,6 @@
 embedding, the residual add fused with its RMSNorm and the experts' grouped matmul, each against the native
 model's own PyTorch, then swapped into native Llama and Qwen3-MoE engines against HF's tokens."""
 
-import os
 from types import MethodType
 
 import pytest
@@ -14,20 +13,16 @@ from pagedformers.native_overrides.layers import RMSNorm
 from pagedformers.native_overrides.layers import Rotary as NativeRotary
 from pagedformers.tools.family_check import save_tiny_family
 from pagedformers.tools.tiny_models import hf_greedy, save_tiny_model
+from support.triton_interpret import triton_interpreted
 
 
 @pytest.fixture(scope="module")
 def cuda():
     """The platform's modules, imported with TRITON_INTERPRET=1 (Triton decides at a kernel's definition)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from pagedformers.platforms import cuda
-    from pagedformers.platforms.cuda import kernels, layers, moe, rotary
-    yield kernels, layers, moe, rotary, cuda.swap_layers
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with triton_interpreted():
+        from pagedformers.platforms import cuda
+        from pagedformers.platforms.cuda import kernels, layers, moe, rotary
+        yield kernels, layers, moe, rotary, cuda.swap_layers
 
 
 # (head_dim, rotary_dim, interleaved): Llama's whole head (not a power of two), StableLM's partial rotate-half,

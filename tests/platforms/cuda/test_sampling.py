@@ -2,7 +2,6 @@
 draws against the host sampler's own `draw` at the same uniform numbers, then the sampler's device path (the code
 a GPU runs) against its host path."""
 
-import os
 
 import pytest
 import torch
@@ -11,19 +10,15 @@ from pagedformers import LLM, SamplingParams, StructuredOutputsParams
 from pagedformers.engine.request import Request
 from pagedformers.engine.sampler import Sampler, draw, draw_table
 from pagedformers.tools.tiny_models import save_tiny_model
+from support.triton_interpret import triton_interpreted
 
 
 @pytest.fixture(scope="module")
 def cuda():
     """The platform and its kernels, imported with TRITON_INTERPRET=1 (Triton decides at a kernel's definition)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from pagedformers.platforms.cuda import PLATFORM, sampling
-    yield PLATFORM, sampling
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with triton_interpreted():
+        from pagedformers.platforms.cuda import PLATFORM, sampling
+        yield PLATFORM, sampling
 
 
 def test_argmax_has_torch_ties_and_nans(cuda):
