@@ -72,6 +72,8 @@ class Worker:
         dtype = self.config.model.dtype
         self.zero_fresh_blocks = keeps_prompt_in_window(self.config.model.hf_config) or any(
             self.forward.attention.reads_unwritten_rows(spec, dtype) for spec in self.kv_specs.values())
+        with torch.inference_mode():
+            self.forward.prepare(self.kv_caches)
 
     @torch.inference_mode()
     def check_hf_parity(self) -> None:

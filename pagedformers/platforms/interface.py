@@ -26,6 +26,9 @@ class StepForward(Protocol):
         """The model's hidden states [T, hidden] for these inputs; `model_kwargs` are the capability inputs the
         worker adds (model/interface.py: `state`, `stage_input`)."""
 
+    def prepare(self, kv_caches: KVCaches) -> None:
+        """The KV cache now exists (allocated once at start-up): what needs it may be built now (CUDA graphs)."""
+
     def reset(self) -> None:
         """Forget whatever was derived from the model's modules (apply_model may have changed them)."""
 
@@ -65,6 +68,9 @@ class EagerForward:
     def context(self, inputs: ModelInputs, kv_caches: KVCaches | None) -> ForwardContext:
         """What the model's attention layers read during this step's forward."""
         return ForwardContext(inputs.metadata, kv_caches, backend=self.attention)
+
+    def prepare(self, kv_caches: KVCaches) -> None:
+        pass
 
     def reset(self) -> None:
         pass

@@ -6,7 +6,8 @@ slots, block tables and context lengths into the first n rows of the buffers and
 bucket >= n; the rows past n are padding, which writes no KV (slot -1: the Triton write kernel skips it) and whose
 outputs are dropped (each row of a decoder's forward is computed on its own).
 
-Python runs only at capture: the forward may decide from shapes alone. One that reads a tensor's value syncs with
+Graphs are captured at start-up, once the KV cache exists (`prepare`), on padding rows alone. Python runs only at
+capture: the forward may decide from shapes alone. One that reads a tensor's value syncs with
 the host, which a capture refuses; an attention layer whose backend plans it in Python per step (the capture hook
 asks: `AttentionCall.is_shape_static`) is refused here: that bucket stays eager. As a last guard against a Python
 decision frozen at capture, the first replay of each bucket is compared with the eager forward of the same inputs,
@@ -18,6 +19,7 @@ interpreter, which runs every other line of this module.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,17 +86,21 @@ class _StepBuffers:
         return cls(zeros(rows), zeros(rows), zeros(rows), zeros(rows, width), zeros(rows))
 
     def fill(self, inputs: ModelInputs, bucket: int) -> None:
-        """This step's rows, then padding up to the bucket: no slot and an empty context (the decode kernel gives 0
-        for it, reading nothing)."""
+        """This step's rows, then padding up to the bucket."""
         meta, n = inputs.metadata, len(inputs.input_ids)
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
         self.slots[:n].copy_(meta.slot_mapping)
         self.tables[:n, :meta.decode_block_tables.shape[1]].copy_(meta.decode_block_tables)
         self.lens[:n].copy_(meta.decode_seq_lens)
+        self.pad(n, bucket)
+
+    def pad(self, first: int, bucket: int) -> None:
+        """Rows first..bucket as padding: no slot and an empty context (the decode kernel gives 0 for it, reading
+        nothing)."""
         for padded, value in ((self.input_ids, 0), (self.positions, 0), (self.slots, PAD_SLOT), (self.lens, 0)):
-            padded[n:bucket].fill_(value)
-        self.tables[n:bucket].zero_()
+            padded[first:bucket].fill_(value)
+        self.tables[first:bucket].zero_()
 
     def inputs(self, bucket: int, block_size: int) -> ModelInputs:
         """The bucket's view of the buffers as a step's inputs; every decode's context fits the table's width."""
@@ -106,7 +112,8 @@ class _StepBuffers:
 
 
 class CudaGraphs(EagerForward):
-    """A model's step forward that replays each decode bucket's captured graph, captured on the bucket's first use."""
+    """A model's step forward that replays each decode bucket's captured graph: captured at start-up on padding rows
+    (`prepare`), or on the bucket's first use after a reset; each checked against eager on its first real step."""
 
     def __init__(self, model: nn.Module, attention: AttentionBackend, capture: Capture, bucket_sizes: list[int],
                  max_model_len: int, block_size: int, device: torch.device) -> None:
@@ -115,11 +122,23 @@ class CudaGraphs(EagerForward):
         width = -(-max_model_len // block_size)
         self.buffers = _StepBuffers.allocate(bucket_sizes[-1], width, device)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # bucket -> its replay
+        self.checked: set[int] = set()  # buckets whose replay matched eager on a real step
         self.eager_buckets: set[int] = set()
+
+    def prepare(self, kv_caches: KVCaches) -> None:
+        """Capture every bucket now, largest first (so smaller graphs reuse its pool's memory), as vLLM does at
+        start-up: serving then never stalls on a capture. The buffers hold padding rows alone, which write and read
+        no KV."""
+        start = time.perf_counter()
+        for bucket in reversed(self.bucket_sizes):
+            self._record(bucket, kv_caches)
+        logger.info("CUDA graphs for decode steps of %s sequences, captured in %.1f s.",
+                    ", ".join(map(str, sorted(self.graphs))) or "no number of", time.perf_counter() - start)
 
     def reset(self) -> None:
         """Drop every graph: apply_model may have changed the modules they replay."""
         self.graphs.clear()
+        self.checked.clear()
         self.eager_buckets.clear()
 
     def __call__(self, inputs: ModelInputs, kv_caches: KVCaches | None, **model_kwargs: Any) -> torch.Tensor:
@@ -128,16 +147,16 @@ class CudaGraphs(EagerForward):
         if (bucket is None or bucket in self.eager_buckets or model_kwargs or inputs.model_kwargs()
                 or not inputs.is_decode_only or kv_caches is None):
             return super().__call__(inputs, kv_caches, **model_kwargs)
-        self.buffers.fill(inputs, bucket)
-        replay = self.graphs.get(bucket)
+        replay = self.graphs.get(bucket) or self._record(bucket, kv_caches)
         if replay is None:
-            return self._capture(bucket, inputs, kv_caches)
+            return super().__call__(inputs, kv_caches)
+        self.buffers.fill(inputs, bucket)
+        if bucket not in self.checked:
+            return self._check(bucket, replay, kv_caches)[:n]
         return replay()[:n].clone()  # the graph's output is overwritten by its next replay
 
-    def _capture(self, bucket: int, step: ModelInputs, kv_caches: KVCaches) -> torch.Tensor:
-        """The step's hidden states, from the eager forward; the bucket's graph is kept if its replay gave the same
-        from the same (filled) buffers, else the bucket stays eager. The eager forward runs last, so its keys and
-        values are those left in the cache (the replay wrote the same slots)."""
+    def _forward(self, bucket: int, kv_caches: KVCaches) -> Callable[[], torch.Tensor]:
+        """The bucket's forward over the buffers, as a capture records it."""
         def forward() -> torch.Tensor:
             # Fresh metadata each run: what it derives (masks, slot splits) is then computed inside the capture and
             # recorded, not left over from the warm-up run
@@ -146,25 +165,35 @@ class CudaGraphs(EagerForward):
             ctx.capture = _graph_safe
             with forward_context(ctx):
                 return self.model(inputs.input_ids, inputs.positions)
+        return forward
 
+    def _record(self, bucket: int, kv_caches: KVCaches) -> Callable[[], torch.Tensor] | None:
+        """The bucket's graph, captured on padding rows (a capture runs the forward: real rows would write their
+        keys and values again, into slots a finished request may have passed on); None (the bucket stays eager)
+        where the forward cannot be captured."""
         hooked = hooked_module(self.model)
         if hooked is not None:
-            self._give_up(bucket, f"module {hooked!r} has forward hooks")
-            return super().__call__(step, kv_caches)
+            return self._give_up(bucket, f"module {hooked!r} has forward hooks")
+        self.buffers.pad(0, bucket)
         try:
-            replay = self.capture(forward)
-            replayed = replay().clone()
+            self.graphs[bucket] = self.capture(self._forward(bucket, kv_caches))
         except Exception as e:  # noqa: BLE001 (the eager forward reports the step's own errors)
-            self._give_up(bucket, f"capture failed ({type(e).__name__}: {e})")
-            return super().__call__(step, kv_caches)
-        eager = forward()
+            return self._give_up(bucket, f"capture failed ({type(e).__name__}: {e})")
+        return self.graphs[bucket]
+
+    def _check(self, bucket: int, replay: Callable[[], torch.Tensor], kv_caches: KVCaches) -> torch.Tensor:
+        """The filled buffers' hidden states from the eager forward; the graph is kept if its replay gave the same,
+        else the bucket stays eager. The eager forward runs last, so its keys and values are those left in the
+        cache (the replay wrote the same slots)."""
+        replayed = replay().clone()
+        eager = self._forward(bucket, kv_caches)()
         if _same(replayed, eager):
-            self.graphs[bucket] = replay
-            logger.info("Decode steps of up to %d sequences now replay a CUDA graph.", bucket)
+            self.checked.add(bucket)
         else:
+            del self.graphs[bucket]
             self._give_up(bucket, "its replay differs from the eager forward (the forward decides in Python from "
                                   "values that change per step)")
-        return eager[:len(step.input_ids)]
+        return eager
 
     def _give_up(self, bucket: int, why: str) -> None:
         self.eager_buckets.add(bucket)

@@ -97,14 +97,17 @@ def counting_capture(replays):
 
 
 def test_replayed_decodes_give_hf_tokens(graphs, llama):
-    """Buckets 1, 2, 4, 8...: the batch of 3 replays bucket 4 with a padding row, then buckets 2 and 1."""
+    """Graphs captured at start-up for buckets 1, 2 and 4 (max_num_seqs 4), on padding rows: the batch of 3 replays
+    bucket 4 with a padding row, then buckets 2 and 1, each checked against eager on its first step."""
     replays = Counter()
-    llm, forward = _specialized_engine(graphs, llama, counting_capture(replays))
-    assert isinstance(forward, graphs.CudaGraphs) and forward.bucket_sizes[:4] == [1, 2, 4, 8]
+    llm, forward = _specialized_engine(graphs, llama, counting_capture(replays), scheduler={"max_num_seqs": 4})
+    assert isinstance(forward, graphs.CudaGraphs) and forward.bucket_sizes == [1, 2, 4]
+    forward.prepare(llm.llm_engine.executor.driver_worker.kv_caches)  # as the worker does once it allocated them
+    assert set(forward.graphs) == {1, 2, 4} and not forward.checked and not replays
     tokens = _generate(llm, PROMPTS, LENGTHS)
     assert tokens == [hf_greedy(llama, [p], n)[0] for p, n in zip(PROMPTS, LENGTHS)]
-    assert set(forward.graphs) == {1, 2, 4} and not forward.eager_buckets
-    assert replays == {4: 3, 2: 3, 1: 5}  # the capture's checked replay, then one a step
+    assert forward.checked == {1, 2, 4} and not forward.eager_buckets
+    assert replays == {4: 3, 2: 3, 1: 5}  # the checked replay of a bucket's first step, then one a step
     from pagedformers.attention.triton_backend import decode_splits
     kv_heads = llm.llm_engine.config.model.hf_config.num_key_value_heads
     assert all(decode_splits(rows, kv_heads, 1024) == 2 for rows in (1, 2, 4))  # decodes over the buffers' width
