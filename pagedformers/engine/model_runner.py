@@ -10,7 +10,7 @@ import torch
 from pagedformers.config import EngineConfig
 from pagedformers.engine.inputs import StepPlan, make_chunk, order_for_step
 from pagedformers.engine.lora_slots import LoRASlots
-from pagedformers.engine.sampler import Sampler, logprob_entries
+from pagedformers.engine.sampler import Sampler, batched_logprob_entries
 from pagedformers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedformers.outputs import Logprob
 
@@ -77,10 +77,11 @@ class ModelRunner:
         """Logprobs of each prompt token given the ones before it."""
         req = s.request
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = req.all_token_ids[start + 1:start + 1 + logits.shape[0]]
-        result.prompt_logprobs[req.request_id] = [
-            logprob_entries(row, t, req.params.prompt_logprobs)[1] for row, t in zip(logprobs, targets)
-        ]
+        targets = torch.tensor(req.all_token_ids[start + 1:start + 1 + logits.shape[0]]).to(logprobs.device)
+        # All rows in one copy to the host (a GPU syncs once, not a few times a token)
+        ks = [req.params.prompt_logprobs] * len(targets)
+        rows = batched_logprob_entries(logprobs, targets, ks)
+        result.prompt_logprobs[req.request_id] = [entries for _, entries in rows]
 
 
 def _row_starts(order: list[ScheduledRequest]) -> list[int]:

@@ -71,7 +71,7 @@ class Sampler:
             platform.draw_rows(logits, table.to(logits.device), token_ids)  # one small copy to the device
         logprobs: list[tuple[float, dict[int, Logprob]] | None] = [None] * len(reqs)
         if asked:
-            for i, entries in zip(asked, _batched_logprob_entries(raw_logprobs, token_ids[asked],
+            for i, entries in zip(asked, batched_logprob_entries(raw_logprobs, token_ids[asked],
                                                                   [reqs[i].params.logprobs for i in asked])):
                 logprobs[i] = entries
         return SamplerOutput(token_ids.tolist(), logprobs)
@@ -144,21 +144,37 @@ def _mask_eos_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> No
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
-    vocab = logits.shape[-1]
-    for i, r in enumerate(reqs):
-        p = r.params
-        if not p.has_penalties:
-            continue
-        if p.repetition_penalty != 1.0:  # HF/vLLM semantics, over prompt and output tokens
-            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-            seen[torch.tensor(r.all_token_ids, dtype=torch.long, device=logits.device).clamp_(max=vocab - 1)] = True
-            row = logits[i]
-            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            logits[i] = torch.where(seen, penalised, row)
-        if p.frequency_penalty or p.presence_penalty:  # OpenAI semantics, over output tokens only
-            outputs = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(outputs, minlength=vocab)[:vocab]
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    """Repetition (HF/vLLM semantics, over prompt and output tokens), frequency and presence (OpenAI's, over output
+    tokens) penalties, in place, for all the rows that have them at once: on a GPU, one copy of their token ids a
+    kind, not a copy and a sync a row."""
+    repeated = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
+    if repeated:
+        rows = logits[repeated]
+        seen = torch.zeros_like(rows, dtype=torch.bool)
+        seen[_token_rows(logits, [reqs[i].all_token_ids for i in repeated])] = True
+        penalty = _column(logits, [reqs[i].params.repetition_penalty for i in repeated])
+        logits[repeated] = torch.where(seen, torch.where(rows > 0, rows / penalty, rows * penalty), rows)
+    counted = [i for i, r in enumerate(reqs) if r.params.frequency_penalty or r.params.presence_penalty]
+    if counted:
+        counts = torch.zeros(len(counted), logits.shape[-1], dtype=torch.long, device=logits.device)
+        where = _token_rows(logits, [reqs[i].output_token_ids for i in counted])
+        counts.index_put_(where, torch.ones_like(where[1]), accumulate=True)
+        frequency = _column(logits, [reqs[i].params.frequency_penalty for i in counted])
+        presence = _column(logits, [reqs[i].params.presence_penalty for i in counted])
+        logits[counted] -= frequency * counts + presence * (counts > 0)
+
+
+def _token_rows(logits: torch.Tensor, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index pairs of each row's tokens, on the logits' device (ids past the vocabulary at its last)."""
+    rows = [j for j, ids in enumerate(token_ids) for _ in ids]
+    flat = [t for ids in token_ids for t in ids]
+    pairs = torch.tensor([rows, flat], dtype=torch.long).to(logits.device)
+    return pairs[0], pairs[1].clamp_(max=logits.shape[-1] - 1)
+
+
+def _column(logits: torch.Tensor, values: list[float]) -> torch.Tensor:
+    """[rows, 1] float32 values on the logits' device: a row's penalty as the per-row code's Python float was."""
+    return torch.tensor(values, dtype=torch.float32).to(logits.device)[:, None]
 
 
 def _filtered_weights(logits: torch.Tensor, params: list) -> torch.Tensor:
@@ -192,7 +208,7 @@ def logprob_entries(row: torch.Tensor, token_id: int, k: int) -> tuple[float, di
     return sampled, _entries(token_id, sampled, int((row > sampled).sum()) + 1, values.tolist(), ids.tolist())
 
 
-def _batched_logprob_entries(rows: torch.Tensor, token_ids: torch.Tensor,
+def batched_logprob_entries(rows: torch.Tensor, token_ids: torch.Tensor,
                              ks: list[int]) -> list[tuple[float, dict[int, Logprob]]]:
     """logprob_entries of each row (rows: [n, vocab] logprobs, on any device), brought to the host in one copy:
     float64 holds the float32 logprobs, the ranks and the token ids exactly."""

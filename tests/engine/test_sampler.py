@@ -1,7 +1,7 @@
 import torch
 
 from pagedformers.engine.request import Request
-from pagedformers.engine.sampler import Sampler, _batched_logprob_entries, logprob_entries
+from pagedformers.engine.sampler import Sampler, batched_logprob_entries, logprob_entries
 from pagedformers.sampling_params import SamplingParams
 
 
@@ -93,9 +93,9 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     assert {t: e.rank for t, e in entries.items()} == {1: 1, 2: 2}
 
 
-def test_batched_logprob_entries_are_logprob_entries():
+def testbatched_logprob_entries_are_logprob_entries():
     # The device path's one-copy logprobs (engine/sampler.py) against the host's row by row, k = 0 among them.
     rows = torch.log_softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
     tokens, ks = torch.tensor([4, 9, 0]), [0, 5, 2]
     expected = [logprob_entries(row, int(t), k) for row, t, k in zip(rows, tokens, ks)]
-    assert _batched_logprob_entries(rows, tokens, ks) == expected
+    assert batched_logprob_entries(rows, tokens, ks) == expected
