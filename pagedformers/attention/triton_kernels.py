@@ -53,6 +53,23 @@ def write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
 
 
 @triton.jit
+def start_softmax(sinks_ptr, alibi_ptr, heads, ok, ROWS: tl.constexpr, DV_PAD: tl.constexpr,
+                  USE_SINKS: tl.constexpr, USE_ALIBI: tl.constexpr):
+    """The online softmax's state before any key, for ROWS rows of query heads `heads` (`ok`: real rows): running
+    max, sum, output, and each row's ALiBi slope. A sink is a key every head sees with its own logit and no value:
+    it only adds to the sum."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.full([ROWS], 0.0, tl.float32)
+    if USE_SINKS:
+        m = tl.load(sinks_ptr + heads, mask=ok, other=0.0).to(tl.float32)
+        total = tl.full([ROWS], 1.0, tl.float32)
+    slopes = m
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=ok, other=0.0).to(tl.float32)
+    return m, total, tl.full([ROWS, DV_PAD], 0.0, tl.float32), slopes
+
+
+@triton.jit
 def attend_block(q, k, v, visible, pos, slopes, m, total, acc, scale, softcap,
                  USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr):
     """One step of the online softmax: queries q [R, D] over a block's keys k [S, D] and values v [S, DV] where
@@ -97,15 +114,9 @@ def paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
     dv = tl.arange(0, DV_PAD)
     q = tl.load(q_ptr + i * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=head_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    total = tl.full([GROUP_PAD], 0.0, tl.float32)
-    if USE_SINKS and not SPLIT:  # a sink is a key every head sees with its own logit and no value: it adds to the sum
-        m = tl.load(sinks_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
-        total = tl.full([GROUP_PAD], 1.0, tl.float32)
-    acc = tl.full([GROUP_PAD, DV_PAD], 0.0, tl.float32)
-    slopes = m
-    if USE_ALIBI:
-        slopes = tl.load(alibi_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+    # Splits leave the sinks to merge_splits_kernel
+    m, total, acc, slopes = start_softmax(sinks_ptr, alibi_ptr, heads, head_ok, GROUP_PAD, DV_PAD,
+                                          USE_SINKS and not SPLIT, USE_ALIBI)
     start = 0
     if USE_WINDOW:  # the last `window` positions, the query's own included
         start = tl.maximum(ctx_len - window, 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagedformers.attention.triton_kernels import attend_block, max_combine, min_combine
+from pagedformers.attention.triton_kernels import attend_block, max_combine, min_combine, start_softmax
 
 
 @triton.jit
@@ -44,15 +44,7 @@ def prefill_tiles_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tiles_ptr, ta
     dv = tl.arange(0, DV_PAD)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.full([BLOCK_M], 0.0, tl.float32)
-    if USE_SINKS:  # a key every head sees with its own logit and no value: it only adds to the sum
-        m = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32)
-        total = tl.full([BLOCK_M], 1.0, tl.float32)
-    acc = tl.full([BLOCK_M, DV_PAD], 0.0, tl.float32)
-    slopes = m
-    if USE_ALIBI:
-        slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32)
+    m, total, acc, slopes = start_softmax(sinks_ptr, alibi_ptr, heads, row_ok, BLOCK_M, DV_PAD, USE_SINKS, USE_ALIBI)
     # Each row sees the keys [start, end): causal, the last `window` positions, its own included
     end = tl.where(row_ok, first_pos + token + 1, 0)
     start = tl.full([BLOCK_M], 0, tl.int32)
