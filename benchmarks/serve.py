@@ -5,7 +5,8 @@ and, with --peer-python, against `vllm serve` on the same machine in the same ru
 
 The workload is vLLM's `--dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 64
 --max-concurrency 32 --ignore-eos`: random token ids decoded to text prompts, streamed completions sampled at
-temperature 1, at most 32 in flight. One load generator (this process, asyncio + httpx) drives every server.
+temperature 1, at most 32 in flight. One load generator (this process, asyncio + aiohttp, as `vllm bench serve`)
+drives every server: on 2 cores its CPU is taken from the server's, so it is kept as light as vLLM's.
 Output throughput counts the tokens the servers report (usage); inter-token latency is the time between two
 streamed chunks that carry text, time to first token the time to the first. Offline is `LLM.generate` over
 the same prompts with the same sampling and `max_num_seqs` = the concurrency, in its own process.
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
 from common import add_model_args, free_port, save_llama, wait_ready, word_tokenizer
 
 _OFFLINE = """
@@ -152,10 +153,10 @@ def _start_vllm(path: Path, args: argparse.Namespace) -> tuple[int, subprocess.P
 async def _load(port: int, prompts: list[str], concurrency: int, output_len: int) -> Round:
     gate = asyncio.Semaphore(concurrency)
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         start = time.perf_counter()
-        results = await asyncio.gather(*(_stream(client, gate, prompt, output_len) for prompt in prompts))
+        results = await asyncio.gather(*(_stream(session, gate, prompt, output_len) for prompt in prompts))
         elapsed = time.perf_counter() - start
     used = resource.getrusage(resource.RUSAGE_SELF)
     done = [r for r in results if r is not None]
@@ -163,7 +164,7 @@ async def _load(port: int, prompts: list[str], concurrency: int, output_len: int
                  len(results) - len(done), used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime)
 
 
-async def _stream(client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: str,
+async def _stream(session: aiohttp.ClientSession, gate: asyncio.Semaphore, prompt: str,
                   output_len: int) -> tuple[int, float, list[float]] | None:
     """(completion tokens, TTFT ms, inter-chunk gaps ms) of one streamed request, or None if it failed."""
     body = {"model": "llama", "prompt": prompt, "max_tokens": output_len, "temperature": 1.0, "ignore_eos": True,
@@ -172,10 +173,11 @@ async def _stream(client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: st
         start = last = time.perf_counter()
         ttft, gaps, tokens = None, [], 0
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
+            async with session.post("/v1/completions", json=body) as response:
+                if response.status != 200:
                     return None
-                async for line in response.aiter_lines():
+                async for raw in response.content:  # one line at a time
+                    line = raw.decode().rstrip("\n")
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
@@ -188,7 +190,7 @@ async def _stream(client: httpx.AsyncClient, gate: asyncio.Semaphore, prompt: st
                         else:
                             gaps.append((now - last) * 1e3)
                         last = now
-        except httpx.HTTPError:
+        except aiohttp.ClientError:
             return None
     return (tokens, ttft, gaps) if ttft is not None and tokens else None
 

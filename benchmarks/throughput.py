@@ -34,6 +34,7 @@ from common import add_model_args, linear_implementations, memory_bandwidth, sav
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from pagedformers import LLM, SamplingParams
+from pagedformers.loading import torchvision_compat
 from pagedformers.tools.tiny_models import hf_greedy
 
 
@@ -114,16 +115,22 @@ def load_pagedformers(path: Path, args, reqs) -> Engine:
 _FIRST_TOKEN_CHILD = """
 import sys, time
 from pagedformers import LLM, SamplingParams
+from pagedformers.loading import torchvision_compat
 imported = time.time()
 llm = LLM(model=sys.argv[1], dtype=sys.argv[2], max_model_len=4096)
 loaded = time.time()
 llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(max_tokens=1), use_tqdm=False)
 print(imported, loaded, time.time(), flush=True)
 """
-# What no transformers-based engine starts without: torch, and transformers' model classes and loading.
+# What no transformers-based engine starts without: torch, and transformers' model classes and loading. Beside a
+# CPU torch, PyPI's torchvision (CUDA-built) fails transformers' import unless its ops are declared first, as our
+# package does on import (loading/torchvision_compat.py, run here alone, without the rest of the package).
 _DEPENDENCIES_CHILD = """
-import time
-import torch, transformers.modeling_utils
+import runpy, sys, time
+import torch
+compat = runpy.run_path(sys.argv[1])  # kept: the declared schemas live as long as its Library
+compat["make_torchvision_importable"]()
+import transformers.modeling_utils
 print(time.time(), flush=True)
 """
 
@@ -154,7 +161,7 @@ def _times_in_fresh_python(child: str, *argv: str) -> tuple[float, list[float]]:
 def process_start_to_first_token(path: Path, args) -> StartUp:
     """A fresh Python's way to its first generated token, and, measured right after, the same imports alone."""
     start, (imported, loaded, first) = _times_in_fresh_python(_FIRST_TOKEN_CHILD, str(path), args.dtype)
-    dep_start, (dep_end,) = _times_in_fresh_python(_DEPENDENCIES_CHILD)
+    dep_start, (dep_end,) = _times_in_fresh_python(_DEPENDENCIES_CHILD, torchvision_compat.__file__)
     return StartUp(first - start, imported - start, loaded - imported, dep_end - dep_start)
 
 
