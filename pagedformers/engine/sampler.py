@@ -92,8 +92,22 @@ class Sampler:
         rows = [i for i, r in enumerate(reqs) if not r.params.is_greedy]
         if not rows:
             return token_ids
+        uniforms = self._uniforms(rows, reqs)
+        vocab = logits.shape[-1]
+        if platform.draws_plain_rows(logits):
+            # Rows without top-k or top-p in the platform's kernel, in place (no sort, no [rows, vocab] temporaries:
+            # ~0.2 against ~1.9 ms for 32 rows of 32K tokens on 2 Zen 5 cores, benchmarks/sampling.py).
+            plain = [j for j, i in enumerate(rows) if _is_plain(reqs[i].params, vocab)]
+            if plain:
+                table = draw_table([rows[j] for j in plain], [reqs[rows[j]].params for j in plain], uniforms[plain],
+                                   vocab)
+                platform.draw_rows(logits, table, token_ids)
+                kept = sorted(set(range(len(rows))) - set(plain))
+                rows, uniforms = [rows[j] for j in kept], uniforms[kept]
+                if not rows:
+                    return token_ids
         sub = logits if len(rows) == len(reqs) else logits[rows]  # a gather only when some rows are greedy
-        token_ids[rows] = draw(sub, [reqs[i].params for i in rows], self._uniforms(rows, reqs), token_ids[rows])
+        token_ids[rows] = draw(sub, [reqs[i].params for i in rows], uniforms, token_ids[rows])
         return token_ids
 
     def _uniforms(self, rows: list[int], reqs: list[Request]) -> torch.Tensor:
@@ -133,6 +147,11 @@ def draw_table(rows: list[int], params: list[SamplingParams], uniforms: torch.Te
     params = torch.tensor([[i, p.temperature, p.min_p, min(p.top_k, vocab), p.top_p] for i, p in zip(rows, params)],
                           dtype=torch.float64)
     return torch.cat([params, uniforms], dim=1)
+
+
+def _is_plain(params: SamplingParams, vocab: int) -> bool:
+    """Neither top-k nor top-p: the row's draw needs no sort."""
+    return (not params.top_k or params.top_k >= vocab) and params.top_p >= 1.0
 
 
 def _mask_eos_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:

@@ -50,9 +50,14 @@ class Platform(Protocol):
         """`logits.argmax(dim=-1)` of [rows, vocab] logits on this device: greedy sampling."""
 
     def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """engine/sampler.py's `draw` on the device, where draws_on_device: table row j (float64, on the logits'
-        device) is (row, temperature, min_p, top_k, top_p, uniform); token_ids[row] (the argmax) becomes the
-        row's draw where the row has a distribution."""
+        """engine/sampler.py's `draw` in a kernel: table row j (float64, on the logits' device) is (row, temperature,
+        min_p, top_k, top_p, uniform); token_ids[row] (the argmax) becomes the row's draw where the row has a
+        distribution. Where draws_on_device, any rows; on the host, only rows without top-k or top-p, and only
+        where `draws_plain_rows(logits)`."""
+
+    def draws_plain_rows(self, logits: torch.Tensor) -> bool:
+        """Whether `draw_rows` takes these host logits' rows that have neither top-k nor top-p (the sampler's torch
+        code draws the others)."""
 
 
 class EagerForward:

@@ -15,7 +15,7 @@ from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (re
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
-from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cpu_kernels
+from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cpu_kernels, draw_rows, draws_rows
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
 from pagedformers.platforms.cpu.quantized_linear import swap_quantized_linears
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
@@ -29,7 +29,7 @@ KV_CACHE_SHARE, KV_CACHE_MAX = 0.3, 4 * _GiB  # of the memory available once the
 
 class CpuPlatform:
     device_type = "cpu"
-    draws_on_device = False  # the logits are on the host already: the sampler's torch code draws
+    draws_on_device = False  # the logits are on the host already: the sampler draws there
 
     def specialize(self, model: Model, config: EngineConfig) -> StepForward:
         """Norms, then linears (packed once, siblings that a probe saw take one input sharing one matmul), then
@@ -62,7 +62,10 @@ class CpuPlatform:
         return argmax_rows(logits)
 
     def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
-        raise NotImplementedError("the CPU platform draws on the host (draws_on_device is False)")
+        draw_rows(logits, table, token_ids)
+
+    def draws_plain_rows(self, logits: torch.Tensor) -> bool:
+        return draws_rows(logits)
 
 
 def _swap_quantized_linears(model: Model, kernels: object | None) -> None:

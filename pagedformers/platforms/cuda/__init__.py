@@ -60,6 +60,9 @@ class CudaPlatform:
     def draw_rows(self, logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
         sampling.draw_rows(logits, table, token_ids)
 
+    def draws_plain_rows(self, logits: torch.Tensor) -> bool:
+        return False  # never asked: the logits stay on the GPU, where draw_rows takes every row
+
 
 def swap_layers(model: nn.Module) -> tuple[int, int, int, int, int]:
     """Every layer swap of the platform, each kept only where its kernel matches the module's own forward: how

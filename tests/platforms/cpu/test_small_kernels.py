@@ -1,4 +1,4 @@
-"""The small compiled kernels (write_kv, argmax_rows, silu_and_mul) equal the PyTorch ops they replace."""
+"""The small compiled kernels (write_kv, argmax_rows, draw_rows, silu_and_mul) equal the PyTorch ops they replace."""
 
 import pytest
 import torch
@@ -54,3 +54,34 @@ def test_silu_and_mul_rounds_like_the_two_bf16_ops():
     out = torch.empty(33, 64, dtype=torch.bfloat16)
     cpu_kernels().silu_and_mul(gate_up, 128, 0, 64, out)  # gate after up, a third block unused
     assert torch.equal(out, F.silu(gate_up[:, 128:]) * gate_up[:, :64])
+
+
+def test_draw_rows_draws_what_the_torch_draw_draws():
+    # The same tokens at the same uniform numbers as engine/sampler.py's `draw`, for temperatures, min-p, a
+    # vocabulary that is no multiple of the kernel's 16 lanes or 64-token groups, grammar-masked (-inf) tokens,
+    # uniforms at 0 and just below 1, and rows without a distribution (they keep their argmax).
+    from pagedformers.engine.sampler import draw, draw_table
+    from pagedformers.sampling_params import SamplingParams
+
+    torch.manual_seed(0)
+    for vocab in (1, 7, 100, 32000, 32003):
+        rows = 48
+        logits = torch.randn(rows, vocab) * 3
+        logits[1, : vocab // 2] = float("-inf")
+        logits[2, 0] = float("nan")
+        logits[3] = float("-inf")
+        logits[4, -1] = float("inf")
+        params = [SamplingParams(temperature=[0.3, 1.0, 1.7][i % 3], min_p=0.2 if i % 4 == 0 else 0.0)
+                  for i in range(rows)]
+        uniforms = torch.rand(rows, 1, dtype=torch.float64)
+        uniforms[5], uniforms[6] = 0.0, 1.0 - 2.0 ** -53
+        argmax = logits.argmax(dim=-1)
+        expected = draw(logits, params, uniforms, argmax.clone())
+        drawn = argmax.clone()
+        some = [i for i in range(rows) if i % 5]  # the others (greedy rows in a step) keep their argmax
+        table = draw_table(some, [params[i] for i in some], uniforms[some], vocab)
+        cpu_kernels().draw_rows(logits, table, drawn)
+        expected[::5] = argmax[::5]
+        assert torch.equal(drawn, expected), (vocab, (drawn != expected).nonzero().flatten().tolist())
+    with pytest.raises(RuntimeError, match="top-k and top-p"):
+        cpu_kernels().draw_rows(logits, draw_table([0], [SamplingParams(top_k=5)], uniforms[:1], vocab), drawn)

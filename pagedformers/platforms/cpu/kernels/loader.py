@@ -20,6 +20,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 - `write_kv` (csrc/write_kv.cpp, no vector code: one source for both builds): the step's keys and values
   into their cache slots, a row copy each.
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
+- `draw_rows` (csrc/draw.cpp, draw.h): sampling's draw for rows without top-k or top-p, each row's weights in
+  a thread's scratch; the torch code makes three [rows, vocab] temporaries and a sequential float64 cumsum.
 - `grouped_linear` (csrc/grouped_linear.cpp, one source for both builds): an MoE layer's experts, each expert's
   rows through `linear`; `torch._grouped_mm` runs oneDNN per expert, 2-2.5x slower at decode's few rows.
 - `quantized_linear` (csrc/quantized_linear.cpp, GCC vector extensions: one source for both builds): x W^T on a
@@ -58,7 +60,8 @@ from pagedformers.logger import init_logger
 logger = init_logger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_KERNELS = ("decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "argmax.cpp", "linear.cpp", "rotary.cpp")
+_KERNELS = ("decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "argmax.cpp", "draw.cpp", "linear.cpp",
+            "rotary.cpp")
 _SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp", "quantized_linear.cpp")
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_kernel_isa` decides at run time which build this machine may load (the other one would crash it
@@ -187,3 +190,15 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if kernels is None or logits.dim() != 2 or logits.stride(-1) != 1 or logits.shape[-1] == 0:
         return logits.argmax(dim=-1)
     return kernels.argmax_rows(logits)
+
+
+def draws_rows(logits: torch.Tensor) -> bool:
+    """Whether `draw_rows` takes these logits: float32 [rows, vocab] on CPU, with the kernels built."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.stride(-1) == 1 and logits.shape[-1] > 0 and cpu_kernels() is not None)
+
+
+def draw_rows(logits: torch.Tensor, table: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """engine/sampler.py's `draw` of the table's rows (none with top-k or top-p) into token_ids, in place: a row
+    without a distribution keeps its token (the argmax). Only where `draws_rows(logits)`."""
+    cpu_kernels().draw_rows(logits, table, token_ids)

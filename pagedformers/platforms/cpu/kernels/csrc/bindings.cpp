@@ -14,6 +14,7 @@ void silu_and_mul(const at::Tensor& gate_up, int64_t gate_col, int64_t up_col, i
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, const at::Tensor& value,
               const at::Tensor& blocks, const at::Tensor& offsets);
 at::Tensor argmax_rows(const at::Tensor& logits);
+void draw_rows(const at::Tensor& logits, const at::Tensor& table, at::Tensor& token_ids);
 at::Tensor rotary_embed(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths);
@@ -46,6 +47,8 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("dequantize_weight(Tensor q, Tensor scales, Tensor mins, int bits, int group, ScalarType dtype) -> Tensor");
   // row-wise argmax of float32 logits, torch.argmax's ties and NaNs
   m.def("argmax_rows(Tensor logits) -> Tensor");
+  // sampling draws of float32 logits' rows without top-k / top-p, engine/sampler.py's draw table (draw.h)
+  m.def("draw_rows(Tensor logits, Tensor table, Tensor(a!) token_ids) -> ()");
   // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
   m.def("rotary_embed(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -61,5 +64,6 @@ TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("quantized_linear", &quantized_linear);
   m.impl("dequantize_weight", &dequantize_weight);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("draw_rows", &draw_rows);
   m.impl("rotary_embed", &rotary_embed);
 }
