@@ -153,7 +153,8 @@ def _start_vllm(path: Path, args: argparse.Namespace) -> tuple[int, subprocess.P
 async def _load(port: int, prompts: list[str], concurrency: int, output_len: int) -> Round:
     gate = asyncio.Semaphore(concurrency)
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=aiohttp.ClientTimeout(total=600),
+    # A limit on each read, as vLLM's own client has, not on a whole stream: a slow stream counts as one failure.
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=aiohttp.ClientTimeout(sock_read=600),
                                      connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         start = time.perf_counter()
         results = await asyncio.gather(*(_stream(session, gate, prompt, output_len) for prompt in prompts))
@@ -177,7 +178,7 @@ async def _stream(session: aiohttp.ClientSession, gate: asyncio.Semaphore, promp
                 if response.status != 200:
                     return None
                 async for raw in response.content:  # one line at a time
-                    line = raw.decode().rstrip("\n")
+                    line = raw.decode().strip()
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
@@ -190,7 +191,7 @@ async def _stream(session: aiohttp.ClientSession, gate: asyncio.Semaphore, promp
                         else:
                             gaps.append((now - last) * 1e3)
                         last = now
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             return None
     return (tokens, ttft, gaps) if ttft is not None and tokens else None
 

@@ -99,3 +99,20 @@ def testbatched_logprob_entries_are_logprob_entries():
     tokens, ks = torch.tensor([4, 9, 0]), [0, 5, 2]
     expected = [logprob_entries(row, int(t), k) for row, t, k in zip(rows, tokens, ks)]
     assert batched_logprob_entries(rows, tokens, ks) == expected
+
+
+def test_kernel_and_torch_rows_in_one_batch_draw_as_the_torch_code_alone(monkeypatch):
+    # Greedy, plain (the CPU platform's draw kernel where built), top-k, top-p and seeded rows mixed in one batch: each
+    # row's token is the one the torch code alone picks, so the uniform numbers stay with their rows when the batch is
+    # split between the kernel and torch.
+    from pagedformers.platforms.cpu import CpuPlatform
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, 300) * 2
+    kinds = [dict(temperature=0.0), dict(), dict(top_k=5), dict(temperature=0.5, seed=7), dict(top_p=0.8),
+             dict(min_p=0.1, seed=3)]
+    reqs = [_req(**kinds[i % len(kinds)]) for i in range(12)]
+    split = Sampler(5)(logits, reqs).token_ids
+    monkeypatch.setattr(CpuPlatform, "draws_plain_rows", lambda self, logits: False)
+    alone = Sampler(5)(logits, [_req(**kinds[i % len(kinds)]) for i in range(12)]).token_ids
+    assert split == alone

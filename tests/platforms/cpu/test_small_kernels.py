@@ -57,8 +57,9 @@ def test_silu_and_mul_rounds_like_the_two_bf16_ops():
 
 
 def test_draw_rows_draws_what_the_torch_draw_draws():
-    # The same tokens at the same uniform numbers as engine/sampler.py's `draw`, for temperatures, min-p, a
-    # vocabulary that is no multiple of the kernel's 16 lanes or 64-token groups, grammar-masked (-inf) tokens,
+    # The same tokens at the same uniform numbers as engine/sampler.py's `draw` (its exp and sums round otherwise:
+    # a uniform within ~1e-7 of a cumulative weight could part them; none of these seeds' does), for temperatures,
+    # min-p, a vocabulary that is no multiple of the kernel's 16 lanes or 64-token groups, grammar-masked (-inf) tokens,
     # uniforms at 0 and just below 1, and rows without a distribution (they keep their argmax).
     from pagedformers.engine.sampler import draw, draw_table
     from pagedformers.sampling_params import SamplingParams

@@ -6,7 +6,8 @@
 // whose cumulative weight exceeds u * total. The torch code makes three [rows, vocab] temporaries (one float64)
 // and a sequential float64 cumsum; here a row's weights stay in a thread's scratch and the cumulative weight is
 // summed 64 tokens at a time, then token by token inside the one group where it crosses (engine/sampler.py has
-// the measurements).
+// the measurements). Its exp and its sums round otherwise than torch's: the same distribution, and the same
+// tokens but where a uniform number falls within rounding (~1e-7 of the total) of a token's cumulative weight.
 
 #pragma once
 
