@@ -102,8 +102,12 @@ class CausalShell(TransformersBase):
                 s[0]._parameters[s[1]] = t[2]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states [N, hidden] -> float32 logits [N, vocab]."""
-        logits = self.lm_head(hidden_states).float()
+        """hidden_states [N, hidden] -> logits [N, vocab]: float32 where the head scales or caps them, else the
+        head's own (the engine widens them)."""
+        logits = self.lm_head(hidden_states)
+        if self.logit_scale == 1.0 and self.logits_scaling == 1.0 and not self.final_logit_softcapping:
+            return logits
+        logits = logits.float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.logits_scaling != 1.0:

@@ -46,7 +46,7 @@ class Sampler:
         platform = self.platform or get_platform(logits.device.type)
         if platform.draws_on_device:
             return self._sample_on_device(logits.float(), reqs, platform)
-        logits = logits.float().cpu()
+        logits = platform.host_logits(logits)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = self._masked(logits, reqs)
         token_ids = self._pick(logits, reqs, platform).tolist()

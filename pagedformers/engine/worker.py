@@ -174,7 +174,7 @@ class Worker:
     def _logits_to_driver(self, logits: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
         last_stage_head = (self.state.pp_size - 1) * self.state.tp_size
         if self.state.rank == last_stage_head:
-            dist.send(logits.contiguous(), 0)
+            dist.send(logits.float().contiguous(), 0)  # float32 on the wire, as _recv takes it
         elif self.state.rank == 0:
             return self._recv((num_rows, self.config.model.text_config.vocab_size), torch.float32, last_stage_head)
         return logits

@@ -69,7 +69,8 @@ class Model(Protocol):
 @runtime_checkable
 class SupportsGeneration(Protocol):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] final hidden states -> [N, vocab] float32 logits (the head's own scaling and capping)."""
+        """[N, hidden] final hidden states -> [N, vocab] logits (the head's own scaling and capping), in the model's
+        dtype or float32: the engine widens them where it samples (Platform.host_logits)."""
 
 
 @runtime_checkable

@@ -117,7 +117,7 @@ class NativeCausalLM(nn.Module):
         return self.run_layers(hidden, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.get_submodule(self.head_name)(hidden_states).float()
+        return self.get_submodule(self.head_name)(hidden_states)
 
     @torch.inference_mode()
     def kv_cache_specs(self) -> KVCacheSpecs:

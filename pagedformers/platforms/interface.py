@@ -46,6 +46,9 @@ class Platform(Protocol):
     def default_kv_cache_bytes(self, config: EngineConfig) -> int:
         """The KV cache's budget when the user gave none."""
 
+    def host_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The step's logits as float32 on the host, where the sampler draws unless draws_on_device."""
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits.argmax(dim=-1)` of [rows, vocab] logits on this device: greedy sampling."""
 

@@ -15,7 +15,14 @@ from pagedformers.platforms.cpu import attention as _attention  # noqa: F401 (re
 from pagedformers.platforms.cpu.decode_graphs import DecodeGraphs
 from pagedformers.platforms.cpu.experts import pack_grouped_linears
 from pagedformers.platforms.cpu.gated_mlp import fuse_gated_mlps
-from pagedformers.platforms.cpu.kernels import argmax_rows, bf16_cpu_kernels, cpu_kernels, draw_rows, draws_rows
+from pagedformers.platforms.cpu.kernels import (
+    argmax_rows,
+    bf16_cpu_kernels,
+    cpu_kernels,
+    draw_rows,
+    draws_rows,
+    host_float,
+)
 from pagedformers.platforms.cpu.linear import pack_linears, record_siblings, set_linear_factories
 from pagedformers.platforms.cpu.quantized_linear import swap_quantized_linears
 from pagedformers.platforms.cpu.rms_norm import fuse_rms_norms
@@ -57,6 +64,9 @@ class CpuPlatform:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
         return min(int(available * KV_CACHE_SHARE), KV_CACHE_MAX)
+
+    def host_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return host_float(logits)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return argmax_rows(logits)

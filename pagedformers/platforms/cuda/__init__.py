@@ -54,6 +54,9 @@ class CudaPlatform:
         free, total = torch.cuda.mem_get_info(torch.device(config.device.device))
         return kv_cache_budget(free, total, config.device.gpu_memory_utilization)
 
+    def host_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().cpu()  # never asked: draws_on_device
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return sampling.argmax_rows(logits)
 

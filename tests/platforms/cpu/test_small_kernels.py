@@ -1,4 +1,5 @@
-"""The small compiled kernels (write_kv, argmax_rows, draw_rows, silu_and_mul) equal the PyTorch ops they replace."""
+"""The small compiled kernels (write_kv, argmax_rows, draw_rows, silu_and_mul, float_rows) equal the PyTorch ops they
+replace."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from pagedformers.attention import AttentionMetadata
 from pagedformers.platforms.cpu.attention import CpuAttentionBackend
-from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernel_isa, cpu_kernels
+from pagedformers.platforms.cpu.kernels import argmax_rows, cpu_kernel_isa, cpu_kernels, host_float
 
 pytestmark = pytest.mark.skipif(cpu_kernel_isa() is None,
                                 reason="the kernels need AVX512-BF16 or AVX2 (this CPU has neither)")
@@ -40,11 +41,25 @@ def test_argmax_rows_has_torch_ties_and_nans():
     x[5] = float("-inf")  # all -inf: index 0
     x[6, 500:] = float("inf")
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    for rows in (1, 2, 3, 4):  # a few rows: on the kernels' pool, as the step's linears
+        assert torch.equal(argmax_rows(x[:rows]), x[:rows].argmax(dim=-1))
     for n in (1, 15, 16, 17, 33):
         y = torch.randn(7, n)
         assert torch.equal(argmax_rows(y), y.argmax(dim=-1))
     assert torch.equal(argmax_rows(x[:, ::2]), x[:, ::2].argmax(dim=-1))  # strided: torch's own
     assert argmax_rows(x[:0]).shape == (0,)
+
+
+def test_float_rows_widens_as_torch():
+    torch.manual_seed(0)
+    x = (torch.randn(7, 40000) * 100).bfloat16()  # 40000: more than two of the kernel's claims a row, and a tail
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+    for rows in (1, 2, 4, 5, 7):  # on the pool up to 4 rows, in an OpenMP region past them; bitwise (NaN too)
+        assert torch.equal(cpu_kernels().float_rows(x[:rows]).view(torch.int32), x[:rows].float().view(torch.int32))
+    strided = x[:, 3:30003]  # a slice of wider logits: rows apart by the full width
+    assert torch.equal(host_float(strided), strided.float()) and host_float(strided).is_contiguous()
+    assert torch.equal(host_float(x[:0]), x[:0].float())
+    assert host_float(x.float()).dtype == torch.float32  # not bf16: torch's own
 
 
 def test_silu_and_mul_rounds_like_the_two_bf16_ops():

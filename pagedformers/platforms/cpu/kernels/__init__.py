@@ -7,6 +7,8 @@ from pagedformers.platforms.cpu.kernels.loader import (
     cpu_kernels,
     draw_rows,
     draws_rows,
+    host_float,
 )
 
-__all__ = ["argmax_rows", "bf16_cpu_kernels", "cpu_kernel_isa", "cpu_kernels", "draw_rows", "draws_rows"]
+__all__ = ["argmax_rows", "bf16_cpu_kernels", "cpu_kernel_isa", "cpu_kernels", "draw_rows", "draws_rows",
+           "host_float"]

@@ -22,6 +22,8 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 - `argmax_rows` (csrc/argmax.cpp): greedy sampling's argmax; ATen's is a scalar loop.
 - `draw_rows` (csrc/draw.cpp, draw.h): sampling's draw for rows without top-k or top-p, each row's weights in
   a thread's scratch; the torch code makes three [rows, vocab] temporaries and a sequential float64 cumsum.
+- `float_rows` (csrc/float_rows.cpp, one source for both builds): bf16 logits widened to float32 for the host
+  sampler on the threads the step runs on; ATen's copy takes an OpenMP region past 32K values.
 - `grouped_linear` (csrc/grouped_linear.cpp, one source for both builds): an MoE layer's experts, each expert's
   rows through `linear`; `torch._grouped_mm` runs oneDNN per expert, 2-2.5x slower at decode's few rows.
 - `quantized_linear` (csrc/quantized_linear.cpp, GCC vector extensions: one source for both builds): x W^T on a
@@ -33,7 +35,9 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 
 A small step's linears and attention (a decode of up to 4 sequences) run on the kernels' own threads
 (csrc/thread_pool.cpp, shared by both builds): between jobs its worker prefetches the weight the next linear
-will stream, which OpenMP's worker, idle outside parallel regions, cannot (4-6% off a batch-1 step).
+will stream, which OpenMP's worker, idle outside parallel regions, cannot (4-6% off a batch-1 step). The rest of
+such a step's kernels (argmax, draws, the logits' widening) run there too: one OpenMP region in it leaves
+libgomp's worker spinning on the core the pool's worker needs (thread_pool.h's step_claims).
 
 They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
 decode step (platforms/cpu/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4
@@ -62,7 +66,8 @@ logger = init_logger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _KERNELS = ("decode_attention.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "argmax.cpp", "draw.cpp", "linear.cpp",
             "rotary.cpp")
-_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp", "quantized_linear.cpp")
+_SHARED = ("bindings.cpp", "write_kv.cpp", "thread_pool.cpp", "grouped_linear.cpp", "quantized_linear.cpp",
+           "float_rows.cpp")
 # Explicit ISA flags, not -march=native: the cache may be shared by machines with other CPUs, and
 # `cpu_kernel_isa` decides at run time which build this machine may load (the other one would crash it
 # with an illegal instruction).
@@ -190,6 +195,15 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if kernels is None or logits.dim() != 2 or logits.stride(-1) != 1 or logits.shape[-1] == 0:
         return logits.argmax(dim=-1)
     return kernels.argmax_rows(logits)
+
+
+def host_float(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.float()`: the kernel for bf16 [rows, n] on CPU, whose threads are those the step ran on (an OpenMP
+    region in a step of a few rows slowed its linears: csrc/thread_pool.h's step_claims), torch otherwise."""
+    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(-1) != 1:
+        return logits.float()
+    kernels = cpu_kernels()
+    return logits.float() if kernels is None else kernels.float_rows(logits)
 
 
 def draws_rows(logits: torch.Tensor) -> bool:

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "thread_pool.h"
+
 namespace pagedformers {
 
 // The row's argmax, given the best value and its first index in each of `lanes` lanes that searched x[0, i):
@@ -40,7 +42,7 @@ at::Tensor argmax_each_row(const at::Tensor& logits, const ArgmaxRow& argmax_row
   const float* x = logits.data_ptr<float>();
   auto* op = out.data_ptr<int64_t>();
   const int64_t n = logits.size(1), ld = logits.stride(0);
-  at::parallel_for(0, logits.size(0), std::max<int64_t>(1, 65536 / n), [&](int64_t begin, int64_t end) {
+  step_claims(logits.size(0), logits.size(0), std::max<int64_t>(1, 65536 / n), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) op[row] = argmax_row(x + row * ld, n);
   });
   return out;

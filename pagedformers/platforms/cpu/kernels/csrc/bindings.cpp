@@ -15,6 +15,7 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& key, c
               const at::Tensor& blocks, const at::Tensor& offsets);
 at::Tensor argmax_rows(const at::Tensor& logits);
 void draw_rows(const at::Tensor& logits, const at::Tensor& table, at::Tensor& token_ids);
+at::Tensor float_rows(const at::Tensor& logits);
 at::Tensor rotary_embed(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
                                const std::vector<int64_t>& widths);
@@ -49,6 +50,8 @@ TORCH_LIBRARY(pagedformers, m) {
   m.def("argmax_rows(Tensor logits) -> Tensor");
   // sampling draws of float32 logits' rows without top-k / top-p, engine/sampler.py's draw table (draw.h)
   m.def("draw_rows(Tensor logits, Tensor table, Tensor(a!) token_ids) -> ()");
+  // bf16 logits [rows, n] as float32, split over threads where the step's kernels run (float_rows.cpp)
+  m.def("float_rows(Tensor logits) -> Tensor");
   // bf16 x * cos + rotate_half(x) * sin, rounded as HF's ops (decode graphs' rewrite)
   m.def("rotary_embed(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -65,5 +68,6 @@ TORCH_LIBRARY_IMPL(pagedformers, CPU, m) {
   m.impl("dequantize_weight", &dequantize_weight);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("draw_rows", &draw_rows);
+  m.impl("float_rows", &float_rows);
   m.impl("rotary_embed", &rotary_embed);
 }

@@ -135,9 +135,7 @@ void decode_attention_tasks(const at::Tensor& query, const at::Tensor& k_cache, 
       attend_one(Task{q + row * s.d, rows.data(), visible, head, o_ptr + row * s.dv}, kc, vc, sink_ptr, s, o, scratch);
     }
   };
-  // A few sequences (a small decode step) on the kernels' pool, as their linears; larger steps on OpenMP.
-  if (b <= kFewSequences) parallel_claims(b * s.h_kv, 1, tasks);
-  else openmp_claims(b * s.h_kv, 1, tasks);
+  step_claims(b, b * s.h_kv, 1, tasks);
 }
 
 }  // namespace pagedformers

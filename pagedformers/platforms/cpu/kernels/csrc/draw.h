@@ -18,6 +18,8 @@
 #include <cmath>
 #include <vector>
 
+#include "thread_pool.h"
+
 namespace pagedformers {
 
 constexpr int64_t kDrawGroup = 64;  // tokens a partial sum
@@ -92,7 +94,7 @@ void draw_each_row(const at::Tensor& logits, const at::Tensor& table, at::Tensor
   }
   const float* x = logits.data_ptr<float>();
   int64_t* out = token_ids.data_ptr<int64_t>();
-  at::parallel_for(0, draws, 1, [&](int64_t begin, int64_t end) {
+  step_claims(logits.size(0), draws, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> w;
     thread_local std::vector<double> sums;
     w.resize(n);
