@@ -38,7 +38,7 @@ _GiB = 1 << 30
 @dataclass
 class WorkerOutput:
     hidden: torch.Tensor | None  # [T, hidden] final hidden states (where this rank has them)
-    logits: torch.Tensor | None  # [len(plan.logit_rows), vocab] float32
+    logits: torch.Tensor | None  # [len(plan.logit_rows), vocab]: the model's dtype or float32 (compute_logits)
 
 
 class Worker:

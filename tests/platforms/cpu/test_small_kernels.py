@@ -69,6 +69,11 @@ def test_silu_and_mul_rounds_like_the_two_bf16_ops():
     out = torch.empty(33, 64, dtype=torch.bfloat16)
     cpu_kernels().silu_and_mul(gate_up, 128, 0, 64, out)  # gate after up, a third block unused
     assert torch.equal(out, F.silu(gate_up[:, 128:]) * gate_up[:, :64])
+    wide = (torch.randn(4, 2 * 9216) * 4).bfloat16()  # past 8192 wide: 2-4 rows split over the kernels' pool
+    for rows in (1, 2, 3, 4):
+        out = torch.empty(rows, 9216, dtype=torch.bfloat16)
+        cpu_kernels().silu_and_mul(wide[:rows], 0, 9216, 9216, out)
+        assert torch.equal(out, F.silu(wide[:rows, :9216]) * wide[:rows, 9216:])
 
 
 def test_draw_rows_draws_what_the_torch_draw_draws():

@@ -36,8 +36,9 @@ CPU runs; the ISA-independent halves (checks, outputs, the split over threads) a
 A small step's linears and attention (a decode of up to 4 sequences) run on the kernels' own threads
 (csrc/thread_pool.cpp, shared by both builds): between jobs its worker prefetches the weight the next linear
 will stream, which OpenMP's worker, idle outside parallel regions, cannot (4-6% off a batch-1 step). The rest of
-such a step's kernels (argmax, draws, the logits' widening) run there too: one OpenMP region in it leaves
-libgomp's worker spinning on the core the pool's worker needs (thread_pool.h's step_claims).
+such a step's kernels (norms, SwiGLU, argmax, draws, the logits' widening) run there too or inline: one OpenMP
+region in it leaves libgomp's worker spinning on the core the pool's worker needs (thread_pool.h's step_claims).
+Quantized linears still run in OpenMP regions.
 
 They are registered as dispatcher ops, `torch.ops.pagedformers.*` (csrc/bindings.cpp), so that a traced
 decode step (platforms/cpu/decode_graphs.py) records each call as one node. The first build takes ~35 s on 2 Zen 4
@@ -198,9 +199,11 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def host_float(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.float()`: the kernel for bf16 [rows, n] on CPU, whose threads are those the step ran on (an OpenMP
+    """`logits.float().cpu()`: the kernel for bf16 [rows, n] on CPU, whose threads are those the step ran on (an OpenMP
     region in a step of a few rows slowed its linears: csrc/thread_pool.h's step_claims), torch otherwise."""
-    if logits.device.type != "cpu" or logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(-1) != 1:
+    if logits.device.type != "cpu":
+        return logits.float().cpu()
+    if logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(-1) != 1:
         return logits.float()
     kernels = cpu_kernels()
     return logits.float() if kernels is None else kernels.float_rows(logits)

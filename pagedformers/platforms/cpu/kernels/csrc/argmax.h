@@ -42,7 +42,7 @@ at::Tensor argmax_each_row(const at::Tensor& logits, const ArgmaxRow& argmax_row
   const float* x = logits.data_ptr<float>();
   auto* op = out.data_ptr<int64_t>();
   const int64_t n = logits.size(1), ld = logits.stride(0);
-  step_claims(logits.size(0), logits.size(0), std::max<int64_t>(1, 65536 / n), [&](int64_t begin, int64_t end) {
+  rows_parallel_for(logits.size(0), std::max<int64_t>(1, 65536 / n), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) op[row] = argmax_row(x + row * ld, n);
   });
   return out;

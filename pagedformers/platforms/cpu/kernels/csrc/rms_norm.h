@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <tuple>
 
+#include "thread_pool.h"
+
 namespace pagedformers {
 
 // One ISA's RMSNorm of one row of h values: out = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))).
@@ -28,7 +30,7 @@ void for_each_norm_row(const at::Tensor& x, const at::Tensor& weight, at::Tensor
   const auto* wp = weight.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
   // A few rows are not worth waking the second thread for.
-  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
+  rows_parallel_for(x.size(0), std::max<int64_t>(1, 65536 / h), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) row(xp + r * h, wp, op + r * h);
   });
 }

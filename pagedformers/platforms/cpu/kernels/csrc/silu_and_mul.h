@@ -7,6 +7,8 @@
 
 #include <algorithm>
 
+#include "thread_pool.h"
+
 namespace pagedformers {
 
 // gate_up [rows, *] bf16 with unit stride in its last dim; gate and up are `width` columns from
@@ -23,7 +25,7 @@ void for_each_gated_row(const at::Tensor& gate_up, int64_t gate_col, int64_t up_
   const auto* in = gate_up.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
   const int64_t ld = gate_up.stride(0);
-  at::parallel_for(0, gate_up.size(0), std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
+  rows_parallel_for(gate_up.size(0), std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row)
       activate_row(in + row * ld + gate_col, in + row * ld + up_col, width, op + row * width);
   });

@@ -69,12 +69,21 @@ void parallel_claims(int64_t items, int64_t grain, const F& f, Stream streams = 
 // f(begin, end) over [0, items) where a step of `rows` sequences runs its kernels: on the pool for a few (their
 // linears run there), else in an OpenMP region. One OpenMP region in a step that runs on the pool costs more than
 // it splits: libgomp's worker then spins without yielding on the core the pool's worker needs, and the linears
-// after it stream at one core's speed (a 2-row decode step of the 200M Llama took 11.8 against 6.5 ms at 1 row
-// while its argmax and logits conversion ran in OpenMP regions; 7.3 ms without them).
+// after it stream at one core's speed (2- and 4-row decode steps of the 200M Llama took 10.5-12.9 ms, 1 row 6.5,
+// while its logits' widening, and at 3-4 rows its argmax, ran in OpenMP regions; 6.8-9.0 ms without them).
 template <typename F>
 void step_claims(int64_t rows, int64_t items, int64_t grain, const F& f) {
   if (rows <= kFewSequences) parallel_claims(items, grain, f);
   else openmp_claims(items, grain, f);
+}
+
+// at::parallel_for(0, rows, grain, f) for a kernel over a step's rows, but on the pool where the step runs there
+// (step_claims' reason) and the rows fill more than one grain; inline where they fit one, as ATen runs them.
+template <typename F>
+void rows_parallel_for(int64_t rows, int64_t grain, const F& f) {
+  if (rows > kFewSequences) at::parallel_for(0, rows, grain, f);
+  else if (rows > grain) parallel_claims(rows, grain, f);
+  else if (rows > 0) f(0, rows);
 }
 
 }  // namespace pagedformers
